@@ -1,0 +1,40 @@
+# genlab: `make demo` then `make test` on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+GENLAB := $(VENV)/bin/genlab
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export GENLAB_RUNS ?= runs
+
+.PHONY: install demo test test-full bench quality clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned, so that nothing below pulls another multi-GB build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: install  ## train a DDPM on the bundled digits (~3 min on 2 cores), then draw a sample grid
+	$(GENLAB) train hydra.run.dir=$(GENLAB_RUNS)/demo/ddpm_digits
+	$(GENLAB) sample $(GENLAB_RUNS)/demo/ddpm_digits --n 64 --out $(GENLAB_RUNS)/demo/ddpm_digits_samples.png
+	@echo "demo grid: $(GENLAB_RUNS)/demo/ddpm_digits_samples.png"
+
+test: install  ## the default suite: CPU, no network, a few minutes
+	$(VENV)/bin/pytest -q
+
+test-full: install  ## also the @pytest.mark.slow tests
+	$(VENV)/bin/pytest -q -m ""
+
+bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchmarks/bench-<machine>.json
+	$(PY) scripts/bench.py
+
+quality: install  ## CPU quality recipes -> benchmarks/quality.json
+	$(PY) scripts/quality.py
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

@@ -1,0 +1,159 @@
+"""The `genlab` command line: train, sample, eval, resume, runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from genlab.errors import GenlabError
+
+app = typer.Typer(
+    help="genlab: train, sample and compare generative image models (VAE, GAN, DDPM, SD, ControlNet).\n\n"
+         "Examples:\n\n"
+         "  genlab train                                  # a DDPM on the bundled digits\n\n"
+         "  genlab train model=gan trainer.max_steps=3000\n\n"
+         "  genlab train -m model=vae,gan trainer.lr=1e-4,2e-4\n\n"
+         "  genlab sample runs/ddpm/2026-11-22_10-00-00 --n 64 --sampler ddim --steps 50\n\n"
+         "  genlab runs",
+    no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+)
+HYDRA_FLAGS_WITHOUT_COMPOSE = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+
+
+def _fail(error: GenlabError) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _overrides_of(args: list[str]) -> list[str]:
+    """The key=value overrides among Hydra's command-line arguments."""
+    overrides, skip_next = [], False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                     "--config-dir", "-cd", "--experimental-rerun"):
+            skip_next = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    """Train a model. Every Hydra override and flag passes through unchanged.
+
+    \b
+    Examples:
+      genlab train                                         # DDPM on digits, defaults
+      genlab train model=gan data=digits trainer.max_steps=3000
+      genlab train model=ddpm trainer.grad_accum=2 trainer.mixed_precision=bf16
+      genlab train experiment=ddpm_digits
+      genlab train -m model=vae,gan trainer.lr=1e-4,2e-4   # multirun grid
+      genlab train --cfg job model=gan                     # print the composed config
+    """
+    args = list(ctx.args)
+    if not any(a in HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--shell-completion") for a in args):
+        from genlab.config import validate_overrides
+
+        try:
+            validate_overrides(_overrides_of(args))  # exit 2 before Hydra creates anything on disk
+        except GenlabError as error:
+            _fail(error)
+    from genlab.train.entry import hydra_train
+
+    sys.argv = ["genlab train", *args]
+    hydra_train()
+
+
+@app.command()
+def sample(
+    run_dir: Optional[Path] = typer.Argument(None, help="run directory; default: the newest finished run under runs/"),
+    n: int = typer.Option(64, "--n", help="number of images"),
+    seed: int = typer.Option(0, help="noise seed (same seed, same images)"),
+    out: Optional[Path] = typer.Option(None, help="output PNG (default RUN_DIR/samples/sample_seed<seed>.png)"),
+    checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
+    sampler: Optional[str] = typer.Option(None, help="diffusion: ddpm | ddim | dpm (ControlNet also unipc)"),
+    steps: Optional[int] = typer.Option(None, help="diffusion: denoising steps"),
+    class_label: Optional[int] = typer.Option(None, "--class", help="conditional models: the class to draw"),
+    guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
+    sketch: Optional[Path] = typer.Option(None, help="ControlNet: the sketch image"),
+    edges_from: Optional[Path] = typer.Option(None, help="ControlNet: make the sketch from this photo's edges"),
+    prompt: Optional[str] = typer.Option(None, help="SD / ControlNet: the text prompt"),
+    control_scale: Optional[float] = typer.Option(None, help="ControlNet: conditioning scale"),
+    lora: Optional[List[str]] = typer.Option(None, help="SD / ControlNet: PATH[:weight], repeatable"),
+    interpolate: bool = typer.Option(False, help="VAE: latent interpolations, one row per pair"),
+    reconstruct: bool = typer.Option(False, help="VAE: validation images next to their reconstructions"),
+    separate: bool = typer.Option(False, help="also write each image as its own PNG"),
+) -> None:
+    """Draw samples from a trained run; rebuilds everything from the run's saved config.
+
+    \b
+    Examples:
+      genlab sample runs/ddpm/2026-11-22_10-00-00 --n 64 --sampler ddim --steps 50
+      genlab sample RUN --class 3 --guidance 2.0
+      genlab sample RUN --interpolate                  # VAE
+      genlab sample RUN --sketch house.png --prompt "a red house"
+    """
+    from genlab.sample import sample_command
+
+    options = {"sampler": sampler, "steps": steps, "class_label": class_label, "guidance": guidance,
+               "prompt": prompt, "control_scale": control_scale, "lora": lora or None,
+               "interpolate": interpolate or None, "reconstruct": reconstruct or None}
+    try:
+        sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
+                       sketch=sketch, edges_from=edges_from, options={k: v for k, v in options.items() if v is not None})
+    except GenlabError as error:
+        _fail(error)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue")) -> None:
+    """Continue a run in place from its newest complete checkpoint, with its saved config.
+
+    \b
+    Examples:
+      genlab resume runs/gan/2026-11-22_10-00-00
+      genlab resume runs/gan/2026-11-22_10-00-00 trainer.max_steps=20000
+    """
+    from genlab.resume import resume_run
+
+    try:
+        resume_run(run_dir, list(ctx.args))
+    except GenlabError as error:
+        _fail(error)
+
+
+@app.command()
+def runs(
+    root: Path = typer.Argument(Path(os.environ.get("GENLAB_RUNS", "runs")), help="folder searched for runs"),
+    sort: Optional[str] = typer.Option(None, help="rank by this metric (from eval/metrics.json or metrics.jsonl)"),
+) -> None:
+    """One row per run: family, data, steps, last losses, best metric, status.
+
+    \b
+    Examples:
+      genlab runs
+      genlab runs runs/multirun/2026-11-22_10-00-00 --sort fid_digits_cnn
+    """
+    from genlab.runs import print_runs
+
+    try:
+        print_runs(root, sort=sort)
+    except GenlabError as error:
+        _fail(error)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Finding the configs and refusing bad ones before anything touches the disk.
+
+Hydra's own message for a typo suggests *adding* the key (`+trainer.max_stepz=3`); a
+user wants to hear "did you mean trainer.max_steps?". `validate_overrides` composes
+the config with Hydra's compose API (no output directory, no logging set-up) and turns
+every failure into a `ConfigError` (exit code 2) that names the wrong thing and the
+closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from genlab.errors import ConfigError
+
+
+def config_dir() -> Path:
+    """configs/ inside an installed wheel, else the repository's top-level configs/."""
+    packaged = Path(__file__).parent / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def dotted_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Every key of `cfg` as a dotted path (`trainer.max_steps`), without resolving values."""
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            path = f"{prefix}{key}"
+            keys.append(path)
+            node = cfg._get_node(key)
+            if isinstance(node, (DictConfig, ListConfig)) and not node._is_missing() and not node._is_none():
+                keys += dotted_keys(node, path + ".")
+    return keys
+
+
+def _closest(word: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def representative_overrides(overrides: list[str]) -> list[str]:
+    """One plain override per argument: the first value of each sweep (`lr=1e-4,2e-4`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as error:
+        raise ConfigError(f"cannot parse the overrides: {error}") from None
+    plain = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            plain.append(override.input_line)
+        elif override.value_type is not None and override.value_type.name in ("CHOICE_SWEEP", "RANGE_SWEEP"):
+            first = next(iter(override.sweep_string_iterator()))
+            plain.append(f"{override.get_key_element()}={first}")
+        # interval / glob sweeps are the sweeper's business; nothing to compose for them
+    return plain
+
+
+def validate_overrides(overrides: list[str]) -> DictConfig:
+    """Compose train.yaml with `overrides` and check every value.
+
+    Returns:
+        The composed (unresolved) config.
+
+    Raises:
+        ConfigError: naming the unknown group option or key and the closest valid one.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    plain = representative_overrides(overrides)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        group_overrides, key_overrides = [], []
+        for line in plain:
+            key, _, value = line.partition("=")
+            bare = key.lstrip("+~").split("@")[0]
+            options = loader.get_group_options(bare) if "." not in bare else []
+            if options or (config_dir() / bare).is_dir():
+                if value not in options and value not in ("null", ""):
+                    raise ConfigError(f"unknown choice {value!r} for config group '{bare}'{_closest(value, options)} "
+                                      f"(options: {', '.join(options)})")
+                group_overrides.append(line)
+            else:
+                key_overrides.append((bare, key.startswith(("+", "~")), line))
+        try:
+            cfg = compose(config_name="train", overrides=group_overrides)
+        except Exception as error:
+            raise ConfigError(f"the config does not compose: {_first_line(error)}") from None
+        known = dotted_keys(cfg)
+        for bare, adds_or_deletes, line in key_overrides:
+            if not adds_or_deletes and bare not in known and not bare.startswith("hydra."):
+                raise ConfigError(f"unknown config key '{bare}'{_closest(bare, known)} "
+                                  "(use +key=value to add a new key on purpose)")
+        try:
+            cfg = compose(config_name="train", overrides=plain)
+        except Exception as error:
+            raise ConfigError(f"the config does not compose: {_first_line(error)}") from None
+    check_values(cfg)
+    return cfg
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+_CHOICES = {
+    "trainer.mixed_precision": ("no", "fp16", "bf16"),
+    "trainer.on_nonfinite": ("stop", "skip"),
+    "trainer.progress": ("auto", "rich", "plain"),
+}
+_POSITIVE = ("trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "trainer.lr", "trainer.log_every")
+_NON_NEGATIVE = ("trainer.sample_every", "trainer.checkpoint_every", "trainer.keep_checkpoints", "data.num_workers",
+                 "trainer.sample_n")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Values that would only fail later (negative lr, grad_accum=0, unknown precision)."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+    for key in _POSITIVE + _NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in _NON_NEGATIVE:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and key in _POSITIVE):
+            bound = "> 0" if key in _POSITIVE else ">= 0"
+            raise ConfigError(f"{key}={value!r} must be a number {bound}")
+    for key in ("trainer.grad_accum", "trainer.max_steps", "trainer.batch_size"):
+        if not isinstance(OmegaConf.select(cfg, key), int):
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be a whole number")
+    ema = OmegaConf.select(cfg, "trainer.ema")
+    if ema not in (None, False) and not (isinstance(ema, float) and 0 < ema < 1):
+        raise ConfigError(f"trainer.ema={ema!r} must be a decay in (0, 1), or null to turn EMA off")
+    if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed; use one of: auto, online, offline, disabled")

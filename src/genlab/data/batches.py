@@ -1,0 +1,116 @@
+"""A deterministic, resumable stream of training batches.
+
+Why not a plain shuffled DataLoader: to resume *exactly* (same batches, same
+augmentations, even mid-epoch and with workers) the order must be a pure function of
+(seed, epoch, position). Epoch e visits `randperm(N, seed + e)`; each optimizer
+micro-step takes the next `batch_size x world_size` indices and this process takes its
+slice. The stream's position is two integers that go into every checkpoint, and a
+resumed stream starts at that batch without touching the ones before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class BatchOrder:
+    """Which dataset indices make up batch `b` of epoch `e` on this process."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.batches_per_epoch = n // (batch_size * world_size)  # incomplete global batches are dropped
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {n} items, fewer than one global batch "
+                             f"({batch_size} x {world_size} processes); lower trainer.batch_size")
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def batch(self, perm: torch.Tensor, b: int) -> torch.Tensor:
+        start = (b * self.world_size + self.rank) * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+class _EpochSampler(Sampler):
+    """Yields this process's index batches of one epoch from batch `start` on, as seeded keys."""
+
+    def __init__(self, order: BatchOrder, epoch: int, start: int):
+        self.order, self.epoch, self.start = order, epoch, start
+
+    def __len__(self) -> int:
+        return self.order.batches_per_epoch - self.start
+
+    def __iter__(self):
+        perm = self.order.epoch_permutation(self.epoch)
+        for b in range(self.start, self.order.batches_per_epoch):
+            # Key = epoch * N + index: the item knows which epoch it is drawn in, so its
+            # random augmentation is a function of (seed, epoch, index), not of worker state.
+            yield (self.epoch * self.order.n + self.order.batch(perm, b)).tolist()
+
+
+class _SeededItems(Dataset):
+    """Calls dataset[i] with torch's RNG seeded from (seed, key): exact augmentations anywhere."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.n = dataset, seed, len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + key) % (2**63))
+            return self.dataset[key % self.n]
+
+
+class BatchStream:
+    """An endless iterator of batches whose position can be saved and restored.
+
+    Args:
+        dataset: a map-style dataset of dict items; one with `get_batch(indices)` (in-memory
+            tensors) is indexed once per batch instead of going through a DataLoader.
+        order: the batch order.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options.
+        epoch, batch_in_epoch: where to start (from a checkpoint's `data_position`).
+    """
+
+    def __init__(self, dataset: Dataset, order: BatchOrder, num_workers: int = 0, pin_memory: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None,
+                 epoch: int = 0, batch_in_epoch: int = 0):
+        self.dataset, self.order = dataset, order
+        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
+        if num_workers > 0:
+            self.loader_kwargs.update(persistent_workers=False, prefetch_factor=prefetch_factor)
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._it: Iterator | None = None
+
+    @property
+    def position(self) -> dict[str, int]:
+        """Batches consumed so far, as {"epoch", "batch_in_epoch"} (saved in checkpoints)."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def _epoch_iterator(self) -> Iterator:
+        if hasattr(self.dataset, "get_batch"):
+            perm = self.order.epoch_permutation(self.epoch)
+            return (self.dataset.get_batch(self.order.batch(perm, b))
+                    for b in range(self.batch_in_epoch, self.order.batches_per_epoch))
+        sampler = _EpochSampler(self.order, self.epoch, self.batch_in_epoch)
+        return iter(DataLoader(_SeededItems(self.dataset, self.order.seed), batch_sampler=sampler, **self.loader_kwargs))
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict:
+        if self.batch_in_epoch >= self.order.batches_per_epoch:
+            self.epoch, self.batch_in_epoch, self._it = self.epoch + 1, 0, None
+        if self._it is None:
+            self._it = self._epoch_iterator()
+        batch = next(self._it)
+        self.batch_in_epoch += 1
+        return batch

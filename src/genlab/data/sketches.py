@@ -1,0 +1,306 @@
+"""Sketch/image pairs from any images: edge extraction (Canny, XDoG), cached on disk.
+
+`SketchPairs` wraps a *source*: a sequence of `Source` records (an image, a caption,
+and optionally a ready-made sketch). Two builders make one from what users have:
+
+- `sketch_folder`: a folder of images; captions from `NAME.txt` beside each image, or
+  from the folder's `metadata.jsonl` (the HF imagefolder layout), or one fixed caption.
+- `sketch_hf`: a Hugging Face dataset (a local `save_to_disk` dir, a hub name or a
+  builder). A `conditioning_image` column (the fill50k hub layout) is used as the sketch
+  as it is; otherwise edges are extracted.
+
+Sketches are white lines on black, (3, H, W) in [0, 1], like fill_circles. In training
+the edge thresholds are drawn per item from `(seed, index)`, so the same index always
+gives the same sketch and the cache (keyed by source file + parameters) stays valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from genlab.errors import ConfigError, GenlabError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_CACHE = Path.home() / ".cache" / "genlab" / "sketches"
+
+
+def canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Canny edges of an RGB uint8 image (H, W, 3): float (H, W), 1 on edges, 0 elsewhere."""
+    # OpenCV takes the strongest gradient over the colour channels, so a red/blue edge of
+    # equal brightness is still found (a grey conversion would lose it).
+    return (cv2.Canny(np.ascontiguousarray(image), low, high) > 0).astype(np.float32)
+
+
+def xdog(image: np.ndarray, sigma: float, eps: float, k: float = 1.6, tau: float = 0.98, phi: float = 200.0) -> np.ndarray:
+    """Soft pencil-like lines by the extended difference of Gaussians (Winnemöller 2012).
+
+    Args:
+        image: RGB uint8 (H, W, 3).
+        sigma: the smaller Gaussian's std in pixels (bigger: thicker, fewer lines).
+        eps: threshold on the difference (lower: fewer lines).
+        k, tau, phi: ratio of the two sigmas, weight of the wider one, tanh steepness.
+
+    Returns:
+        float (H, W) in [0, 1]: 1 on lines, 0 on flat areas (inverted XDoG).
+    """
+    rgb = image.astype(np.float32) / 255.0
+    diff = cv2.GaussianBlur(rgb, (0, 0), sigma) - tau * cv2.GaussianBlur(rgb, (0, 0), sigma * k)
+    toned = np.where(diff >= eps, 1.0, 1.0 + np.tanh(phi * (diff - eps)))
+    # Per colour channel, then the strongest line: equal-brightness colour edges still show.
+    return (1.0 - toned.min(axis=2)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EdgeParams:
+    """How one sketch is drawn; `key()` names it in the cache."""
+
+    method: str  # "canny" | "xdog"
+    a: float  # canny: low threshold; xdog: sigma
+    b: float  # canny: high threshold; xdog: eps
+
+    def key(self) -> str:
+        return f"{self.method}-{self.a:.4g}-{self.b:.4g}"
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        return canny(image, self.a, self.b) if self.method == "canny" else xdog(image, self.a, self.b)
+
+
+def edge_params(method: str, randomize: bool, seed: int, index: int, canny_low=(50, 150), canny_high=(150, 250),
+                xdog_sigma=(0.6, 1.0), xdog_eps=(-0.01, 0.0)) -> EdgeParams:
+    """Parameters for item `index`: random (but fixed by seed and index) or the range middles.
+
+    `method` "random" picks canny or xdog per item.
+    """
+    rng = np.random.default_rng([seed, index])
+    pick = (lambda lo_hi: float(rng.uniform(*lo_hi))) if randomize else (lambda lo_hi: float(np.mean(lo_hi)))
+    if method == "random":
+        method = "canny" if rng.random() < 0.5 else "xdog"
+    if method == "canny":
+        low = pick(canny_low)
+        return EdgeParams("canny", low, max(pick(canny_high), low + 1))
+    if method == "xdog":
+        return EdgeParams("xdog", pick(xdog_sigma), pick(xdog_eps))
+    raise ConfigError(f"data.edges={method!r}: use canny, xdog or random.")
+
+
+def resize_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    """Resize the shorter side to `size`, then centre-crop to size x size."""
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@dataclass
+class Source:
+    """One raw item: `key` names it for the cache (a file path + mtime, or a dataset row)."""
+
+    key: str
+    image: Callable[[], Image.Image]  # loaded lazily: the cache may make it unnecessary for the sketch
+    caption: str
+    sketch: Callable[[], Image.Image] | None = None
+
+
+class SketchPairs(Dataset):
+    """{"image", "sketch", "caption"} items from a sequence of `Source` records.
+
+    Args:
+        sources: the raw items of this split.
+        image_size: output side; images are resized and centre-cropped.
+        channels: image channels (3 RGB or 1 grey); sketches are always 3-channel.
+        edges: "canny", "xdog" or "random" (one of the two per item).
+        randomize: draw thresholds per item (training) instead of the fixed middles.
+        seed: fixes the per-item thresholds.
+        cache_dir: where extracted sketches are kept (None: ~/.cache/genlab/sketches);
+            `cache=False` turns caching off.
+        edge_ranges: canny_low, canny_high, xdog_sigma, xdog_eps (lo, hi) ranges.
+    """
+
+    def __init__(self, sources: Sequence[Source], image_size: int, channels: int = 3, edges: str = "canny",
+                 randomize: bool = False, seed: int = 0, cache: bool = True, cache_dir: str | None = None,
+                 **edge_ranges: Any):
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels={channels}: use 3 (RGB) or 1 (grey).")
+        edge_ranges = {k: tuple(v) for k, v in edge_ranges.items()}
+        try:  # fail early on a bad method or an unknown range name
+            edge_params(edges, False, 0, 0, **edge_ranges)
+        except TypeError as e:
+            raise ConfigError(f"sketch data: {e}; the edge ranges are canny_low, canny_high, xdog_sigma, xdog_eps.") from e
+        self.sources, self.image_size, self.channels = sources, image_size, channels
+        self.edges, self.randomize, self.seed, self.edge_ranges = edges, randomize, seed, edge_ranges
+        self.cache_dir = Path(cache_dir or DEFAULT_CACHE) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        src = self.sources[index]
+        size = self.image_size
+        try:
+            image = resize_crop(src.image().convert("RGB"), size)
+            sketch = self._sketch(src, index, np.asarray(image))
+        except (OSError, ValueError) as e:
+            raise GenlabError(f"cannot read image {src.key}: {e}. Remove or replace the file.") from e
+        if self.channels == 1:
+            image = image.convert("L")
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(size, size, -1).permute(2, 0, 1)
+        return {
+            "image": pixels / 127.5 - 1.0,
+            "sketch": torch.from_numpy(sketch)[None].expand(3, -1, -1).clone(),
+            "caption": src.caption,
+        }
+
+    def _sketch(self, src: Source, index: int, image: np.ndarray) -> np.ndarray:
+        """(H, W) float sketch in [0, 1]: the source's own, or extracted edges (cached)."""
+        if src.sketch is not None:
+            grey = resize_crop(src.sketch().convert("L"), self.image_size, Image.BILINEAR)
+            return np.asarray(grey, dtype=np.float32) / 255.0
+        params = edge_params(self.edges, self.randomize, self.seed, index, **self.edge_ranges)
+        if self.cache_dir is None:
+            return params.apply(image)
+        digest = hashlib.sha1(f"{src.key}|{self.image_size}|{params.key()}".encode()).hexdigest()
+        path = self.cache_dir / digest[:2] / f"{digest}.png"
+        if path.exists():
+            return np.asarray(Image.open(path), dtype=np.float32) / 255.0
+        sketch = params.apply(image)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so that a DataLoader worker never reads a half-written file.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
+        Image.fromarray(np.round(sketch * 255).astype(np.uint8)).save(tmp)
+        os.replace(tmp, path)
+        return np.round(sketch * 255) / 255.0  # as it will read back from the cache
+
+
+def split_indices(n: int, split: str, val_fraction: float, split_seed: int) -> list[int]:
+    """A fixed random train/val partition of range(n); val gets at least one item when n > 1."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"unknown split {split!r}; use 'train' or 'val'.")
+    order = np.random.default_rng(split_seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    return sorted(int(i) for i in chosen)
+
+
+def _folder_captions(root: Path) -> dict[str, str]:
+    """Captions from metadata.jsonl files ({"file_name": ..., "text": ...}), keyed by resolved path."""
+    captions = {}
+    for meta in root.rglob("metadata.jsonl"):
+        for line in meta.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                captions[str((meta.parent / row["file_name"]).resolve())] = row.get("text", "")
+    return captions
+
+
+def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val_fraction: float = 0.05,
+                  split_seed: int = 0, **kwargs: Any) -> SketchPairs:
+    """Sketch pairs from a folder of images (searched recursively).
+
+    Args:
+        split: "train" (thresholds randomised) or "val" (fixed thresholds).
+        path: the folder.
+        caption: the caption of images that have neither NAME.txt nor a metadata.jsonl row.
+        kwargs: `SketchPairs` options (channels, edges, seed, cache, cache_dir, edge ranges);
+            `num_classes` / `num_workers` are the loop's and ignored here.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"data.path={path}: not a folder. Point it at a folder of images.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data.path={path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
+    meta = _folder_captions(root)
+
+    def source(p: Path) -> Source:
+        text = p.with_suffix(".txt")
+        cap = text.read_text().strip() if text.exists() else meta.get(str(p.resolve()), caption)
+        stat = p.stat()
+        # partial, not lambda: DataLoader workers may need to pickle the sources.
+        return Source(f"{p.resolve()}:{stat.st_mtime_ns}:{stat.st_size}", partial(Image.open, p), cap)
+
+    sources = [source(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
+    return SketchPairs(sources, image_size, randomize=split == "train", **_pairs_kwargs(kwargs))
+
+
+def _pairs_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in ("num_classes", "num_workers")}
+
+
+def _load_hf(name: str, split: str, data_dir: str | None):
+    import datasets
+
+    local = Path(name).expanduser()
+    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ConfigError(f"data.split={split}: {name} has splits {list(ds)}.")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name, data_dir=data_dir, split=split)
+    except Exception as e:  # hub/network/builder errors come in many types
+        raise GenlabError(f"cannot load dataset {name!r} (split {split}): {e}") from e
+
+
+class _HFSources(Sequence):
+    """`Source` records over rows of a datasets.Dataset (decoded lazily, row by row)."""
+
+    def __init__(self, ds, rows: list[int], image_column: str, caption_column: str | None, sketch_column: str | None):
+        self.ds, self.rows = ds, rows
+        self.columns = image_column, caption_column, sketch_column
+        self.fingerprint = getattr(ds, "_fingerprint", "nofingerprint")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Source:
+        row = self.ds[self.rows[i]]
+        image_col, caption_col, sketch_col = self.columns
+        caption = str(row[caption_col]) if caption_col else ""
+        sketch = (lambda: row[sketch_col]) if sketch_col else None
+        return Source(f"hf:{self.fingerprint}:{self.rows[i]}", lambda: row[image_col], caption, sketch)
+
+
+def sketch_hf(split: str, name: str, image_size: int, data_dir: str | None = None, image_column: str = "image",
+              caption_column: str | None = "text", conditioning_column: str | None = "conditioning_image",
+              hf_split: str = "train", val_split: str | None = None, val_fraction: float = 0.05,
+              split_seed: int = 0, **kwargs: Any) -> SketchPairs:
+    """Sketch pairs from a Hugging Face dataset.
+
+    Args:
+        split: genlab's "train" or "val".
+        name: a local `save_to_disk` directory, a hub name or a builder ("imagefolder").
+        image_column, caption_column: the target image and its caption (None: empty captions).
+        conditioning_column: a ready sketch column, used as it is when the dataset has it;
+            otherwise edges are extracted from the image.
+        hf_split, val_split: the dataset's splits for train and val (val_split None: hold out
+            val_fraction of hf_split, fixed by split_seed).
+        kwargs: `SketchPairs` options.
+    """
+    if split == "val" and val_split is not None:
+        ds = _load_hf(name, val_split, data_dir)
+        rows = list(range(len(ds)))
+    else:
+        ds = _load_hf(name, hf_split, data_dir)
+        rows = split_indices(len(ds), split, val_fraction if val_split is None else 0.0, split_seed)
+    for col in (image_column, caption_column):
+        if col is not None and col not in ds.column_names:
+            raise ConfigError(f"column {col!r} not in dataset {name} (columns: {ds.column_names}).")
+    sketch_col = conditioning_column if conditioning_column in ds.column_names else None
+    sources = _HFSources(ds, rows, image_column, caption_column, sketch_col)
+    return SketchPairs(sources, image_size, randomize=split == "train", **_pairs_kwargs(kwargs))

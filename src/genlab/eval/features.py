@@ -1,0 +1,230 @@
+"""Feature extractors for FID / KID / precision-recall, and the classifier for coverage.
+
+Every extractor is an `nn.Module` that torchmetrics accepts as a custom `feature`:
+
+    images (N, C, H, W) float in [0, 1]  ->  features (N, num_features)
+
+That is torchmetrics' convention for a custom extractor with `normalize=True`, e.g.
+`FrechetInceptionDistance(feature=extractor, normalize=True)`. Floats rather than uint8
+because generated images are floats: quantizing them first would only add noise.
+(genlab images live in [-1, 1]; `metrics.extract` maps them to [0, 1].) uint8 input in
+[0, 255] is accepted too.
+
+Two extractors:
+- `DigitsCNN` (name "digits_cnn"): a small CNN that genlab trains itself, offline, in a
+  few seconds on scikit-learn's digits; its penultimate layer gives features and its
+  head gives class logits (class coverage, confidence).
+- `InceptionFeatures` (name "inception"): the standard 2048-d pool features through
+  torchmetrics / torch-fidelity; needs those weights (downloaded on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genlab.errors import GenlabError
+
+#: Bump when DigitsCNN's architecture or training changes: cached weights and cached
+#: reference statistics are keyed by it, so stale ones are never loaded.
+DIGITS_CNN_VERSION = 1
+INCEPTION_UNAVAILABLE = ("Inception weights are not available offline; use eval.extractor=digits_cnn "
+                         "or install torch-fidelity with network access")
+
+
+def default_cache_dir() -> Path:
+    """Where extractor weights and reference statistics are cached: $GENLAB_CACHE or ~/.cache/genlab."""
+    return Path(os.environ.get("GENLAB_CACHE", "~/.cache/genlab")).expanduser()
+
+
+def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] -> float [0, 1]."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+class DigitsCNN(nn.Module):
+    """A small digit classifier whose penultimate layer serves as a feature extractor.
+
+    Args:
+        image_size: side of the images it scores (and was trained on); inputs are resized to
+            `work_size` = min(image_size, 16) first: digits carry 8x8 pixels of detail, and
+            16 px keeps it at a quarter of the cost of 32 px.
+        channels: 1 (grey) or 3 (grey repeated), as in `genlab.data.digits.Digits`.
+        num_features: width of the penultimate layer (the FID/KID feature dimension).
+    """
+
+    name = "digits_cnn"
+
+    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10):
+        super().__init__()
+        self.image_size, self.channels, self.num_features = image_size, channels, num_features
+        self.work_size = min(image_size, 16)
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),  # any image_size -> (64, 4, 4)
+            nn.Flatten(), nn.Linear(64 * 16, num_features), nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(num_features, num_classes)
+        self.val_accuracy: float | None = None  # set by training or loading
+
+    @property
+    def cache_tag(self) -> str:
+        """Identifies these weights in cache keys (architecture version, size, channels)."""
+        return f"digits_cnn-v{DIGITS_CNN_VERSION}-{self.image_size}px-{self.channels}ch"
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = _as_unit_float(images) * 2 - 1  # the network was trained on [-1, 1] like genlab data
+        if x.shape[1] != self.channels:  # grey <-> RGB, so any digits-like image can be scored
+            x = x.mean(1, keepdim=True).expand(-1, self.channels, -1, -1)
+        if x.shape[-1] != self.work_size or x.shape[-2] != self.work_size:
+            x = F.interpolate(x, size=(self.work_size, self.work_size), mode="bilinear", antialias=True)
+        return self.body(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> penultimate features (N, num_features)."""
+        return self._embed(images)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> class logits (N, 10)."""
+        return self.head(self._embed(images))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both at the cost of one forward pass."""
+        feats = self._embed(images)
+        return feats, self.head(feats)
+
+
+def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Random translation by up to `max_shift` pixels (one shift per batch), padding with background (-1)."""
+    if max_shift == 0:
+        return images
+    dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    padded = F.pad(images, (max_shift,) * 4, value=-1.0)
+    h, w = images.shape[-2:]
+    return padded[..., max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
+
+
+@torch.no_grad()
+def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of `model` on genlab images (N, C, H, W) in [-1, 1]."""
+    model.eval()
+    preds = torch.cat([model.logits((x + 1) / 2).argmax(1) for x in images.split(512)])
+    return (preds == labels).float().mean().item()
+
+
+def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int = 0) -> DigitsCNN:
+    """Train a `DigitsCNN` on the digits train split and measure it on the val split.
+
+    Uses exactly the images genlab trains on (`genlab.data.digits.Digits`, default split,
+    no excluded classes), so the val accuracy is on digits the classifier never saw. Mild
+    shift and noise augmentation keeps it steady on generated, slightly imperfect digits.
+
+    Returns:
+        The model in eval mode, with `val_accuracy` set.
+    """
+    from genlab.data.digits import Digits  # the data package imports hydra; keep it off the import path
+
+    train, val = Digits("train", image_size, channels), Digits("val", image_size, channels)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # fixed weights and dropout without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = DigitsCNN(image_size, channels)
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+        steps_per_epoch = (len(train) + 63) // 64
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=epochs * steps_per_epoch)
+        max_shift = max(image_size // 8, 1)  # one source (8 px) pixel
+        model.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train), generator=generator).split(64):
+                x = _shift(train.images[idx], max_shift, generator)
+                x = x + 0.05 * torch.randn(x.shape, generator=generator)
+                feats = model._embed(((x + 1) / 2).clamp(0, 1))
+                loss = F.cross_entropy(model.head(model.dropout(feats)), train.labels[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    model.val_accuracy = accuracy(model, val.images, val.labels)
+    return model.eval()
+
+
+def load_or_train_digits_cnn(image_size: int, channels: int = 1, cache_dir: str | Path | None = None) -> DigitsCNN:
+    """The digits classifier for this image size and channel count, trained at most once.
+
+    Args:
+        image_size: side of the images it will score.
+        channels: 1 or 3.
+        cache_dir: where the weights are cached (default: `default_cache_dir()`).
+
+    Returns:
+        The model in eval mode with `val_accuracy` set, loaded from
+        `cache_dir/digits_cnn-v{version}-{size}px-{channels}ch.pt` when that exists,
+        trained (a few seconds on CPU) and saved there otherwise.
+    """
+    model = DigitsCNN(image_size, channels)
+    path = Path(cache_dir or default_cache_dir()) / f"{model.cache_tag}.pt"
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        model.val_accuracy = float(saved["val_accuracy"])
+        return model.eval()
+    model = train_digits_cnn(image_size, channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # atomic: a concurrent reader never sees half a file
+    torch.save({"state_dict": model.state_dict(), "val_accuracy": model.val_accuracy}, tmp)
+    os.replace(tmp, path)
+    return model
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' Inception v3 (torch-fidelity weights), 2048-d pool features.
+
+    Args:
+        weights_path: a local copy of torch-fidelity's `pt_inception-2015-12-05` weights;
+            None downloads them on first use (needs the network once).
+
+    Raises:
+        GenlabError: torch-fidelity is not installed or the weights cannot be had.
+    """
+
+    name = "inception"
+    num_features = 2048
+    cache_tag = "inception-2048"
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=weights_path)
+        except (ImportError, OSError, RuntimeError) as err:  # no torch-fidelity; no network (URLError is an OSError)
+            raise GenlabError(f"{INCEPTION_UNAVAILABLE} ({type(err).__name__}: {err})") from err
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] (or uint8) -> (N, 2048); grey is repeated to RGB."""
+        x = images if images.dtype == torch.uint8 else (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x).reshape(len(x), -1)
+
+
+def build_extractor(name: str, image_size: int, channels: int, cache_dir: str | Path | None = None,
+                    inception_weights: str | None = None) -> nn.Module:
+    """The extractor called `name` ("digits_cnn" or "inception"), built on demand.
+
+    Raises:
+        GenlabError: an unknown name, or Inception without its weights.
+    """
+    if name == "digits_cnn":
+        return load_or_train_digits_cnn(image_size, channels, cache_dir)
+    if name == "inception":
+        return InceptionFeatures(inception_weights)
+    raise GenlabError(f"eval.extractor={name!r} is unknown; use digits_cnn or inception.")

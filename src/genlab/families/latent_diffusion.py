@@ -1,0 +1,281 @@
+"""Pieces shared by the latent diffusion families (`sd`, `controlnet`).
+
+Small functions, no base class: loading pretrained parts from a hub id, a diffusers
+directory or a genlab run; building a tiny SD from config; encoding images and captions;
+the noise-prediction loss with min-SNR weighting; samplers; LoRA configs and exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       UNet2DConditionModel, UniPCMultistepScheduler)
+from diffusers.training_utils import compute_snr
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from PIL import Image
+from torch import nn
+
+from genlab.errors import ConfigError, GenlabError
+
+SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
+
+
+def plain(value: Any) -> Any:
+    """A Hydra DictConfig/ListConfig as plain Python (dicts, lists), anything else as it is."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The bare model under Accelerate/DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def resolve_pretrained(path_or_id: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """Where `from_pretrained` should look for a component.
+
+    Args:
+        path_or_id: a genlab run directory (its `export/` is used), a diffusers directory
+            (a pipeline or a single model), or a hub id.
+        subfolder: the component's folder inside a pipeline ("unet", "vae", ...).
+
+    Returns:
+        (path or hub id, subfolder or None): a local single-model directory comes back
+        with no subfolder, so a VAE run's `export/` works where a pipeline's `vae/` would.
+    """
+    path = Path(str(path_or_id)).expanduser()
+    if not path.exists():
+        if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
+            raise GenlabError(f"{path_or_id}: no such directory. Give a genlab run, a diffusers directory or a hub id.")
+        return str(path_or_id), subfolder  # a hub id
+    if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():  # a genlab run
+        if not (path / "export").is_dir():
+            raise GenlabError(f"{path}: this run has no export/ yet; let its training finish (or `genlab resume` it).")
+        path = path / "export"
+    if subfolder and (path / subfolder).is_dir():
+        return str(path / subfolder), None
+    if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
+        return str(path), None
+    raise GenlabError(f"{path}: no {subfolder or 'model'} here (expected {subfolder}/ or a config.json).")
+
+
+def load_pretrained(cls, path_or_id: str, subfolder: str | None = None, **kwargs):
+    """`cls.from_pretrained` on whatever `resolve_pretrained` finds, with errors that say which."""
+    where, sub = resolve_pretrained(path_or_id, subfolder)
+    try:
+        return cls.from_pretrained(where, **({"subfolder": sub} if sub else {}), **kwargs)
+    except (OSError, ValueError) as e:
+        what = f"{subfolder} of " if subfolder else ""
+        raise GenlabError(f"cannot load {cls.__name__} from {what}{path_or_id}: {e}".split("\n")[0]) from e
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    """How much the VAE downsamples: 2 per level after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def tiny_unet(unet_cfg: dict, image_size: int, vae: AutoencoderKL, cross_attention_dim: int) -> UNet2DConditionModel:
+    """A UNet2DConditionModel from config, sized to the VAE's latents and the text encoder."""
+    factor = vae_factor(vae)
+    if image_size % factor:
+        raise ConfigError(f"data.image_size={image_size} is not a multiple of the VAE's downsampling factor {factor}.")
+    return UNet2DConditionModel(
+        sample_size=image_size // factor,
+        in_channels=vae.config.latent_channels,
+        out_channels=vae.config.latent_channels,
+        cross_attention_dim=cross_attention_dim,
+        **unet_cfg,
+    )
+
+
+def training_scheduler(base: str | None, num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
+    """The noise schedule: the base's own when fine-tuning, else from config."""
+    if base:
+        where, sub = resolve_pretrained(base, "scheduler")
+        config = DDPMScheduler.load_config(where, **({"subfolder": sub} if sub else {}))
+        return DDPMScheduler.from_config(config)
+    # steps_offset=1 and clip_sample=False: what SD pipelines expect (no FutureWarnings).
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+
+def sampler(name: str, scheduler_config) -> Any:
+    """An inference scheduler of kind `name` (unipc | ddim | dpm | ddpm) on the training schedule."""
+    if name not in SAMPLERS:
+        raise GenlabError(f"sampler={name!r}: use one of {', '.join(SAMPLERS)}.")
+    return SAMPLERS[name].from_config(scheduler_config)
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return posterior.sample().float() * vae.config.scaling_factor
+
+
+def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str]) -> torch.Tensor:
+    """Captions -> text encoder hidden states (B, 77, D), as SD pipelines compute them."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(unwrap(text_encoder).device))[0]
+
+
+def drop_captions(captions: list[str], p: float) -> list[str]:
+    """Replace each caption by "" with probability p: the unconditional branch of CFG."""
+    if p <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions)) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, noise, timesteps) at uniformly drawn timesteps."""
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    return scheduler.add_noise(latents, noise, t), noise, t
+
+
+def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
+    """MSE to the scheduler's target (epsilon / v / sample), min-SNR weighted when gamma is set."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    elif kind == "sample":
+        target = latents
+    else:
+        raise ConfigError(f"prediction_type={kind!r}: use epsilon, v_prediction or sample.")
+    if not min_snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    # Min-SNR-gamma (Hang et al. 2023): clamp each timestep's weight at gamma / SNR.
+    snr = compute_snr(scheduler, t)
+    weight = torch.clamp(snr, max=min_snr_gamma)
+    weight = weight / snr if kind == "epsilon" else (weight / (snr + 1) if kind == "v_prediction" else weight)
+    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_item * weight).mean()
+
+
+def sample_autocast(device: torch.device, weight_dtype: torch.dtype):
+    """Autocast for sampling when frozen parts are half precision and trainable ones fp32."""
+    if weight_dtype == torch.float32 or (device.type == "cpu" and weight_dtype != torch.bfloat16):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=weight_dtype)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Eval mode (no LoRA/attention dropout) for sampling, then back to each module's mode."""
+    modes = [m.training for m in modules]
+    try:
+        yield [m.eval() for m in modules]
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def generators(n: int, seed: int) -> list[torch.Generator]:
+    """One CPU generator per image: image i depends only on seed + i, not on batching or device."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def as_list(prompt: str | list[str] | None, n: int, default: list[str]) -> list[str]:
+    """`n` prompts: one repeated, a list cycled, or the defaults when None."""
+    prompts = default if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = prompts or [""]
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def load_sketch(sketch: Any, size: int, n: int) -> torch.Tensor:
+    """A sketch (path, PIL image, or tensor (C, H, W) / (B, C, H, W) in [0, 1]) as (n, 3, size, size)."""
+    from genlab.data.sketches import resize_crop
+
+    if isinstance(sketch, (str, Path)):
+        try:
+            sketch = Image.open(sketch)
+        except OSError as e:
+            raise GenlabError(f"--sketch {sketch}: cannot read the image ({e}).") from e
+    if isinstance(sketch, Image.Image):
+        pixels = np.asarray(resize_crop(sketch.convert("RGB"), size, Image.BILINEAR), dtype=np.float32) / 255.0
+        sketch = torch.from_numpy(pixels).permute(2, 0, 1)
+    sketch = sketch.float()
+    if sketch.dim() == 3:
+        sketch = sketch[None]
+    if sketch.shape[1] == 1:
+        sketch = sketch.expand(-1, 3, -1, -1)
+    if sketch.shape[-2:] != (size, size):
+        sketch = F.interpolate(sketch, size=(size, size), mode="bilinear", align_corners=False)
+    return sketch[torch.arange(n) % sketch.shape[0]]
+
+
+def edges_from(photo: str | Path, size: int, method: str = "canny") -> torch.Tensor:
+    """A sketch (3, size, size) in [0, 1] from a photo, by the training edge extractor at mid thresholds."""
+    from genlab.data.sketches import edge_params, resize_crop
+
+    try:
+        image = np.asarray(resize_crop(Image.open(photo).convert("RGB"), size))
+    except OSError as e:
+        raise GenlabError(f"--edges-from {photo}: cannot read the image ({e}).") from e
+    edges = edge_params(method, False, 0, 0).apply(image)
+    return torch.from_numpy(edges)[None].expand(3, -1, -1).clone()
+
+
+def validation_items(data_cfg: Any, n: int) -> list[dict]:
+    """The first `n` items of the val split of the training data: fixed prompts and sketches."""
+    from hydra.utils import instantiate
+
+    if data_cfg is None:
+        return []
+    dataset = instantiate(data_cfg, split="val")
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def lora_config(rank: int, alpha: float | None, target_modules: list[str], dropout: float):
+    """A peft LoraConfig (alpha None means alpha = rank, a scale of 1)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=dropout,
+                      init_lora_weights="gaussian")
+
+
+def save_unet_lora(unet: nn.Module, out_dir: Path) -> Path:
+    """Write the U-Net's LoRA as `out_dir/pytorch_lora_weights.safetensors` (diffusers' layout)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = unwrap(unet)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    # The metadata carries lora_alpha, so loaders scale by alpha / rank as in training.
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of a peft-adapted diffusers model with its LoRA merged in and the adapters removed."""
+    import copy
+
+    model = copy.deepcopy(unwrap(model)).float()
+    model.fuse_lora()
+    model.unload_lora()
+    return model
+
+
+def write_export_info(out_dir: Path, **info: Any) -> None:
+    """`genlab_export.json`: where the base parts came from, for readers of the export."""
+    (Path(out_dir) / "genlab_export.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,173 @@
+"""Stable Diffusion: text-to-image latent diffusion (U-Net + VAE + CLIP text encoder).
+
+Three ways to train, one class:
+- tiny from scratch: `model.base=null`, a VAE from `model.vae` (a genlab VAE run, a
+  diffusers AutoencoderKL dir or a hub id), a U-Net and CLIP text encoder from config;
+- full fine-tune of a pretrained base: `model.base=<hub id | diffusers dir | genlab run>`;
+- LoRA fine-tune of the base: `model.lora.rank > 0` (only the adapters train).
+
+Exports a `StableDiffusionPipeline` directory (plus `pytorch_lora_weights.safetensors`
+when LoRA-trained; the pipeline's U-Net then has the LoRA merged in).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import latent_diffusion as ld
+from genlab.text import clip_tokenizer, tiny_text_config
+
+
+def load_parts(base: str | None, vae: str | None, image_size: int, unet_cfg: dict, text_cfg: dict,
+               tokenizer_dir: str | None) -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel]:
+    """VAE, text encoder, tokenizer and U-Net: from the base where given, else tiny from config.
+
+    `vae` overrides the base's own VAE; with no base it is required.
+    """
+    if base is None and vae is None:
+        raise ConfigError("model.vae: a VAE is needed to train SD from scratch. Train one "
+                          "(`genlab train model=vae data=...`) and pass model.vae=RUN_DIR, or set model.base.")
+    vae_model = ld.load_pretrained(AutoencoderKL, vae or base, "vae")
+    if base is None:
+        text_encoder = CLIPTextModel(tiny_text_config(**text_cfg))
+        tokenizer = clip_tokenizer(tokenizer_dir)
+        unet = ld.tiny_unet(unet_cfg, image_size, vae_model, text_encoder.config.hidden_size)
+    else:
+        text_encoder = ld.load_pretrained(CLIPTextModel, base, "text_encoder")
+        tokenizer = ld.load_pretrained(CLIPTokenizer, base, "tokenizer")
+        unet = ld.load_pretrained(UNet2DConditionModel, base, "unet")
+    if unet.config.in_channels != vae_model.config.latent_channels:
+        raise ConfigError(f"model.vae: its latents have {vae_model.config.latent_channels} channels but the "
+                          f"base U-Net takes {unet.config.in_channels}; use the base's own VAE (model.vae=null).")
+    for frozen in (vae_model, text_encoder):
+        frozen.requires_grad_(False).eval()
+    return vae_model, text_encoder, tokenizer, unet
+
+
+class StableDiffusion:
+    """Text-to-image latent diffusion in the SD architecture (see the module docstring).
+
+    Args:
+        image_size, channels: from the data (channels must be the VAE's, normally 3).
+        base: pretrained SD pipeline (hub id, diffusers dir or genlab run), or None for tiny.
+        vae: VAE to use (genlab VAE run, AutoencoderKL dir or hub id); None: the base's.
+        tokenizer_dir: where the offline CLIP tokenizer is cached (None: ~/.cache/genlab).
+        unet, text_encoder: configs of the tiny U-Net / CLIP text encoder (ignored with a base).
+        lora: {rank, alpha, target_modules, dropout}; rank 0 trains the whole U-Net.
+        num_train_timesteps, beta_schedule, prediction_type: the schedule (from scratch only).
+        min_snr_gamma: min-SNR loss weighting, or None for plain MSE.
+        caption_dropout: fraction of captions replaced by "" (for classifier-free guidance).
+        gradient_checkpointing: trade compute for memory in the U-Net.
+        sampler, sample_steps, guidance: sampling defaults.
+        validation_data: the data config; its val split supplies default sample prompts.
+    """
+
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
+                 tokenizer_dir: str | None = None, unet: dict | None = None, text_encoder: dict | None = None,
+                 lora: dict | None = None, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
+                 prediction_type: str = "epsilon", min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+                 gradient_checkpointing: bool = False, sampler: str = "unipc", sample_steps: int = 25,
+                 guidance: float = 5.0, validation_data: Any = None, num_classes: int | None = None):
+        self.image_size = image_size
+        self.base = ld.plain(base)
+        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
+            self.base, vae, image_size, ld.plain(unet) or {}, ld.plain(text_encoder) or {}, tokenizer_dir)
+        if channels != self.vae.config.in_channels:
+            raise ConfigError(f"data.channels={channels} but the VAE takes {self.vae.config.in_channels}-channel images.")
+        self.noise_scheduler = ld.training_scheduler(self.base, num_train_timesteps, beta_schedule, prediction_type)
+        lora = ld.plain(lora) or {}
+        self.lora_rank = int(lora.get("rank", 0))
+        if self.lora_rank > 0:
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(ld.lora_config(self.lora_rank, lora.get("alpha"), lora.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"]), lora.get("dropout", 0.0)))
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # EMA of a LoRA-adapted U-Net would copy the whole frozen base: only for full training.
+        self.ema_network = "unet" if self.lora_rank == 0 else None
+        self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
+        self.sampler_name, self.sample_steps, self.guidance = sampler, sample_steps, guidance
+        ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name, not at step 500
+        self.validation_data = validation_data
+        self._val_prompts: list[str] | None = None
+        self.weight_dtype = torch.float32
+
+    # --- the Family protocol ------------------------------------------------------------
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet}
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        return {"main": [{"params": [p for p in self.unet.parameters() if p.requires_grad]}]}
+
+    def phases(self, step: int) -> list[str]:
+        return ["main"]
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = ld.encode_images(self.vae, batch["image"])  # (B, c, H/f, W/f)
+        with torch.no_grad():
+            text = ld.encode_captions(self.tokenizer, self.text_encoder, ld.drop_captions(batch["caption"], self.caption_dropout))
+        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
+        pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+        loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
+        return loss, {"loss": loss.detach()}
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
+        self.weight_dtype = dtype or torch.float32
+        self.vae.to(device, self.weight_dtype)
+        self.text_encoder.to(device, self.weight_dtype)
+        if self.lora_rank > 0:  # frozen base in the weight dtype, adapters in fp32
+            self.unet.to(device, self.weight_dtype)
+            cast_training_params(self.unet, torch.float32)
+        else:
+            self.unet.to(device, torch.float32)
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, prompt: str | list[str] | None = None, sampler: str | None = None,
+               steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
+               **options: Any) -> torch.Tensor:
+        """`n` images for `prompt` (default: captions of the first val items), (n, 3, H, W) in [-1, 1]."""
+        if options:
+            raise GenlabError(f"sd: unknown sample option(s) {sorted(options)}; sd takes prompt, sampler, steps, "
+                              "guidance, negative_prompt (sketches need model=controlnet).")
+        pipe = self.pipeline(sampler or self.sampler_name)
+        prompts = ld.as_list(prompt, n, self.default_prompts(n))
+        with ld.eval_mode(pipe.unet), ld.sample_autocast(pipe.device, self.weight_dtype):
+            out = pipe(prompts, height=self.image_size, width=self.image_size, num_inference_steps=steps or self.sample_steps,
+                       guidance_scale=self.guidance if guidance is None else guidance,
+                       negative_prompt=[negative_prompt] * n if negative_prompt else None,
+                       generator=ld.generators(n, seed), output_type="pt").images
+        return out.float() * 2 - 1
+
+    def export(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        unet = ld.unwrap(self.unet)
+        if self.lora_rank > 0:
+            ld.save_unet_lora(unet, out_dir)
+            unet = ld.merged_copy(unet)
+        self.pipeline(self.sampler_name, unet=unet).save_pretrained(out_dir)
+        ld.write_export_info(out_dir, family="sd", base=self.base, lora_rank=self.lora_rank)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def pipeline(self, sampler: str, unet: nn.Module | None = None) -> StableDiffusionPipeline:
+        """A diffusers pipeline over this family's (unwrapped) parts and the named sampler."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=ld.unwrap(self.text_encoder), tokenizer=self.tokenizer,
+            unet=unet or ld.unwrap(self.unet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def default_prompts(self, n: int) -> list[str]:
+        if self._val_prompts is None:
+            self._val_prompts = [item.get("caption", "") for item in ld.validation_items(self.validation_data, n)]
+        return self._val_prompts

@@ -1,0 +1,94 @@
+"""`genlab runs`: one row per run directory found under a root."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from genlab.errors import GenlabError
+
+# Metrics where lower is better; anything else named in --sort is taken as higher-is-better.
+LOWER_IS_BETTER = ("fid", "kid", "loss", "kl", "nll", "recon", "error")
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("GENLAB_RUNS", "runs"))
+
+
+def _last_json_line(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    last = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                last = json.loads(line)
+    return last
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """What `genlab runs` shows for one run directory."""
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
+    family = choices.get("model") or cfg["model"]["_target_"].rsplit(".", 1)[-1].lower()
+    data = choices.get("data") or cfg["data"]["_target_"].rsplit(".", 1)[-1].lower()
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "unknown"}
+    if status["status"] == "running" and not _pid_alive(status.get("pid")):
+        status["status"] = "interrupted"  # killed without a chance to say so (kill -9, node lost)
+    last = _last_json_line(run_dir / "metrics.jsonl")
+    evaluated = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(evaluated.read_text()) if evaluated.exists() else {}
+    best_file = run_dir / "checkpoints" / "best" / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.exists() else {}
+    return {"run": run_dir, "family": family, "data": data, "step": last.get("step", 0),
+            "max_steps": cfg["trainer"]["max_steps"], "status": status["status"],
+            "losses": {k: v for k, v in last.items() if "loss" in k}, "metrics": {**last, **metrics},
+            "best": best}
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in Path(root).rglob(".hydra/config.yaml")
+                  if (p.parent.parent / "status.json").exists() or (p.parent.parent / "metrics.jsonl").exists())
+
+
+def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not Path(root).is_dir():
+        raise GenlabError(f"{root} is not a folder; pass the folder that holds your runs (default: runs/).")
+    rows = [run_info(r) for r in find_runs(root)]
+    if sort:
+        missing = [r for r in rows if sort not in r["metrics"]]
+        rows = [r for r in rows if sort in r["metrics"]]
+        lower = any(word in sort for word in LOWER_IS_BETTER)
+        rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower)
+        rows += missing
+    table = Table(title=f"runs under {root}")
+    for column in ("run", "family", "data", "steps", "last losses", "best", "status"):
+        table.add_column(column)
+    for r in rows:
+        losses = " ".join(f"{k}={v:.4g}" for k, v in r["losses"].items())
+        best = " ".join(f"{k}={v:.4g}" for k, v in r["best"].items() if isinstance(v, (int, float)) and k != "step")
+        if sort and sort in r["metrics"]:
+            best = f"{sort}={r['metrics'][sort]:.4g} " + best
+        table.add_row(str(Path(r["run"]).relative_to(root)), r["family"], r["data"],
+                      f"{r['step']}/{r['max_steps']}", losses, best, r["status"])
+    Console(width=200).print(table)
+    return rows

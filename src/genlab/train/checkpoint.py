@@ -1,0 +1,128 @@
+"""Crash-safe checkpoints: a directory is either complete or ignored.
+
+Layout of `checkpoints/step_000500/`:
+    <network>.safetensors   weights of each trainable network (loadable without genlab's optimizers)
+    training_state.pt       optimizers, LR schedules, grad scaler, RNG states
+    ema.pt                  EMA weights (diffusers EMAModel state), when EMA is on
+    state.json              step, data position, W&B run id, ...
+    COMPLETE                written last
+
+A save writes everything into `.step_000500.tmp/`, fsyncs each file, writes COMPLETE,
+renames the directory into place and fsyncs the parent: a kill at any moment leaves
+either the old set of checkpoints or the new one, never a half-written `step_*`.
+Old checkpoints are deleted only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module],
+                    files: dict[str, Any], state: dict[str, Any], keep: int | None) -> Path:
+    """Write checkpoint `step` atomically, then prune to the `keep` newest complete ones.
+
+    Args:
+        networks: saved as `<name>.safetensors`.
+        files: objects saved with torch.save under their file names (None values are skipped).
+        state: JSON-able facts (step, data position, ...) saved as state.json.
+
+    Returns:
+        The final checkpoint directory.
+    """
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, network in networks.items():
+        # clone(): safetensors refuses tensors that share storage (tied weights).
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()},
+                  tmp / f"{name}.safetensors")
+    for filename, obj in files.items():
+        if obj is not None:
+            torch.save(obj, tmp / filename)
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    for f in tmp.iterdir():
+        _fsync(f)
+    (tmp / MARKER).write_text(f"step {step}\n")
+    _fsync(tmp / MARKER)
+    _fsync(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(ckpt_root)
+    if keep:
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path, warn: bool = False) -> list[Path]:
+    """Complete checkpoint directories, oldest first; incomplete ones are skipped (with a warning if asked)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for d in ckpt_root.iterdir():
+        match = _STEP_DIR.match(d.name)
+        if not match or not d.is_dir():
+            continue
+        if (d / MARKER).exists():
+            found.append((int(match.group(1)), d))
+        elif warn:
+            log.warning("skipping incomplete checkpoint %s (no %s marker: the save was interrupted)", d, MARKER)
+    return [d for _, d in sorted(found)]
+
+
+def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
+    """Resolve "latest", "best" or "step_N" to a complete checkpoint directory of `run_dir`."""
+    root = Path(run_dir) / "checkpoints"
+    complete = complete_checkpoints(root, warn=True)
+    if which == "latest":
+        return complete[-1] if complete else None
+    if which == "best":
+        best = root / "best"
+        return best if (best / MARKER).exists() else None
+    match = re.fullmatch(r"step_?(\d+)", which)
+    if match:
+        wanted = root / f"step_{int(match.group(1)):06d}"
+        return wanted if wanted in complete else None
+    raise ValueError(f"--checkpoint {which!r}: use latest, best or step_N")
+
+
+def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module]) -> None:
+    """Load each network's weights from `ckpt` in place."""
+    for name, network in networks.items():
+        network.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
+
+
+def load_file_of(ckpt: Path, filename: str) -> Any:
+    """A torch-saved file of a checkpoint, or None if it has none."""
+    path = ckpt / filename
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    """The state.json of a checkpoint (step, data position, W&B id, ...)."""
+    return json.loads((ckpt / "state.json").read_text())

@@ -1,0 +1,41 @@
+"""`genlab train`'s Hydra entry point: the only place that calls @hydra.main.
+
+Going through @hydra.main (not the compose API) keeps everything Hydra offers:
+multirun, launchers (submitit), sweepers (Optuna), output directories, --cfg job.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from genlab.config import config_dir
+from genlab.errors import GenlabError
+
+log = logging.getLogger("genlab")
+
+
+@hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
+def hydra_train(cfg: DictConfig) -> float | None:
+    """Train one job; returns the sweep objective (the last logged loss) for sweepers."""
+    from genlab.train.loop import run_training
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    print(f"run directory: {run_dir}", flush=True)
+    try:
+        summary = run_training(cfg, run_dir)
+    except GenlabError as error:
+        log.error("%s", error)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise  # let the launcher record this job as failed and go on with the others
+        sys.exit(error.exit_code)
+    losses = {k: v for k, v in summary.items() if "loss" in k}
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in losses.items())
+    print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
+    objective = cfg.get("sweep_objective") if "sweep_objective" in cfg else None
+    return summary.get(objective) if objective else next(iter(losses.values()), None)

@@ -1,0 +1,349 @@
+"""The one training loop. It knows nothing about any family (see families/base.py).
+
+Per optimizer step: for each phase the family names, accumulate `grad_accum`
+micro-batches, clip, check for NaN/inf, step the phase's optimizer and LR schedule; then
+update the EMA, and at their intervals log, draw fixed-noise samples and checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from genlab.data import build_dataset
+from genlab.data.batches import BatchOrder, BatchStream
+from genlab.errors import GenlabError
+from genlab.families.base import Family
+from genlab.train import checkpoint as ckpt
+from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
+from genlab.train.tracking import Progress, Tracker
+
+log = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(GenlabError):
+    """A NaN/inf loss or gradient; raised before the optimizer step so no weight is touched."""
+
+
+class StopRequested(Exception):
+    """A signal (SLURM's pre-emption warning, SIGTERM) asked the run to checkpoint and stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm of the gradients, clipping them to `max_norm` when given."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm(grads)
+
+
+class Trainer:
+    """Builds everything a run needs from its config and runs the loop.
+
+    Args:
+        cfg: the resolved run config (train.yaml and its groups).
+        run_dir: the run directory (created by Hydra, or an existing one to resume).
+        resume: continue from the newest complete checkpoint in `run_dir`.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
+        self.cfg, self.t, self.run_dir = cfg, cfg.trainer, Path(run_dir)
+        t = self.t
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=None)
+        acc = self.accelerator
+        set_seed(t.seed, device_specific=True)
+        if t.tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+        dataset = build_dataset(cfg.data, "train")
+        if hasattr(dataset, "to") and acc.device.type == "cuda":
+            dataset.to(acc.device)  # small in-memory data lives on the GPU: no host-to-device copies
+        self.family: Family = instantiate(cfg.model, _convert_="all")
+        self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
+        for name, network in self.family.networks().items():
+            if t.channels_last:
+                network.to(memory_format=torch.channels_last)
+            network = acc.prepare(network)
+            setattr(self.family, name, torch.compile(network) if t.compile else network)
+
+        self.optimizers, self.lr_schedules = {}, {}
+        for phase, groups in self.family.param_groups().items():
+            groups = [{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": t.lr * g.get("lr_scale", 1.0)}
+                      for g in groups]
+            self.optimizers[phase] = acc.prepare(instantiate(self.cfg.optimizer)(groups))
+            # Not prepared by Accelerate on purpose: it would step a prepared schedule once per
+            # process; we step each schedule exactly once per optimizer step.
+            self.lr_schedules[phase] = instantiate(self.cfg.lr_schedule)(self.optimizers[phase].optimizer)
+
+        self.ema = None
+        if t.ema and self.family.ema_network:
+            ema_params = self._unwrapped(self.family.ema_network).parameters()
+            self.ema = EMAModel(ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup)
+            self.ema.to(acc.device)
+
+        order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+        self.step, position, self.wandb_id = 0, {}, None
+        if resume:
+            position = self._load_checkpoint()
+        self.batches = BatchStream(dataset, order, cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                                   **position)
+        self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process)
+        self.stop_signal: int | None = None
+
+    def _unwrapped(self, name: str) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(getattr(self.family, name))
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            training_state = {
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "lr_schedules": {k: s.state_dict() for k, s in self.lr_schedules.items()},
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                "rng": _rng_state(),
+            }
+            files = {"training_state.pt": training_state, "ema.pt": self.ema.state_dict() if self.ema else None}
+            state = {"step": self.step, "data_position": self.batches.position, "wandb_id": self.tracker.run_id,
+                     "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
+                     "num_processes": self.accelerator.num_processes}
+            networks = {n: self._unwrapped(n) for n in self.family.networks()}
+            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, networks, files, state,
+                                        self.t.keep_checkpoints)
+            log.info("checkpoint %s", path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _load_checkpoint(self) -> dict[str, int]:
+        path = ckpt.find_checkpoint(self.run_dir, "latest")
+        if path is None:
+            log.warning("no complete checkpoint in %s: starting from step 0", self.run_dir)
+            return {}
+        training_state, state = ckpt.load_file_of(path, "training_state.pt"), ckpt.load_state(path)
+        global_batch = self.t.batch_size * self.accelerator.num_processes
+        if state["batch_size"] * state["num_processes"] != global_batch:
+            raise GenlabError(
+                f"{path} was written with batch_size {state['batch_size']} x {state['num_processes']} processes; "
+                f"this run has {self.t.batch_size} x {self.accelerator.num_processes}. The data position would not "
+                "match: resume with the same global micro-batch, or start a new run from this one's weights.")
+        if state["grad_accum"] != self.t.grad_accum:
+            log.warning("grad_accum changed from %d to %d: the LR schedule (counted in optimizer steps) is unchanged, "
+                        "the effective batch is not.", state["grad_accum"], self.t.grad_accum)
+        ckpt.load_networks(path, {n: self._unwrapped(n) for n in self.family.networks()})
+        for k, o in self.optimizers.items():
+            o.load_state_dict(training_state["optimizers"][k])
+        for k, s in self.lr_schedules.items():
+            s.load_state_dict(training_state["lr_schedules"][k])
+        if self.accelerator.scaler and training_state["scaler"]:
+            self.accelerator.scaler.load_state_dict(training_state["scaler"])
+        if self.ema:
+            self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt"))
+            self.ema.to(self.accelerator.device)
+        self._resume_rng = training_state["rng"]
+        self.step, self.wandb_id = state["step"], state["wandb_id"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return state["data_position"]
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _next_batch(self) -> dict:
+        batch = next(self.batches)
+        return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _optimizer_step(self, phase: str, sums: dict[str, torch.Tensor]) -> bool:
+        """Accumulate, check, clip and step one phase. False if the step was skipped."""
+        acc, t = self.accelerator, self.t
+        networks = list(self.family.networks().values())
+        finite = torch.ones((), dtype=torch.bool, device=acc.device)
+        for micro in range(t.grad_accum):
+            # Gradients are all-reduced only on the last micro-step of the window.
+            sync = micro == t.grad_accum - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:
+                    for network in networks:
+                        stack.enter_context(acc.no_sync(network))
+                with acc.autocast():
+                    loss, logs = self.family.loss(phase, self._next_batch(), self.step)
+                acc.backward(loss / t.grad_accum)
+            finite &= torch.isfinite(loss)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / t.grad_accum
+        params = [p for g in self.optimizers[phase].param_groups for p in g["params"]]
+        if acc.scaler is not None:
+            acc.scaler.unscale_(self.optimizers[phase].optimizer)  # clip and check true gradients
+        norm = _grad_norm(params, t.grad_clip)
+        sums[f"grad_norm_{phase}"] = sums.get(f"grad_norm_{phase}", 0) + norm.detach().float()
+        # One host sync per phase; fp16's scaler handles inf gradients itself (it skips the step).
+        if not bool(finite) or (acc.scaler is None and not bool(torch.isfinite(norm))):
+            self._handle_nonfinite(phase, logs, loss)
+            self.optimizers[phase].zero_grad(set_to_none=True)
+            return False
+        self.optimizers[phase].step()
+        self.optimizers[phase].zero_grad(set_to_none=True)
+        if not isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_schedules[phase].step()
+        return True
+
+    def _handle_nonfinite(self, phase: str, logs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        bad = [k for k, v in logs.items() if not torch.isfinite(v).all()] or ["gradients"]
+        what = f"non-finite {', '.join(bad)} in phase '{phase}' at step {self.step + 1} (loss={loss.item():.4g})"
+        self.nonfinite_in_a_row += 1
+        if self.t.on_nonfinite == "skip" and self.nonfinite_in_a_row <= self.t.max_nonfinite_skips:
+            log.warning("%s: step skipped (%d in a row, giving up after %d)", what, self.nonfinite_in_a_row,
+                        self.t.max_nonfinite_skips)
+            return
+        last = ckpt.find_checkpoint(self.run_dir, "latest")
+        raise NonFiniteError(f"{what}; stopped before the optimizer step. Last good checkpoint: {last}. "
+                             "Try a lower trainer.lr, trainer.grad_clip=1.0, or trainer.on_nonfinite=skip.")
+
+    def sample_grid(self, name: str) -> Path | None:
+        """Fixed-noise samples (EMA weights if any) to samples/<name>.png; main process only."""
+        if not self.accelerator.is_main_process or not self.t.sample_n:
+            return None
+        path = self.run_dir / "samples" / f"{name}.png"
+        # fork_rng: sampling must not move the training RNG, or resumed runs would diverge.
+        with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
+                swapped_in_ema(self.family, self.ema):
+            images = self.family.sample(self.t.sample_n, seed=self.t.seed)
+        save_grid(images, path)
+        self.tracker.log_image(self.step, "samples", path)
+        return path
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum  # only a flag: the loop checkpoints at the next step boundary
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `trainer.max_steps`; returns a summary (last logged scalars, paths)."""
+        t, acc = self.t, self.accelerator
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, self._on_signal)
+        if getattr(self, "_resume_rng", None):
+            _set_rng_state(self._resume_rng)
+        progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
+        sums: dict[str, torch.Tensor] = {}
+        logged: dict[str, float] = {}
+        images_per_step = t.batch_size * t.grad_accum * acc.num_processes
+        self.nonfinite_in_a_row, window_start, steps_in_window = 0, time.perf_counter(), 0
+        for network in self.family.networks().values():
+            network.train()
+        while self.step < t.max_steps:
+            if self.stop_signal is not None:
+                self.save_checkpoint()
+                raise StopRequested(self.stop_signal)
+            stepped = [self._optimizer_step(phase, sums) for phase in self.family.phases(self.step)]
+            if not all(stepped):
+                continue  # a skipped non-finite step: same step number, next batches
+            self.nonfinite_in_a_row = 0
+            self.step += 1
+            steps_in_window += 1
+            if self.ema is not None:
+                self.ema.step(self._unwrapped(self.family.ema_network).parameters())
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logged = {k: v.item() / steps_in_window for k, v in sums.items()}
+                for phase, opt in self.optimizers.items():
+                    logged[f"lr_{phase}"] = opt.param_groups[0]["lr"]
+                    if isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.lr_schedules[phase].step(logged.get("loss", sum(v for k, v in logged.items() if "loss" in k)))
+                logged["images_per_s"] = images_per_step * steps_in_window / elapsed
+                self.tracker.log(self.step, logged)
+                progress.update(self.step, logged)
+                sums, window_start, steps_in_window = {}, time.perf_counter(), 0
+            else:
+                progress.update(self.step)
+            if t.sample_every and self.step % t.sample_every == 0:
+                self.sample_grid(f"step_{self.step:06d}")
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+        progress.close()
+        return self.finish(logged)
+
+    def finish(self, logged: dict[str, float]) -> dict[str, Any]:
+        """Final checkpoint, samples and export (EMA weights swapped in)."""
+        if ckpt.find_checkpoint(self.run_dir, f"step_{self.step}") is None:
+            self.save_checkpoint()
+        self.sample_grid("final")
+        if self.accelerator.is_main_process:
+            with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
+                self.family.export(self.run_dir / "export")
+        self.accelerator.wait_for_everyone()
+        return {"step": self.step, **logged}
+
+
+def write_status(run_dir: Path, status: str, **extra: Any) -> None:
+    """RUN_DIR/status.json: running / finished / failed / interrupted (read by `genlab runs`)."""
+    (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
+
+
+def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` and keep status.json truthful whatever happens."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume)
+        if trainer.accelerator.is_main_process:
+            write_status(run_dir, "running", max_steps=cfg.trainer.max_steps, pid=os.getpid())
+        summary = trainer.fit()
+    except StopRequested as stop:
+        write_status(run_dir, "interrupted", signal=str(stop))
+        if trainer:
+            trainer.tracker.finish(exit_code=1)
+            trainer.accelerator.end_training()
+        raise
+    except BaseException as error:
+        write_status(run_dir, "failed", error=str(error)[:500])
+        if trainer:
+            trainer.tracker.finish(exit_code=1)
+            trainer.accelerator.end_training()
+        raise
+    if trainer.accelerator.is_main_process:
+        write_status(run_dir, "finished", max_steps=cfg.trainer.max_steps, step=summary["step"])
+    trainer.tracker.finish()
+    trainer.accelerator.end_training()
+    return summary
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The resolved config a run was trained with (RUN_DIR/.hydra/config.yaml)."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.exists():
+        raise GenlabError(f"{run_dir} is not a genlab run directory (no .hydra/config.yaml); "
+                          "pass a directory printed by `genlab train` (see `genlab runs`).")
+    return OmegaConf.load(path)
