@@ -95,6 +95,21 @@ def edge_params(method: str, randomize: bool, seed: int, index: int, canny_low=(
     raise ConfigError(f"data.edges={method!r}: use canny, xdog or random.")
 
 
+def edges_of_image(image: torch.Tensor, method: str = "canny") -> torch.Tensor:
+    """A sketch of one image, as in validation (mid-range thresholds).
+
+    Args:
+        image: (3, H, W) float in [0, 1] (what `genlab sample --edges-from` loads).
+        method: "canny" or "xdog".
+
+    Returns:
+        (3, H, W) float in [0, 1], white lines on black.
+    """
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+    edges = edge_params(method, False, 0, 0).apply(pixels)
+    return torch.from_numpy(edges)[None].expand(3, -1, -1).clone()
+
+
 def resize_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
     """Resize the shorter side to `size`, then centre-crop to size x size."""
     w, h = image.size

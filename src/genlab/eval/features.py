@@ -119,7 +119,7 @@ def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> fl
     return (preds == labels).float().mean().item()
 
 
-def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int = 0) -> DigitsCNN:
+def train_digits_cnn(image_size: int, channels: int, epochs: int = 10, seed: int = 0) -> DigitsCNN:
     """Train a `DigitsCNN` on the digits train split and measure it on the val split.
 
     Uses exactly the images genlab trains on (`genlab.data.digits.Digits`, default split,

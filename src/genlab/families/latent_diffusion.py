@@ -221,26 +221,21 @@ def load_sketch(sketch: Any, size: int, n: int) -> torch.Tensor:
     return sketch[torch.arange(n) % sketch.shape[0]]
 
 
-def edges_from(photo: str | Path, size: int, method: str = "canny") -> torch.Tensor:
-    """A sketch (3, size, size) in [0, 1] from a photo, by the training edge extractor at mid thresholds."""
-    from genlab.data.sketches import edge_params, resize_crop
-
-    try:
-        image = np.asarray(resize_crop(Image.open(photo).convert("RGB"), size))
-    except OSError as e:
-        raise GenlabError(f"--edges-from {photo}: cannot read the image ({e}).") from e
-    edges = edge_params(method, False, 0, 0).apply(image)
-    return torch.from_numpy(edges)[None].expand(3, -1, -1).clone()
-
-
 def validation_items(data_cfg: Any, n: int) -> list[dict]:
     """The first `n` items of the val split of the training data: fixed prompts and sketches."""
-    from hydra.utils import instantiate
+    from genlab.data import build_dataset
 
-    if data_cfg is None:
+    if not data_cfg:
         return []
-    dataset = instantiate(data_cfg, split="val")
+    dataset = build_dataset(OmegaConf.create(plain(data_cfg)), "val")
     return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def weight_dtype_for(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """The frozen parts' dtype: as asked, except fp16 on CPU, which Accelerate runs without autocast."""
+    if dtype is None or (torch.device(device).type == "cpu" and dtype == torch.float16):
+        return torch.float32
+    return dtype
 
 
 def lora_config(rank: int, alpha: float | None, target_modules: list[str], dropout: float):
@@ -264,6 +259,67 @@ def save_unet_lora(unet: nn.Module, out_dir: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
                                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+def parse_loras(loras: list[str | tuple[str, float]] | None) -> list[tuple[str, float]]:
+    """`--lora` values: "PATH[:weight]" strings (weight 1.0 when absent) or (path, weight) pairs."""
+    parsed = []
+    for entry in loras or []:
+        if isinstance(entry, str):
+            path, _, weight = entry.rpartition(":")
+            try:
+                entry = (path, float(weight)) if path else (entry, 1.0)
+            except ValueError:  # a colon that is part of the path
+                entry = (entry, 1.0)
+        parsed.append((str(entry[0]), float(entry[1])))
+    return parsed
+
+
+def resolve_lora(path: str | Path) -> dict[str, str]:
+    """`load_lora_weights` arguments for a LoRA file, a folder holding one, a genlab run or a hub id."""
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        return {"pretrained_model_name_or_path_or_dict": str(path)}
+    if p.is_file():
+        return {"pretrained_model_name_or_path_or_dict": str(p.parent), "weight_name": p.name}
+    if (p / ".hydra").is_dir():
+        p = p / "export"
+    if not (p / "pytorch_lora_weights.safetensors").exists():
+        raise GenlabError(f"--lora {path}: no pytorch_lora_weights.safetensors there (was the run trained with model.lora.rank > 0?).")
+    return {"pretrained_model_name_or_path_or_dict": str(p)}
+
+
+@contextlib.contextmanager
+def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_own: bool):
+    """Within the block, extra U-Net LoRAs [(path, weight)] mixed with the trained one ("default").
+
+    Args:
+        pipe: a diffusers SD pipeline whose U-Net may carry the run's own adapter.
+        loras: extra adapters to load and their weights.
+        own_weight: weight of the run's own adapter (0 swaps it out).
+        has_own: whether the U-Net has the run's own adapter.
+    """
+    if not loras and (own_weight == 1.0 or not has_own):
+        yield
+        return
+    names, weights = (["default"], [own_weight]) if has_own else ([], [])
+    loaded = []
+    try:
+        for i, (path, weight) in enumerate(parse_loras(loras)):
+            try:
+                pipe.load_lora_weights(**resolve_lora(path), adapter_name=f"extra_{i}")
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                raise GenlabError(f"--lora {path}: cannot load it onto this base ({e})".split("\n")[0]) from e
+            loaded.append(f"extra_{i}")
+            names.append(f"extra_{i}")
+            weights.append(float(weight))
+        pipe.set_adapters(names, weights)
+        yield
+    finally:
+        if loaded:
+            pipe.unet.delete_adapters(loaded)
+        if has_own:
+            pipe.unet.set_adapters(["default"], [1.0])
 
 
 def merged_copy(model: nn.Module) -> nn.Module:

@@ -120,7 +120,7 @@ class StableDiffusion:
         return loss, {"loss": loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
-        self.weight_dtype = dtype or torch.float32
+        self.weight_dtype = ld.weight_dtype_for(device, dtype)
         self.vae.to(device, self.weight_dtype)
         self.text_encoder.to(device, self.weight_dtype)
         if self.lora_rank > 0:  # frozen base in the weight dtype, adapters in fp32
@@ -133,14 +133,19 @@ class StableDiffusion:
     @torch.no_grad()
     def sample(self, n: int, seed: int, prompt: str | list[str] | None = None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-               **options: Any) -> torch.Tensor:
-        """`n` images for `prompt` (default: captions of the first val items), (n, 3, H, W) in [-1, 1]."""
+               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
+        """`n` images for `prompt` (default: captions of the first val items), (n, 3, H, W) in [-1, 1].
+
+        `lora` stacks extra U-Net LoRAs ("PATH[:weight]" or (path, weight)); `own_lora` weights
+        this run's own adapter (0 swaps it out).
+        """
         if options:
             raise GenlabError(f"sd: unknown sample option(s) {sorted(options)}; sd takes prompt, sampler, steps, "
-                              "guidance, negative_prompt (sketches need model=controlnet).")
+                              "guidance, negative_prompt, lora, own_lora (sketches need model=controlnet).")
         pipe = self.pipeline(sampler or self.sampler_name)
         prompts = ld.as_list(prompt, n, self.default_prompts(n))
-        with ld.eval_mode(pipe.unet), ld.sample_autocast(pipe.device, self.weight_dtype):
+        with ld.eval_mode(pipe.unet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
+                ld.sample_autocast(pipe.device, self.weight_dtype):
             out = pipe(prompts, height=self.image_size, width=self.image_size, num_inference_steps=steps or self.sample_steps,
                        guidance_scale=self.guidance if guidance is None else guidance,
                        negative_prompt=[negative_prompt] * n if negative_prompt else None,

@@ -313,8 +313,21 @@ def write_status(run_dir: Path, status: str, **extra: Any) -> None:
     (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
 
 
+def check_writable(run_dir: Path) -> None:
+    """Fail at start-up, not at the first checkpoint, when the run directory cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise GenlabError(f"cannot write to the run directory {run_dir} ({error.strerror}); "
+                          "choose another with hydra.run.dir=... or GENLAB_RUNS=...") from None
+
+
 def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train `cfg` into `run_dir` and keep status.json truthful whatever happens."""
+    check_writable(run_dir)
     trainer = None
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)

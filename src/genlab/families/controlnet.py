@@ -1,0 +1,208 @@
+"""ControlNet: make a frozen Stable Diffusion base follow a sketch, optionally with LoRA.
+
+The ControlNet is `ControlNetModel.from_unet(base_unet)` (a trainable copy of the base's
+encoder with zero-initialised output convolutions), its hint encoder downsampling the
+sketch by the VAE's factor. The base VAE, text encoder and U-Net are frozen; on top:
+- `lora.rank > 0`: LoRA adapters on the base U-Net train alongside the ControlNet;
+- `control_lora.rank > 0` (Control-LoRA): the ControlNet copy itself is frozen and
+  LoRA-adapted; only its LoRA, zero convolutions and hint encoder train.
+
+Exports `export/controlnet/` (a ControlNetModel directory, Control-LoRA merged in),
+`export/pytorch_lora_weights.safetensors` (the base U-Net's LoRA, for diffusers'
+`load_lora_weights`), `export/control_lora.safetensors` (Control-LoRA's trainable
+weights only) and `genlab_export.json` naming the base to load them onto.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers.training_utils import cast_training_params
+from safetensors.torch import save_file
+from torch import nn
+
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import latent_diffusion as ld
+from genlab.families.sd import load_parts
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
+
+
+def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...]:
+    """Hint-encoder channels: one stride-2 stage per halving of the VAE, so the sketch lands on the latent grid."""
+    stages = vae_factor.bit_length() - 1  # log2(factor)
+    if channels is None:
+        if stages >= len(HINT_CHANNELS):
+            raise ConfigError(f"the VAE downsamples {vae_factor}x: set model.controlnet.conditioning_channels ({stages + 1} entries).")
+        return HINT_CHANNELS[: stages + 1]
+    if len(channels) != stages + 1:
+        raise ConfigError(f"model.controlnet.conditioning_channels={list(channels)}: the VAE downsamples {vae_factor}x, "
+                          f"so the hint encoder needs {stages + 1} entries.")
+    return tuple(channels)
+
+
+class ControlNet:
+    """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
+
+    Args:
+        image_size, channels: from the data.
+        base: the SD base (hub id, diffusers pipeline dir or genlab sd run). Required.
+        vae: a VAE replacing the base's own (None: the base's).
+        controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
+            pretrained: a ControlNetModel to start from instead of copying the U-Net}.
+        lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), target_modules, dropout}.
+        control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
+        gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
+        min_snr_gamma, caption_dropout: loss weighting and CFG caption dropout.
+        sampler, sample_steps, guidance, control_scale: sampling defaults.
+        validation_data: the data config; its first val items are the fixed sample pairs.
+    """
+
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
+                 controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
+                 gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+                 sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
+                 validation_data: Any = None, num_classes: int | None = None):
+        if not base:
+            raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
+                              "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
+        self.image_size, self.base, self.vae_source = image_size, str(base), ld.plain(vae)
+        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(self.base, self.vae_source, image_size, {}, {}, None)
+        if channels != self.vae.config.in_channels:
+            raise ConfigError(f"data.channels={channels} but the VAE takes {self.vae.config.in_channels}-channel images.")
+        self.noise_scheduler = ld.training_scheduler(self.base, 0, "", "")
+        cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
+
+        # The ControlNet copies the U-Net *before* any LoRA is added to the U-Net.
+        if cfg.get("pretrained"):
+            self.controlnet = ld.load_pretrained(ControlNetModel, cfg["pretrained"], "controlnet")
+        else:
+            hint = hint_channels(ld.vae_factor(self.vae), cfg.get("conditioning_channels"))
+            self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=hint)
+        self.unet.requires_grad_(False)
+        self.lora_rank = int(lora.get("rank", 0))
+        if self.lora_rank > 0:
+            self.unet.add_adapter(ld.lora_config(self.lora_rank, lora.get("alpha"), lora.get("target_modules", ATTENTION), lora.get("dropout", 0.0)))
+        self.control_lora_rank = int(control_lora.get("rank", 0))
+        if self.control_lora_rank > 0:
+            self.controlnet.requires_grad_(False)
+            self.controlnet.add_adapter(ld.lora_config(self.control_lora_rank, control_lora.get("alpha"),
+                                                       control_lora.get("target_modules", ATTENTION), control_lora.get("dropout", 0.0)))
+            # Zero convolutions and the hint encoder are new to the base: they must train.
+            for part in (self.controlnet.controlnet_cond_embedding, self.controlnet.controlnet_down_blocks, self.controlnet.controlnet_mid_block):
+                part.requires_grad_(True)
+        if gradient_checkpointing:
+            # The frozen U-Net too: gradients flow through it to the ControlNet's residuals.
+            self.unet.enable_gradient_checkpointing()
+            self.controlnet.enable_gradient_checkpointing()
+        self.ema_network = None  # ControlNet training follows the paper: no EMA
+        self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
+        self.sampler_name, self.sample_steps, self.guidance, self.control_scale = sampler, sample_steps, guidance, control_scale
+        ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name
+        self.validation_data = validation_data
+        self._val_items: list[dict] | None = None
+        self.weight_dtype = torch.float32
+
+    # --- the Family protocol ------------------------------------------------------------
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"controlnet": self.controlnet}
+        if self.lora_rank > 0:
+            nets["unet"] = self.unet
+        return nets
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        params = [p for net in self.networks().values() for p in net.parameters() if p.requires_grad]
+        return {"main": [{"params": params}]}
+
+    def phases(self, step: int) -> list[str]:
+        return ["main"]
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = ld.encode_images(self.vae, batch["image"])  # (B, c, h, w)
+        with torch.no_grad():
+            text = ld.encode_captions(self.tokenizer, self.text_encoder, ld.drop_captions(batch["caption"], self.caption_dropout))
+        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
+        # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"], return_dict=False)
+        pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+        loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
+        return loss, {"loss": loss.detach()}
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
+        self.weight_dtype = ld.weight_dtype_for(device, dtype)
+        for frozen in (self.vae, self.text_encoder, self.unet):
+            frozen.to(device, self.weight_dtype)
+        self.controlnet.to(device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
+        # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
+        cast_training_params([self.unet, self.controlnet], torch.float32)
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, sketch: Any = None, prompt: str | list[str] | None = None,
+               sampler: str | None = None, steps: int | None = None,
+               guidance: float | None = None, control_scale: float | None = None,
+               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
+        """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
+
+        With no sketch: the first val pairs of the training data (sketches and captions).
+        `lora` stacks extra base U-Net LoRAs ("PATH[:weight]" or (path, weight)); `own_lora`
+        weights this run's own (0 swaps it out).
+        """
+        if options:
+            raise GenlabError(f"controlnet: unknown sample option(s) {sorted(options)}; it takes sketch, prompt, "
+                              "sampler, steps, guidance, control_scale, lora, own_lora.")
+        if sketch is None:
+            pairs = self.validation_pairs(n)
+            if not pairs:
+                raise GenlabError("controlnet: no sketch given and no validation data; pass sketch=... (--sketch PATH).")
+            sketch = torch.stack([item["sketch"] for item in pairs])
+            default_prompts = [item.get("caption", "") for item in pairs]
+        else:
+            default_prompts = [""]
+        sketches = ld.load_sketch(sketch, self.image_size, n)
+        prompts = ld.as_list(prompt, n, default_prompts)
+        pipe = self.pipeline(sampler or self.sampler_name)
+        with ld.eval_mode(pipe.unet, pipe.controlnet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
+                ld.sample_autocast(pipe.device, self.weight_dtype):
+            out = pipe(prompts, image=sketches.to(pipe.device), height=self.image_size, width=self.image_size,
+                       num_inference_steps=steps or self.sample_steps, guidance_scale=self.guidance if guidance is None else guidance,
+                       controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
+                       generator=ld.generators(n, seed), output_type="pt").images
+        return out.float() * 2 - 1
+
+    def export(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        controlnet = ld.unwrap(self.controlnet)
+        if self.control_lora_rank > 0:
+            small = {k: p.detach().float().cpu().contiguous() for k, p in controlnet.named_parameters() if p.requires_grad}
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(small, out_dir / "control_lora.safetensors")
+            controlnet = ld.merged_copy(controlnet)
+        controlnet.save_pretrained(out_dir / "controlnet")
+        if self.lora_rank > 0:
+            ld.save_unet_lora(self.unet, out_dir)
+        local = Path(self.base).expanduser()
+        ld.write_export_info(out_dir, family="controlnet", base=str(local.resolve()) if local.exists() else self.base,
+                             vae=self.vae_source, lora_rank=self.lora_rank, control_lora_rank=self.control_lora_rank)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def pipeline(self, sampler: str) -> StableDiffusionControlNetPipeline:
+        """A diffusers ControlNet pipeline over this family's (unwrapped) parts and the named sampler."""
+        pipe = StableDiffusionControlNetPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=ld.unwrap(self.unet),
+            controlnet=ld.unwrap(self.controlnet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validation_pairs(self, n: int) -> list[dict]:
+        if self._val_items is None or len(self._val_items) < n:
+            self._val_items = ld.validation_items(self.validation_data, n)
+        return self._val_items[:n]

@@ -1,0 +1,320 @@
+"""SD and ControlNet families on tiny models: training signal, frozen parts, exports in plain diffusers."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline)
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import default_collate
+
+from conftest import compose, genlab
+from genlab.data import build_dataset
+from genlab.data.fill_circles import FillCircles
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import latent_diffusion as ld
+from genlab.families.controlnet import ControlNet, hint_channels
+from genlab.families.sd import StableDiffusion
+
+CPU = torch.device("cpu")
+UNET = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D"] * 2,
+            up_block_types=["CrossAttnUpBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+VAL = {"_target_": "genlab.data.fill_circles.FillCircles", "count": 16, "val_count": 8, "num_workers": 0}
+
+
+def fake_run(root: Path) -> Path:
+    """A directory that looks like a finished genlab run (its export/ is filled by the caller)."""
+    (root / ".hydra").mkdir(parents=True)
+    return root
+
+
+def batch(n=8, start=0):
+    ds = FillCircles("train", image_size=32, count=64)
+    return default_collate([ds[i] for i in range(start, start + n)])
+
+
+def train(family, steps, lr=1e-3, data=None):
+    params = [p for g in family.param_groups()["main"] for p in g["params"]]
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        loss, logs = family.loss("main", data or batch(), step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(logs["loss"].item())
+    return losses
+
+
+def pipe_images(pipe, prompts, seed=0, steps=4, **kw):
+    pipe.scheduler = ld.sampler("unipc", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompts, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
+               generator=ld.generators(len(prompts), seed), output_type="pt", **kw).images
+    return out * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A genlab-VAE-like run: export/ is an AutoencoderKL (4x down) with a scaling_factor."""
+    torch.manual_seed(0)
+    run = fake_run(tmp_path_factory.mktemp("vae") / "run")
+    AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1, sample_size=32, scaling_factor=0.5).save_pretrained(run / "export")
+    return run
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory, vae_run, tok_dir):
+    """A tiny SD trained 12 steps from scratch on fill_circles and exported; returns (run, losses, family)."""
+    torch.manual_seed(0)
+    family = StableDiffusion(32, vae=str(vae_run), unet=UNET, text_encoder=dict(hidden_size=32, num_layers=2),
+                             tokenizer_dir=tok_dir, caption_dropout=0.0, validation_data=VAL).to(CPU)
+    fixed = batch()
+    losses = train(family, 12, lr=2e-3, data=fixed)
+    run = fake_run(tmp_path_factory.mktemp("sd") / "run")
+    family.export(run / "export")
+    return run, losses, family
+
+
+def test_resolve_pretrained(tmp_path, vae_run, sd_run):
+    run = sd_run[0]
+    assert ld.resolve_pretrained(str(run), "unet") == (str(run / "export" / "unet"), None)
+    # A VAE run's export/ is the AutoencoderKL itself: no vae/ subfolder needed.
+    assert ld.resolve_pretrained(str(vae_run), "vae") == (str(vae_run / "export"), None)
+    assert ld.resolve_pretrained("someone/some-sd", "unet") == ("someone/some-sd", "unet")
+    with pytest.raises(GenlabError, match="no export/"):
+        ld.resolve_pretrained(str(fake_run(tmp_path / "unfinished")), "unet")
+    with pytest.raises(GenlabError, match="no such directory"):
+        ld.resolve_pretrained(str(tmp_path / "missing"), "unet")
+
+
+def test_hint_encoder_matches_the_vae():
+    assert hint_channels(8, None) == (16, 32, 96, 256) and hint_channels(4, None) == (16, 32, 96)
+    assert hint_channels(2, [8, 8]) == (8, 8)
+    with pytest.raises(ConfigError, match="needs 2 entries"):
+        hint_channels(2, [8, 8, 8])
+
+
+def test_min_snr_weighting_and_caption_dropout():
+    sched = ld.training_scheduler(None, 1000, "scaled_linear", "epsilon")
+    torch.manual_seed(0)
+    latents, pred = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    noisy, noise, t = ld.add_noise(sched, latents)
+    plain_mse = ((pred - noise) ** 2).mean()
+    assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, None), plain_mse)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    weight = torch.clamp(snr, max=5.0) / snr
+    expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
+    assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, 5.0), expected, rtol=1e-5)
+    caps = ["a", "b", "c", "d"] * 50
+    assert ld.drop_captions(caps, 0.0) == caps and set(ld.drop_captions(caps, 1.0)) == {""}
+    assert 60 < ld.drop_captions(caps, 0.5).count("") < 140
+
+
+def test_sd_learns_samples_by_prompt_and_exports_a_pipeline(sd_run):
+    run, losses, family = sd_run
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])  # overfits a fixed batch
+    prompts = FillCircles("val", count=16, val_count=8)
+    assert family.default_prompts(4)[:4] == [prompts[i]["caption"] for i in range(4)]
+    a, b = family.sample(4, seed=1, steps=4), family.sample(4, seed=1, steps=4)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1 and torch.equal(a, b)
+    assert not torch.allclose(a, family.sample(4, seed=2, steps=4))
+    red = family.sample(2, seed=1, steps=4, prompt="a red circle on a blue background")
+    assert not torch.allclose(red, family.sample(2, seed=1, steps=4, prompt="a white circle on a black background"))
+    # The export is a plain StableDiffusionPipeline that draws the same images.
+    pipe = StableDiffusionPipeline.from_pretrained(run / "export")
+    assert pipe.vae.config.scaling_factor == 0.5 and len(pipe.tokenizer) == 49408
+    plain = pipe_images(pipe, ["a red circle on a blue background"] * 2, seed=1)
+    assert torch.allclose(plain, red, atol=1e-5)
+    with pytest.raises(GenlabError, match="sketch"):
+        family.sample(1, 0, sketch=torch.zeros(3, 32, 32))
+
+
+def test_sd_lora_finetune_keeps_base_and_exports_loadable_lora(sd_run, tmp_path):
+    run, _, _ = sd_run
+    torch.manual_seed(0)
+    family = StableDiffusion(32, base=str(run), lora=dict(rank=4, alpha=8), validation_data=VAL).to(CPU)
+    trainable = [n for n, p in family.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable) and family.ema_network is None
+    before = family.unet.conv_in.weight.detach().clone()
+    train(family, 3, lr=1e-2)
+    assert torch.equal(before, family.unet.conv_in.weight)
+    prompt = ["a green circle on a white background"] * 2
+    tuned = family.sample(2, seed=3, steps=4, prompt=prompt)
+    assert not torch.allclose(tuned, family.sample(2, seed=3, steps=4, prompt=prompt, own_lora=0.0))
+    # Stacking this run's own LoRA file at weight 0 changes nothing; at 1 it doubles the effect.
+    family.export(tmp_path / "export")
+    assert torch.allclose(tuned, family.sample(2, 3, steps=4, prompt=prompt, lora=[f"{tmp_path / 'export'}:0"]), atol=1e-6)
+    assert not torch.allclose(tuned, family.sample(2, 3, steps=4, prompt=prompt, lora=[str(tmp_path / "export")]))
+    base = StableDiffusionPipeline.from_pretrained(run / "export")
+    base.load_lora_weights(tmp_path / "export")
+    assert torch.allclose(pipe_images(base, prompt, seed=3), tuned, atol=1e-5)
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "export")  # LoRA fused into the U-Net
+    assert torch.allclose(pipe_images(merged, prompt, seed=3), tuned, atol=1e-4)
+
+
+def test_controlnet_starts_as_the_base_and_trains_only_its_parts(sd_run):
+    run, _, _ = sd_run
+    torch.manual_seed(0)
+    family = ControlNet(32, base=str(run), lora=dict(rank=4), caption_dropout=0.0, validation_data=VAL).to(CPU)
+    assert set(family.networks()) == {"controlnet", "unet"}
+    assert family.controlnet.controlnet_cond_embedding.blocks[-1].out_channels == 96  # 3 stages for the 4x VAE
+    # Zero convolutions: an untrained ControlNet adds nothing to the base U-Net.
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    down, mid = family.controlnet(x, t, text, controlnet_cond=batch(2)["sketch"], return_dict=False)
+    with torch.no_grad():
+        plain = family.unet(x, t, text).sample
+        with_cn = family.unet(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    assert torch.equal(plain, with_cn)
+    unet_trainable = [n for n, p in family.unet.named_parameters() if p.requires_grad]
+    assert unet_trainable and all("lora_" in n for n in unet_trainable)
+    assert all(p.requires_grad for p in family.controlnet.parameters())
+    frozen = {"vae": family.vae.encoder.conv_in.weight, "text": family.text_encoder.text_model.embeddings.token_embedding.weight,
+              "unet": family.unet.conv_in.weight}
+    before = {k: v.detach().clone() for k, v in frozen.items()}
+    zero_conv = family.controlnet.controlnet_down_blocks[0].weight.detach().clone()
+    train(family, 2, lr=1e-3)
+    assert all(torch.equal(before[k], frozen[k]) for k in frozen)
+    assert not torch.equal(zero_conv, family.controlnet.controlnet_down_blocks[0].weight)
+
+
+def test_controlnet_export_generates_the_same_in_plain_diffusers(sd_run, tmp_path):
+    run, _, _ = sd_run
+    torch.manual_seed(0)
+    family = ControlNet(32, base=str(run), lora=dict(rank=4, alpha=4), validation_data=VAL).to(CPU)
+    train(family, 2, lr=1e-2)
+    ours = family.sample(3, seed=5, steps=4)  # the val pairs: sketches and captions
+    family.export(tmp_path)
+    assert {"controlnet", "pytorch_lora_weights.safetensors", "genlab_export.json"} <= {p.name for p in tmp_path.iterdir()}
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        run / "export", controlnet=ControlNetModel.from_pretrained(tmp_path / "controlnet"), safety_checker=None)
+    pipe.load_lora_weights(tmp_path)
+    val = FillCircles("val", count=16, val_count=8)
+    theirs = pipe_images(pipe, [val[i]["caption"] for i in range(3)], seed=5,
+                         image=torch.stack([val[i]["sketch"] for i in range(3)]))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # A user's sketch as a file, a prompt, a control scale of 0 (= the base with its LoRA).
+    Image.fromarray((val[0]["sketch"].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "s.png")
+    from_file = family.sample(1, seed=5, steps=4, sketch=tmp_path / "s.png", prompt=val[0]["caption"])
+    assert torch.allclose(from_file, ours[:1], atol=1e-5)
+    off = family.sample(1, seed=5, steps=4, sketch=tmp_path / "s.png", prompt=val[0]["caption"], control_scale=0.0)
+    assert not torch.allclose(off, ours[:1], atol=1e-3)
+
+
+def test_control_lora_trains_a_small_set_and_merges_on_export(sd_run, tmp_path):
+    run, _, _ = sd_run
+    torch.manual_seed(0)
+    family = ControlNet(32, base=str(run), lora=dict(rank=0), control_lora=dict(rank=4), validation_data=VAL).to(CPU)
+    assert set(family.networks()) == {"controlnet"}
+    new_parts = ("controlnet_cond_embedding", "controlnet_down_blocks", "controlnet_mid_block")
+    names = [n for n, p in family.controlnet.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith(new_parts) for n in names)
+    assert any("lora_" in n for n in names) and not any(p.requires_grad for p in family.unet.parameters())
+    train(family, 2, lr=1e-2)
+    ours = family.sample(2, seed=0, steps=4)
+    family.export(tmp_path)
+    from safetensors.torch import load_file
+
+    small, full = load_file(tmp_path / "control_lora.safetensors"), ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    assert sum(v.numel() for v in small.values()) < 0.5 * sum(p.numel() for p in full.parameters())
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(run / "export", controlnet=full, safety_checker=None)
+    val = FillCircles("val", count=16, val_count=8)
+    theirs = pipe_images(pipe, [val[i]["caption"] for i in range(2)], image=torch.stack([val[i]["sketch"] for i in range(2)]))
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_mixed_precision_keeps_trainable_weights_fp32(sd_run):
+    run, _, _ = sd_run
+    family = ControlNet(32, base=str(run), lora=dict(rank=4), gradient_checkpointing=True, validation_data=VAL)
+    family.to(CPU, torch.bfloat16)
+    assert family.vae.dtype == family.text_encoder.dtype == torch.bfloat16
+    assert family.unet.conv_in.weight.dtype == torch.bfloat16
+    trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    family.controlnet.train(), family.unet.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = family.loss("main", batch(2), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+    # fp16 on CPU runs without autocast under Accelerate: frozen parts stay fp32 there.
+    assert family.to(CPU, torch.float16).vae.dtype == torch.float32
+
+
+def test_bad_options_say_what_to_fix(sd_run):
+    with pytest.raises(ConfigError, match="model.base"):
+        ControlNet(32)
+    with pytest.raises(ConfigError, match="model.vae"):
+        StableDiffusion(32)
+    with pytest.raises(GenlabError, match="sampler"):
+        ControlNet(32, base=str(sd_run[0]), sampler="euler")
+    family = sd_run[2]
+    with pytest.raises(GenlabError, match="lora"):
+        family.sample(1, 0, lora=[str(sd_run[0])])  # an sd run without LoRA has no LoRA file
+
+
+def test_model_configs_build_the_tiny_chain(vae_run, sd_run, tok_dir):
+    cfg = compose("model=sd", "data=fill_circles", f"model.vae={vae_run}", f"model.tokenizer_dir={tok_dir}")
+    sd = instantiate(cfg.model, _convert_="all")
+    assert sd.unet.config.sample_size == 8 and sd.unet.config.cross_attention_dim == 32
+    cfg = compose("experiment=controlnet_circles", f"model.base={sd_run[0]}")
+    assert cfg.trainer.batch_size == 32 and cfg.model.lora.rank == 4 and cfg.data.image_size == 32
+    cn = instantiate(cfg.model, _convert_="all").to(CPU)
+    data = build_dataset(cfg.data, "train")
+    loss, _ = cn.loss("main", default_collate([data[i] for i in range(2)]), 0)
+    assert torch.isfinite(loss)
+
+
+def test_sd15_recipe_composes_and_builds_from_tiny_stand_ins(sd_run, tmp_path):
+    cfg = compose("experiment=controlnet_sketch_sd15", "data.path=/data/photos")
+    assert cfg.model.base == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.data.image_size == 512
+    assert (cfg.trainer.mixed_precision, cfg.trainer.batch_size, cfg.trainer.grad_accum) == ("fp16", 8, 2)
+    assert cfg.model.lora.rank > 0 and cfg.model.gradient_checkpointing
+    first = (Path(__file__).parents[1] / "configs/experiment/controlnet_sketch_sd15.yaml").read_text().splitlines()[0]
+    assert first.startswith("# genlab train experiment=controlnet_sketch_sd15")
+    # The same recipe on stand-ins: the tiny base instead of the hub's, 32 px photos of circles.
+    for i in range(4):
+        Image.fromarray((FillCircles(count=4)[i]["image"].permute(1, 2, 0).numpy() * 127.5 + 127.5).astype("uint8")).save(tmp_path / f"{i}.png")
+    cfg = compose("experiment=controlnet_sketch_sd15", f"data.path={tmp_path}", "data.image_size=32",
+                  f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.25", f"model.base={sd_run[0]}")
+    family = instantiate(OmegaConf.to_container(cfg.model, resolve=True), _convert_="all").to(CPU, torch.bfloat16)
+    data = build_dataset(cfg.data, "train")
+    assert len(data) == 3 and family.unet.is_gradient_checkpointing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0)
+    assert torch.isfinite(loss)
+    assert family.sample(1, 0, steps=2).shape == (1, 3, 32, 32)  # a val sketch + its (empty) caption
+
+
+@pytest.mark.slow
+def test_offline_chain_through_the_cli(tmp_path):
+    """vae -> sd -> controlnet (+LoRA, grad_accum=2) on fill_circles, then the exports in plain diffusers."""
+    common = ["data=fill_circles", "trainer=debug", "logger=none", "trainer.batch_size=4", "trainer.sample_n=2",
+              "data.count=64", "data.val_count=8"]
+    runs = {name: tmp_path / name for name in ("vae", "sd", "cn")}
+    genlab("train", "model=vae", *common, f"hydra.run.dir={runs['vae']}")
+    genlab("train", "model=sd", f"model.vae={runs['vae']}", "model.sample_steps=2", f"model.tokenizer_dir={tmp_path / 'tok'}",
+           *common, f"hydra.run.dir={runs['sd']}")
+    genlab("train", "model=controlnet", f"model.base={runs['sd']}", "model.lora.rank=4", "trainer.grad_accum=2",
+           "model.sample_steps=2", *common, f"hydra.run.dir={runs['cn']}")
+    export = runs["cn"] / "export"
+    assert (export / "controlnet" / "config.json").exists() and (export / "pytorch_lora_weights.safetensors").exists()
+    assert len((runs["cn"] / "metrics.jsonl").read_text().splitlines()) >= 4
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        runs["sd"] / "export", controlnet=ControlNetModel.from_pretrained(export / "controlnet"), safety_checker=None)
+    pipe.load_lora_weights(export)
+    val = FillCircles("val", count=64, val_count=8)
+    images = pipe_images(pipe, [val[0]["caption"]], image=val[0]["sketch"][None])
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    Image.fromarray((val[0]["sketch"].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "s.png")
+    genlab("sample", str(runs["cn"]), "--sketch", str(tmp_path / "s.png"), "--prompt", val[0]["caption"],
+           "--n", "2", "--steps", "2", "--lora", f"{export}:0.5", "--out", str(tmp_path / "grid.png"))
+    assert Image.open(tmp_path / "grid.png").size[0] > 32
