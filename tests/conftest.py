@@ -46,10 +46,10 @@ def compose(*overrides: str):
     """train.yaml composed with `overrides` (Hydra's compose API: no run dir, no logging set-up)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from genlab.config import config_dir
+    from genlab.config import config_dir, hydra_args
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
+        return hydra_compose(config_name="train", overrides=hydra_args(list(overrides)))
 
 
 def toy_config(*overrides: str, noise: bool = False):

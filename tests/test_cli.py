@@ -97,3 +97,14 @@ def test_cfg_job_passes_through_to_hydra(tmp_path):
     result = genlab("train", "--cfg", "job", "model.prediction_type=v_prediction", cwd=tmp_path)
     assert yaml.safe_load(result.stdout)["model"]["prediction_type"] == "v_prediction"
     assert os.listdir(tmp_path) == []
+
+
+def test_multirun_grid_runs_every_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = genlab("train", "-m", *TINY_DDPM, "trainer.max_steps=1,2", "trainer.sample_every=0",
+                    f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "status.json").exists())
+    assert [j.name for j in jobs] == ["0_ddpm", "1_ddpm"], result.stdout
+    assert [json.loads((j / "status.json").read_text())["step"] for j in jobs] == [1, 2]
+    table = genlab("runs", str(sweep)).stdout
+    assert "1/1" in table and "2/2" in table

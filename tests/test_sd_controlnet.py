@@ -178,7 +178,7 @@ def test_controlnet_starts_as_the_base_and_trains_only_its_parts(sd_run):
     unet_trainable = [n for n, p in family.unet.named_parameters() if p.requires_grad]
     assert unet_trainable and all("lora_" in n for n in unet_trainable)
     assert all(p.requires_grad for p in family.controlnet.parameters())
-    frozen = {"vae": family.vae.encoder.conv_in.weight, "text": family.text_encoder.text_model.embeddings.token_embedding.weight,
+    frozen = {"vae": family.vae.encoder.conv_in.weight, "text": family.text_encoder.get_input_embeddings().weight,
               "unet": family.unet.conv_in.weight}
     before = {k: v.detach().clone() for k, v in frozen.items()}
     zero_conv = family.controlnet.controlnet_down_blocks[0].weight.detach().clone()
@@ -278,8 +278,9 @@ def test_sd15_recipe_composes_and_builds_from_tiny_stand_ins(sd_run, tmp_path):
     assert cfg.model.base == "stable-diffusion-v1-5/stable-diffusion-v1-5" and cfg.data.image_size == 512
     assert (cfg.trainer.mixed_precision, cfg.trainer.batch_size, cfg.trainer.grad_accum) == ("fp16", 8, 2)
     assert cfg.model.lora.rank > 0 and cfg.model.gradient_checkpointing
-    first = (Path(__file__).parents[1] / "configs/experiment/controlnet_sketch_sd15.yaml").read_text().splitlines()[0]
-    assert first.startswith("# genlab train experiment=controlnet_sketch_sd15")
+    # Hydra reads `# @package` only before any other line, so the command comes right after it.
+    head = (Path(__file__).parents[1] / "configs/experiment/controlnet_sketch_sd15.yaml").read_text().splitlines()[:2]
+    assert head[0] == "# @package _global_" and head[1].startswith("# genlab train experiment=controlnet_sketch_sd15")
     # The same recipe on stand-ins: the tiny base instead of the hub's, 32 px photos of circles.
     for i in range(4):
         Image.fromarray((FillCircles(count=4)[i]["image"].permute(1, 2, 0).numpy() * 127.5 + 127.5).astype("uint8")).save(tmp_path / f"{i}.png")

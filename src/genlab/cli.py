@@ -57,7 +57,9 @@ def train(ctx: typer.Context) -> None:
       genlab train -m model=vae,gan trainer.lr=1e-4,2e-4   # multirun grid
       genlab train --cfg job model=gan                     # print the composed config
     """
-    args = list(ctx.args)
+    from genlab.config import hydra_args
+
+    args = hydra_args(list(ctx.args))
     if not any(a in HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--shell-completion") for a in args):
         from genlab.config import validate_overrides
 

@@ -25,6 +25,24 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+# Groups whose configs write anywhere in the config (package _global_). Their files start
+# with the command that runs them, so they cannot carry Hydra's `# @package` header (it
+# must be the first line); train.yaml declares the package instead, and users keep typing
+# `experiment=x`, which `hydra_args` spells as Hydra wants it.
+GLOBAL_GROUPS = ("experiment", "sweep")
+
+
+def hydra_args(args: list[str]) -> list[str]:
+    """`experiment=x` -> `experiment@_global_=x` (and the same for sweep=); other args unchanged."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in GLOBAL_GROUPS:
+            arg = f"{key}@_global_={value}"
+        out.append(arg)
+    return out
+
+
 def dotted_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
     """Every key of `cfg` as a dotted path (`trainer.max_steps`), without resolving values."""
     keys = []

@@ -281,3 +281,213 @@ class GanDiagnostics:
                        "for real images (mean pairwise distance); likely mode collapse: try model.loss=hinge with "
                        "spectral norm, model.diffaug, or a lower trainer.lr")
         return self._warn("diversity", message)
+
+
+# ---- the family --------------------------------------------------------------------------
+class GAN:
+    """Unconditional or class-conditional GAN (projection discriminator).
+
+    Args:
+        image_size, channels: image shape (from the data config); image_size = 4 x 2^k.
+        num_classes: label count (from the data), needed when `conditional`.
+        conditional: class-conditional G (embedding concatenated to z) and projection D.
+        arch: "dcgan" or "resnet" (SNGAN-style residual blocks).
+        latent_dim: size of z.
+        g_channels, d_channels: network widths at full resolution (doubling per level, capped at 8x).
+        loss: "nonsaturating" | "hinge" | "wgan_gp" | "lsgan".
+        spectral_norm: spectral normalisation on every discriminator layer.
+        r1_gamma: R1 penalty weight on reals (loss += gamma/2 * R1); 0 = off.
+        gp_weight: WGAN-GP penalty weight (loss=wgan_gp).
+        n_critic: discriminator updates per generator update.
+        d_lr_scale, g_lr_scale: multiply trainer.lr per network (TTUR).
+        betas: Adam betas for both networks, overriding the optimizer's (GANs want a low beta1); None keeps them.
+        instance_noise: initial std of Gaussian noise added to D's inputs, annealed linearly to 0
+            over `instance_noise_steps`.
+        label_smoothing: one-sided: the real target is 1 - this (nonsaturating and lsgan).
+        diffaug: comma-separated DiffAugment policy ("color,translation,cutout"), "" = off.
+        diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
+    """
+
+    ema_network = "generator"
+
+    def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
+                 arch: str = "dcgan", latent_dim: int = 64, g_channels: int = 64, d_channels: int = 64,
+                 loss: str = "hinge", spectral_norm: bool = True, r1_gamma: float = 0.0, gp_weight: float = 10.0,
+                 n_critic: int = 1, d_lr_scale: float = 1.0, g_lr_scale: float = 1.0,
+                 betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
+                 instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str = "",
+                 diag_every: int = 200, diag_window: int = 100):
+        if arch not in ("dcgan", "resnet"):
+            raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
+        if loss not in LOSSES:
+            raise ConfigError(f"model.loss={loss!r}: use one of {', '.join(LOSSES)}")
+        if conditional and not num_classes:
+            raise ConfigError("model.conditional=true needs labelled data (data.num_classes is null); "
+                              "use data=digits or set model.conditional=false")
+        self.diffaug = [p.strip() for p in (diffaug or "").split(",") if p.strip()]
+        unknown = [p for p in self.diffaug if p not in AUGMENTS]
+        if unknown:
+            raise ConfigError(f"model.diffaug: unknown {', '.join(unknown)}; use a comma list of {', '.join(AUGMENTS)}")
+        self.num_classes = num_classes if conditional else None
+        self.loss_name, self.r1_gamma, self.gp_weight, self.n_critic = loss, r1_gamma, gp_weight, n_critic
+        self.lr_scales, self.betas = {"d": d_lr_scale, "g": g_lr_scale}, betas
+        self.instance_noise, self.instance_noise_steps = instance_noise, instance_noise_steps
+        self.real_target, self.diag_every = 1.0 - label_smoothing, diag_every
+        self.generator_config = {"arch": arch, "latent_dim": latent_dim, "image_size": image_size,
+                                 "channels": channels, "width": g_channels, "num_classes": self.num_classes}
+        self.generator = Generator(**self.generator_config)
+        self.discriminator = Discriminator(arch, image_size, channels, d_channels, self.num_classes, spectral_norm)
+        self.diagnostics = GanDiagnostics(window=diag_window)
+        self._last_phase, self._last_diag_step = None, -1
+
+    # ---- the Family protocol ----------------------------------------------------------
+    def networks(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        groups = {}
+        for phase, network in (("d", self.discriminator), ("g", self.generator)):
+            group = {"params": [p for p in network.parameters() if p.requires_grad], "lr_scale": self.lr_scales[phase]}
+            if self.betas is not None:
+                group["betas"] = tuple(self.betas)
+            groups[phase] = [group]
+        return groups
+
+    def phases(self, step: int) -> list[str]:
+        return ["d"] * self.n_critic + ["g"]
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "GAN":
+        self.generator.to(device)  # both trainable: fp32 under mixed precision
+        self.discriminator.to(device)
+        return self
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        real, labels = batch["image"], self._labels(batch)
+        z = torch.randn(len(real), self.generator_config["latent_dim"], device=real.device)
+        if phase == "d":
+            if self._last_phase == "g":
+                # The G phase's backward also filled D's grads; the loop zeroes only the stepped optimizer.
+                self.discriminator.zero_grad(set_to_none=True)
+            self._last_phase = "d"
+            with torch.no_grad():
+                fake = self.generator(z, labels)
+            loss, logs = self._d_loss(real, fake, labels, step)
+        else:
+            self._last_phase = "g"
+            fake_logits = self._discriminate(self.generator(z, labels), labels, step)
+            loss = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_hinge, "wgan_gp": g_loss_wgan,
+                    "lsgan": g_loss_lsgan}[self.loss_name](fake_logits.float())
+            logs = {"g_loss": loss.detach()}
+        self.diagnostics.record(logs)
+        if phase == "g" and self.diag_every and step % self.diag_every == 0 and step != self._last_diag_step:
+            self._last_diag_step = step
+            self.diagnose(real)
+        return loss, logs
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, **options: Any) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1] from seeded z; `class_label=k` for a conditional GAN
+        (default: classes cycling 0..K-1)."""
+        opts = {k: v for k, v in options.items() if v is not None and v is not False}
+        class_label = opts.pop("class_label", None)
+        if opts.pop("guidance", 1.0) != 1.0:
+            raise GenlabError("--guidance applies to diffusion models only; a GAN has no guidance")
+        if opts:
+            raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the GAN; it takes --class")
+        if class_label is not None and not self.num_classes:
+            raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
+        if class_label is not None and not 0 <= class_label < self.num_classes:
+            raise GenlabError(f"--class {class_label} is out of range: this model has classes 0..{self.num_classes - 1}")
+        generator = self._bare(self.generator)
+        device = next(generator.parameters()).device
+        z = torch.randn(n, self.generator_config["latent_dim"], generator=torch.Generator().manual_seed(seed))
+        labels = None
+        if self.num_classes:
+            labels = torch.arange(n) % self.num_classes if class_label is None else torch.full((n,), class_label)
+            labels = labels.to(device)
+        was_training = generator.training
+        generator.eval()  # BatchNorm running statistics: samples do not depend on the batch
+        try:
+            return generator(z.to(device), labels).float().clamp(-1, 1)
+        finally:
+            generator.train(was_training)
+
+    def export(self, out_dir: Path) -> None:
+        """`generator.safetensors` + `generator_config.json` (its constructor arguments); see `load_generator`."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self._bare(self.generator).state_dict().items()}
+        save_file(state, out_dir / "generator.safetensors")
+        (out_dir / "generator_config.json").write_text(json.dumps(self.generator_config, indent=2))
+
+    # ---- internals --------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnose(self, real: torch.Tensor) -> list[str]:
+        """Run the diagnostics now: D/G balance from the recorded logs, and the spread of a
+        fixed-noise fake batch against `real`. Returns the warnings (also logged)."""
+        messages = [self.diagnostics.check_balance()]
+        if len(real) >= 2:  # sample() uses the bare generator in eval mode and restores train mode
+            messages.append(self.diagnostics.check_diversity(self.sample(64, seed=0), real))
+        return [m for m in messages if m]
+
+    def _d_loss(self, real, fake, labels, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        real = real.detach().requires_grad_(self.r1_gamma > 0)
+        real_logits = self._discriminate(real, labels, step).float()
+        fake_logits = self._discriminate(fake, labels, step).float()
+        logs = {}
+        if self.loss_name == "nonsaturating":
+            loss = d_loss_nonsaturating(real_logits, fake_logits, self.real_target)
+        elif self.loss_name == "hinge":
+            loss = d_loss_hinge(real_logits, fake_logits)
+        elif self.loss_name == "lsgan":
+            loss = d_loss_lsgan(real_logits, fake_logits, self.real_target)
+        else:
+            gp = gradient_penalty(lambda x: self.discriminator(x, labels).float(), real, fake)
+            loss = d_loss_wgan(real_logits, fake_logits) + self.gp_weight * gp
+            logs["gp"] = gp.detach()
+        if self.r1_gamma > 0:
+            r1 = r1_penalty(real_logits, real)
+            loss = loss + self.r1_gamma / 2 * r1
+            logs["r1"] = r1.detach()
+        real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
+        # Where D's decision boundary lies: 0 for logits, 0.5 for LSGAN's 0/1 targets, the
+        # midpoint of the batch for an (unbounded) WGAN critic.
+        threshold = {"lsgan": 0.5, "wgan_gp": (real_logits.mean() + fake_logits.mean()) / 2}.get(self.loss_name, 0.0)
+        to_score = torch.sigmoid if self.loss_name == "nonsaturating" else (lambda t: t)
+        logs |= {"d_loss": loss.detach(), "d_real": to_score(real_logits).mean(), "d_fake": to_score(fake_logits).mean(),
+                 "d_acc": ((real_logits > threshold).float().mean() + (fake_logits < threshold).float().mean()) / 2}
+        if self.instance_noise:
+            logs["instance_noise"] = torch.tensor(self._noise_std(step), device=real.device)
+        return loss, logs
+
+    def _discriminate(self, x: torch.Tensor, labels: torch.Tensor | None, step: int) -> torch.Tensor:
+        """D on augmented, noised inputs (the same for reals and fakes, in both phases)."""
+        if self.diffaug:
+            x = diff_augment(x, self.diffaug)
+        std = self._noise_std(step)
+        if std > 0:
+            x = x + std * torch.randn_like(x)
+        return self.discriminator(x, labels)
+
+    def _noise_std(self, step: int) -> float:
+        if not self.instance_noise:
+            return 0.0
+        return self.instance_noise * max(0.0, 1.0 - step / max(1, self.instance_noise_steps))
+
+    def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        if "label" not in batch:
+            raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
+        return batch["label"]
+
+    @staticmethod
+    def _bare(module: nn.Module) -> nn.Module:
+        """The module inside DDP (`.module`) / torch.compile (`._orig_mod`) wrappers."""
+        while True:
+            if hasattr(module, "_orig_mod"):
+                module = module._orig_mod
+            elif isinstance(getattr(module, "module", None), nn.Module):
+                module = module.module
+            else:
+                return module

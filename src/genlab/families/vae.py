@@ -203,7 +203,7 @@ class VAE:
         Options:
             class_label: int, the class to generate (conditional VAE); default: rows of classes.
             interpolate: rows of spherical interpolations between random prior points, or
-                between consecutive pairs of `images` when given; `interp_steps` columns
+                between consecutive pairs of `images` when given; `steps` columns
                 (default: ceil(sqrt(n)), so the default square grid shows one walk per row).
             reconstruct: originals interleaved with their reconstructions; needs `images`
                 (and `labels` for a conditional VAE).
@@ -212,7 +212,7 @@ class VAE:
         opts = {k: v for k, v in options.items() if v is not None and v is not False}
         class_label, images, labels = opts.pop("class_label", None), opts.pop("images", None), opts.pop("labels", None)
         interpolate, reconstruct = opts.pop("interpolate", False), opts.pop("reconstruct", False)
-        interp_steps = opts.pop("interp_steps", None)
+        interp_steps = opts.pop("steps", None)  # columns of an interpolation
         if opts.pop("guidance", 1.0) != 1.0:
             raise GenlabError("--guidance applies to diffusion models only; a VAE samples its prior directly")
         if opts:
