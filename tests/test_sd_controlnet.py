@@ -1,5 +1,6 @@
 """SD and ControlNet families on tiny models: training signal, frozen parts, exports in plain diffusers."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,19 @@ from genlab.families.controlnet import ControlNet, hint_channels
 from genlab.families.sd import StableDiffusion
 
 CPU = torch.device("cpu")
-UNET = dict(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D"] * 2,
-            up_block_types=["CrossAttnUpBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+# Cross-attention only at the 4x4 level: keeps a training step well under a second on 2 busy cores.
+UNET = dict(block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
 VAL = {"_target_": "genlab.data.fill_circles.FillCircles", "count": 16, "val_count": 8, "num_workers": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on 2 shared cores two threads run ~8x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fake_run(root: Path) -> Path:
@@ -30,7 +41,7 @@ def fake_run(root: Path) -> Path:
     return root
 
 
-def batch(n=8, start=0):
+def batch(n=4, start=0):
     ds = FillCircles("train", image_size=32, count=64)
     return default_collate([ds[i] for i in range(start, start + n)])
 
@@ -95,6 +106,16 @@ def test_resolve_pretrained(tmp_path, vae_run, sd_run):
         ld.resolve_pretrained(str(fake_run(tmp_path / "unfinished")), "unet")
     with pytest.raises(GenlabError, match="no such directory"):
         ld.resolve_pretrained(str(tmp_path / "missing"), "unet")
+
+
+def test_lora_arguments(tmp_path):
+    assert ld.parse_loras(["a/b.safetensors:0.5", "runs/x", ("c", 2)]) == [("a/b.safetensors", 0.5), ("runs/x", 1.0), ("c", 2.0)]
+    assert ld.parse_loras(["C:/loras/x"]) == [("C:/loras/x", 1.0)]  # a colon that is no weight
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert ld.resolve_lora(tmp_path) == {"pretrained_model_name_or_path_or_dict": str(tmp_path)}
+    assert ld.resolve_lora(tmp_path / "pytorch_lora_weights.safetensors")["weight_name"] == "pytorch_lora_weights.safetensors"
+    with pytest.raises(GenlabError, match="no pytorch_lora_weights"):
+        ld.resolve_lora(fake_run(tmp_path / "run"))
 
 
 def test_hint_encoder_matches_the_vae():
@@ -195,6 +216,8 @@ def test_controlnet_export_generates_the_same_in_plain_diffusers(sd_run, tmp_pat
     ours = family.sample(3, seed=5, steps=4)  # the val pairs: sketches and captions
     family.export(tmp_path)
     assert {"controlnet", "pytorch_lora_weights.safetensors", "genlab_export.json"} <= {p.name for p in tmp_path.iterdir()}
+    info = json.loads((tmp_path / "genlab_export.json").read_text())
+    assert info["base"] == str((run / "export").resolve()) and info["lora_rank"] == 4
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         run / "export", controlnet=ControlNetModel.from_pretrained(tmp_path / "controlnet"), safety_checker=None)
     pipe.load_lora_weights(tmp_path)
@@ -301,11 +324,12 @@ def test_offline_chain_through_the_cli(tmp_path):
     common = ["data=fill_circles", "trainer=debug", "logger=none", "trainer.batch_size=4", "trainer.sample_n=2",
               "data.count=64", "data.val_count=8"]
     runs = {name: tmp_path / name for name in ("vae", "sd", "cn")}
-    genlab("train", "model=vae", *common, f"hydra.run.dir={runs['vae']}")
+    env = {"OMP_NUM_THREADS": "1"}  # see one_thread()
+    genlab("train", "model=vae", *common, f"hydra.run.dir={runs['vae']}", env=env)
     genlab("train", "model=sd", f"model.vae={runs['vae']}", "model.sample_steps=2", f"model.tokenizer_dir={tmp_path / 'tok'}",
-           *common, f"hydra.run.dir={runs['sd']}")
+           *common, f"hydra.run.dir={runs['sd']}", env=env)
     genlab("train", "model=controlnet", f"model.base={runs['sd']}", "model.lora.rank=4", "trainer.grad_accum=2",
-           "model.sample_steps=2", *common, f"hydra.run.dir={runs['cn']}")
+           "model.sample_steps=2", *common, f"hydra.run.dir={runs['cn']}", env=env)
     export = runs["cn"] / "export"
     assert (export / "controlnet" / "config.json").exists() and (export / "pytorch_lora_weights.safetensors").exists()
     assert len((runs["cn"] / "metrics.jsonl").read_text().splitlines()) >= 4
@@ -317,5 +341,5 @@ def test_offline_chain_through_the_cli(tmp_path):
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     Image.fromarray((val[0]["sketch"].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "s.png")
     genlab("sample", str(runs["cn"]), "--sketch", str(tmp_path / "s.png"), "--prompt", val[0]["caption"],
-           "--n", "2", "--steps", "2", "--lora", f"{export}:0.5", "--out", str(tmp_path / "grid.png"))
+           "--n", "2", "--steps", "2", "--lora", f"{export}:0.5", "--out", str(tmp_path / "grid.png"), env=env)
     assert Image.open(tmp_path / "grid.png").size[0] > 32

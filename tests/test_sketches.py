@@ -133,3 +133,12 @@ def test_hf_without_sketch_column_extracts_edges(tmp_path):
     assert ring_distance(item["sketch"][0].numpy(), 24, 24, 10 + row).max() <= 2.5
     with pytest.raises(ConfigError, match="column 'caption'"):
         sketch_hf("train", str(tmp_path / "plain"), image_size=48, caption_column="caption")
+
+
+def test_edges_of_image_for_sample_edges_from():
+    from genlab.data.sketches import edges_of_image
+
+    image = torch.from_numpy(circle_image()).permute(2, 0, 1).float() / 255  # what `genlab sample` loads
+    sketch = edges_of_image(image)
+    assert sketch.shape == (3, 48, 48) and torch.equal(sketch[0], sketch[2])
+    assert ring_distance(sketch[0].numpy(), 24, 24, 12).max() <= 2.5 and sketch.sum() > 0

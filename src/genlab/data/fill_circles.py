@@ -141,3 +141,37 @@ class FillCircles(Dataset):
             "fill": torch.tensor(fill),
             "background": torch.tensor(background),
         }
+
+
+# --- reading generated images back (for sketch-following and colour metrics) -------------
+
+_PALETTE_RGB = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
+
+
+def nearest_colours(image: torch.Tensor) -> torch.Tensor:
+    """(H, W) palette index of each pixel of an image (3, H, W) in [-1, 1]."""
+    pixels = image.float().flatten(1).T  # (H*W, 3)
+    return torch.cdist(pixels, _PALETTE_RGB.to(pixels.device)).argmin(1).view(image.shape[1:])
+
+
+def read_colours(image: torch.Tensor) -> tuple[int, int]:
+    """(fill, background) palette indices of a generated image: its two most frequent colours."""
+    counts = torch.bincount(nearest_colours(image).flatten(), minlength=len(PALETTE))
+    background, fill = counts.argsort(descending=True)[:2].tolist()
+    return fill, background
+
+
+def disc_iou(image: torch.Tensor, circle: torch.Tensor, fill: int, background: int) -> float:
+    """IoU between the generated disc (pixels nearer the fill colour than the background's) and the true disc.
+
+    Args:
+        image: generated (3, H, W) in [-1, 1].
+        circle: the sketch's (cx, cy, r) in pixels.
+        fill, background: the caption's palette indices.
+    """
+    pixels = image.float().flatten(1).T
+    dist = torch.cdist(pixels, _PALETTE_RGB[[fill, background]].to(pixels.device))  # (H*W, 2)
+    predicted = (dist[:, 0] < dist[:, 1]).view(image.shape[1:]).cpu()
+    truth = disc_mask(image.shape[-1], circle)
+    union = (predicted | truth).sum().item()
+    return (predicted & truth).sum().item() / union if union else 1.0

@@ -2,8 +2,8 @@
 
 Features are extracted once per image set (`extract`) and every metric reads them, so
 FID, KID and precision/recall cost one pass of the extractor. FID and KID are
-torchmetrics' own implementations, fed the precomputed features through an identity
-"extractor". Results are named by the extractor (`fid_digits_cnn`, `fid_inception`):
+torchmetrics' own code, fed the precomputed features (FID through an identity
+"extractor", KID through its kernel functions). Results are named by the extractor (`fid_digits_cnn`, `fid_inception`):
 a FID on anything but Inception is not comparable with published FIDs, so it is never
 called plain "fid".
 """
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel
 
 
 @torch.no_grad()
@@ -67,20 +67,25 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int = 1000, subsets: int = 50,
                     seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std over random subsets) between two feature sets, by torchmetrics.
+    """KID (mean, std over random subsets) between two feature sets.
 
-    `subset_size` is capped at the smaller set's size; the subsets are drawn from `seed`,
-    so the same features always give the same KID.
+    torchmetrics' `KernelInceptionDistance` recomputes the polynomial kernel for every
+    subset (50 x 3 products of 1000 x 1000 x D); here the three kernel matrices are
+    computed once with its `poly_kernel` and each subset indexes them, with its
+    `maximum_mean_discrepancy` and the same subset draws: the same numbers, ~50x faster.
+    `subset_size` is capped at the smaller set's size; subsets are drawn from `seed`.
     """
     subset_size = min(subset_size, len(real), len(fake))
-    kid = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets,
-                                  subset_size=subset_size, normalize=True)
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global RNG
-        torch.manual_seed(seed)
-        mean, std = kid.compute()
-    return float(mean), float(std)
+    real, fake = real.double(), fake.double()
+    k_rr, k_ff, k_rf = poly_kernel(real, real), poly_kernel(fake, fake), poly_kernel(real, fake)
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        r = torch.randperm(len(real), generator=generator)[:subset_size]
+        f = torch.randperm(len(fake), generator=generator)[:subset_size]
+        scores.append(maximum_mean_discrepancy(k_rr[r][:, r], k_rf[r][:, f], k_ff[f][:, f]))
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
 
 
 def _kth_neighbour_radius(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:

@@ -187,9 +187,9 @@ class ControlNet:
         controlnet.save_pretrained(out_dir / "controlnet")
         if self.lora_rank > 0:
             ld.save_unet_lora(self.unet, out_dir)
-        local = Path(self.base).expanduser()
-        ld.write_export_info(out_dir, family="controlnet", base=str(local.resolve()) if local.exists() else self.base,
-                             vae=self.vae_source, lora_rank=self.lora_rank, control_lora_rank=self.control_lora_rank)
+        ld.write_export_info(out_dir, family="controlnet", base=ld.pipeline_location(self.base),
+                             vae=ld.pipeline_location(self.vae_source), lora_rank=self.lora_rank,
+                             control_lora_rank=self.control_lora_rank)
 
     # --- helpers -----------------------------------------------------------------------
 

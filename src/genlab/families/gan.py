@@ -25,7 +25,6 @@ from torch.nn.utils.parametrizations import spectral_norm
 from genlab.errors import ConfigError, GenlabError
 
 log = logging.getLogger(__name__)
-LOSSES = ("nonsaturating", "hinge", "wgan_gp", "lsgan")
 
 
 # ---- losses (logits in, scalar out) ------------------------------------------------------
@@ -60,6 +59,11 @@ def d_loss_lsgan(real: torch.Tensor, fake: torch.Tensor, real_target: float = 1.
 
 def g_loss_lsgan(fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (fake - 1).pow(2).mean()
+
+
+G_LOSSES = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_hinge, "wgan_gp": g_loss_wgan,
+            "lsgan": g_loss_lsgan}
+LOSSES = tuple(G_LOSSES)
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
@@ -212,6 +216,13 @@ class Discriminator(nn.Module):
         if self.embed is not None:
             out = out + (self.embed(label) * h).sum(1)
         return out
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
+        module = inner
+    return module
 
 
 def load_generator(directory: str | Path) -> Generator:
@@ -375,11 +386,11 @@ class GAN:
         else:
             self._last_phase = "g"
             fake_logits = self._discriminate(self.generator(z, labels), labels, step)
-            loss = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_hinge, "wgan_gp": g_loss_wgan,
-                    "lsgan": g_loss_lsgan}[self.loss_name](fake_logits.float())
+            loss = G_LOSSES[self.loss_name](fake_logits.float())
             logs = {"g_loss": loss.detach()}
         self.diagnostics.record(logs)
-        if phase == "g" and self.diag_every and step % self.diag_every == 0 and step != self._last_diag_step:
+        due = self.diag_every and step and step % self.diag_every == 0 and step != self._last_diag_step
+        if phase == "g" and due:  # once per check step, whatever grad_accum is
             self._last_diag_step = step
             self.diagnose(real)
         return loss, logs
@@ -398,7 +409,7 @@ class GAN:
             raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
         if class_label is not None and not 0 <= class_label < self.num_classes:
             raise GenlabError(f"--class {class_label} is out of range: this model has classes 0..{self.num_classes - 1}")
-        generator = self._bare(self.generator)
+        generator = _unwrap(self.generator)
         device = next(generator.parameters()).device
         z = torch.randn(n, self.generator_config["latent_dim"], generator=torch.Generator().manual_seed(seed))
         labels = None
@@ -416,7 +427,7 @@ class GAN:
         """`generator.safetensors` + `generator_config.json` (its constructor arguments); see `load_generator`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self._bare(self.generator).state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.generator).state_dict().items()}
         save_file(state, out_dir / "generator.safetensors")
         (out_dir / "generator_config.json").write_text(json.dumps(self.generator_config, indent=2))
 
@@ -480,14 +491,3 @@ class GAN:
         if "label" not in batch:
             raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
         return batch["label"]
-
-    @staticmethod
-    def _bare(module: nn.Module) -> nn.Module:
-        """The module inside DDP (`.module`) / torch.compile (`._orig_mod`) wrappers."""
-        while True:
-            if hasattr(module, "_orig_mod"):
-                module = module._orig_mod
-            elif isinstance(getattr(module, "module", None), nn.Module):
-                module = module.module
-            else:
-                return module

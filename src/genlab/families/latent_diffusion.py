@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,20 @@ def resolve_pretrained(path_or_id: str, subfolder: str | None = None) -> tuple[s
 
 
 def load_pretrained(cls, path_or_id: str, subfolder: str | None = None, **kwargs):
-    """`cls.from_pretrained` on whatever `resolve_pretrained` finds, with errors that say which."""
+    """`cls.from_pretrained` on whatever `resolve_pretrained` finds, with errors that say which.
+
+    A hub id is tried as a pipeline (with `subfolder`) and then as a single model (a VAE or
+    ControlNet repository has its config at the top).
+    """
     where, sub = resolve_pretrained(path_or_id, subfolder)
-    try:
-        return cls.from_pretrained(where, **({"subfolder": sub} if sub else {}), **kwargs)
-    except (OSError, ValueError) as e:
-        what = f"{subfolder} of " if subfolder else ""
-        raise GenlabError(f"cannot load {cls.__name__} from {what}{path_or_id}: {e}".split("\n")[0]) from e
+    attempts = [{"subfolder": sub}, {}] if sub else [{}]
+    for i, extra in enumerate(attempts):
+        try:
+            return cls.from_pretrained(where, **extra, **kwargs)
+        except (OSError, ValueError) as e:
+            if i == len(attempts) - 1:
+                what = f"{subfolder} of " if subfolder else ""
+                raise GenlabError(f"cannot load {cls.__name__} from {what}{path_or_id}: {e}".split("\n")[0]) from e
 
 
 def vae_factor(vae: AutoencoderKL) -> int:
@@ -307,7 +315,9 @@ def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_o
     try:
         for i, (path, weight) in enumerate(parse_loras(loras)):
             try:
-                pipe.load_lora_weights(**resolve_lora(path), adapter_name=f"extra_{i}")
+                with warnings.catch_warnings():  # peft warns that the U-Net already has an adapter: intended
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    pipe.load_lora_weights(**resolve_lora(path), adapter_name=f"extra_{i}")
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise GenlabError(f"--lora {path}: cannot load it onto this base ({e})".split("\n")[0]) from e
             loaded.append(f"extra_{i}")
@@ -330,6 +340,18 @@ def merged_copy(model: nn.Module) -> nn.Module:
     model.fuse_lora()
     model.unload_lora()
     return model
+
+
+def pipeline_location(path_or_id: str | None) -> str | None:
+    """What plain diffusers' `from_pretrained` takes: a run's export/ (absolute), a local dir (absolute), or the hub id."""
+    if path_or_id is None:
+        return None
+    path = Path(str(path_or_id)).expanduser()
+    if not path.exists():
+        return str(path_or_id)
+    if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
+        path = path / "export"
+    return str(path.resolve())
 
 
 def write_export_info(out_dir: Path, **info: Any) -> None:

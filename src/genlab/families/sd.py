@@ -159,7 +159,7 @@ class StableDiffusion:
             ld.save_unet_lora(unet, out_dir)
             unet = ld.merged_copy(unet)
         self.pipeline(self.sampler_name, unet=unet).save_pretrained(out_dir)
-        ld.write_export_info(out_dir, family="sd", base=self.base, lora_rank=self.lora_rank)
+        ld.write_export_info(out_dir, family="sd", base=ld.pipeline_location(self.base), lora_rank=self.lora_rank)
 
     # --- helpers -----------------------------------------------------------------------
 

@@ -104,14 +104,10 @@ class VAENet(nn.Module):
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(getattr(module, "module", None), nn.Module):
-            module = module.module
-        else:
-            return module
+    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
+        module = inner
+    return module
 
 
 class VAE:

@@ -1,0 +1,272 @@
+"""The entry point of `genlab eval RUN_DIR` and `trainer.eval_every`.
+
+`Evaluator(cfg)` builds what is expensive once (datasets, feature extractor, reference
+features, all cached on disk); `evaluate(family)` samples and returns a flat
+{name: float} of every metric the run supports, picked by what the data and the family
+provide, never by the family's name:
+
+- always: FID / KID / precision / recall on the extractor's features (`fid_digits_cnn`);
+- digits data with the digits classifier: class coverage, class KL, confidence;
+- a family with `conditions` (e.g. ("sketch", "prompt")): images are generated from val
+  items, and compared with them: disc IoU and caption-colour accuracy (fill_circles),
+  edge F1 (any sketch data);
+- a family with a diffusers `AutoencoderKL` among its networks (the VAE): reconstruction
+  error, ELBO, IWAE bound on val, and anomaly AUROC when `data.exclude_classes` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
+
+from genlab.errors import ConfigError, GenlabError
+from genlab.eval.control_metrics import control_metrics
+from genlab.eval.features import DigitsCNN, build_extractor, default_cache_dir
+from genlab.eval.metrics import (cached_reference, class_coverage, dataset_fingerprint, extract, feature_metrics,
+                                 reference_key)
+from genlab.eval.vae_metrics import Decode, Encode, anomaly_auroc, autoencoder_kl_fns, vae_scores
+
+log = logging.getLogger(__name__)
+
+#: Family sample() option -> dataset item key it is filled from.
+CONDITION_ITEMS = {"sketch": "sketch", "prompt": "caption"}
+#: The sampler comparison of issue 5: (sampler, steps).
+DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpm", 20), ("dpm", 10))
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` config group (every key optional)."""
+
+    extractor: str = "auto"          # auto | digits_cnn | inception (auto: digits_cnn on digits, else inception if available)
+    n_samples: int = 1000            # generated images per evaluation
+    n_reference: int = 5000          # at most this many data images for the reference statistics
+    batch_size: int = 250            # images per sample() / extractor call
+    cache_dir: str | None = None     # extractor weights + reference features (null: $GENLAB_CACHE or ~/.cache/genlab)
+    inception_weights: str | None = None  # local torch-fidelity Inception weights (null: download once)
+    pr_k: int = 3                    # k of the k-NN manifolds for precision/recall
+    kid_subset_size: int = 1000      # KID subset size (capped at the set sizes)
+    coverage_min_fraction: float = 0.01  # a class is covered when this fraction of samples falls in it
+    iwae_k: int = 16                 # importance samples of the VAE's NLL bound
+    vae_likelihood: str = "gaussian"  # gaussian | bernoulli decoder likelihood for ELBO / IWAE
+    vae_decoder_std: float = 0.1     # std of the gaussian decoder, in [-1, 1] pixel units
+    edge_tolerance: int = 1          # pixels an edge may be off and still match (edge F1)
+    seed: int = 0                    # seed of the generated samples
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig | dict | None) -> "EvalConfig":
+        """From a run config's `eval` group (or that group itself); unknown keys are a ConfigError."""
+        group = cfg.get("eval") if isinstance(cfg, DictConfig) and "data" in cfg else cfg
+        values = OmegaConf.to_container(group, resolve=True) if isinstance(group, DictConfig) else dict(group or {})
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"eval.{key} is not a key of eval" + (f"; did you mean eval.{close[0]}?" if close else "."))
+        return cls(**values)
+
+
+def _items(dataset: Any, indices: list[int]) -> dict:
+    """Batched items `indices` of a dataset: tensors stacked, captions as lists."""
+    if hasattr(dataset, "get_batch"):  # in-memory TensorImages: one indexing op
+        return dataset.get_batch(torch.as_tensor(indices))
+    return default_collate([dataset[i] for i in indices])
+
+
+def _subset(n: int, k: int) -> list[int]:
+    """k of range(n), a fixed random choice (sorted data, e.g. by writer, must not bias it)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].tolist()
+
+
+@contextlib.contextmanager
+def _eval_mode(family: Any):
+    """Networks in eval mode (dropout off) while evaluating, restored afterwards."""
+    nets = list(family.networks().values()) if hasattr(family, "networks") else []
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        yield
+    finally:
+        for net, mode in zip(nets, modes):
+            net.train(mode)
+
+
+def find_autoencoder(family: Any):
+    """The family's trainable diffusers `AutoencoderKL` (the VAE family), or None."""
+    from accelerate.utils import extract_model_from_parallel
+    from diffusers import AutoencoderKL
+
+    for net in family.networks().values():
+        net = extract_model_from_parallel(net)  # unwrap DDP / torch.compile
+        if isinstance(net, AutoencoderKL):
+            return net
+    return None
+
+
+class Evaluator:
+    """Metrics for one run's data, reusable across evaluations (e.g. every `eval_every` steps).
+
+    Args:
+        cfg: the run's config; reads `data` (to build the datasets and key the cache)
+            and the optional `eval` group (`EvalConfig`).
+        device: where the extractor runs (the family samples on its own device).
+        datasets: (train, val) to use instead of `build_dataset(cfg.data, split)`.
+    """
+
+    def __init__(self, cfg: DictConfig, device: str | torch.device = "cpu", datasets: tuple[Any, Any] | None = None):
+        from genlab.data import LOADER_KEYS, build_dataset
+        from genlab.data.digits import Digits
+        from genlab.data.fill_circles import PALETTE, FillCircles
+
+        self.cfg, self.settings, self.device = cfg, EvalConfig.from_cfg(cfg), torch.device(device)
+        self.train, self.val = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
+        self.is_digits = isinstance(self.train, Digits)
+        self.palette = PALETTE if isinstance(self.val, FillCircles) else None
+        self.cache_dir = Path(self.settings.cache_dir or default_cache_dir())
+        _, self.channels, self.image_size, _ = _items(self.train, [0])["image"].shape
+        self.extractor = self._build_extractor().to(self.device)
+        data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADER_KEYS}
+        self.dataset_key = dataset_fingerprint(type(self.train).__name__.lower(), data_cfg)
+        self.reference = self._reference()
+
+    def _build_extractor(self) -> torch.nn.Module:
+        s, name = self.settings, self.settings.extractor
+        build = lambda name: build_extractor(name, self.image_size, self.channels, self.cache_dir,  # noqa: E731
+                                             s.inception_weights)
+        if name != "auto":
+            return build(name)
+        if self.is_digits:
+            return build("digits_cnn")
+        try:
+            return build("inception")
+        except GenlabError as err:
+            log.warning("%s; using digits_cnn features instead (metrics named *_digits_cnn)", err)
+            return build("digits_cnn")
+
+    @property
+    def extractor_name(self) -> str:
+        return self.extractor.name
+
+    def _reference(self) -> dict[str, torch.Tensor]:
+        """Features (and labels) of up to n_reference train images, cached on disk."""
+        n = min(len(self.train), self.settings.n_reference)
+        key = reference_key(self.dataset_key, "train", self.image_size, self.extractor.cache_tag, n)
+
+        def compute() -> dict[str, torch.Tensor]:
+            items = _items(self.train, _subset(len(self.train), n))
+            ref = {"features": extract(self.extractor, items["image"], self.settings.batch_size)[0]}
+            if "label" in items:
+                ref["labels"] = torch.as_tensor(items["label"]).cpu()
+            return ref
+
+        return cached_reference(self.cache_dir / key, compute)
+
+    @torch.no_grad()
+    def generate(self, family: Any, n: int, seed: int, options: dict | None = None, items: dict | None = None,
+                 conditions: tuple[str, ...] = ()) -> torch.Tensor:
+        """(n, C, H, W) samples on the CPU, in batches; batch b gets seed + b * batch_size.
+
+        `items` (batched dataset items, n long) fill the sample options named in
+        `conditions`: "sketch" gets (B, C, H, W) sketches, "prompt" a list of B captions.
+        """
+        out, bs = [], self.settings.batch_size
+        for start in range(0, n, bs):
+            opts = dict(options or {})
+            for option in conditions:
+                opts[option] = items[CONDITION_ITEMS[option]][start:start + bs]
+            out.append(family.sample(min(bs, n - start), seed + start, **opts).float().cpu())
+        return torch.cat(out)
+
+    def sample_metrics(self, images: torch.Tensor) -> dict[str, float]:
+        """Feature metrics (and class coverage on digits) of generated images (N, C, H, W) in [-1, 1]."""
+        s = self.settings
+        feats, logits = extract(self.extractor, images, s.batch_size)
+        metrics = feature_metrics(self.reference["features"], feats, self.extractor_name, s.pr_k,
+                                  s.kid_subset_size, s.seed)
+        # Coverage needs a classifier trained on this very data: the digits CNN on digits.
+        if self.is_digits and isinstance(self.extractor, DigitsCNN) and "labels" in self.reference:
+            metrics.update(class_coverage(logits, self.reference["labels"], s.coverage_min_fraction))
+        return metrics
+
+    def vae_metrics(self, encode: Encode, decode: Decode) -> dict[str, float]:
+        """recon_mse, elbo, nll_iwae (means over normal val images) and anomaly_auroc.
+
+        With `data.exclude_classes`, val images of those classes (never seen in training)
+        are the anomalies: scored by their IWAE NLL, they give `anomaly_auroc`, and the
+        other metrics average over the remaining, normal, images only.
+        """
+        s = self.settings
+        items = _items(self.val, _subset(len(self.val), min(len(self.val), s.n_reference)))
+        scores = vae_scores(encode, decode, items["image"].to(self.device), s.iwae_k, s.vae_likelihood,
+                            s.vae_decoder_std, s.batch_size, s.seed)
+        metrics, normal = {}, torch.ones(len(items["image"]), dtype=torch.bool)
+        excluded = list(self.cfg.data.get("exclude_classes") or [])
+        if excluded and "label" in items:
+            anomaly = torch.isin(torch.as_tensor(items["label"]).cpu(), torch.tensor(excluded))
+            if anomaly.any():
+                metrics["anomaly_auroc"] = anomaly_auroc(scores["nll_iwae"], anomaly)
+                normal = ~anomaly
+        metrics.update({name: float(v[normal].mean()) for name, v in scores.items()})
+        metrics["iwae_k"] = float(s.iwae_k)
+        return metrics
+
+    def evaluate(self, family: Any, n_samples: int | None = None, seed: int | None = None,
+                 **sample_options: Any) -> dict[str, float]:
+        """Every metric this run supports, as {name: float}.
+
+        Args:
+            family: a `genlab.families.base.Family`. An optional attribute `conditions`
+                (tuple of sample() options among "sketch", "prompt") makes it generate
+                from val items instead of unconditionally.
+            n_samples, seed: default to eval.n_samples / eval.seed.
+            sample_options: passed to every `family.sample` (e.g. sampler="ddim", steps=20).
+        """
+        n = n_samples or self.settings.n_samples
+        seed = self.settings.seed if seed is None else seed
+        conditions = tuple(getattr(family, "conditions", ()) or ())
+        items = _items(self.val, [i % len(self.val) for i in range(n)]) if conditions else None
+        with _eval_mode(family):
+            images = self.generate(family, n, seed, sample_options, items, conditions)
+            metrics = self.sample_metrics(images)
+            if items is not None:
+                metrics.update(control_metrics(images, items, self.palette, self.settings.edge_tolerance))
+            vae = find_autoencoder(family) if hasattr(family, "networks") else None
+            if vae is not None:
+                metrics.update(self.vae_metrics(*autoencoder_kl_fns(vae)))
+        metrics["eval_samples"] = float(n)
+        return metrics
+
+    def compare_samplers(self, family: Any, samplers=DEFAULT_SAMPLERS, n_samples: int | None = None,
+                         seed: int | None = None) -> list[dict[str, Any]]:
+        """Quality and time per image for each (sampler, steps), e.g. for `plots.plot_quality_vs_steps`.
+
+        Returns:
+            One row per setting: {"sampler", "steps", "seconds_per_image", **sample_metrics}.
+        """
+        n = n_samples or self.settings.n_samples
+        seed = self.settings.seed if seed is None else seed
+        rows = []
+        with _eval_mode(family):
+            for sampler, steps in samplers:
+                start = time.perf_counter()
+                images = self.generate(family, n, seed, {"sampler": sampler, "steps": steps})  # .cpu() syncs
+                seconds = (time.perf_counter() - start) / n
+                rows.append({"sampler": sampler, "steps": steps, "seconds_per_image": seconds,
+                             **self.sample_metrics(images)})
+        return rows
+
+
+def evaluate_family(family: Any, cfg: DictConfig, n_samples: int | None = None, device: str | torch.device = "cpu",
+                    datasets: tuple[Any, Any] | None = None, **sample_options: Any) -> dict[str, float]:
+    """One-shot `Evaluator(cfg, device, datasets).evaluate(family, n_samples, **sample_options)`."""
+    return Evaluator(cfg, device, datasets).evaluate(family, n_samples, **sample_options)

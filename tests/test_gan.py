@@ -1,0 +1,268 @@
+"""GAN family: losses and penalties by hand, diagnostics on synthetic logs, training, export, the CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import genlab
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import gan as G
+from genlab.families.gan import GAN, GanDiagnostics, load_generator
+
+# Tiny networks gain nothing from a second thread and lose a lot when the cores are busy.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gan(**kwargs) -> GAN:
+    torch.manual_seed(0)
+    return GAN(**{"image_size": 8, "channels": 1, "latent_dim": 8, "g_channels": 8, "d_channels": 8,
+                  "diag_every": 0, **kwargs})
+
+
+def digits_like(n: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(n, 1, 8, 8, generator=g) > 0.6).float() * 2 - 1
+
+
+T = torch.tensor
+
+
+# ---- losses --------------------------------------------------------------------------------
+def test_losses_on_known_logits():
+    ln2 = math.log(2)
+    zero = torch.zeros(4)
+    assert G.d_loss_nonsaturating(zero, zero).item() == pytest.approx(2 * ln2)
+    assert G.d_loss_nonsaturating(T([30.0]), T([-30.0])).item() == pytest.approx(0, abs=1e-6)
+    # One-sided smoothing: target 0.9 at sigmoid(logit) = 0.9 costs the Bernoulli entropy of 0.9.
+    entropy = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert G.d_loss_nonsaturating(T([math.log(9)]), T([0.0]), real_target=0.9).item() == pytest.approx(entropy + ln2)
+    assert G.g_loss_nonsaturating(zero).item() == pytest.approx(ln2)
+    assert G.g_loss_nonsaturating(T([-30.0])).item() == pytest.approx(30, rel=1e-6)
+
+    real, fake = T([2.0, 0.5]), T([-2.0, 0.5])
+    assert G.d_loss_hinge(real, fake).item() == pytest.approx(0.25 + 0.75)
+    assert G.g_loss_hinge(fake).item() == pytest.approx(0.75)
+    assert G.d_loss_wgan(T([1.0, 3.0]), T([0.0, -2.0])).item() == pytest.approx(-3.0)
+    assert G.g_loss_wgan(T([0.0, -2.0])).item() == pytest.approx(1.0)
+    assert G.d_loss_lsgan(T([1.0, 0.0]), T([0.0, 1.0])).item() == pytest.approx(0.5)
+    assert G.d_loss_lsgan(T([0.9]), T([0.0]), real_target=0.9).item() == pytest.approx(0.0)
+    assert G.g_loss_lsgan(T([0.0, 1.0])).item() == pytest.approx(0.25)
+
+
+def test_gradient_penalty_is_zero_only_for_unit_gradient_norm():
+    real, fake = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    w = torch.randn(1, 4, 4)
+    w = w / w.norm()
+    linear = lambda s: lambda x: s * (x * w).flatten(1).sum(1)  # noqa: E731  D(x) = s w.x, ||grad|| = |s|
+    assert G.gradient_penalty(linear(1.0), real, fake).item() == pytest.approx(0, abs=1e-10)
+    assert G.gradient_penalty(linear(3.0), real, fake).item() == pytest.approx(4.0, rel=1e-5)  # (3-1)^2
+    assert G.gradient_penalty(linear(0.5), real, fake).item() == pytest.approx(0.25, rel=1e-5)
+
+
+def test_r1_matches_a_hand_computation():
+    x = torch.randn(5, 1, 3, 3, requires_grad=True)
+    logits = x.pow(2).flatten(1).sum(1)  # dD/dx = 2x  ->  R1 = mean 4 ||x||^2
+    expected = (4 * x.detach().pow(2).flatten(1).sum(1)).mean()
+    assert G.r1_penalty(logits, x).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_diffaugment_keeps_shapes_gradients_and_image_content():
+    x = torch.rand(8, 3, 16, 16, requires_grad=True)
+    out = G.diff_augment(x, ["color", "translation", "cutout"])
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    moved = G.AUGMENTS["translation"](x.detach())  # whole-pixel shifts: every value is an input value or padding
+    for i in range(8):
+        values = set(x[i].detach().flatten().tolist()) | {0.0}
+        assert all(min(abs(v - u) for u in values) < 1e-5 for v in moved[i].flatten().tolist()[:64])
+    holes = (G.AUGMENTS["cutout"](torch.ones(8, 1, 16, 16)) == 0).flatten(1).sum(1)
+    assert (holes > 0).all() and (holes <= 64).all()  # at most an 8x8 square (half the side)
+
+
+# ---- the family ----------------------------------------------------------------------------
+def test_config_errors():
+    with pytest.raises(ConfigError, match="data.num_classes is null"):
+        tiny_gan(conditional=True, num_classes=None)
+    with pytest.raises(ConfigError, match="hinge"):
+        tiny_gan(loss="wasserstein")
+    with pytest.raises(ConfigError, match="power of two"):
+        tiny_gan(image_size=28)
+    with pytest.raises(ConfigError, match="cutout"):
+        tiny_gan(diffaug="color,flip")
+
+
+def test_phases_param_groups_and_noise_schedule():
+    gan = tiny_gan(n_critic=3, d_lr_scale=2.0, g_lr_scale=0.5, instance_noise=0.2, instance_noise_steps=100)
+    assert gan.phases(7) == ["d", "d", "d", "g"]
+    groups = gan.param_groups()
+    assert groups["d"][0]["lr_scale"] == 2.0 and groups["g"][0]["lr_scale"] == 0.5
+    assert groups["d"][0]["betas"] == (0.5, 0.999)
+    assert sum(p.numel() for p in groups["g"][0]["params"]) == sum(p.numel() for p in gan.generator.parameters())
+    assert [gan._noise_std(s) for s in (0, 50, 100, 500)] == pytest.approx([0.2, 0.1, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("loss", G.LOSSES)
+def test_discriminator_steps_reduce_d_loss(loss):
+    gan = tiny_gan(loss=loss, r1_gamma=1.0 if loss == "hinge" else 0.0, label_smoothing=0.1)
+    batch = {"image": digits_like()}
+    opt = torch.optim.Adam(gan.param_groups()["d"], lr=2e-3, betas=(0.5, 0.999))
+
+    def d_loss():
+        torch.manual_seed(1)  # the same fakes (G is not trained here)
+        loss_value, logs = gan.loss("d", batch, 0)
+        return loss_value, logs
+
+    first, logs = d_loss()
+    assert {"d_loss", "d_real", "d_fake", "d_acc"} <= logs.keys()
+    assert ("gp" in logs) == (loss == "wgan_gp") and ("r1" in logs) == (loss == "hinge")
+    for _ in range(15):
+        loss_value, _ = d_loss()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+    last, logs = d_loss()
+    assert last.item() < first.item() - 0.1, (first.item(), last.item())
+    assert logs["d_acc"].item() > 0.9  # a fixed fake batch is easy to tell apart
+
+
+def test_generator_steps_reduce_g_loss():
+    gan = tiny_gan(arch="resnet", loss="hinge")
+    batch = {"image": digits_like()}
+    opt = torch.optim.Adam(gan.param_groups()["g"], lr=2e-3, betas=(0.5, 0.999))
+
+    def g_loss():
+        torch.manual_seed(1)
+        return gan.loss("g", batch, 0)[0]
+
+    first = g_loss().item()
+    for _ in range(10):
+        loss_value = g_loss()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+    assert g_loss().item() < first - 0.1
+
+
+def test_generator_phase_gradients_do_not_leak_into_the_next_d_step():
+    gan = tiny_gan(spectral_norm=False)  # SN's power iteration would change D between the two passes
+    batch = {"image": digits_like()}
+
+    def d_grads():
+        torch.manual_seed(3)
+        gan.loss("d", batch, 0)[0].backward()
+        return [p.grad.clone() for p in gan.discriminator.parameters()]
+
+    clean = d_grads()
+    gan.discriminator.zero_grad(set_to_none=True)
+    gan.loss("g", batch, 0)[0].backward()  # fills D's grads too; the loop zeroes only G's optimizer
+    assert any(p.grad is not None for p in gan.discriminator.parameters())
+    after_g = d_grads()
+    assert all(torch.allclose(a, b) for a, b in zip(clean, after_g))
+
+
+def test_sampling_conditional_and_export_round_trip(tmp_path):
+    gan = tiny_gan(conditional=True, num_classes=4, arch="resnet")
+    a, b = gan.sample(6, seed=0), gan.sample(6, seed=0)
+    assert a.shape == (6, 1, 8, 8) and a.min() >= -1 and a.max() <= 1 and torch.equal(a, b)
+    twos, threes = gan.sample(3, seed=0, class_label=2), gan.sample(3, seed=0, class_label=3)
+    assert not torch.allclose(twos, threes)
+    x, labels = digits_like(4), torch.tensor([0, 1, 2, 3])
+    assert not torch.allclose(gan.discriminator(x, labels), gan.discriminator(x, labels.flip(0)))  # projection
+    with pytest.raises(GenlabError, match="guidance"):
+        gan.sample(2, seed=0, guidance=2.0)
+    with pytest.raises(GenlabError, match="interpolate"):
+        gan.sample(2, seed=0, interpolate=True)
+
+    gan.generator.train()
+    gan.loss("d", {"image": x, "label": labels}, 0)  # moves BatchNorm statistics: they must be exported too
+    gan.export(tmp_path)
+    config = json.loads((tmp_path / "generator_config.json").read_text())
+    assert config["num_classes"] == 4 and config["arch"] == "resnet"
+    generator = load_generator(tmp_path)
+    z = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(generator(z, labels), gan.generator.eval()(z, labels))
+
+
+# ---- diagnostics ---------------------------------------------------------------------------
+def feed(diag: GanDiagnostics, d_acc, d_loss, g_loss) -> None:
+    for a, d, g in zip(d_acc, d_loss, g_loss):
+        diag.record({"d_acc": T(a), "d_loss": T(d)})
+        diag.record({"g_loss": T(g)})
+
+
+def test_diagnostics_warn_when_d_dominates_and_stay_silent_when_balanced(caplog):
+    caplog.set_level(logging.WARNING, logger="genlab.families.gan")
+    g = torch.Generator().manual_seed(0)
+    noisy = lambda mean, spread: (mean + spread * (torch.rand(60, generator=g) - 0.5)).tolist()  # noqa: E731
+
+    balanced = GanDiagnostics(window=50)
+    feed(balanced, noisy(0.6, 0.3), noisy(1.3, 0.4), noisy(0.8, 0.4))
+    assert balanced.check_balance() is None and not caplog.records
+
+    strong = GanDiagnostics(window=50)
+    feed(strong, noisy(0.985, 0.02), noisy(1.0, 0.1), noisy(1.0, 0.1))
+    assert "accuracy > 0.95" in strong.check_balance()
+    assert len(caplog.records) == 1 and "d_lr_scale" in caplog.records[0].getMessage()
+    strong.check_balance()  # the same condition again: not repeated
+    assert len(caplog.records) == 1
+
+    winning = GanDiagnostics(window=50)
+    steps = torch.linspace(0, 1, 60)
+    feed(winning, [0.8] * 60, (1.2 - 0.8 * steps).tolist(), (0.7 + 2.0 * steps).tolist())
+    assert "g_loss rose" in winning.check_balance()
+
+    short = GanDiagnostics(window=50)  # not enough history yet: no verdict
+    feed(short, [1.0] * 10, [0.1] * 10, [5.0] * 10)
+    assert short.check_balance() is None
+
+
+def test_diagnostics_detect_collapsed_samples(caplog):
+    caplog.set_level(logging.WARNING, logger="genlab.families.gan")
+    real = digits_like(32)
+    diag = GanDiagnostics()
+    assert diag.check_diversity(digits_like(64).roll(1, dims=2), real) is None
+    collapsed = real[:1].repeat(64, 1, 1, 1) + 0.01 * torch.randn(64, 1, 8, 8)
+    assert "diversity collapsed" in diag.check_diversity(collapsed, real)
+    assert len(caplog.records) == 1
+
+
+def test_family_runs_diagnostics_every_diag_every_steps(caplog):
+    caplog.set_level(logging.WARNING, logger="genlab.families.gan")
+    gan = tiny_gan(diag_every=2, diag_window=4)
+    with torch.no_grad():  # a generator that ignores z: total collapse
+        gan.generator.head[2].weight.zero_()
+    batch = {"image": digits_like()}
+    for step in range(3):
+        for phase in gan.phases(step):
+            gan.loss(phase, batch, step)
+    assert sum("diversity collapsed" in r.getMessage() for r in caplog.records) == 1  # checked at step 2 only
+
+
+def test_cli_train_and_sample(tmp_path):
+    run = tmp_path / "gan"
+    genlab("train", "model=gan", "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8",
+           "model.d_channels=8", "model.conditional=true", f"hydra.run.dir={run}", env=ONE_THREAD)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = {"d_loss", "g_loss", "d_real", "d_fake", "d_acc", "grad_norm_d", "grad_norm_g", "lr_d", "lr_g"}
+    assert len(rows) == 4 and all(keys <= r.keys() for r in rows)
+    assert (run / "samples" / "final.png").exists()
+    assert load_generator(run / "export")(torch.randn(2, 64), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
+    out = tmp_path / "grid.png"
+    genlab("sample", str(run), "--n", "4", "--class", "3", "--out", str(out), env=ONE_THREAD)
+    assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)

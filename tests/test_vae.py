@@ -1,0 +1,179 @@
+"""VAE family: the ELBO terms by hand, sampling options, anomaly scores, the export, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch.distributions import Normal, kl_divergence
+
+from conftest import genlab
+from genlab.errors import ConfigError, GenlabError
+from genlab.families.vae import VAE, kl_standard_normal, recon_error
+
+# Tiny networks gain nothing from a second thread and lose a lot when the cores are busy
+# (OpenMP spin-waits): one thread, here and in the CLI runs.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY = dict(image_size=8, channels=1, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=2,
+            mid_block_attention=False)
+
+
+def tiny_vae(**kwargs) -> VAE:
+    torch.manual_seed(0)
+    return VAE(**{**TINY, **kwargs})
+
+
+def blobs(n: int = 16, seed: int = 0) -> torch.Tensor:
+    """Smooth 8x8 bright squares at random places on a dark background, in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = -torch.ones(n, 1, 8, 8)
+    for i, (r, c) in enumerate(torch.randint(0, 5, (n, 2), generator=g).tolist()):
+        x[i, :, r:r + 3, c:c + 3] = 1.0
+    return x
+
+
+def test_kl_matches_the_closed_form_and_enters_the_loss_with_warmed_up_beta():
+    vae = tiny_vae(beta=2.0, kl_warmup_steps=100)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    mean, logvar = vae.vae.encode(x)
+    expected = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert torch.allclose(kl_standard_normal(mean, logvar), expected, rtol=1e-5)
+    # Large posteriors too (not just what a fresh encoder outputs).
+    m, lv = torch.randn(3, 2, 4, 4) * 3, torch.randn(3, 2, 4, 4) * 2
+    ref = kl_divergence(Normal(m, (0.5 * lv).exp()), Normal(0.0, 1.0)).flatten(1).sum(1)
+    assert torch.allclose(kl_standard_normal(m, lv), ref, rtol=1e-5)
+
+    loss, logs = vae.loss("vae", {"image": x}, step=50)  # half-way through the warm-up: beta = 1.0
+    assert torch.allclose(logs["kl"], expected.mean() / 64, rtol=1e-5)  # per image value (64 = 1x8x8)
+    assert logs["beta"].item() == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(logs["recon_loss"].item() + logs["kl"].item(), rel=1e-5)
+    assert vae.beta_at(0) == 0.0 and vae.beta_at(100) == vae.beta_at(10_000) == 2.0
+
+
+def test_reconstruction_errors_by_hand():
+    decoded, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    assert recon_error(decoded, target, "mse").tolist() == [4.0, 4.0]
+    assert recon_error(decoded - 1, target, "l1").tolist() == [8.0, 8.0]
+    # bce: logit 0 means p = 0.5 for every pixel of a white (target 1) image
+    assert recon_error(decoded, target, "bce") == pytest.approx([4 * math.log(2)] * 2)
+
+
+def test_training_reduces_the_loss_and_separates_anomalies():
+    vae = tiny_vae(kl_warmup_steps=0, beta=0.1)
+    data = {"image": blobs(32)}
+
+    def loss_now():
+        torch.manual_seed(1)  # the same posterior noise each time
+        return vae.loss("vae", data, 0)[0].item()
+
+    before = loss_now()
+    opt = torch.optim.Adam(vae.param_groups()["vae"], lr=3e-3)
+    for step in range(60):
+        loss, _ = vae.loss("vae", data, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = loss_now()
+    assert after < 0.5 * before, (before, after)
+    # Anomaly score = negative ELBO: images like the training data score lower than noise.
+    normal = vae.anomaly_scores(blobs(8, seed=5))
+    noise = vae.anomaly_scores(torch.rand(8, 1, 8, 8) * 2 - 1)
+    assert normal.shape == (8,) and normal.max() < noise.min()
+    # The running latent variance and an explicit measurement agree on the scaling factor.
+    measured = vae.measure_scaling_factor(data["image"])
+    running = 1 / math.sqrt(vae.vae.latent_var.item())
+    assert measured == vae.scaling_factor and 0.7 < measured / running < 1.4
+
+
+def test_prior_samples_are_seeded_and_in_range():
+    vae = tiny_vae()
+    a, b, c = vae.sample(6, seed=0), vae.sample(6, seed=0), vae.sample(6, seed=1)
+    assert a.shape == (6, 1, 8, 8) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    bce = tiny_vae(recon_loss="bce").sample(4, seed=0)
+    assert bce.min() > -1 and bce.max() < 1  # sigmoid of logits, rescaled
+
+
+def test_interpolation_and_reconstruction_grids():
+    vae = tiny_vae()
+    walk = vae.sample(8, seed=0, interpolate=True, steps=4)  # 2 rows of 4
+    assert walk.shape == (8, 1, 8, 8)
+    images = blobs(4)
+    mean = vae.vae.encode(images)[0]
+    ends = vae._to_image(vae.vae.decode(mean))
+    between = vae.sample(8, seed=0, interpolate=True, steps=4, images=images)  # rows: 0->1, 2->3
+    assert torch.allclose(between[[0, 3, 4, 7]], ends, atol=1e-5)  # each row starts and ends at an image
+    assert not torch.allclose(between[1], between[0])
+    recon = vae.sample(8, seed=0, reconstruct=True, images=images)
+    assert torch.equal(recon[0::2], images) and torch.allclose(recon[1::2], ends, atol=1e-5)
+    with pytest.raises(GenlabError, match="images"):
+        vae.sample(4, seed=0, reconstruct=True)
+
+
+def test_options_that_do_not_apply_are_refused():
+    vae = tiny_vae()
+    with pytest.raises(GenlabError, match="sampler"):
+        vae.sample(2, seed=0, sampler="ddim")
+    with pytest.raises(GenlabError, match="guidance"):
+        vae.sample(2, seed=0, guidance=3.0)
+    with pytest.raises(GenlabError, match="conditional"):
+        vae.sample(2, seed=0, class_label=1)
+    assert vae.sample(2, seed=0, guidance=None, sampler=None).shape == (2, 1, 8, 8)  # unset CLI options
+
+
+def test_conditional_vae_uses_labels():
+    with pytest.raises(ConfigError, match="data.num_classes is null"):
+        VAE(**TINY, conditional=True, num_classes=None)
+    vae = tiny_vae(conditional=True, num_classes=3)
+    torch.nn.init.normal_(vae.vae.label_to_latent.weight)  # as after training: labels change the decoding
+    x = blobs(4)
+    loss, logs = vae.loss("vae", {"image": x, "label": torch.tensor([0, 1, 2, 0])}, 0)
+    assert torch.isfinite(loss)
+    with pytest.raises(GenlabError, match="label"):
+        vae.loss("vae", {"image": x}, 0)
+    threes, ones = vae.sample(4, seed=0, class_label=2), vae.sample(4, seed=0, class_label=1)
+    assert threes.shape == (4, 1, 8, 8) and not torch.allclose(threes, ones)
+    with pytest.raises(GenlabError, match="out of range"):
+        vae.sample(2, seed=0, class_label=3)
+
+
+def test_export_is_a_plain_autoencoderkl_with_the_measured_scaling_factor(tmp_path):
+    vae = tiny_vae()
+    factor = vae.measure_scaling_factor(blobs(16))
+    vae.export(tmp_path)
+    loaded = AutoencoderKL.from_pretrained(tmp_path)
+    assert loaded.config.scaling_factor == pytest.approx(factor)
+    x = blobs(2)
+    with torch.no_grad():
+        ours = vae.vae.decode(vae.vae.encode(x)[0])
+        theirs = loaded.decode(loaded.encode(x).latent_dist.mode()).sample
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_cli_train_sample_interpolate_reconstruct(tmp_path):
+    run = tmp_path / "vae"
+    genlab("train", "model=vae", "trainer=debug", "logger=none", "data.image_size=8",
+           "model.block_out_channels=[8,16]", "model.norm_num_groups=4", f"hydra.run.dir={run}", env=ONE_THREAD)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({"loss", "recon_loss", "kl", "beta", "grad_norm_vae"} <= r.keys() for r in rows)
+    assert (run / "samples" / "final.png").exists()
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and config["scaling_factor"] > 0
+    for option in ("--interpolate", "--reconstruct"):  # plain `genlab sample` is covered in test_gan.py
+        out = tmp_path / f"grid{option}.png"
+        genlab("sample", str(run), "--n", "4", "--out", str(out), option, env=ONE_THREAD)
+        assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)  # 2x2 grid of 8 px images, 1 px padding
