@@ -103,6 +103,19 @@ def test_kid_near_zero_for_same_data_and_grows_with_noise(digit_features):
     assert kernel_distance(f["a"], f["b"]) == kernel_distance(f["a"], f["b"])  # seeded subsets
 
 
+def test_kid_equals_torchmetrics():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(300, 16, generator=g), torch.rand(250, 16, generator=g) + 0.05
+    kid = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=20, subset_size=200)
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    torch.manual_seed(3)  # torchmetrics draws its subsets from the global RNG
+    expected = [float(v) for v in kid.compute()]
+    assert kernel_distance(real, fake, subset_size=200, subsets=20, seed=3) == pytest.approx(expected, rel=1e-5)
+
+
 def test_precision_recall_one_on_itself_and_drop_when_shifted(digit_features):
     f = digit_features
     assert precision_recall(f["a"], f["a"]) == (1.0, 1.0)
@@ -188,7 +201,8 @@ def test_vae_bounds_exact_for_true_posterior_and_ordered_otherwise():
     encode, decode, log_px, s = _linear_vae(posterior_std_factor=2.0, mean_shift=0.5)
     loose, tight = (vae_scores(encode, decode, x, k=k, decoder_std=s) for k in (2, 256))
     elbo, iwae2, iwae256, truth = loose["elbo"].mean(), -loose["nll_iwae"].mean(), -tight["nll_iwae"].mean(), log_px(x).mean()
-    assert elbo < iwae2 < iwae256 < truth and truth - iwae256 < (truth - elbo) / 3
+    # The IWAE bound holds in expectation; its Monte Carlo estimate may overshoot a little.
+    assert elbo < iwae2 < iwae256 < truth + 0.05 and abs(truth - iwae256) < (truth - elbo) / 10
 
 
 def test_anomaly_auroc():

@@ -59,7 +59,7 @@ def train(family, steps, lr=1e-3, data=None):
     return losses
 
 
-def pipe_images(pipe, prompts, seed=0, steps=4, **kw):
+def pipe_images(pipe, prompts, seed=0, steps=2, **kw):
     pipe.scheduler = ld.sampler("unipc", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompts, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
@@ -146,11 +146,11 @@ def test_sd_learns_samples_by_prompt_and_exports_a_pipeline(sd_run):
     assert sum(losses[-3:]) < 0.8 * sum(losses[:3])  # overfits a fixed batch
     prompts = FillCircles("val", count=16, val_count=8)
     assert family.default_prompts(4)[:4] == [prompts[i]["caption"] for i in range(4)]
-    a, b = family.sample(4, seed=1, steps=4), family.sample(4, seed=1, steps=4)
+    a, b = family.sample(4, seed=1, steps=2), family.sample(4, seed=1, steps=2)
     assert a.shape == (4, 3, 32, 32) and a.min() >= -1 and a.max() <= 1 and torch.equal(a, b)
-    assert not torch.allclose(a, family.sample(4, seed=2, steps=4))
-    red = family.sample(2, seed=1, steps=4, prompt="a red circle on a blue background")
-    assert not torch.allclose(red, family.sample(2, seed=1, steps=4, prompt="a white circle on a black background"))
+    assert not torch.allclose(a, family.sample(4, seed=2, steps=2))
+    red = family.sample(2, seed=1, steps=2, prompt="a red circle on a blue background")
+    assert not torch.allclose(red, family.sample(2, seed=1, steps=2, prompt="a white circle on a black background"))
     # The export is a plain StableDiffusionPipeline that draws the same images.
     pipe = StableDiffusionPipeline.from_pretrained(run / "export")
     assert pipe.vae.config.scaling_factor == 0.5 and len(pipe.tokenizer) == 49408
@@ -170,12 +170,12 @@ def test_sd_lora_finetune_keeps_base_and_exports_loadable_lora(sd_run, tmp_path)
     train(family, 3, lr=1e-2)
     assert torch.equal(before, family.unet.conv_in.weight)
     prompt = ["a green circle on a white background"] * 2
-    tuned = family.sample(2, seed=3, steps=4, prompt=prompt)
-    assert not torch.allclose(tuned, family.sample(2, seed=3, steps=4, prompt=prompt, own_lora=0.0))
+    tuned = family.sample(2, seed=3, steps=2, prompt=prompt)
+    assert not torch.allclose(tuned, family.sample(2, seed=3, steps=2, prompt=prompt, own_lora=0.0))
     # Stacking this run's own LoRA file at weight 0 changes nothing; at 1 it doubles the effect.
     family.export(tmp_path / "export")
-    assert torch.allclose(tuned, family.sample(2, 3, steps=4, prompt=prompt, lora=[f"{tmp_path / 'export'}:0"]), atol=1e-6)
-    assert not torch.allclose(tuned, family.sample(2, 3, steps=4, prompt=prompt, lora=[str(tmp_path / "export")]))
+    assert torch.allclose(tuned, family.sample(2, 3, steps=2, prompt=prompt, lora=[f"{tmp_path / 'export'}:0"]), atol=1e-6)
+    assert not torch.allclose(tuned, family.sample(2, 3, steps=2, prompt=prompt, lora=[str(tmp_path / "export")]))
     base = StableDiffusionPipeline.from_pretrained(run / "export")
     base.load_lora_weights(tmp_path / "export")
     assert torch.allclose(pipe_images(base, prompt, seed=3), tuned, atol=1e-5)
@@ -213,7 +213,7 @@ def test_controlnet_export_generates_the_same_in_plain_diffusers(sd_run, tmp_pat
     torch.manual_seed(0)
     family = ControlNet(32, base=str(run), lora=dict(rank=4, alpha=4), validation_data=VAL).to(CPU)
     train(family, 2, lr=1e-2)
-    ours = family.sample(3, seed=5, steps=4)  # the val pairs: sketches and captions
+    ours = family.sample(3, seed=5, steps=2)  # the val pairs: sketches and captions
     family.export(tmp_path)
     assert {"controlnet", "pytorch_lora_weights.safetensors", "genlab_export.json"} <= {p.name for p in tmp_path.iterdir()}
     info = json.loads((tmp_path / "genlab_export.json").read_text())
@@ -225,11 +225,14 @@ def test_controlnet_export_generates_the_same_in_plain_diffusers(sd_run, tmp_pat
     theirs = pipe_images(pipe, [val[i]["caption"] for i in range(3)], seed=5,
                          image=torch.stack([val[i]["sketch"] for i in range(3)]))
     assert torch.allclose(ours, theirs, atol=1e-5)
+    pairs = family.sample_pairs(3, seed=5, steps=2)  # for validation grids: sketch | output
+    assert pairs.shape == (3, 3, 32, 64) and torch.allclose(pairs[..., 32:], ours)
+    assert torch.allclose(pairs[..., :32], torch.stack([val[i]["sketch"] for i in range(3)]) * 2 - 1)
     # A user's sketch as a file, a prompt, a control scale of 0 (= the base with its LoRA).
     Image.fromarray((val[0]["sketch"].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "s.png")
-    from_file = family.sample(1, seed=5, steps=4, sketch=tmp_path / "s.png", prompt=val[0]["caption"])
+    from_file = family.sample(1, seed=5, steps=2, sketch=tmp_path / "s.png", prompt=val[0]["caption"])
     assert torch.allclose(from_file, ours[:1], atol=1e-5)
-    off = family.sample(1, seed=5, steps=4, sketch=tmp_path / "s.png", prompt=val[0]["caption"], control_scale=0.0)
+    off = family.sample(1, seed=5, steps=2, sketch=tmp_path / "s.png", prompt=val[0]["caption"], control_scale=0.0)
     assert not torch.allclose(off, ours[:1], atol=1e-3)
 
 
@@ -243,7 +246,7 @@ def test_control_lora_trains_a_small_set_and_merges_on_export(sd_run, tmp_path):
     assert names and all("lora_" in n or n.startswith(new_parts) for n in names)
     assert any("lora_" in n for n in names) and not any(p.requires_grad for p in family.unet.parameters())
     train(family, 2, lr=1e-2)
-    ours = family.sample(2, seed=0, steps=4)
+    ours = family.sample(2, seed=0, steps=2)
     family.export(tmp_path)
     from safetensors.torch import load_file
 

@@ -49,3 +49,19 @@ class Toy:
     def export(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.net.state_dict(), out_dir / "net.pt")
+
+
+class SignalAtStep(Toy):
+    """A Toy that sends itself `signum` during optimizer step `at_step` (a scheduler's warning)."""
+
+    def __init__(self, image_size: int, channels: int, at_step: int, signum: int, noise: bool = True):
+        super().__init__(image_size, channels, noise)
+        self.at_step, self.signum, self.sent = at_step, signum, False
+
+    def loss(self, phase, batch, step):
+        if step == self.at_step and not self.sent:
+            import os
+
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+        return super().loss(phase, batch, step)

@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from genlab.config import _closest, check_values, dotted_keys
-from genlab.errors import ConfigError, GenlabError
+from genlab.errors import ConfigError
 from genlab.train.loop import StopRequested, load_run_config, run_training
 
 log = logging.getLogger("genlab")
@@ -45,9 +45,8 @@ def resume_run(run_dir: Path, overrides: list[str]) -> dict:
         summary = run_training(cfg, run_dir, resume=True)
     except StopRequested as stop:
         log.warning("stopped by %s after a checkpoint", stop)
+        stop.hand_over()
         sys.exit(128 + stop.signum)
-    except GenlabError:
-        raise
     shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.items() if "loss" in k)
     print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
     return summary

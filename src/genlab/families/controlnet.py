@@ -176,6 +176,14 @@ class ControlNet:
                        generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
 
+    @torch.no_grad()
+    def sample_pairs(self, n: int, seed: int, **options: Any) -> torch.Tensor:
+        """`sketch | output` side by side for the first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
+        pairs = self.validation_pairs(n)
+        sketches = ld.load_sketch(torch.stack([item["sketch"] for item in pairs]), self.image_size, n)
+        images = self.sample(n, seed, **options)
+        return torch.cat([sketches.to(images.device) * 2 - 1, images], dim=3)
+
     def export(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
         controlnet = ld.unwrap(self.controlnet)

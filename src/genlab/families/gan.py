@@ -408,7 +408,7 @@ class GAN:
         if class_label is not None and not self.num_classes:
             raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
         if class_label is not None and not 0 <= class_label < self.num_classes:
-            raise GenlabError(f"--class {class_label} is out of range: this model has classes 0..{self.num_classes - 1}")
+            raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
         generator = _unwrap(self.generator)
         device = next(generator.parameters()).device
         z = torch.randn(n, self.generator_config["latent_dim"], generator=torch.Generator().manual_seed(seed))
@@ -465,8 +465,9 @@ class GAN:
         # midpoint of the batch for an (unbounded) WGAN critic.
         threshold = {"lsgan": 0.5, "wgan_gp": (real_logits.mean() + fake_logits.mean()) / 2}.get(self.loss_name, 0.0)
         to_score = torch.sigmoid if self.loss_name == "nonsaturating" else (lambda t: t)
-        logs |= {"d_loss": loss.detach(), "d_real": to_score(real_logits).mean(), "d_fake": to_score(fake_logits).mean(),
-                 "d_acc": ((real_logits > threshold).float().mean() + (fake_logits < threshold).float().mean()) / 2}
+        accuracy = ((real_logits > threshold).float().mean() + (fake_logits < threshold).float().mean()) / 2
+        logs |= {"d_loss": loss.detach(), "d_real": to_score(real_logits).mean(),
+                 "d_fake": to_score(fake_logits).mean(), "d_acc": accuracy}
         if self.instance_noise:
             logs["instance_noise"] = torch.tensor(self._noise_std(step), device=real.device)
         return loss, logs

@@ -297,7 +297,7 @@ class VAE:
             return None
         if class_label is not None:
             if not 0 <= class_label < self.num_classes:
-                raise GenlabError(f"--class {class_label} is out of range: this model has classes 0..{self.num_classes - 1}")
+                raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
             return torch.full((n,), class_label, dtype=torch.long, device=device)
         if labels is not None:
             return labels[:n].to(device)

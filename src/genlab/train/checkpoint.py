@@ -26,9 +26,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from genlab.errors import GenlabError
+
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointWriteError(GenlabError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
 
 
 def _fsync(path: Path) -> None:
@@ -51,9 +57,28 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
     Returns:
         The final checkpoint directory.
     """
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".step_{step:06d}.tmp"
+    try:
+        _write(ckpt_root, final, tmp, step, networks, files, state)
+    except (OSError, RuntimeError) as error:  # disk full, quota, read-only; torch.save says RuntimeError
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        free_kib = shutil.disk_usage(ckpt_root).free // 1024 if ckpt_root.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(ckpt_root)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final}: {reason} ({free_kib} KiB left on that disk). "
+            f"The previous checkpoint {previous[-1] if previous else '(none)'} is intact; free space or "
+            "move the run, then `genlab resume`.") from None
+    if keep:
+        for old in complete_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(ckpt_root: Path, final: Path, tmp: Path, step: int, networks: dict[str, torch.nn.Module],
+           files: dict[str, Any], state: dict[str, Any]) -> None:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, network in networks.items():
@@ -73,10 +98,6 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(ckpt_root)
-    if keep:
-        for old in complete_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(ckpt_root: Path, warn: bool = False) -> list[Path]:

@@ -6,6 +6,7 @@ multirun, launchers (submitit), sweepers (Optuna), output directories, --cfg job
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,12 +24,19 @@ log = logging.getLogger("genlab")
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
 def hydra_train(cfg: DictConfig) -> float | None:
     """Train one job; returns the sweep objective (the last logged loss) for sweepers."""
-    from genlab.train.loop import run_training
+    from genlab.train.loop import StopRequested, run_training
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    print(f"run directory: {run_dir}", flush=True)
+    # A job requeued after pre-emption (submitit re-runs it in the same directory) picks up
+    # from its checkpoint instead of starting over.
+    status = run_dir / "status.json"
+    resume = status.exists() and json.loads(status.read_text())["status"] == "interrupted"
+    print(f"run directory: {run_dir}{' (resuming after an interruption)' if resume else ''}", flush=True)
     try:
-        summary = run_training(cfg, run_dir)
+        summary = run_training(cfg, run_dir, resume=resume)
+    except StopRequested as stop:
+        stop.hand_over()  # under submitit: requeue this job, then exit
+        sys.exit(128 + stop.signum)
     except GenlabError as error:
         log.error("%s", error)
         if HydraConfig.get().mode.name == "MULTIRUN":

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,20 @@ class NonFiniteError(GenlabError):
 
 
 class StopRequested(Exception):
-    """A signal (SLURM's pre-emption warning, SIGTERM) asked the run to checkpoint and stop."""
+    """A signal (SLURM's pre-emption warning, SIGTERM) asked the run to checkpoint and stop.
 
-    def __init__(self, signum: int):
+    `previous_handler` is whatever handled the signal before genlab (submitit's
+    checkpoint-and-requeue under SLURM); it is called once the checkpoint is complete.
+    """
+
+    def __init__(self, signum: int, previous_handler: Any = None):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.previous_handler = signum, previous_handler
+
+    def hand_over(self) -> None:
+        """Let the previous handler act (submitit requeues the job and exits)."""
+        if callable(self.previous_handler):
+            self.previous_handler(self.signum, None)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -178,6 +188,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt"))
             self.ema.to(self.accelerator.device)
         self._resume_rng = training_state["rng"]
+        truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         log.info("resumed from %s at step %d", path, self.step)
         return state["data_position"]
@@ -253,8 +264,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `trainer.max_steps`; returns a summary (last logged scalars, paths)."""
         t, acc = self.t, self.accelerator
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
-            signal.signal(sig, self._on_signal)
+        self.previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, getattr(signal, f"SIG{t.preempt_signal}")):
+                self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
         if getattr(self, "_resume_rng", None):
             _set_rng_state(self._resume_rng)
         progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
@@ -266,8 +279,10 @@ class Trainer:
             network.train()
         while self.step < t.max_steps:
             if self.stop_signal is not None:
+                log.warning("%s received: checkpointing at step %d and stopping",
+                            signal.Signals(self.stop_signal).name, self.step)
                 self.save_checkpoint()
-                raise StopRequested(self.stop_signal)
+                raise StopRequested(self.stop_signal, self.previous_handlers.get(self.stop_signal))
             stepped = [self._optimizer_step(phase, sums) for phase in self.family.phases(self.step)]
             if not all(stepped):
                 continue  # a skipped non-finite step: same step number, next batches
@@ -306,6 +321,18 @@ class Trainer:
                 self.family.export(self.run_dir / "export")
         self.accelerator.wait_for_everyone()
         return {"step": self.step, **logged}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from: steps never go backwards."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        log.info("metrics.jsonl: dropped %d lines logged after step %d (they will be logged again)",
+                 len(lines) - len(kept), step)
+        path.write_text("".join(kept))
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:

@@ -1,0 +1,127 @@
+"""Pre-emption, disk full, read-only output, resumed metrics: the promises of README's Reliability section."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from conftest import TINY_DDPM, genlab, toy_config
+from genlab.errors import GenlabError
+from genlab.train.checkpoint import CheckpointWriteError, complete_checkpoints
+from genlab.train.loop import StopRequested, run_training
+
+
+def _steps(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tmp_path):
+    """USR2 only sets a flag; the loop checkpoints at the step boundary, then submitit's handler runs."""
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # mocked scheduler
+    try:
+        cfg = toy_config("trainer.max_steps=8", "trainer.checkpoint_every=100")
+        cfg.model = OmegaConf.create({"_target_": "toy_family.SignalAtStep", "image_size": 8, "channels": 1,
+                                      "at_step": 2, "signum": int(signal.SIGUSR2)})
+        with pytest.raises(StopRequested) as stop:
+            run_training(cfg, tmp_path / "run")
+        assert calls == []  # nothing requeued before the checkpoint is complete
+        assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000003"]
+        stop.value.hand_over()
+        assert calls == [signal.SIGUSR2]
+        assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    # the requeued job resumes and ends exactly where an uninterrupted run ends
+    cfg.model.at_step = -1
+    run_training(cfg, tmp_path / "run", resume=True)
+    straight = toy_config("trainer.max_steps=8", "trainer.checkpoint_every=100", noise=True)
+    run_training(straight, tmp_path / "straight")
+    a = load_file(complete_checkpoints(tmp_path / "run" / "checkpoints")[-1] / "net.safetensors")
+    b = load_file(complete_checkpoints(tmp_path / "straight" / "checkpoints")[-1] / "net.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _steps(tmp_path / "run") == list(range(1, 9))
+
+
+def test_sigterm_exits_143_after_a_checkpoint_and_rerun_resumes(tmp_path):
+    """Through the CLI: SIGTERM mid-run -> exit 143 with a checkpoint; the same command again resumes."""
+    run = tmp_path / "run"
+    args = ["train", *TINY_DDPM, "trainer.max_steps=400", "trainer.sample_every=0", "trainer.checkpoint_every=1000",
+            "trainer.log_every=1", f"hydra.run.dir={run}"]
+    from conftest import GENLAB
+
+    process = subprocess.Popen([GENLAB, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    import time
+
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, output
+    ckpts = complete_checkpoints(run / "checkpoints")
+    assert len(ckpts) == 1
+    stopped_at = json.loads((ckpts[0] / "state.json").read_text())["step"]
+    assert 3 <= stopped_at < 400 and json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    result = genlab(*[a if a != "trainer.max_steps=400" else f"trainer.max_steps={stopped_at + 2}" for a in args])
+    assert "resuming after an interruption" in result.stdout
+    assert _steps(run) == list(range(1, stopped_at + 3))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs mounted under tmp_path (skips where mounting is not allowed)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        target = tmp_path / f"mnt{len(mounted)}"
+        target.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(target)
+        return target
+
+    yield mount
+    for target in mounted:
+        subprocess.run(["umount", str(target)], capture_output=True)
+
+
+def test_disk_full_fails_within_one_save_and_keeps_the_previous_checkpoint(tmpfs):
+    disk = tmpfs("1400k")  # room for one checkpoint of a 16 px Toy (~0.8 MB), not two
+    cfg = toy_config("data.image_size=16", "trainer.max_steps=6", "trainer.checkpoint_every=1",
+                     "trainer.keep_checkpoints=1")
+    cfg.model.image_size = 16
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*step_000002.* KiB left on that disk") as error:
+        run_training(cfg, disk / "run")
+    assert "step_000001 is intact" in str(error.value)
+    kept = complete_checkpoints(disk / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["step_000001"]
+    assert not list((disk / "run" / "checkpoints").glob(".*tmp"))  # the half-written one is gone
+    weights = load_file(kept[0] / "net.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_read_only_output_fails_at_start_up(tmpfs):
+    read_only = tmpfs("100k", read_only=True)
+    with pytest.raises(GenlabError, match="cannot write to the run directory"):
+        run_training(toy_config(), read_only / "run")
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    """Killed after logging step 5 but with a checkpoint at 4: the resumed log has no step twice."""
+    run = tmp_path / "run"
+    run_training(toy_config("trainer.max_steps=4", "trainer.checkpoint_every=4"), run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")  # logged, then killed before checkpoint 6
+    run_training(toy_config("trainer.max_steps=6", "trainer.checkpoint_every=4"), run, resume=True)
+    assert _steps(run) == [1, 2, 3, 4, 5, 6]
