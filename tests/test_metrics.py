@@ -273,17 +273,39 @@ class DataFamily:
         return self.images[torch.randperm(len(self.images), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-def test_evaluator_on_digits_picks_coverage_and_caches_reference(trained, cache_dir):
+@pytest.fixture(scope="module")
+def digits_evaluator(trained, cache_dir):
     cfg = OmegaConf.create({"data": {"_target_": "genlab.data.digits.Digits", "image_size": 16, "channels": 1},
                             "eval": {"cache_dir": str(cache_dir), "n_samples": 150, "batch_size": 100}})
-    evaluator = Evaluator(cfg)
+    return Evaluator(cfg)
+
+
+def test_evaluator_on_digits_picks_coverage_and_caches_reference(digits_evaluator, cache_dir):
     assert len(list(cache_dir.glob("ref_digits-*_train_16px_digits_cnn-*_n1617.pt"))) == 1
     data = Digits("val", 16, 1)
-    good = evaluator.evaluate(DataFamily(data.images))
-    bad = evaluator.evaluate(DataFamily(data.images[data.labels == 3]), n_samples=18)
+    good = digits_evaluator.evaluate(DataFamily(data.images))
+    bad = digits_evaluator.evaluate(DataFamily(data.images[data.labels == 3]), n_samples=18)
     assert "fid" not in good and good["classes_covered"] == 10 and bad["classes_covered"] <= 3
     assert good["fid_digits_cnn"] < bad["fid_digits_cnn"] and good["class_kl"] < 0.1 < bad["class_kl"]
     assert good["recall_digits_cnn"] > bad["recall_digits_cnn"]
+
+
+class StepsFamily(DataFamily):
+    """Data images plus noise that shrinks with the sampler's step count."""
+
+    def sample(self, n, seed, sampler, steps):
+        noise = (0.5 if sampler == "ddim" else 0.3) * 10 / steps
+        images = super().sample(n, seed)
+        return (images + noise * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+
+
+def test_compare_samplers_rows_and_plot(digits_evaluator, tmp_path):
+    family = StepsFamily(Digits("val", 16, 1).images)
+    rows = digits_evaluator.compare_samplers(family, [("ddim", 10), ("ddim", 50), ("dpm", 10)], n_samples=100)
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 10), ("ddim", 50), ("dpm", 10)]
+    assert rows[0]["fid_digits_cnn"] > rows[2]["fid_digits_cnn"] > rows[1]["fid_digits_cnn"]
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+    assert plot_quality_vs_steps(rows, "fid_digits_cnn", tmp_path / "q.png").stat().st_size > 10_000
 
 
 class CircleFamily:

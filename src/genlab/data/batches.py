@@ -101,7 +101,11 @@ class BatchStream:
             return (self.dataset.get_batch(self.order.batch(perm, b))
                     for b in range(self.batch_in_epoch, self.order.batches_per_epoch))
         sampler = _EpochSampler(self.order, self.epoch, self.batch_in_epoch)
-        return iter(DataLoader(_SeededItems(self.dataset, self.order.seed), batch_sampler=sampler, **self.loader_kwargs))
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the
+        # global RNG each time an iterator starts, which would shift the model's noise on resume.
+        generator = torch.Generator().manual_seed(self.order.seed * 100_003 + self.epoch)
+        return iter(DataLoader(_SeededItems(self.dataset, self.order.seed), batch_sampler=sampler,
+                               generator=generator, **self.loader_kwargs))
 
     def __iter__(self) -> "BatchStream":
         return self

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -103,6 +104,8 @@ def _eval_mode(family: Any):
 
 def find_autoencoder(family: Any):
     """The family's trainable diffusers `AutoencoderKL` (the VAE family), or None."""
+    if "diffusers" not in sys.modules:  # no AutoencoderKL exists; skip a 3-10 s import
+        return None
     from accelerate.utils import extract_model_from_parallel
     from diffusers import AutoencoderKL
 
