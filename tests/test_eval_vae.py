@@ -1,4 +1,4 @@
-"""VAE metrics through the Evaluator, with a tiny diffusers AutoencoderKL (the VAE export format)."""
+"""VAE metrics through the Evaluator: genlab's VAE family and a bare diffusers AutoencoderKL."""
 
 import math
 
@@ -7,46 +7,74 @@ import torch
 from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 
-from genlab.eval.evaluate import Evaluator, find_autoencoder
+from genlab.data.digits import Digits
+from genlab.eval.evaluate import Evaluator, find_vae
 from genlab.eval.vae_metrics import autoencoder_kl_fns, vae_scores
+from genlab.families.vae import VAE
+
+TINY = dict(image_size=16, channels=1, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=2,
+            mid_block_attention=False)
 
 
-def tiny_vae():
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks gain nothing from a second thread and lose a lot on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("genlab_cache")
+
+
+def tiny_vae(**kwargs) -> VAE:
     torch.manual_seed(0)
-    return AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=8,
-                         latent_channels=2, sample_size=16)
+    return VAE(**{**TINY, **kwargs})
 
 
-class VAEFamily:
-    def __init__(self):
-        self.vae = tiny_vae()
+def test_find_vae_reads_the_likelihood_the_family_trains():
+    assert find_vae(tiny_vae())[2] == "gaussian"
+    assert find_vae(tiny_vae(recon_loss="l1"))[2] == "laplace"
+    assert find_vae(tiny_vae(recon_loss="bce"))[2] == "bernoulli"
+    assert find_vae(tiny_vae(), likelihood="laplace")[2] == "laplace"
 
-    def networks(self):
-        return {"vae": self.vae}
 
-    @torch.no_grad()
-    def sample(self, n, seed, **options):
-        z = torch.randn(n, 2, 8, 8, generator=torch.Generator().manual_seed(seed))
-        return self.vae.decode(z).sample.clamp(-1, 1)
+@pytest.mark.parametrize("recon_loss", ["mse", "l1", "bce"])
+def test_elbo_is_the_vae_training_objective_at_beta_one(recon_loss):
+    """-ELBO (nats per image) = the family's loss x C*H*W + the likelihood's constant."""
+    family = tiny_vae(recon_loss=recon_loss, kl_warmup_steps=0)
+    family.vae.eval()
+    x = Digits("val", 16, 1).images[:32]
+    encode, decode, likelihood = find_vae(family)
+    elbo = vae_scores(encode, decode, x, k=64, likelihood=likelihood)["elbo"].mean()
+    torch.manual_seed(1)
+    loss = torch.stack([family.loss("vae", {"image": x}, 0)[0] for _ in range(64)]).mean() * x[0].numel()
+    constant = {"mse": 0.5 * math.log(math.pi), "l1": math.log(2.0), "bce": 0.0}[recon_loss] * x[0].numel()
+    assert -elbo.item() == pytest.approx(loss.item() + constant, rel=0.01)
 
 
 def test_autoencoder_kl_bounds_are_ordered():
-    vae = tiny_vae().eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=8,
+                        latent_channels=2, sample_size=16).eval()
     x = torch.rand(6, 1, 16, 16) * 2 - 1
     scores = vae_scores(*autoencoder_kl_fns(vae), x, k=8)
     assert all(v.shape == (6,) and torch.isfinite(v).all() for v in scores.values())
     assert (scores["elbo"] <= -scores["nll_iwae"] + 1e-3).all()  # Jensen, per image, same samples
 
 
-def test_evaluator_adds_vae_metrics_and_anomaly_auroc(tmp_path):
+@pytest.mark.parametrize("conditional", [False, True])
+def test_evaluator_adds_vae_metrics_and_anomaly_auroc(cache_dir, conditional):
     cfg = OmegaConf.create({
         "data": {"_target_": "genlab.data.digits.Digits", "image_size": 16, "channels": 1, "exclude_classes": [0]},
-        "eval": {"cache_dir": str(tmp_path), "n_samples": 64, "iwae_k": 4},
+        "eval": {"cache_dir": str(cache_dir), "n_samples": 64, "iwae_k": 4},
     })
-    family = VAEFamily()
+    family = tiny_vae(conditional=conditional, num_classes=10)
     family.vae.train()
-    assert find_autoencoder(family) is family.vae
     metrics = Evaluator(cfg).evaluate(family)
     assert family.vae.training  # put back in train mode after evaluating
     assert {"recon_mse", "elbo", "nll_iwae", "anomaly_auroc", "fid_digits_cnn", "classes_covered"} <= set(metrics)

@@ -22,6 +22,15 @@ from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
 NOISE = (0.1, 0.2, 0.4, 0.8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small networks gain nothing from a second thread and lose a lot on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("genlab_cache")
@@ -195,11 +204,11 @@ def _linear_vae(posterior_std_factor=1.0, mean_shift=0.0):
 def test_vae_bounds_exact_for_true_posterior_and_ordered_otherwise():
     x = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     encode, decode, log_px, s = _linear_vae()
-    exact = vae_scores(encode, decode, x, k=4, decoder_std=s)
+    exact = vae_scores(encode, decode, x, k=4, scale=s)
     assert torch.allclose(exact["elbo"], log_px(x), atol=1e-4)
     assert torch.allclose(-exact["nll_iwae"], log_px(x), atol=1e-4)
     encode, decode, log_px, s = _linear_vae(posterior_std_factor=2.0, mean_shift=0.5)
-    loose, tight = (vae_scores(encode, decode, x, k=k, decoder_std=s) for k in (2, 256))
+    loose, tight = (vae_scores(encode, decode, x, k=k, scale=s) for k in (2, 256))
     elbo, iwae2, iwae256, truth = loose["elbo"].mean(), -loose["nll_iwae"].mean(), -tight["nll_iwae"].mean(), log_px(x).mean()
     # The IWAE bound holds in expectation; its Monte Carlo estimate may overshoot a little.
     assert elbo < iwae2 < iwae256 < truth + 0.05 and abs(truth - iwae256) < (truth - elbo) / 10
@@ -253,6 +262,24 @@ def test_inception_unavailable_offline_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", offline)
     with pytest.raises(GenlabError, match="use eval.extractor=digits_cnn"):
         features.build_extractor("inception", 16, 1)
+
+
+def test_inception_gets_uint8_rgb(monkeypatch):
+    import torchmetrics.image.fid
+
+    class FakeInception(torch.nn.Module):  # stands in for the real weights, which need the network
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8 and x.shape[1] == 3
+            return x.float().mean((2, 3)).repeat(1, 683)[:, :2048]
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", FakeInception)
+    extractor = features.build_extractor("inception", 16, 1)
+    feats, logits = extract(extractor, torch.ones(2, 1, 16, 16))
+    assert feats.shape == (2, 2048) and logits is None and feats[0, 0] == 255
 
 
 def test_eval_config_rejects_unknown_keys():
@@ -332,11 +359,18 @@ class CircleFamily:
         return torch.stack(out)
 
 
-def test_evaluator_on_fill_circles_measures_control(cache_dir):
+def test_evaluator_on_fill_circles_measures_control(cache_dir, monkeypatch):
+    import torchmetrics.image.fid
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", offline)
     cfg = OmegaConf.create({"data": {"_target_": "genlab.data.fill_circles.FillCircles", "image_size": 16,
                                      "channels": 3, "count": 200, "val_count": 64},
-                            "eval": {"cache_dir": str(cache_dir), "extractor": "digits_cnn", "n_samples": 64}})
-    evaluator = Evaluator(cfg)
+                            "eval": {"cache_dir": str(cache_dir), "n_samples": 64}})
+    evaluator = Evaluator(cfg)  # extractor "auto": Inception is unavailable, so digits_cnn
+    assert evaluator.extractor_name == "digits_cnn"
     with_control = evaluator.evaluate(CircleFamily(follow_sketch=True))
     without = evaluator.evaluate(CircleFamily(follow_sketch=False))
     assert with_control["disc_iou"] > 0.85 and without["disc_iou"] < 0.5

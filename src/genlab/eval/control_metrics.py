@@ -28,7 +28,7 @@ def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def background_colour(image: torch.Tensor) -> torch.Tensor:
-    """(3,) median colour of the 1-pixel border: the background, as the disc never fills the border."""
+    """(3,) median colour of the 1-pixel border: the background (a disc may touch the border, never cover most of it)."""
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4 * side)
     return border.median(dim=1).values
 

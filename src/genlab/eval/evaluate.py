@@ -10,8 +10,8 @@ provide, never by the family's name:
 - a family with `conditions` (e.g. ("sketch", "prompt")): images are generated from val
   items, and compared with them: disc IoU and caption-colour accuracy (fill_circles),
   edge F1 (any sketch data);
-- a family with a diffusers `AutoencoderKL` among its networks (the VAE): reconstruction
-  error, ELBO, IWAE bound on val, and anomaly AUROC when `data.exclude_classes` is set.
+- a family with a VAE among its networks (`find_vae`): reconstruction error, ELBO, IWAE
+  bound on val, and anomaly AUROC when `data.exclude_classes` is set.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from genlab.eval.control_metrics import control_metrics
 from genlab.eval.features import DigitsCNN, build_extractor, default_cache_dir
 from genlab.eval.metrics import (cached_reference, class_coverage, dataset_fingerprint, extract, feature_metrics,
                                  reference_key)
-from genlab.eval.vae_metrics import Decode, Encode, anomaly_auroc, autoencoder_kl_fns, vae_scores
+from genlab.eval.vae_metrics import LIKELIHOOD_OF_LOSS, Decode, Encode, anomaly_auroc, autoencoder_kl_fns, vae_scores
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ class EvalConfig:
     kid_subset_size: int = 1000      # KID subset size (capped at the set sizes)
     coverage_min_fraction: float = 0.01  # a class is covered when this fraction of samples falls in it
     iwae_k: int = 16                 # importance samples of the VAE's NLL bound
-    vae_likelihood: str = "gaussian"  # gaussian | bernoulli decoder likelihood for ELBO / IWAE
-    vae_decoder_std: float = 0.1     # std of the gaussian decoder, in [-1, 1] pixel units
+    vae_likelihood: str = "auto"     # auto | gaussian | laplace | bernoulli (auto: what the VAE trains, from its recon_loss)
+    vae_decoder_scale: float | None = None  # gaussian std / laplace scale (null: the one the VAE loss implies)
     edge_tolerance: int = 1          # pixels an edge may be off and still match (edge F1)
     seed: int = 0                    # seed of the generated samples
 
@@ -102,17 +102,27 @@ def _eval_mode(family: Any):
             net.train(mode)
 
 
-def find_autoencoder(family: Any):
-    """The family's trainable diffusers `AutoencoderKL` (the VAE family), or None."""
-    if "diffusers" not in sys.modules:  # no AutoencoderKL exists; skip a 3-10 s import
-        return None
-    from accelerate.utils import extract_model_from_parallel
-    from diffusers import AutoencoderKL
+def find_vae(family: Any, likelihood: str = "auto") -> tuple[Encode, Decode, str] | None:
+    """(encode, decode, likelihood) of the family's VAE, or None if it has none.
 
+    A VAE is a trainable network with `encode(x[, labels]) -> (mean, logvar)` and
+    `decode(z[, labels])` (genlab's VAE family), or a bare diffusers `AutoencoderKL`.
+    "auto" likelihood: the one the family trains (its `recon_loss`), else gaussian.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    diffusers = sys.modules.get("diffusers")  # no AutoencoderKL can exist unless it was imported
     for net in family.networks().values():
         net = extract_model_from_parallel(net)  # unwrap DDP / torch.compile
-        if isinstance(net, AutoencoderKL):
-            return net
+        if diffusers is not None and isinstance(net, diffusers.AutoencoderKL):
+            encode, decode = autoencoder_kl_fns(net)
+        elif callable(getattr(net, "encode", None)) and callable(getattr(net, "decode", None)):
+            encode, decode = net.encode, net.decode
+        else:
+            continue
+        if likelihood == "auto":
+            likelihood = LIKELIHOOD_OF_LOSS.get(getattr(family, "recon_loss", None), "gaussian")
+        return encode, decode, likelihood
     return None
 
 
@@ -201,21 +211,23 @@ class Evaluator:
             metrics.update(class_coverage(logits, self.reference["labels"], s.coverage_min_fraction))
         return metrics
 
-    def vae_metrics(self, encode: Encode, decode: Decode) -> dict[str, float]:
+    def vae_metrics(self, encode: Encode, decode: Decode, likelihood: str, conditional: bool = False) -> dict[str, float]:
         """recon_mse, elbo, nll_iwae (means over normal val images) and anomaly_auroc.
 
         With `data.exclude_classes`, val images of those classes (never seen in training)
         are the anomalies: scored by their IWAE NLL, they give `anomaly_auroc`, and the
-        other metrics average over the remaining, normal, images only.
+        other metrics average over the remaining, normal, images only. A `conditional`
+        VAE gets each image's true label.
         """
         s = self.settings
         items = _items(self.val, _subset(len(self.val), min(len(self.val), s.n_reference)))
-        scores = vae_scores(encode, decode, items["image"].to(self.device), s.iwae_k, s.vae_likelihood,
-                            s.vae_decoder_std, s.batch_size, s.seed)
+        labels = torch.as_tensor(items["label"]).cpu() if "label" in items else None
+        scores = vae_scores(encode, decode, items["image"].to(self.device), s.iwae_k, likelihood,
+                            s.vae_decoder_scale, s.batch_size, s.seed, labels if conditional else None)
         metrics, normal = {}, torch.ones(len(items["image"]), dtype=torch.bool)
         excluded = list(self.cfg.data.get("exclude_classes") or [])
-        if excluded and "label" in items:
-            anomaly = torch.isin(torch.as_tensor(items["label"]).cpu(), torch.tensor(excluded))
+        if excluded and labels is not None:
+            anomaly = torch.isin(labels, torch.tensor(excluded))
             if anomaly.any():
                 metrics["anomaly_auroc"] = anomaly_auroc(scores["nll_iwae"], anomaly)
                 normal = ~anomaly
@@ -243,9 +255,9 @@ class Evaluator:
             metrics = self.sample_metrics(images)
             if items is not None:
                 metrics.update(control_metrics(images, items, self.palette, self.settings.edge_tolerance))
-            vae = find_autoencoder(family) if hasattr(family, "networks") else None
-            if vae is not None:
-                metrics.update(self.vae_metrics(*autoencoder_kl_fns(vae)))
+            vae = find_vae(family, self.settings.vae_likelihood) if hasattr(family, "networks") else None
+            if vae is not None:  # a conditional VAE (num_classes set) gets the true labels
+                metrics.update(self.vae_metrics(*vae, conditional=bool(getattr(family, "num_classes", None))))
         metrics["eval_samples"] = float(n)
         return metrics
 

@@ -31,7 +31,7 @@ from genlab.errors import GenlabError
 
 #: Bump when DigitsCNN's architecture or training changes: cached weights and cached
 #: reference statistics are keyed by it, so stale ones are never loaded.
-DIGITS_CNN_VERSION = 2
+DIGITS_CNN_VERSION = 1
 INCEPTION_UNAVAILABLE = ("Inception weights are not available offline; use eval.extractor=digits_cnn "
                          "or install torch-fidelity with network access")
 
@@ -73,7 +73,7 @@ class DigitsCNN(nn.Module):
         self.head = nn.Linear(num_features, num_classes)
         # Fixed after training so that features have mean squared norm num_features on the
         # train data: KID's polynomial kernel (x.y / D + 1)^3 then sees values near 1, as
-        # with Inception features, instead of ~700 (raw ReLU features are large).
+        # with Inception features, instead of hundreds (raw ReLU features are large).
         self.register_buffer("feature_scale", torch.tensor(1.0))
         self.val_accuracy: float | None = None  # set by training or loading
 
@@ -136,8 +136,8 @@ def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int
 
     train, val = Digits("train", image_size, channels), Digits("val", image_size, channels)
     threads = torch.get_num_threads()
-    # One thread: this net is too small to gain from more, and on a shared CPU two threads
-    # made training 7x slower (13 s -> 93 s of CPU time) by spinning on each other.
+    # One thread: this net is too small to gain from more, and on a busy 2-core CPU two
+    # threads spun on each other and made training ~7x slower.
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):  # fixed weights and dropout, caller's RNG untouched

@@ -2,14 +2,17 @@
 
 The VAE is given as two callables, so any implementation fits:
 
-    encode(x) -> (mean, logvar)   the diagonal Gaussian q(z|x); x (N, C, H, W) in [-1, 1]
-    decode(z) -> x_mean           the decoder's mean, same shape as x
+    encode(x[, labels]) -> (mean, logvar)   the diagonal Gaussian q(z|x); x (N, C, H, W) in [-1, 1]
+    decode(z[, labels]) -> decoder output    same shape as x (logits for "bernoulli")
 
-`autoencoder_kl_fns` makes them from a diffusers `AutoencoderKL` (the genlab VAE export).
-The prior is N(0, I) on those latents, as in AutoencoderKL's own KL term. The decoder's
-likelihood p(x|z) is a choice the metrics cannot read off the model: "gaussian" with a
-fixed `decoder_std` (in [-1, 1] pixel units) or "bernoulli" on pixels mapped to [0, 1].
-Values are in nats per image; compare runs only under the same choice.
+(labels only for a conditional VAE). genlab's VAE network has exactly these methods;
+`autoencoder_kl_fns` makes them from a bare diffusers `AutoencoderKL`. The prior is
+N(0, I) on those latents, as in the KL term both train with. The decoder likelihood
+p(x|z) is "gaussian" (output = mean), "laplace" (output = location) or "bernoulli"
+(output = logits of pixels mapped to [0, 1]); the default scales make each one's NLL
+equal genlab's VAE loss (`recon_loss` mse / l1 / bce, summed per image) up to a
+constant, so at beta=1 the ELBO here is the training objective. Values are nats per
+image; compare runs only under the same likelihood.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-Encode = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-Decode = Callable[[torch.Tensor], torch.Tensor]
+Encode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Decode = Callable[..., torch.Tensor]
+LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
+#: (x - m)^2 is the NLL of N(m, 1/2) and |x - m| that of Laplace(m, 1), up to constants.
+DEFAULT_SCALE = {"gaussian": math.sqrt(0.5), "laplace": 1.0}
+#: genlab VAE `recon_loss` -> the likelihood it trains.
+LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}
 
 
 def autoencoder_kl_fns(vae) -> tuple[Encode, Decode]:
@@ -37,17 +46,22 @@ def autoencoder_kl_fns(vae) -> tuple[Encode, Decode]:
     return encode, decode
 
 
-def log_likelihood(x: torch.Tensor, x_mean: torch.Tensor, likelihood: str = "gaussian",
-                   decoder_std: float = 0.1) -> torch.Tensor:
-    """log p(x | z) per image, (N,), for a decoder output `x_mean`."""
-    if likelihood == "gaussian":
-        log_p = torch.distributions.Normal(x_mean, decoder_std).log_prob(x)
-    elif likelihood == "bernoulli":
-        target, p = (x + 1) / 2, ((x_mean + 1) / 2).clamp(1e-6, 1 - 1e-6)
-        log_p = target * p.log() + (1 - target) * (1 - p).log()
+def log_likelihood(x: torch.Tensor, output: torch.Tensor, likelihood: str = "gaussian",
+                   scale: float | None = None) -> torch.Tensor:
+    """log p(x | z) per image, (N,), from the decoder's `output` for z."""
+    if likelihood == "bernoulli":
+        log_p = -F.binary_cross_entropy_with_logits(output, (x + 1) / 2, reduction="none")
+    elif likelihood in DEFAULT_SCALE:
+        dist = torch.distributions.Normal if likelihood == "gaussian" else torch.distributions.Laplace
+        log_p = dist(output, scale or DEFAULT_SCALE[likelihood]).log_prob(x)
     else:
-        raise ValueError(f"likelihood={likelihood!r}: use 'gaussian' or 'bernoulli'")
+        raise ValueError(f"likelihood={likelihood!r}: use one of {', '.join(LIKELIHOODS)}")
     return log_p.flatten(1).sum(1)
+
+
+def decoder_image(output: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """The decoder output as an image in [-1, 1] units (its mean)."""
+    return output.sigmoid() * 2 - 1 if likelihood == "bernoulli" else output
 
 
 def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -58,7 +72,8 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> to
 
 @torch.no_grad()
 def vae_scores(encode: Encode, decode: Decode, images: torch.Tensor, k: int = 16, likelihood: str = "gaussian",
-               decoder_std: float = 0.1, batch_size: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+               scale: float | None = None, batch_size: int = 128, seed: int = 0,
+               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-image reconstruction error, ELBO and importance-weighted NLL bound.
 
     With k posterior samples z_i and weights w_i = p(x|z_i) p(z_i) / q(z_i|x):
@@ -68,32 +83,37 @@ def vae_scores(encode: Encode, decode: Decode, images: torch.Tensor, k: int = 16
     Args:
         images: (N, C, H, W) in [-1, 1] on the VAE's device.
         k: importance samples per image.
+        likelihood, scale: the decoder likelihood (see the module docstring).
+        labels: (N,) for a conditional VAE: passed to encode and decode.
 
     Returns:
-        {"recon_mse": per-pixel MSE of decode(mean), "elbo": nats, "nll_iwae": nats},
-        each (N,) on the CPU.
+        {"recon_mse": per-pixel MSE of the mean's reconstruction, "elbo": nats,
+        "nll_iwae": nats}, each (N,) on the CPU.
     """
     generator = torch.Generator(images.device).manual_seed(seed)
     out = {"recon_mse": [], "elbo": [], "nll_iwae": []}
-    for x in images.split(batch_size):
-        mean, logvar = encode(x)
-        out["recon_mse"].append((decode(mean) - x).pow(2).flatten(1).mean(1))
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        cond = () if labels is None else (labels[start:start + batch_size].to(x.device),)
+        mean, logvar = (t.float() for t in encode(x, *cond))
+        recon = decoder_image(decode(mean, *cond).float(), likelihood)
+        out["recon_mse"].append((recon - x).pow(2).flatten(1).mean(1))
         log_w = []
         for _ in range(k):
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + (0.5 * logvar).exp() * eps
+            z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
             log_pz = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-            log_w.append(log_likelihood(x, decode(z), likelihood, decoder_std) + log_pz - _log_normal(z, mean, logvar))
+            log_px = log_likelihood(x.float(), decode(z, *cond).float(), likelihood, scale)
+            log_w.append(log_px + log_pz - _log_normal(z, mean, logvar))
         log_w = torch.stack(log_w)  # (k, B)
         out["elbo"].append(log_w.mean(0))
         out["nll_iwae"].append(math.log(k) - log_w.logsumexp(0))
-    return {name: torch.cat(v).float().cpu() for name, v in out.items()}
+    return {name: torch.cat(v).cpu() for name, v in out.items()}
 
 
 def vae_metrics(encode: Encode, decode: Decode, images: torch.Tensor, k: int = 16, likelihood: str = "gaussian",
-                decoder_std: float = 0.1) -> dict[str, float]:
+                scale: float | None = None) -> dict[str, float]:
     """Means of `vae_scores` over `images`: {"recon_mse", "elbo", "nll_iwae", "iwae_k"}."""
-    scores = vae_scores(encode, decode, images, k, likelihood, decoder_std)
+    scores = vae_scores(encode, decode, images, k, likelihood, scale)
     return {**{name: float(v.mean()) for name, v in scores.items()}, "iwae_k": float(k)}
 
 

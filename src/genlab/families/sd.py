@@ -3,7 +3,8 @@
 Three ways to train, one class:
 - tiny from scratch: `model.base=null`, a VAE from `model.vae` (a genlab VAE run, a
   diffusers AutoencoderKL dir or a hub id), a U-Net and CLIP text encoder from config;
-- full fine-tune of a pretrained base: `model.base=<hub id | diffusers dir | genlab run>`;
+- full fine-tune of a pretrained base: `model.base=<hub id | diffusers dir | genlab run>`
+  (with `model.vae=null` for the base's own VAE);
 - LoRA fine-tune of the base: `model.lora.rank > 0` (only the adapters train).
 
 Exports a `StableDiffusionPipeline` directory (plus `pytorch_lora_weights.safetensors`

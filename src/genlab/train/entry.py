@@ -8,17 +8,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from genlab.config import config_dir
 from genlab.errors import GenlabError
 
 log = logging.getLogger("genlab")
+
+
+def run_stamp(fmt: str) -> str:
+    """The run directory's timestamp: now, or under a multi-process launcher the launcher's
+    start time, so that every rank of one job agrees on one directory."""
+    started = time.time()
+    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
+        import psutil
+
+        started = psutil.Process(os.getppid()).create_time()
+    return time.strftime(fmt, time.localtime(started))
+
+
+OmegaConf.register_new_resolver("genlab_stamp", run_stamp, replace=True)
 
 
 @hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")
@@ -31,7 +47,9 @@ def hydra_train(cfg: DictConfig) -> float | None:
     # from its checkpoint instead of starting over.
     status = run_dir / "status.json"
     resume = status.exists() and json.loads(status.read_text())["status"] == "interrupted"
-    print(f"run directory: {run_dir}{' (resuming after an interruption)' if resume else ''}", flush=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"run directory: {run_dir}{' (resuming after an interruption)' if resume else ''}", flush=True)
     try:
         summary = run_training(cfg, run_dir, resume=resume)
     except StopRequested as stop:
@@ -44,6 +62,7 @@ def hydra_train(cfg: DictConfig) -> float | None:
         sys.exit(error.exit_code)
     losses = {k: v for k, v in summary.items() if "loss" in k}
     shown = "  ".join(f"{k}={v:.4g}" for k, v in losses.items())
-    print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
+    if main_process:
+        print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
     objective = cfg.get("sweep_objective") if "sweep_objective" in cfg else None
     return summary.get(objective) if objective else next(iter(losses.values()), None)

@@ -96,7 +96,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
         self.cfg, self.t, self.run_dir = cfg, cfg.trainer, Path(run_dir)
         t = self.t
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, log_with=None)
+        # Several processes without a GPU (tests, CPU clusters): Accelerate only sets up gloo
+        # when told cpu=True; otherwise each process would silently train alone.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu)
         acc = self.accelerator
         set_seed(t.seed, device_specific=True)
         if t.tf32 and torch.cuda.is_available():
@@ -293,7 +296,9 @@ class Trainer:
                 self.ema.step(self._unwrapped(self.family.ema_network).parameters())
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
-                logged = {k: v.item() / steps_in_window for k, v in sums.items()}
+                # Every process reaches this line; the logged numbers are means over all of them.
+                logged = {k: acc.reduce(torch.as_tensor(v, device=acc.device), "mean").item() / steps_in_window
+                          for k, v in sorted(sums.items())}
                 for phase, opt in self.optimizers.items():
                     logged[f"lr_{phase}"] = opt.param_groups[0]["lr"]
                     if isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -1,0 +1,50 @@
+"""Two gloo processes on CPU (accelerate launch --multi_gpu): same training as one process, rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = """
+import sys; sys.path.insert(0, {tests!r})
+from conftest import toy_config
+from genlab.train.loop import run_training
+cfg = toy_config("trainer.max_steps=4", "trainer.batch_size={batch}", "trainer.grad_accum=2", "trainer.ema=0.9",
+                 "lr_schedule=cosine", "lr_schedule.warmup_steps=1", "trainer.checkpoint_every=2")
+run_training(cfg, __import__("pathlib").Path({run!r}))
+"""
+
+
+def _launch(tmp_path, name, processes, batch):
+    run = tmp_path / name
+    script = tmp_path / f"{name}.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, run=str(run)))
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    command = ([accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "29533",
+                str(script)] if processes > 1 else [sys.executable, str(script)])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    one = _launch(tmp_path, "one", processes=1, batch=8)
+    two = _launch(tmp_path, "two", processes=2, batch=4)
+    rows_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4]  # rank 0 alone writes: no line twice
+    for a, b in zip(rows_one, rows_two):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and a["lr_net"] == b["lr_net"]  # LR counts optimizer steps
+    for ckpt in ("step_000002", "step_000004"):
+        a = load_file(one / "checkpoints" / ckpt / "net.safetensors")
+        b = load_file(two / "checkpoints" / ckpt / "net.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert (two / "export" / "net.pt").exists()
