@@ -106,5 +106,6 @@ def test_multirun_grid_runs_every_job(tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "status.json").exists())
     assert [j.name for j in jobs] == ["0_ddpm", "1_ddpm"], result.stdout
     assert [json.loads((j / "status.json").read_text())["step"] for j in jobs] == [1, 2]
-    table = genlab("runs", str(sweep)).stdout
+    table = genlab("runs", str(sweep), "--sort", "loss", "--plot", str(tmp_path / "curves.png")).stdout
     assert "1/1" in table and "2/2" in table
+    assert Image.open(tmp_path / "curves.png").size[0] > 400

@@ -48,3 +48,15 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
     assert (two / "export" / "net.pt").exists()
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    """hydra/launcher=local (submitit's local executor, the SLURM launcher's twin): one process per job."""
+    from conftest import TINY_DDPM, genlab
+
+    sweep = tmp_path / "sweep"
+    genlab("train", "-m", "hydra/launcher=local", *TINY_DDPM, "trainer.max_steps=1,2", "trainer.sample_every=0",
+           f"hydra.sweep.dir={sweep}", env={"OMP_NUM_THREADS": "1"})
+    assert (sweep / ".submitit").is_dir()  # really went through submitit
+    steps = [json.loads((sweep / job / "status.json").read_text())["step"] for job in ("0_ddpm", "1_ddpm")]
+    assert steps == [1, 2]

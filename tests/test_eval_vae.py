@@ -47,12 +47,14 @@ def test_elbo_is_the_vae_training_objective_at_beta_one(recon_loss):
     """-ELBO (nats per image) = the family's loss x C*H*W + the likelihood's constant."""
     family = tiny_vae(recon_loss=recon_loss, kl_warmup_steps=0)
     family.vae.eval()
-    x = Digits("val", 16, 1).images[:32]
+    x = Digits("val", 16, 1).images[:16]
     encode, decode, likelihood = find_vae(family)
-    elbo = vae_scores(encode, decode, x, k=64, likelihood=likelihood)["elbo"].mean()
+    elbo = vae_scores(encode, decode, x, k=32, likelihood=likelihood)["elbo"].mean()
     torch.manual_seed(1)
-    loss = torch.stack([family.loss("vae", {"image": x}, 0)[0] for _ in range(64)]).mean() * x[0].numel()
+    loss = torch.stack([family.loss("vae", {"image": x}, 0)[0] for _ in range(32)]).mean() * x[0].numel()
     constant = {"mse": 0.5 * math.log(math.pi), "l1": math.log(2.0), "bce": 0.0}[recon_loss] * x[0].numel()
+    # Both are Monte Carlo estimates (they agree to ~0.2%); a wrong likelihood scale or a
+    # dropped constant would be 30% or more off.
     assert -elbo.item() == pytest.approx(loss.item() + constant, rel=0.01)
 
 

@@ -76,6 +76,7 @@ def test_folder_pairs_captions_split_and_cache(folder, tmp_path):
     batch = default_collate([train[i] for i in range(len(train))])
     assert batch["image"].shape == (4, 3, 32, 32) and batch["sketch"].shape == (4, 3, 32, 32)
     assert batch["image"].min() >= -1 and batch["sketch"].max() == 1 and len(batch["caption"]) == 4
+    assert batch["image"].dtype == batch["sketch"].dtype == torch.float32
     assert len(list(cache.rglob("*.png"))) == 4
 
     # A cache hit returns the same sketch; a poisoned cache file proves it is read.

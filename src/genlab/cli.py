@@ -136,18 +136,21 @@ def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run
 def runs(
     root: Path = typer.Argument(Path(os.environ.get("GENLAB_RUNS", "runs")), help="folder searched for runs"),
     sort: Optional[str] = typer.Option(None, help="rank by this metric (from eval/metrics.json or metrics.jsonl)"),
+    plot: Optional[Path] = typer.Option(None, help="also draw the runs' loss curves into this PNG"),
 ) -> None:
     """One row per run: family, data, steps, last losses, best metric, status.
 
     \b
     Examples:
       genlab runs
-      genlab runs runs/multirun/2026-11-22_10-00-00 --sort fid_digits_cnn
+      genlab runs runs/multirun/2026-11-22_10-00-00 --sort fid_digits_cnn --plot curves.png
     """
-    from genlab.runs import print_runs
+    from genlab.runs import plot_runs, print_runs
 
     try:
-        print_runs(root, sort=sort)
+        rows = print_runs(root, sort=sort)
+        if plot:
+            print(f"wrote {plot_runs(rows, plot)}")
     except GenlabError as error:
         _fail(error)
 

@@ -92,3 +92,28 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
                       f"{r['step']}/{r['max_steps']}", losses, best, r["status"])
     Console(width=200).print(table)
     return rows
+
+
+def plot_runs(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Loss curves (every metrics.jsonl key containing "loss") of `rows`, one line per run and loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        path = Path(r["run"]) / "metrics.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        for key in sorted({k for line in lines for k in line if "loss" in k}):
+            points = [(line["step"], line[key]) for line in lines if key in line]
+            ax.plot(*zip(*points), label=f"{Path(r['run']).name} {key}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -175,7 +175,7 @@ class SketchPairs(Dataset):
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(size, size, -1).permute(2, 0, 1)
         return {
             "image": pixels / 127.5 - 1.0,
-            "sketch": torch.from_numpy(sketch)[None].expand(3, -1, -1).clone(),
+            "sketch": torch.from_numpy(sketch.astype(np.float32))[None].expand(3, -1, -1).clone(),
             "caption": src.caption,
         }
 

@@ -28,7 +28,7 @@ def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
 
 
 def background_colour(image: torch.Tensor) -> torch.Tensor:
-    """(3,) median colour of the 1-pixel border: the background (a disc may touch the border, never cover most of it)."""
+    """(3,) median colour of the 1-pixel border: the background (a disc may touch the border, not cover it)."""
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 4 * side)
     return border.median(dim=1).values
 
@@ -79,7 +79,8 @@ def fill_colour_from_caption(caption: str, palette: dict[str, tuple[int, int, in
     return min(found)[1] if found else None
 
 
-def edge_f1(image: torch.Tensor, sketch: torch.Tensor, tolerance: int = 1, canny: tuple[int, int] = (100, 200)) -> float:
+def edge_f1(image: torch.Tensor, sketch: torch.Tensor, tolerance: int = 1,
+            canny: tuple[int, int] = (100, 200)) -> float:
     """F1 between Canny edges of `image` and the lines of `sketch`, within `tolerance` pixels.
 
     Precision: output edges that lie near a sketch line; recall: sketch pixels that lie

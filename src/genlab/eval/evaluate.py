@@ -48,7 +48,7 @@ DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("
 class EvalConfig:
     """The `eval:` config group (every key optional)."""
 
-    extractor: str = "auto"          # auto | digits_cnn | inception (auto: digits_cnn on digits, else inception if available)
+    extractor: str = "auto"          # auto | digits_cnn | inception (auto: digits_cnn on digits, else inception)
     n_samples: int = 1000            # generated images per evaluation
     n_reference: int = 5000          # at most this many data images for the reference statistics
     batch_size: int = 250            # images per sample() / extractor call
@@ -58,7 +58,7 @@ class EvalConfig:
     kid_subset_size: int = 1000      # KID subset size (capped at the set sizes)
     coverage_min_fraction: float = 0.01  # a class is covered when this fraction of samples falls in it
     iwae_k: int = 16                 # importance samples of the VAE's NLL bound
-    vae_likelihood: str = "auto"     # auto | gaussian | laplace | bernoulli (auto: what the VAE trains, from its recon_loss)
+    vae_likelihood: str = "auto"     # auto | gaussian | laplace | bernoulli (auto: the one its recon_loss trains)
     vae_decoder_scale: float | None = None  # gaussian std / laplace scale (null: the one the VAE loss implies)
     edge_tolerance: int = 1          # pixels an edge may be off and still match (edge F1)
     seed: int = 0                    # seed of the generated samples
@@ -72,7 +72,8 @@ class EvalConfig:
         for key in values:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
-                raise ConfigError(f"eval.{key} is not a key of eval" + (f"; did you mean eval.{close[0]}?" if close else "."))
+                hint = f"; did you mean eval.{close[0]}?" if close else "."
+                raise ConfigError(f"eval.{key} is not a key of eval{hint}")
         return cls(**values)
 
 
@@ -211,7 +212,8 @@ class Evaluator:
             metrics.update(class_coverage(logits, self.reference["labels"], s.coverage_min_fraction))
         return metrics
 
-    def vae_metrics(self, encode: Encode, decode: Decode, likelihood: str, conditional: bool = False) -> dict[str, float]:
+    def vae_metrics(self, encode: Encode, decode: Decode, likelihood: str,
+                    conditional: bool = False) -> dict[str, float]:
         """recon_mse, elbo, nll_iwae (means over normal val images) and anomaly_auroc.
 
         With `data.exclude_classes`, val images of those classes (never seen in training)

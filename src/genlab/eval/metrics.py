@@ -23,7 +23,8 @@ from torchmetrics.image.kid import poly_kernel
 
 
 @torch.no_grad()
-def extract(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def extract(extractor: nn.Module, images: torch.Tensor,
+            batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Features (and class logits, if the extractor has a head) of genlab images.
 
     Args:
@@ -82,7 +83,7 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subset_size: int = 1
     m = min(subset_size, len(real), len(fake))
     real, fake = real.double(), fake.double()
     generator = torch.Generator().manual_seed(seed)
-    pick_r, pick_f = torch.zeros(subsets, len(real), dtype=torch.float64), torch.zeros(subsets, len(fake), dtype=torch.float64)
+    pick_r, pick_f = real.new_zeros(subsets, len(real)), fake.new_zeros(subsets, len(fake))  # 0/1 subset indicators
     for i in range(subsets):  # the draw order of torchmetrics: real subset, then fake subset
         pick_r[i, torch.randperm(len(real), generator=generator)[:m]] = 1
         pick_f[i, torch.randperm(len(fake), generator=generator)[:m]] = 1
@@ -140,7 +141,8 @@ def feature_metrics(real: torch.Tensor, fake: torch.Tensor, extractor_name: str,
             f"recall_{extractor_name}": recall}
 
 
-def class_coverage(fake_logits: torch.Tensor, data_labels: torch.Tensor, min_fraction: float = 0.01) -> dict[str, float]:
+def class_coverage(fake_logits: torch.Tensor, data_labels: torch.Tensor,
+                   min_fraction: float = 0.01) -> dict[str, float]:
     """Mode coverage of generated samples, as in Stacked-MNIST, with a classifier.
 
     Args:
