@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
+# Trained feature extractors and reference statistics go to a per-session cache, not ~/.cache.
+os.environ.setdefault("GENLAB_CACHE", tempfile.mkdtemp(prefix="genlab-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))  # so configs can target tests' toy_family
 
 GENLAB = str(Path(sys.executable).parent / "genlab")

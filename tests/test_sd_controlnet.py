@@ -245,6 +245,7 @@ def test_control_lora_trains_a_small_set_and_merges_on_export(sd_run, tmp_path):
     names = [n for n, p in family.controlnet.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.startswith(new_parts) for n in names)
     assert any("lora_" in n for n in names) and not any(p.requires_grad for p in family.unet.parameters())
+    assert all(any(n.startswith(part) for n in names) for part in new_parts)  # zero convs and hint encoder train
     train(family, 2, lr=1e-2)
     ours = family.sample(2, seed=0, steps=2)
     family.export(tmp_path)

@@ -115,6 +115,36 @@ def sample(
         _fail(error)
 
 
+@app.command(name="eval")
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="the run directory to evaluate"),
+    checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
+    n: Optional[int] = typer.Option(None, "--n", help="generated images (default eval.n_samples)"),
+    compare_samplers: bool = typer.Option(False, help="diffusion: quality and time per image for DDPM 1000, "
+                                                      "DDIM 50/20/10, DPM-Solver++ 20/10 (JSON + PNG plot)"),
+) -> None:
+    """Compute the family's metrics; writes RUN_DIR/eval/metrics.json and prints a table.
+
+    \b
+    Metrics are named by their feature extractor (fid_digits_cnn, fid_inception, ...):
+    FID, KID, precision/recall; class coverage on labelled data; reconstruction, ELBO,
+    IWAE bound and anomaly AUROC for VAEs; disc IoU, colour accuracy and edge F1 for
+    sketch-conditioned models.
+
+    \b
+    Examples:
+      genlab eval runs/gan/2026-11-22_10-00-00
+      genlab eval runs/ddpm/2026-11-22_10-00-00 --checkpoint best --n 2000 --compare-samplers
+    """
+    from genlab.eval.report import eval_command
+
+    try:
+        eval_command(run_dir, checkpoint, ema, n, compare_samplers)
+    except GenlabError as error:
+        _fail(error)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue")) -> None:
     """Continue a run in place from its newest complete checkpoint, with its saved config.

@@ -10,24 +10,26 @@ from typing import Any
 import yaml
 
 from genlab.errors import GenlabError
+from genlab.train.best import lower_is_better
 
-# Metrics where lower is better; anything else named in --sort is taken as higher-is-better.
-LOWER_IS_BETTER = ("fid", "kid", "loss", "kl", "nll", "recon", "error")
 
 
 def runs_root() -> Path:
     return Path(os.environ.get("GENLAB_RUNS", "runs"))
 
 
-def _last_json_line(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    last = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                last = json.loads(line)
-    return last
+def _metrics_summary(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(last line with losses, latest value of every key) of a metrics.jsonl."""
+    last_losses, latest = {}, {}
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    latest.update(row)
+                    if any("loss" in k for k in row):
+                        last_losses = row
+    return last_losses, latest
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -51,14 +53,15 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "unknown"}
     if status["status"] == "running" and not _pid_alive(status.get("pid")):
         status["status"] = "interrupted"  # killed without a chance to say so (kill -9, node lost)
-    last = _last_json_line(run_dir / "metrics.jsonl")
+    last, latest = _metrics_summary(run_dir / "metrics.jsonl")
     evaluated = run_dir / "eval" / "metrics.json"
     metrics = json.loads(evaluated.read_text()) if evaluated.exists() else {}
-    best_file = run_dir / "checkpoints" / "best" / "best.json"
-    best = json.loads(best_file.read_text()) if best_file.exists() else {}
-    return {"run": run_dir, "family": family, "data": data, "step": last.get("step", 0),
+    best_file = run_dir / "checkpoints" / "best" / "state.json"
+    best = json.loads(best_file.read_text()).get("best") if best_file.exists() else None
+    best = {best["metric"]: best["best"], "step": best["best_step"]} if best and best.get("best") is not None else {}
+    return {"run": run_dir, "family": family, "data": data, "step": latest.get("step", 0),
             "max_steps": cfg["trainer"]["max_steps"], "status": status["status"],
-            "losses": {k: v for k, v in last.items() if "loss" in k}, "metrics": {**last, **metrics},
+            "losses": {k: v for k, v in last.items() if "loss" in k}, "metrics": {**latest, **metrics},
             "best": best}
 
 
@@ -77,15 +80,15 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
     if sort:
         missing = [r for r in rows if sort not in r["metrics"]]
         rows = [r for r in rows if sort in r["metrics"]]
-        lower = any(word in sort for word in LOWER_IS_BETTER)
-        rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower)
+        rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower_is_better(sort))
         rows += missing
     table = Table(title=f"runs under {root}")
     for column in ("run", "family", "data", "steps", "last losses", "best", "status"):
         table.add_column(column)
     for r in rows:
         losses = " ".join(f"{k}={v:.4g}" for k, v in r["losses"].items())
-        best = " ".join(f"{k}={v:.4g}" for k, v in r["best"].items() if isinstance(v, (int, float)) and k != "step")
+        best = " ".join(f"{k}={v:.4g}" for k, v in r["best"].items() if k != "step")
+        best += f" @{r['best']['step']}" if r["best"] else ""
         if sort and sort in r["metrics"]:
             best = f"{sort}={r['metrics'][sort]:.4g} " + best
         table.add_row(str(Path(r["run"]).relative_to(root)), r["family"], r["data"],

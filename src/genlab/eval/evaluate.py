@@ -154,9 +154,11 @@ class Evaluator:
         self.reference = self._reference()
 
     def _build_extractor(self) -> torch.nn.Module:
-        s, name = self.settings, self.settings.extractor
-        build = lambda name: build_extractor(name, self.image_size, self.channels, self.cache_dir,  # noqa: E731
-                                             s.inception_weights)
+        name = self.settings.extractor
+
+        def build(name: str) -> torch.nn.Module:
+            return build_extractor(name, self.image_size, self.channels, self.cache_dir, self.settings.inception_weights)
+
         if name != "auto":
             return build(name)
         if self.is_digits:

@@ -8,6 +8,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 
 def plot_quality_vs_steps(rows: list[dict[str, Any]], metric: str, out_path: str | Path,
@@ -35,11 +36,16 @@ def plot_quality_vs_steps(rows: list[dict[str, Any]], metric: str, out_path: str
         steps = [r["steps"] for r in points]
         quality.plot(steps, [r[metric] for r in points], marker="o", label=sampler)
         speed.plot(steps, [r["seconds_per_image"] * 1000 for r in points], marker="o", label=sampler)
+    all_steps = sorted({r["steps"] for r in rows})
     for ax, ylabel in ((quality, metric), (speed, "ms per image")):
         ax.set_xscale("log")  # steps span 10 to 1000
+        ax.set_xticks(all_steps)  # label the step counts themselves, as plain numbers
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.set_yscale("log" if ax is speed else "linear")  # DDPM 1000 is ~100x DDIM 10
+        ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title or f"{metric} and time per image against sampling steps")
     fig.tight_layout()

@@ -298,6 +298,21 @@ def resolve_lora(path: str | Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def quiet_lora_loading():
+    """Silence the expected notes of a U-Net-only LoRA load (no text-encoder keys, a second adapter)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
 def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_own: bool):
     """Within the block, extra U-Net LoRAs [(path, weight)] mixed with the trained one ("default").
 
@@ -315,8 +330,7 @@ def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_o
     try:
         for i, (path, weight) in enumerate(parse_loras(loras)):
             try:
-                with warnings.catch_warnings():  # peft warns that the U-Net already has an adapter: intended
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                with quiet_lora_loading():
                     pipe.load_lora_weights(**resolve_lora(path), adapter_name=f"extra_{i}")
             except (OSError, ValueError, KeyError, RuntimeError) as e:
                 raise GenlabError(f"--lora {path}: cannot load it onto this base ({e})".split("\n")[0]) from e

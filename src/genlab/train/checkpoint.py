@@ -46,19 +46,20 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Module],
-                    files: dict[str, Any], state: dict[str, Any], keep: int | None) -> Path:
+                    files: dict[str, Any], state: dict[str, Any], keep: int | None, name: str | None = None) -> Path:
     """Write checkpoint `step` atomically, then prune to the `keep` newest complete ones.
 
     Args:
         networks: saved as `<name>.safetensors`.
         files: objects saved with torch.save under their file names (None values are skipped).
         state: JSON-able facts (step, data position, ...) saved as state.json.
+        name: directory name instead of step_N (e.g. "best"); such a checkpoint is never pruned.
 
     Returns:
         The final checkpoint directory.
     """
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".step_{step:06d}.tmp"
+    final = ckpt_root / (name or f"step_{step:06d}")
+    tmp = ckpt_root / f".{final.name}.tmp"
     try:
         _write(ckpt_root, final, tmp, step, networks, files, state)
     except (OSError, RuntimeError) as error:  # disk full, quota, read-only; torch.save says RuntimeError

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from genlab.data.batches import BatchOrder, BatchStream
 from genlab.errors import GenlabError
 from genlab.families.base import Family
 from genlab.train import checkpoint as ckpt
+from genlab.train.best import BestTracker
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.tracking import Progress, Tracker
 
@@ -133,18 +134,25 @@ class Trainer:
 
         order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
         self.step, position, self.wandb_id = 0, {}, None
+        self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
             position = self._load_checkpoint()
         self.batches = BatchStream(dataset, order, cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
                                    **position)
         self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process)
         self.stop_signal: int | None = None
+        self.evaluator = None
+        if t.eval_every and acc.is_main_process:
+            from genlab.eval.evaluate import Evaluator
+
+            self.evaluator = Evaluator(cfg, acc.device)
 
     def _unwrapped(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(getattr(self.family, name))
 
     # ---- checkpoints -------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, name: str | None = None) -> Path | None:
+        """Save the full training state to checkpoints/step_N (or checkpoints/<name>)."""
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
@@ -157,10 +165,10 @@ class Trainer:
             files = {"training_state.pt": training_state, "ema.pt": self.ema.state_dict() if self.ema else None}
             state = {"step": self.step, "data_position": self.batches.position, "wandb_id": self.tracker.run_id,
                      "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
-                     "num_processes": self.accelerator.num_processes}
+                     "num_processes": self.accelerator.num_processes, "best": self.best.state_dict()}
             networks = {n: self._unwrapped(n) for n in self.family.networks()}
             path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, networks, files, state,
-                                        self.t.keep_checkpoints)
+                                        self.t.keep_checkpoints, name=name)
             log.info("checkpoint %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -193,6 +201,7 @@ class Trainer:
         self._resume_rng = training_state["rng"]
         truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
+        self.best.load_state_dict(state["best"])
         log.info("resumed from %s at step %d", path, self.step)
         return state["data_position"]
 
@@ -261,6 +270,25 @@ class Trainer:
         self.tracker.log_image(self.step, "samples", path)
         return path
 
+    def evaluate(self) -> bool:
+        """A cheap evaluation (main process); keeps checkpoints/best. True when patience ran out."""
+        acc, metrics = self.accelerator, None
+        if acc.is_main_process:
+            with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, acc), \
+                    swapped_in_ema(self.family, self.ema):
+                metrics = self.evaluator.evaluate(self.family, n_samples=self.t.eval_samples)
+            self.tracker.log(self.step, metrics)
+            improved = self.best.update(self.step, metrics)
+            log.info("eval at step %d: %s (%s)", self.step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                     f"new best {self.best.metric}" if improved else f"best {self.best.metric}={self.best.best:.4g} "
+                     f"at step {self.best.best_step}")
+        decision = [self.best.state_dict()]
+        broadcast_object_list(decision)  # every process takes the same decisions
+        self.best.load_state_dict(decision[0])
+        if self.best.best_step == self.step:
+            self.save_checkpoint(name="best")
+        return self.best.should_stop
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signum  # only a flag: the loop checkpoints at the next step boundary
 
@@ -313,6 +341,10 @@ class Trainer:
                 self.sample_grid(f"step_{self.step:06d}")
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
+            if t.eval_every and self.step % t.eval_every == 0 and self.evaluate():
+                log.info("early stop: no better %s in %d evaluations (best %.4g at step %d)", self.best.metric,
+                         t.early_stop_patience, self.best.best, self.best.best_step)
+                break
         progress.close()
         return self.finish(logged)
 
@@ -325,7 +357,8 @@ class Trainer:
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
                 self.family.export(self.run_dir / "export")
         self.accelerator.wait_for_everyone()
-        return {"step": self.step, **logged}
+        best = {f"best_{self.best.metric}": self.best.best} if self.best.best is not None else {}
+        return {"step": self.step, **logged, **best}
 
 
 def truncate_metrics(path: Path, step: int) -> None:
