@@ -108,7 +108,8 @@ class FillCircles(Dataset):
             raise ConfigError(f"data.channels={channels}: fill_circles is RGB; set data.channels=3.")
         lo, hi = radius_range
         if not 0 < lo <= hi < 0.5:
-            raise ConfigError(f"data.radius_range={list(radius_range)}: need 0 < min <= max < 0.5 (fractions of image_size).")
+            raise ConfigError(f"data.radius_range={list(radius_range)}: need 0 < min <= max < 0.5 "
+                              "(fractions of image_size).")
         self.split, self.image_size, self.seed = split, image_size, seed
         self.count = count if split == "train" else val_count
         self.radius_range = (lo, hi)

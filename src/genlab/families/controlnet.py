@@ -28,7 +28,6 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
 from genlab.families.sd import load_parts
 
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
 
 
@@ -37,11 +36,12 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     stages = vae_factor.bit_length() - 1  # log2(factor)
     if channels is None:
         if stages >= len(HINT_CHANNELS):
-            raise ConfigError(f"the VAE downsamples {vae_factor}x: set model.controlnet.conditioning_channels ({stages + 1} entries).")
+            raise ConfigError(f"the VAE downsamples {vae_factor}x: set model.controlnet.conditioning_channels "
+                              f"({stages + 1} entries).")
         return HINT_CHANNELS[: stages + 1]
     if len(channels) != stages + 1:
-        raise ConfigError(f"model.controlnet.conditioning_channels={list(channels)}: the VAE downsamples {vae_factor}x, "
-                          f"so the hint encoder needs {stages + 1} entries.")
+        raise ConfigError(f"model.controlnet.conditioning_channels={list(channels)}: the VAE downsamples "
+                          f"{vae_factor}x, so the hint encoder needs {stages + 1} entries.")
     return tuple(channels)
 
 
@@ -71,9 +71,11 @@ class ControlNet:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
         self.image_size, self.base, self.vae_source = image_size, str(base), ld.plain(vae)
-        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(self.base, self.vae_source, image_size, {}, {}, None)
+        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
+            self.base, self.vae_source, image_size, {}, {}, None)
         if channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={channels} but the VAE takes {self.vae.config.in_channels}-channel images.")
+            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+                              f"{self.vae.config.in_channels}-channel images.")
         self.noise_scheduler = ld.training_scheduler(self.base, 0, "", "")
         cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
 
@@ -86,14 +88,14 @@ class ControlNet:
         self.unet.requires_grad_(False)
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
-            self.unet.add_adapter(ld.lora_config(self.lora_rank, lora.get("alpha"), lora.get("target_modules", ATTENTION), lora.get("dropout", 0.0)))
+            self.unet.add_adapter(ld.lora_config(lora))
         self.control_lora_rank = int(control_lora.get("rank", 0))
         if self.control_lora_rank > 0:
             self.controlnet.requires_grad_(False)
-            self.controlnet.add_adapter(ld.lora_config(self.control_lora_rank, control_lora.get("alpha"),
-                                                       control_lora.get("target_modules", ATTENTION), control_lora.get("dropout", 0.0)))
+            self.controlnet.add_adapter(ld.lora_config(control_lora))
             # Zero convolutions and the hint encoder are new to the base: they must train.
-            for part in (self.controlnet.controlnet_cond_embedding, self.controlnet.controlnet_down_blocks, self.controlnet.controlnet_mid_block):
+            cn = self.controlnet
+            for part in (cn.controlnet_cond_embedding, cn.controlnet_down_blocks, cn.controlnet_mid_block):
                 part.requires_grad_(True)
         if gradient_checkpointing:
             # The frozen U-Net too: gradients flow through it to the ControlNet's residuals.
@@ -101,7 +103,8 @@ class ControlNet:
             self.controlnet.enable_gradient_checkpointing()
         self.ema_network = None  # ControlNet training follows the paper: no EMA
         self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
-        self.sampler_name, self.sample_steps, self.guidance, self.control_scale = sampler, sample_steps, guidance, control_scale
+        self.sampler_name, self.sample_steps = sampler, sample_steps
+        self.guidance, self.control_scale = guidance, control_scale
         ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name
         self.validation_data = validation_data
         self._val_items: list[dict] | None = None
@@ -125,10 +128,12 @@ class ControlNet:
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = ld.encode_images(self.vae, batch["image"])  # (B, c, h, w)
         with torch.no_grad():
-            text = ld.encode_captions(self.tokenizer, self.text_encoder, ld.drop_captions(batch["caption"], self.caption_dropout))
+            captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+            text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"], return_dict=False)
+        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],
+                                    return_dict=False)
         pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
@@ -147,7 +152,8 @@ class ControlNet:
     def sample(self, n: int, seed: int, sketch: Any = None, prompt: str | list[str] | None = None,
                sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, control_scale: float | None = None,
-               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
+               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0,
+               **options: Any) -> torch.Tensor:
         """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
 
         With no sketch: the first val pairs of the training data (sketches and captions).
@@ -160,7 +166,7 @@ class ControlNet:
         if sketch is None:
             pairs = self.validation_pairs(n)
             if not pairs:
-                raise GenlabError("controlnet: no sketch given and no validation data; pass sketch=... (--sketch PATH).")
+                raise GenlabError("controlnet: no sketch given and no validation data; pass --sketch PATH.")
             sketch = torch.stack([item["sketch"] for item in pairs])
             default_prompts = [item.get("caption", "") for item in pairs]
         else:
@@ -168,10 +174,11 @@ class ControlNet:
         sketches = ld.load_sketch(sketch, self.image_size, n)
         prompts = ld.as_list(prompt, n, default_prompts)
         pipe = self.pipeline(sampler or self.sampler_name)
-        with ld.eval_mode(pipe.unet, pipe.controlnet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
-                ld.sample_autocast(pipe.device, self.weight_dtype):
+        with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
+                ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
             out = pipe(prompts, image=sketches.to(pipe.device), height=self.image_size, width=self.image_size,
-                       num_inference_steps=steps or self.sample_steps, guidance_scale=self.guidance if guidance is None else guidance,
+                       num_inference_steps=steps or self.sample_steps,
+                       guidance_scale=self.guidance if guidance is None else guidance,
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
@@ -188,7 +195,8 @@ class ControlNet:
         out_dir = Path(out_dir)
         controlnet = ld.unwrap(self.controlnet)
         if self.control_lora_rank > 0:
-            small = {k: p.detach().float().cpu().contiguous() for k, p in controlnet.named_parameters() if p.requires_grad}
+            small = {k: p.detach().float().cpu().contiguous()
+                     for k, p in controlnet.named_parameters() if p.requires_grad}
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file(small, out_dir / "control_lora.safetensors")
             controlnet = ld.merged_copy(controlnet)

@@ -25,7 +25,9 @@ from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
 
-SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
+SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
+            "ddpm": DDPMScheduler}
 
 
 def plain(value: Any) -> Any:
@@ -108,7 +110,8 @@ def tiny_unet(unet_cfg: dict, image_size: int, vae: AutoencoderKL, cross_attenti
     )
 
 
-def training_scheduler(base: str | None, num_train_timesteps: int, beta_schedule: str, prediction_type: str) -> DDPMScheduler:
+def training_scheduler(base: str | None, num_train_timesteps: int, beta_schedule: str,
+                       prediction_type: str) -> DDPMScheduler:
     """The noise schedule: the base's own when fine-tuning, else from config."""
     if base:
         where, sub = resolve_pretrained(base, "scheduler")
@@ -239,6 +242,18 @@ def validation_items(data_cfg: Any, n: int) -> list[dict]:
     return [dataset[i] for i in range(min(n, len(dataset)))]
 
 
+def move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """`module.to(device, dtype)`, without diffusers' note about fp32-kept modules (SD's have none)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(device, dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def weight_dtype_for(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
     """The frozen parts' dtype: as asked, except fp16 on CPU, which Accelerate runs without autocast."""
     if dtype is None or (torch.device(device).type == "cpu" and dtype == torch.float16):
@@ -246,27 +261,14 @@ def weight_dtype_for(device: torch.device, dtype: torch.dtype | None) -> torch.d
     return dtype
 
 
-def lora_config(rank: int, alpha: float | None, target_modules: list[str], dropout: float):
-    """A peft LoraConfig (alpha None means alpha = rank, a scale of 1)."""
+def lora_config(lora: dict, default_targets: list[str] = ATTENTION):
+    """A peft LoraConfig from {rank, alpha (None: = rank, a scale of 1), target_modules, dropout}."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=dropout,
-                      init_lora_weights="gaussian")
-
-
-def save_unet_lora(unet: nn.Module, out_dir: Path) -> Path:
-    """Write the U-Net's LoRA as `out_dir/pytorch_lora_weights.safetensors` (diffusers' layout)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    unet = unwrap(unet)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    # The metadata carries lora_alpha, so loaders scale by alpha / rank as in training.
-    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    rank = int(lora["rank"])
+    return LoraConfig(r=rank, lora_alpha=lora.get("alpha") or rank,
+                      target_modules=list(lora.get("target_modules") or default_targets),
+                      lora_dropout=lora.get("dropout", 0.0), init_lora_weights="gaussian")
 
 
 def parse_loras(loras: list[str | tuple[str, float]] | None) -> list[tuple[str, float]]:
@@ -293,7 +295,8 @@ def resolve_lora(path: str | Path) -> dict[str, str]:
     if (p / ".hydra").is_dir():
         p = p / "export"
     if not (p / "pytorch_lora_weights.safetensors").exists():
-        raise GenlabError(f"--lora {path}: no pytorch_lora_weights.safetensors there (was the run trained with model.lora.rank > 0?).")
+        raise GenlabError(f"--lora {path}: no pytorch_lora_weights.safetensors there "
+                          "(was the run trained with model.lora.rank > 0?).")
     return {"pretrained_model_name_or_path_or_dict": str(p)}
 
 
@@ -357,7 +360,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 
 def pipeline_location(path_or_id: str | None) -> str | None:
-    """What plain diffusers' `from_pretrained` takes: a run's export/ (absolute), a local dir (absolute), or the hub id."""
+    """What plain diffusers' `from_pretrained` takes: a run's export/ or a local dir (absolute), or the hub id."""
     if path_or_id is None:
         return None
     path = Path(str(path_or_id)).expanduser()

@@ -82,13 +82,14 @@ class StableDiffusion:
         self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
             self.base, vae, image_size, ld.plain(unet) or {}, ld.plain(text_encoder) or {}, tokenizer_dir)
         if channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={channels} but the VAE takes {self.vae.config.in_channels}-channel images.")
+            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+                              f"{self.vae.config.in_channels}-channel images.")
         self.noise_scheduler = ld.training_scheduler(self.base, num_train_timesteps, beta_schedule, prediction_type)
         lora = ld.plain(lora) or {}
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(ld.lora_config(self.lora_rank, lora.get("alpha"), lora.get("target_modules", ["to_q", "to_k", "to_v", "to_out.0"]), lora.get("dropout", 0.0)))
+            self.unet.add_adapter(ld.lora_config(lora))
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # EMA of a LoRA-adapted U-Net would copy the whole frozen base: only for full training.
@@ -114,7 +115,8 @@ class StableDiffusion:
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = ld.encode_images(self.vae, batch["image"])  # (B, c, H/f, W/f)
         with torch.no_grad():
-            text = ld.encode_captions(self.tokenizer, self.text_encoder, ld.drop_captions(batch["caption"], self.caption_dropout))
+            captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+            text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
@@ -134,7 +136,8 @@ class StableDiffusion:
     @torch.no_grad()
     def sample(self, n: int, seed: int, prompt: str | list[str] | None = None, sampler: str | None = None,
                steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
-               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
+               lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0,
+               **options: Any) -> torch.Tensor:
         """`n` images for `prompt` (default: captions of the first val items), (n, 3, H, W) in [-1, 1].
 
         `lora` stacks extra U-Net LoRAs ("PATH[:weight]" or (path, weight)); `own_lora` weights
@@ -147,7 +150,8 @@ class StableDiffusion:
         prompts = ld.as_list(prompt, n, self.default_prompts(n))
         with ld.eval_mode(pipe.unet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
                 ld.sample_autocast(pipe.device, self.weight_dtype):
-            out = pipe(prompts, height=self.image_size, width=self.image_size, num_inference_steps=steps or self.sample_steps,
+            out = pipe(prompts, height=self.image_size, width=self.image_size,
+                       num_inference_steps=steps or self.sample_steps,
                        guidance_scale=self.guidance if guidance is None else guidance,
                        negative_prompt=[negative_prompt] * n if negative_prompt else None,
                        generator=ld.generators(n, seed), output_type="pt").images

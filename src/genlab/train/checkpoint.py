@@ -73,7 +73,13 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
             "move the run, then `genlab resume`.") from None
     if keep:
         for old in complete_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Rename first: a kill during the deletion leaves a hidden folder, never a
+            # half-deleted step_N that looks like an interrupted save.
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in ckpt_root.glob(".*.deleting"):  # from a save killed while pruning
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 

@@ -201,7 +201,8 @@ class Trainer:
         self._resume_rng = training_state["rng"]
         truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
-        self.best.load_state_dict(state["best"])
+        if state.get("best"):
+            self.best.load_state_dict(state["best"])
         log.info("resumed from %s at step %d", path, self.step)
         return state["data_position"]
 
