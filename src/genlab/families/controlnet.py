@@ -142,8 +142,8 @@ class ControlNet:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in (self.vae, self.text_encoder, self.unet):
-            frozen.to(device, self.weight_dtype)
-        self.controlnet.to(device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
+            ld.move(frozen, device, self.weight_dtype)
+        ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
         cast_training_params([self.unet, self.controlnet], torch.float32)
         return self

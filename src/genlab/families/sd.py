@@ -124,13 +124,13 @@ class StableDiffusion:
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
-        self.vae.to(device, self.weight_dtype)
-        self.text_encoder.to(device, self.weight_dtype)
+        ld.move(self.vae, device, self.weight_dtype)
+        ld.move(self.text_encoder, device, self.weight_dtype)
         if self.lora_rank > 0:  # frozen base in the weight dtype, adapters in fp32
-            self.unet.to(device, self.weight_dtype)
+            ld.move(self.unet, device, self.weight_dtype)
             cast_training_params(self.unet, torch.float32)
         else:
-            self.unet.to(device, torch.float32)
+            ld.move(self.unet, device, torch.float32)
         return self
 
     @torch.no_grad()

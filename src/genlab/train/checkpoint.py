@@ -71,6 +71,12 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
             f"could not write checkpoint {final}: {reason} ({free_kib} KiB left on that disk). "
             f"The previous checkpoint {previous[-1] if previous else '(none)'} is intact; free space or "
             "move the run, then `genlab resume`.") from None
+    prune(ckpt_root, keep)
+    return final
+
+
+def prune(ckpt_root: Path, keep: int | None) -> None:
+    """Keep the `keep` newest complete checkpoints (all if None/0); clear leftovers of killed saves."""
     if keep:
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             # Rename first: a kill during the deletion leaves a hidden folder, never a
@@ -78,9 +84,8 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
             doomed = old.with_name(f".{old.name}.deleting")
             os.replace(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-    for leftover in ckpt_root.glob(".*.deleting"):  # from a save killed while pruning
+    for leftover in ckpt_root.glob(".*.deleting"):
         shutil.rmtree(leftover, ignore_errors=True)
-    return final
 
 
 def _write(ckpt_root: Path, final: Path, tmp: Path, step: int, networks: dict[str, torch.nn.Module],

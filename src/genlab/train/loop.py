@@ -178,6 +178,8 @@ class Trainer:
         if path is None:
             log.warning("no complete checkpoint in %s: starting from step 0", self.run_dir)
             return {}
+        if self.accelerator.is_main_process:  # a run killed between a save and its pruning
+            ckpt.prune(path.parent, self.t.keep_checkpoints)
         training_state, state = ckpt.load_file_of(path, "training_state.pt"), ckpt.load_state(path)
         global_batch = self.t.batch_size * self.accelerator.num_processes
         if state["batch_size"] * state["num_processes"] != global_batch:

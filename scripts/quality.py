@@ -1,0 +1,342 @@
+"""Do genlab's CPU recipes reach issue 5's quality targets? Train, evaluate, write it down.
+
+For each recipe (configs/experiment/<name>.yaml): train it with the real loop into
+RUNS_DIR/<name>, evaluate its final weights (EMA where the family keeps one) with
+`genlab.eval.evaluate.Evaluator`, check the targets, and write OUT_DIR/quality.json plus
+the run's final sample grid as OUT_DIR/quality_<name>.png. DDPM also compares samplers
+(quality and time per image) -> OUT_DIR/ddpm_samplers.png. A recipe whose YAML or family
+does not exist yet is skipped with a message. quality.json keeps the entries of recipes
+not run this time, each with the command, machine and date that produced it.
+
+    python scripts/quality.py                                   # every recipe (make quality)
+    python scripts/quality.py --recipes ddpm_digits --budget-minutes 12
+    python scripts/quality.py --smoke --out-dir /tmp/q          # tiny models, seconds (tests)
+
+--budget-minutes caps each training run: a short probe measures optimizer steps per second
+and `trainer.max_steps` is lowered to what fits (the JSON says so: planned vs. done steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from hydra import compose as hydra_compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from bench import machine_name  # scripts/ is on sys.path when this file runs
+from genlab.config import config_dir, hydra_args
+from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
+from genlab.eval.plots import plot_quality_vs_steps
+from genlab.sample import load_family
+from genlab.train.loop import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("quality")
+
+
+@dataclass
+class Target:
+    """`metric op threshold`, e.g. class_kl <= 0.05; with `relative_to`, threshold is added to that metric."""
+
+    metric: str
+    op: str                  # ">=" | "<="
+    threshold: float
+    relative_to: str | None = None
+
+    def check(self, metrics: dict[str, float]) -> dict[str, Any]:
+        value = metrics.get(self.metric)
+        bound = self.threshold + (metrics.get(self.relative_to, float("nan")) if self.relative_to else 0.0)
+        met = value is not None and {">=": operator.ge, "<=": operator.le}[self.op](value, bound)
+        rule = f"{self.metric} {self.op} " + (f"{self.relative_to} {self.threshold:+g}" if self.relative_to
+                                              else f"{self.threshold:g}")
+        return {"rule": rule, "value": value, "bound": bound, "met": bool(met)}
+
+
+def digits_targets(max_kl: float) -> list[Target]:
+    """Issue 5's Stacked-MNIST-style targets for a digits model."""
+    return [Target("classes_covered", ">=", 10), Target("class_kl", "<=", max_kl),
+            Target("class_confidence", ">=", 0.9)]
+
+
+@dataclass
+class Recipe:
+    """How to measure one experiment config.
+
+    variants: extra runs of the same recipe ({name: overrides}); their metrics join the
+        recipe's as `<metric>@<variant>` (e.g. the VAE trained with one class held out).
+    ablations: extra evaluations of the main run ({name: sample options}); metrics as
+        `<metric>@<ablation>` (e.g. ControlNet with control_scale=0).
+    stages: runs trained first ({name: overrides}); "{stage}" in later overrides becomes
+        that run's directory (the ControlNet's VAE -> SD base chain).
+    """
+
+    targets: list[Target]
+    overrides: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: dict[str, list[str]] = field(default_factory=dict)
+    smoke: list[str] = field(default_factory=list)  # extra overrides that make the model tiny under --smoke
+
+
+TINY_UNET = ["data.image_size=8", "model.unet.block_out_channels=[16,16]",
+             "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
+             "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.attention_head_dim=8",
+             "model.unet.norm_num_groups=4", "model.sample_steps=4"]
+RECIPES = {
+    "ddpm_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
+    "vae_digits": Recipe(digits_targets(0.05) + [Target("anomaly_auroc@holdout", ">=", 0.9)],
+                         variants={"holdout": ["data.exclude_classes=[0]"]}),
+    "gan_digits": Recipe(digits_targets(0.10)),
+    "controlnet_circles": Recipe(
+        [Target("disc_iou", ">=", 0.8), Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")],
+        overrides=["model.base={sd}"], ablations={"no_control": {"control_scale": 0.0}},
+        stages={"vae": ["model=vae", "data=fill_circles"],
+                "sd": ["model=sd", "model.vae={vae}", "data=fill_circles"]}),
+}
+#: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
+SMOKE = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_every=0",
+         "trainer.checkpoint_every=0", "trainer.sample_n=4", "trainer.eval_every=0"]
+SMOKE_SAMPLERS = (("ddpm", 10), ("ddim", 5), ("dpm", 5))
+#: What every run of this script gets: no tracker, plain progress lines.
+COMMON = ["logger=none", "trainer.progress=plain"]
+
+
+def compose(overrides: list[str]):
+    """train.yaml composed with `overrides`, as `genlab train` composes it (experiment=x works)."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=hydra_args(overrides))
+
+
+def missing_reason(name: str) -> str | None:
+    """Why recipe `name` cannot run yet (no YAML, a family that does not exist), or None."""
+    if not (ROOT / "configs" / "experiment" / f"{name}.yaml").exists():
+        return f"configs/experiment/{name}.yaml does not exist yet"
+    stages = RECIPES.get(name, Recipe([])).stages.values()
+    for overrides in [[f"experiment={name}"], *stages]:
+        target = compose([o for o in overrides if "{" not in o]).model._target_
+        try:
+            get_class(target)
+        except Exception:  # noqa: BLE001 - Hydra wraps the ImportError in its own exception types
+            return f"family {target} does not exist yet"
+    return None
+
+
+def steps_per_second(overrides: list[str], probe_steps: int = 10) -> float:
+    """Optimizer steps per second of this config, measured after `probe_steps` warm-up steps."""
+    probe = ["trainer.sample_every=0", "trainer.sample_n=0", "trainer.checkpoint_every=0", "trainer.eval_every=0",
+             f"trainer.max_steps={2 * probe_steps}", f"trainer.log_every={probe_steps}"]
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = compose([*overrides, *probe])
+        run_training(cfg, Path(run_dir))
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    images_per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum
+    return rows[-1]["images_per_s"] / images_per_step  # the second window: warm caches, no start-up
+
+
+def run_training_logged(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """`run_training` into a directory that `genlab sample / eval / runs` accept, as `genlab train` leaves it."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    try:
+        return run_training(cfg, run_dir)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def train(overrides: list[str], run_dir: Path, budget_s: float | None) -> dict[str, Any]:
+    """Train `overrides` into `run_dir` (replaced if it exists), within `budget_s` seconds of steps."""
+    planned = compose(overrides).trainer.max_steps
+    info: dict[str, Any] = {"run_dir": str(run_dir), "planned_max_steps": planned}
+    if budget_s:
+        rate = steps_per_second(overrides)
+        fits = max(1, int(budget_s * rate))
+        info.update(probe_steps_per_s=rate, budget_s=budget_s)
+        if fits < planned:
+            log.warning("%s: %d steps at %.2f steps/s do not fit %.0f s; training %d steps",
+                        run_dir.name, planned, rate, budget_s, fits)
+            overrides = [*overrides, f"trainer.max_steps={fits}"]
+    cfg = compose(overrides)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("training %s -> %s (%d steps)", " ".join(overrides), run_dir, cfg.trainer.max_steps)
+    start = time.perf_counter()
+    summary = run_training_logged(cfg, overrides, run_dir)
+    info.update(overrides=overrides, steps=summary["step"], max_steps=cfg.trainer.max_steps,
+                train_seconds=time.perf_counter() - start,
+                final_losses={k: v for k, v in summary.items() if "loss" in k},
+                images_per_s=summary.get("images_per_s"))
+    return info
+
+
+@torch.no_grad()
+def class_accuracy(family: Any, classifier: torch.nn.Module, seed: int, per_class: int = 20) -> float:
+    """Fraction of a class-conditional model's samples that the classifier reads as the class asked for.
+
+    With labels cycled over the classes, class_kl and coverage say little about a conditional
+    model; this says whether it draws the digit it was asked for.
+    """
+    hits = []
+    for label in range(family.num_classes):
+        images = family.sample(per_class, seed + label, class_label=label).float().cpu()
+        hits.append(classifier.logits((images + 1) / 2).argmax(1) == label)
+    return torch.cat(hits).float().mean().item()
+
+
+def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str, Any]],
+             samplers: tuple | None, sampler_samples: int | None) -> dict[str, Any]:
+    """Metrics of a run's final weights; `samplers` adds the sampler comparison (DDPM)."""
+    family, cfg = load_family(run_dir, "latest", use_ema=True, device="cpu")
+    start = time.perf_counter()
+    evaluator = Evaluator(cfg, "cpu")
+    out: dict[str, Any] = {"metrics": evaluator.evaluate(family, n_samples), "extractor": evaluator.extractor_name}
+    for name, options in ablations.items():
+        ablated = evaluator.evaluate(family, n_samples, **options)
+        out["metrics"].update({f"{k}@{name}": v for k, v in ablated.items()})
+    if getattr(family, "conditional", False) and hasattr(evaluator.extractor, "logits"):
+        out["metrics"]["class_accuracy"] = class_accuracy(family, evaluator.extractor, evaluator.settings.seed)
+    out["eval_seconds"] = time.perf_counter() - start
+    # The same metrics of real held-out images: what a perfect model would score (at this smaller n).
+    val = torch.stack([evaluator.val[i]["image"] for i in range(len(evaluator.val))])
+    out["data_val_metrics"] = {**evaluator.sample_metrics(val), "n": len(val)}
+    if samplers:
+        start = time.perf_counter()
+        out["samplers"] = evaluator.compare_samplers(family, samplers, n_samples=sampler_samples)
+        out["samplers_seconds"] = time.perf_counter() - start
+        out["sampler_samples"] = sampler_samples or evaluator.settings.n_samples
+    return out
+
+
+def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (stages, main run, variants), evaluate and check one recipe; returns its JSON entry."""
+    recipe = RECIPES.get(name, Recipe([]))
+    extra = [*COMMON, *(SMOKE + recipe.smoke if args.smoke else []), *args.overrides]
+    budget_s = args.budget_minutes * 60 or None
+    dirs = {stage: args.runs_dir / f"{name}_{stage}" for stage in recipe.stages}
+
+    def filled(overrides: list[str]) -> list[str]:
+        return [o.format(**{k: str(v) for k, v in dirs.items()}) for o in overrides]
+
+    entry: dict[str, Any] = {"status": "done", "stages": {}, "variants": {}}
+    for stage, overrides in recipe.stages.items():
+        entry["stages"][stage] = train(filled([*overrides, *extra]), dirs[stage], budget_s)
+    main = [f"experiment={name}", *filled(recipe.overrides), *extra]
+    entry.update(train(main, args.runs_dir / name, budget_s))
+    is_ddpm = compose(main).model._target_.endswith(".DDPM")
+    samplers = (SMOKE_SAMPLERS if args.smoke else DEFAULT_SAMPLERS) if is_ddpm else None
+    entry.update(evaluate(args.runs_dir / name, args.eval_samples, recipe.ablations, samplers, args.sampler_samples))
+    for variant, overrides in recipe.variants.items():
+        run_dir = args.runs_dir / f"{name}_{variant}"
+        info = train([*main, *overrides], run_dir, budget_s)
+        info.update(evaluate(run_dir, args.eval_samples, {}, None, None))
+        entry["variants"][variant] = info
+        entry["metrics"].update({f"{k}@{variant}": v for k, v in info["metrics"].items()})
+    entry["targets"] = [t.check(entry["metrics"]) for t in recipe.targets]
+    entry["all_targets_met"] = all(t["met"] for t in entry["targets"])
+    entry["wall_seconds"] = sum(x.get("train_seconds", 0) for x in [entry, *entry["stages"].values(),
+                                                                     *entry["variants"].values()])
+    return entry
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """What produced the numbers: machine, versions, command, threads, load."""
+    versions = {"python": platform.python_version()}
+    for package in ("genlab", "torch", "diffusers", "accelerate", "hydra-core", "torchmetrics"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    return {"machine": machine_name(), "versions": versions, "git": git.stdout.strip() or None,
+            "command": " ".join(["python", "scripts/quality.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg()[0], "smoke": args.smoke}
+
+
+def save_outputs(name: str, entry: dict[str, Any], out_dir: Path) -> None:
+    """Copy the final sample grid and draw the sampler plot into `out_dir`."""
+    grid = Path(entry["run_dir"]) / "samples" / "final.png"
+    if grid.exists():
+        entry["grid"] = str(shutil.copyfile(grid, out_dir / f"quality_{name}.png"))
+    if entry.get("samplers"):
+        metric, n = f"fid_{entry['extractor']}", entry["sampler_samples"]
+        family = name.split("_")[0]
+        path = plot_quality_vs_steps(entry["samplers"], metric, out_dir / f"{family}_samplers.png",
+                                     title=f"{name}: {metric} ({n} samples) and time per image against steps")
+        entry["samplers_plot"] = str(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated experiment names")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="training time per run (default 20, "
+                        "0 under --smoke): a probe measures steps/s and max_steps is lowered to fit; 0: no cap")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="default: benchmarks/quality_runs")
+    parser.add_argument("--out-dir", type=Path, default=None, help="quality.json and PNGs (default: benchmarks)")
+    parser.add_argument("--eval-samples", type=int, default=None, help="generated images per evaluation "
+                        "(default: the recipe's eval.n_samples)")
+    parser.add_argument("--sampler-samples", type=int, default=200,
+                        help="generated images per setting of the DDPM sampler comparison")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and few steps: checks the script itself")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.seed=1")
+    args = parser.parse_args(argv)
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if args.budget_minutes is None:
+        args.budget_minutes = 0.0 if args.smoke else 20.0
+    default_dir = ROOT / ("runs/quality_smoke" if args.smoke else "benchmarks")
+    args.out_dir = args.out_dir or default_dir
+    args.runs_dir = args.runs_dir or (args.out_dir / "runs" if args.smoke else default_dir / "quality_runs")
+    if args.smoke:
+        args.eval_samples = args.eval_samples or 20
+        args.sampler_samples = min(args.sampler_samples, 10)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / "quality.json"
+    report = json.loads(out.read_text()) if out.exists() else {}
+    env = environment(args)
+    recipes = report.get("recipes", {})
+    for name in args.recipes:
+        reason = missing_reason(name)
+        if reason:
+            print(f"{name}: skipped, {reason}", flush=True)
+            recipes[name] = {"status": "skipped", "reason": reason, **env}
+            continue
+        entry = {**run_recipe(name, args), **env}
+        save_outputs(name, entry, args.out_dir)
+        recipes[name] = entry
+        met = ", ".join(f"{t['rule']}: {t['value']:.4g} {'ok' if t['met'] else 'MISSED'}"
+                        for t in entry["targets"] if t["value"] is not None)
+        print(f"{name}: {entry['steps']} steps in {entry['train_seconds'] / 60:.1f} min; {met}", flush=True)
+        out.write_text(json.dumps({**env, "recipes": recipes}, indent=2))  # after each recipe: nothing lost
+    out.write_text(json.dumps({**env, "recipes": recipes}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
