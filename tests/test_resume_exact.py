@@ -23,12 +23,16 @@ TINY_FAMILIES = {  # family -> overrides giving a model that trains a step in we
     "ddpm": ["model.unet.block_out_channels=[8,8]", "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
              "model.unet.up_block_types=[UpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4", "model.unet.attention_head_dim=8",
              "model.sample_steps=2"],
+    "vae": ["model.block_out_channels=[8,8]", "model.norm_num_groups=4", "model.mid_block_attention=false"],
+    "gan": ["model.g_channels=8", "model.d_channels=8", "model.latent_dim=8", "model.n_critic=2",
+            "model.r1_gamma=1.0", "model.diffaug=translation"],  # two optimizers, R1 and augmentation RNG
 }
 
 
 def _losses(run):
-    return [json.loads(line)["loss"] if "loss" in line else json.loads(line) for line in
-            (run / "metrics.jsonl").read_text().splitlines()]
+    """Every logged loss (loss, d_loss, g_loss, recon_loss, ...) of every step."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if "loss" in k or k == "step"} for row in rows]
 
 
 def _final_state(run):
