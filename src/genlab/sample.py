@@ -95,10 +95,15 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
         from genlab.data import build_dataset
 
         val = build_dataset(cfg.data, "val")
-        options["images"] = torch.stack([val[i]["image"] for i in range(min(n, len(val)))])
+        items = [val[i] for i in range(min(n, len(val)))]
+        options["images"] = torch.stack([item["image"] for item in items])
+        if "label" in items[0] and getattr(family, "conditional", False):
+            options["labels"] = torch.tensor([int(item["label"]) for item in items])
     images = family.sample(n, seed=seed, **options)
     out = Path(out) if out else Path(run_dir) / "samples" / f"sample_seed{seed}.png"
-    save_grid(images.cpu(), out)
+    # Interpolations come as rows of `steps` images; other grids are about square.
+    nrow = options.get("steps") if options.get("interpolate") else None
+    save_grid(images.cpu(), out, nrow=nrow)
     if separate:
         for i, image in enumerate(images.cpu()):
             save_grid(image[None], out.with_name(f"{out.stem}_{i:03d}.png"))

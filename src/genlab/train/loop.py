@@ -218,6 +218,8 @@ class Trainer:
         """Accumulate, check, clip and step one phase. False if the step was skipped."""
         acc, t = self.accelerator, self.t
         networks = list(self.family.networks().values())
+        for optimizer in self.optimizers.values():  # e.g. G's phase leaves gradients in D: start clean
+            optimizer.zero_grad(set_to_none=True)
         finite = torch.ones((), dtype=torch.bool, device=acc.device)
         for micro in range(t.grad_accum):
             # Gradients are all-reduced only on the last micro-step of the window.
