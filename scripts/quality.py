@@ -190,7 +190,7 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None) -> dict[s
 
 
 @torch.no_grad()
-def class_accuracy(family: Any, classifier: torch.nn.Module, seed: int, per_class: int = 20) -> float:
+def class_accuracy(family: Any, classifier: torch.nn.Module, seed: int, per_class: int = 10) -> float:
     """Fraction of a class-conditional model's samples that the classifier reads as the class asked for.
 
     With labels cycled over the classes, class_kl and coverage say little about a conditional
@@ -253,8 +253,8 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
         entry["metrics"].update({f"{k}@{variant}": v for k, v in info["metrics"].items()})
     entry["targets"] = [t.check(entry["metrics"]) for t in recipe.targets]
     entry["all_targets_met"] = all(t["met"] for t in entry["targets"])
-    entry["wall_seconds"] = sum(x.get("train_seconds", 0) for x in [entry, *entry["stages"].values(),
-                                                                     *entry["variants"].values()])
+    entry["train_seconds_all_runs"] = sum(x["train_seconds"] for x in [entry, *entry["stages"].values(),
+                                                                        *entry["variants"].values()])
     return entry
 
 
@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped, {reason}", flush=True)
             recipes[name] = {"status": "skipped", "reason": reason, **env}
             continue
+        start = time.perf_counter()
         entry = {**run_recipe(name, args), **env}
+        entry.update(recipe_wall_seconds=time.perf_counter() - start, load_average_at_end=os.getloadavg()[0])
         save_outputs(name, entry, args.out_dir)
         recipes[name] = entry
         met = ", ".join(f"{t['rule']}: {t['value']:.4g} {'ok' if t['met'] else 'MISSED'}"

@@ -90,7 +90,11 @@ def sd_run(tmp_path_factory, vae_run, tok_dir):
     family = StableDiffusion(32, vae=str(vae_run), unet=UNET, text_encoder=dict(hidden_size=32, num_layers=2),
                              tokenizer_dir=tok_dir, caption_dropout=0.0, validation_data=VAL).to(CPU)
     fixed = batch()
+    embeddings = family.text_encoder.get_input_embeddings().weight.detach().clone()
     losses = train(family, 12, lr=2e-3, data=fixed)
+    # From scratch the random text encoder trains too: the rows of seen tokens ("circle") move most.
+    moved = (family.text_encoder.get_input_embeddings().weight - embeddings).abs().sum(1)
+    assert set(family.networks()) == {"unet", "text_encoder"} and moved[7117] > 10 * moved.median()
     run = fake_run(tmp_path_factory.mktemp("sd") / "run")
     family.export(run / "export")
     return run, losses, family
@@ -166,6 +170,7 @@ def test_sd_lora_finetune_keeps_base_and_exports_loadable_lora(sd_run, tmp_path)
     family = StableDiffusion(32, base=str(run), lora=dict(rank=4, alpha=8), validation_data=VAL).to(CPU)
     trainable = [n for n, p in family.unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable) and family.ema_network is None
+    assert set(family.networks()) == {"unet"} and not any(p.requires_grad for p in family.text_encoder.parameters())
     before = family.unet.conv_in.weight.detach().clone()
     train(family, 3, lr=1e-2)
     assert torch.equal(before, family.unet.conv_in.weight)

@@ -271,6 +271,21 @@ def lora_config(lora: dict, default_targets: list[str] = ATTENTION):
                       lora_dropout=lora.get("dropout", 0.0), init_lora_weights="gaussian")
 
 
+def save_unet_lora(unet: nn.Module, out_dir: Path) -> Path:
+    """Write the U-Net's LoRA as `out_dir/pytorch_lora_weights.safetensors` (diffusers' layout)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = unwrap(unet)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    # The metadata carries lora_alpha, so loaders scale by alpha / rank as in training.
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers,
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
 def parse_loras(loras: list[str | tuple[str, float]] | None) -> list[tuple[str, float]]:
     """`--lora` values: "PATH[:weight]" strings (weight 1.0 when absent) or (path, weight) pairs."""
     parsed = []

@@ -63,6 +63,8 @@ class StableDiffusion:
         tokenizer_dir: where the offline CLIP tokenizer is cached (None: ~/.cache/genlab).
         unet, text_encoder: configs of the tiny U-Net / CLIP text encoder (ignored with a base).
         lora: {rank, alpha, target_modules, dropout}; rank 0 trains the whole U-Net.
+        train_text_encoder: train the text encoder with the U-Net; None = only when tiny
+            from scratch (a random frozen CLIP barely tells "red" from "green").
         num_train_timesteps, beta_schedule, prediction_type: the schedule (from scratch only).
         min_snr_gamma: min-SNR loss weighting, or None for plain MSE.
         caption_dropout: fraction of captions replaced by "" (for classifier-free guidance).
@@ -73,7 +75,8 @@ class StableDiffusion:
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
                  tokenizer_dir: str | None = None, unet: dict | None = None, text_encoder: dict | None = None,
-                 lora: dict | None = None, num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
+                 lora: dict | None = None, train_text_encoder: bool | None = None,
+                 num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  gradient_checkpointing: bool = False, sampler: str = "unipc", sample_steps: int = 25,
                  guidance: float = 5.0, validation_data: Any = None, num_classes: int | None = None):
@@ -90,6 +93,9 @@ class StableDiffusion:
         if self.lora_rank > 0:
             self.unet.requires_grad_(False)
             self.unet.add_adapter(ld.lora_config(lora))
+        self.train_text_encoder = self.base is None if train_text_encoder is None else bool(train_text_encoder)
+        if self.train_text_encoder:
+            self.text_encoder.requires_grad_(True).train()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # EMA of a LoRA-adapted U-Net would copy the whole frozen base: only for full training.
@@ -104,18 +110,19 @@ class StableDiffusion:
     # --- the Family protocol ------------------------------------------------------------
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet}
+        return {"unet": self.unet, "text_encoder": self.text_encoder} if self.train_text_encoder else {"unet": self.unet}
 
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return {"main": [{"params": [p for p in self.unet.parameters() if p.requires_grad]}]}
+        params = [p for net in self.networks().values() for p in net.parameters() if p.requires_grad]
+        return {"main": [{"params": params}]}
 
     def phases(self, step: int) -> list[str]:
         return ["main"]
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = ld.encode_images(self.vae, batch["image"])  # (B, c, H/f, W/f)
-        with torch.no_grad():
-            captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+        captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
@@ -125,7 +132,7 @@ class StableDiffusion:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         ld.move(self.vae, device, self.weight_dtype)
-        ld.move(self.text_encoder, device, self.weight_dtype)
+        ld.move(self.text_encoder, device, torch.float32 if self.train_text_encoder else self.weight_dtype)
         if self.lora_rank > 0:  # frozen base in the weight dtype, adapters in fp32
             ld.move(self.unet, device, self.weight_dtype)
             cast_training_params(self.unet, torch.float32)
