@@ -48,7 +48,12 @@ def load_family(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True,
     if path is None:
         raise GenlabError(f"{run_dir} has no complete checkpoint '{checkpoint}' (it may still be starting, or "
                           "have failed before the first save); see `genlab runs`.")
-    family = instantiate(cfg.model, _convert_="all")
+    try:
+        family = instantiate(cfg.model, _convert_="all")
+    except Exception as error:  # Hydra wraps the family's own GenlabError
+        if isinstance(error.__cause__, GenlabError):
+            raise error.__cause__ from None
+        raise
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     networks = family.networks()
     ckpt.load_networks(path, networks)

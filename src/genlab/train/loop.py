@@ -270,7 +270,9 @@ class Trainer:
         # fork_rng: sampling must not move the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
                 swapped_in_ema(self.family, self.ema):
-            images = self.family.sample(self.t.sample_n, seed=self.t.seed)
+            # Conditioned families can show their input beside the output (sketch | image).
+            draw = getattr(self.family, "sample_pairs", self.family.sample)
+            images = draw(self.t.sample_n, seed=self.t.seed)
         save_grid(images, path)
         self.tracker.log_image(self.step, "samples", path)
         return path
@@ -415,6 +417,8 @@ def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[s
         if trainer:
             trainer.tracker.finish(exit_code=1)
             trainer.accelerator.end_training()
+        if isinstance(error.__cause__, GenlabError):  # Hydra's instantiate wraps the family's own errors
+            raise error.__cause__ from None
         raise
     if trainer.accelerator.is_main_process:
         write_status(run_dir, "finished", max_steps=cfg.trainer.max_steps, step=summary["step"])
