@@ -62,6 +62,9 @@ class ControlNet:
         validation_data: the data config; its first val items are the fixed sample pairs.
     """
 
+    #: sample() options that genlab eval fills from validation items (sketch-following metrics).
+    conditions = ("sketch", "prompt")
+
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
                  controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
                  gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
