@@ -37,6 +37,17 @@ def genlab(*args: str, cwd: Path | None = None, env: dict | None = None, check: 
     return result
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks gain nothing from a second thread and lose a lot on busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_ddpm_run(tmp_path_factory) -> Path:
     """One tiny DDPM run through the CLI, shared by the tests that only read it."""

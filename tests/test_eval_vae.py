@@ -16,13 +16,7 @@ TINY = dict(image_size=16, channels=1, block_out_channels=[8, 16], norm_num_grou
             mid_block_attention=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from a second thread and lose a lot on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

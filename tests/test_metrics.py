@@ -22,13 +22,7 @@ from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
 NOISE = (0.1, 0.2, 0.4, 0.8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks gain nothing from a second thread and lose a lot on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ UNET = dict(block_out_channels=[16, 32], down_block_types=["DownBlock2D", "Cross
 VAL = {"_target_": "genlab.data.fill_circles.FillCircles", "count": 16, "val_count": 8, "num_workers": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on 2 shared cores two threads run ~8x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_run(root: Path) -> Path:

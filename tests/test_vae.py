@@ -20,12 +20,7 @@ from genlab.families.vae import VAE, kl_standard_normal, recon_error
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(image_size=8, channels=1, block_out_channels=[8, 16], norm_num_groups=4, latent_channels=2,
