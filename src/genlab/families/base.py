@@ -87,5 +87,14 @@ class Family(Protocol):
         """Write the trained model in its ecosystem's format (see DESIGN.md)."""
 
 
+def batch_labels(batch: dict[str, Any], num_classes: int | None) -> torch.Tensor | None:
+    """The batch's class labels for a conditional model (None when `num_classes` is unset)."""
+    if not num_classes:
+        return None
+    if "label" not in batch:
+        raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
+    return batch["label"]
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

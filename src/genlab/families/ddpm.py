@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMulti
 from diffusers.training_utils import compute_snr
 
 from genlab.errors import GenlabError
+from genlab.families.base import batch_labels
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 
@@ -75,7 +76,8 @@ class DDPM:
         labels = None
         if self.conditional:
             drop = torch.rand(x0.shape[0], device=x0.device) < self.cond_dropout
-            labels = torch.where(drop, torch.full_like(batch["label"], self.num_classes), batch["label"])
+            labels = batch_labels(batch, self.num_classes)
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         prediction = self.unet(x_t, t, class_labels=labels).sample
         kind = self.scheduler.config.prediction_type
         target = {"epsilon": noise, "sample": x0}.get(kind)

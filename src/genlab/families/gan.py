@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.base import batch_labels
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ class GAN:
         return self
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        real, labels = batch["image"], self._labels(batch)
+        real, labels = batch["image"], batch_labels(batch, self.num_classes)
         z = torch.randn(len(real), self.generator_config["latent_dim"], device=real.device)
         if phase == "d":
             if self._last_phase == "g":
@@ -486,9 +487,3 @@ class GAN:
             return 0.0
         return self.instance_noise * max(0.0, 1.0 - step / max(1, self.instance_noise_steps))
 
-    def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        if "label" not in batch:
-            raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
-        return batch["label"]

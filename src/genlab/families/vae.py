@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.base import batch_labels
 
 RECON_LOSSES = ("mse", "l1", "bce")
 
@@ -182,7 +183,7 @@ class VAE:
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
-        decoded, mean, logvar = self.vae(x, self._labels(batch))
+        decoded, mean, logvar = self.vae(x, batch_labels(batch, self.num_classes))
         per_value = x[0].numel()  # C*H*W: losses are per image value
         recon = recon_error(decoded.float(), x.float(), self.recon_loss) / per_value  # (B,)
         kl = kl_standard_normal(mean.float(), logvar.float()) / per_value  # (B,)
@@ -283,12 +284,6 @@ class VAE:
         return self.scaling_factor
 
     # ---- helpers ----------------------------------------------------------------------
-    def _labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        if not self.num_classes:
-            return None
-        if "label" not in batch:
-            raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
-        return batch["label"]
 
     def _sample_labels(self, n: int, labels: torch.Tensor | None, class_label: int | None,
                        device: torch.device) -> torch.Tensor | None:
