@@ -126,3 +126,55 @@ def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
         f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n")  # logged, then killed before checkpoint 6
     run_training(toy_config("trainer.max_steps=6", "trainer.checkpoint_every=4"), run, resume=True)
     assert _steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def _wandb_history(path: Path) -> tuple[str, list[dict]]:
+    """(run id, history rows) of an offline `.wandb` file: W&B's LevelDB-style log of Record protos."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, run_id, rows = path.read_bytes(), 7, b"", None, []  # 7: the ":W&B" file header
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768  # records never cross a 32 KiB block; a short tail is padding
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.HasField("run"):
+                run_id = record.run.run_id
+            if record.HasField("history"):
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return run_id, rows
+
+
+def test_wandb_offline_attempts_form_one_run_with_no_step_twice(tmp_path, monkeypatch):
+    """Killed after logging step 5 with the newest checkpoint at 3: the resumed attempt sends W&B only 6..8."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    cfg = ["logger=wandb", "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.keep_checkpoints=null"]
+    run_training(toy_config("trainer.max_steps=5", *cfg), run)
+    for tmp in run.glob("checkpoints/step_000005"):  # as if killed before step 5's checkpoint was complete
+        (tmp / "COMPLETE").unlink()
+    run_training(toy_config("trainer.max_steps=8", *cfg), run, resume=True)
+
+    metrics = {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(metrics) == list(range(1, 9))
+    attempts = sorted(run.glob("wandb/offline-run-*/*.wandb"), key=lambda p: p.parent.name)  # by start time
+    assert len(attempts) == 2
+    histories = [_wandb_history(p) for p in attempts]
+    assert histories[0][0] == histories[1][0] is not None  # one run id: `wandb sync` uploads them as one run
+    rows = histories[0][1] + histories[1][1]
+    assert [row["_step"] for row in rows] == list(range(1, 9))  # every step once, never backwards
+    assert all(row["loss"] == metrics[row["_step"]]["loss"] for row in rows)  # and the values metrics.jsonl has

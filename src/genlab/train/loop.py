@@ -133,13 +133,14 @@ class Trainer:
             self.ema.to(acc.device)
 
         order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
-        self.step, position, self.wandb_id = 0, {}, None
+        self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
         self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
             position = self._load_checkpoint()
         self.batches = BatchStream(dataset, order, cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
                                    **position)
-        self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process)
+        self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process,
+                               logged_until=self.logged_until)
         self.stop_signal: int | None = None
         self.evaluator = None
         if t.eval_every and acc.is_main_process:
@@ -201,7 +202,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt"))
             self.ema.to(self.accelerator.device)
         self._resume_rng = training_state["rng"]
-        truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        self.logged_until = truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         if state.get("best"):
             self.best.load_state_dict(state["best"])
@@ -368,16 +369,21 @@ class Trainer:
         return {"step": self.step, **logged, **best}
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from: steps never go backwards."""
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop lines logged after the checkpoint we resume from: steps never go backwards.
+
+    Returns the last step the interrupted attempt had logged (W&B already holds it).
+    """
     if not path.exists():
-        return
+        return step
     lines = path.read_text().splitlines(keepends=True)
+    steps = [json.loads(line)["step"] for line in lines if line.strip()]
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
         log.info("metrics.jsonl: dropped %d lines logged after step %d (they will be logged again)",
                  len(lines) - len(kept), step)
         path.write_text("".join(kept))
+    return max([step, *steps])
 
 
 def write_status(run_dir: Path, status: str, **extra: Any) -> None:

@@ -34,13 +34,21 @@ class Tracker:
 
     A W&B failure (import, init, or any log call) is logged once as a warning and W&B is
     switched off for the rest of the run: tracking never stops training.
+
+    On resume, W&B keeps the same run id, and steps up to `logged_until` (what the
+    interrupted attempt already sent, past its last checkpoint) go to metrics.jsonl only:
+    resume is bitwise, so W&B already holds those exact values, and its history never
+    steps backwards. Offline, each attempt is an `offline-run-*` folder with the same id;
+    `wandb sync RUN_DIR/wandb/offline-run-*` uploads them, in order, as one run.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, run_id: str | None = None, enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg: DictConfig, run_id: str | None = None, enabled: bool = True,
+                 logged_until: int = 0):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self.wandb = None
         self.run_id = run_id
+        self.logged_until = logged_until
         if not enabled or cfg.logger.name != "wandb":
             return
         try:
@@ -65,10 +73,11 @@ class Tracker:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._wandb_call("log", scalars, step=step)
+        if step > self.logged_until:
+            self._wandb_call("log", scalars, step=step)
 
     def log_image(self, step: int, key: str, path: Path) -> None:
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.logged_until:
             import wandb
 
             self._wandb_call("log", {key: wandb.Image(str(path))}, step=step)
