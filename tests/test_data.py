@@ -44,6 +44,7 @@ def test_imagefolder_is_recursive_and_skips_bad_files(tmp_path, caplog):
     val = ImageFolder(str(tmp_path), "val", image_size=8, val_fraction=0.1, max_bad_fraction=0.2)
     assert len(train) + len(val) == 20 and len(val) == 2
     assert "empty.png" in caplog.text and "text.jpg" in caplog.text
+    assert "come in 3 modes (L: 7, RGB: 7, RGBA: 6); each is converted to RGB" in caplog.text
     item = train[0]["image"]
     assert item.shape == (3, 8, 8) and item.min() >= -1 and item.max() <= 1
     with pytest.raises(GenlabError, match="2 of 22 images .* cannot be read"):

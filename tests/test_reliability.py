@@ -178,3 +178,20 @@ def test_wandb_offline_attempts_form_one_run_with_no_step_twice(tmp_path, monkey
     rows = histories[0][1] + histories[1][1]
     assert [row["_step"] for row in rows] == list(range(1, 9))  # every step once, never backwards
     assert all(row["loss"] == metrics[row["_step"]]["loss"] for row in rows)  # and the values metrics.jsonl has
+
+
+def test_changed_world_keeps_the_lr_or_refuses(tmp_path):
+    """Another grad_accum on resume: the LR at every step is unchanged. Another global micro-batch: refused."""
+    def cfg(steps, *extra):
+        return toy_config(f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=3",
+                          "lr_schedule=cosine", "lr_schedule.warmup_steps=2", "lr_schedule.total_steps=6", *extra)
+
+    def lrs(run):
+        return [row["lr_net"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    run_training(cfg(6), tmp_path / "straight")
+    run_training(cfg(3), tmp_path / "changed")
+    run_training(cfg(6, "trainer.grad_accum=2"), tmp_path / "changed", resume=True)
+    assert lrs(tmp_path / "changed") == lrs(tmp_path / "straight")
+    with pytest.raises(GenlabError, match="written with batch_size 8 x 1 processes; this run has 4 x 1"):
+        run_training(cfg(9, "trainer.batch_size=4"), tmp_path / "changed", resume=True)

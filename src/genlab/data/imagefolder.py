@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,16 @@ def image_to_tensor(image: Image.Image, image_size: int, channels: int, flip: bo
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def _readable(path: Path) -> str | None:
-    """None if `path` opens as an image, else the reason it does not."""
+def _inspect(path: Path) -> tuple[str | None, str | None]:
+    """(mode, None) if `path` opens as an image (mode as PIL names it: RGB, L, RGBA, P...), else (None, why not)."""
     try:
         if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as image:
+            return None, "empty file"
+        with Image.open(path) as image:  # by content: a PNG named .jpg is still read
             image.verify()  # checks the header and (for PNG) the checksums without decoding
-        return None
+            return image.mode, None
     except Exception as error:  # PIL raises many types for bad files
-        return f"{type(error).__name__}: {error}"
+        return None, f"{type(error).__name__}: {error}"
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -55,7 +56,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if not files:
             raise GenlabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}; "
                               "check data.path.")
-        bad = {f: reason for f in files if (reason := _readable(f)) is not None}
+        inspected = {f: _inspect(f) for f in files}
+        bad = {f: reason for f, (_, reason) in inspected.items() if reason is not None}
         for f, reason in bad.items():
             log.warning("skipping unreadable image %s (%s)", f, reason)
         if len(bad) > max_bad_fraction * len(files):
@@ -63,6 +65,12 @@ class ImageFolder(torch.utils.data.Dataset):
             raise GenlabError(f"{len(bad)} of {len(files)} images under {root} cannot be read "
                               f"(more than data.max_bad_fraction={max_bad_fraction}); fix or remove them:\n  {listing}")
         good = [f for f in files if f not in bad]
+        modes = Counter(mode for mode, _ in inspected.values() if mode)
+        if len(modes) > 1:
+            target = "RGB" if channels == 3 else "L"
+            log.warning("images under %s come in %d modes (%s); each is converted to %s as data.channels=%d asks, "
+                        "so alpha channels are dropped and colour is lost in grey images.", root, len(modes),
+                        ", ".join(f"{m}: {n}" for m, n in sorted(modes.items())), target, channels)
         perm = torch.randperm(len(good), generator=torch.Generator().manual_seed(split_seed)).tolist()
         n_val = max(1, round(val_fraction * len(good))) if len(good) > 1 else 0
         chosen = perm[:n_val] if split == "val" else perm[n_val:]
