@@ -61,7 +61,9 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     best = {best["metric"]: best["best"], "step": best["best_step"]} if best and best.get("best") is not None else {}
     return {"run": run_dir, "family": family, "data": data, "step": latest.get("step", 0),
             "max_steps": cfg["trainer"]["max_steps"], "status": status["status"],
-            "losses": {k: v for k, v in last.items() if "loss" in k}, "metrics": {**latest, **metrics},
+            "losses": {k: v for k, v in last.items() if "loss" in k},
+            # --sort takes a latest value (fid_digits_cnn), an eval/metrics.json one, or the best (best_fid_digits_cnn)
+            "metrics": {**latest, **metrics, **{f"best_{k}": v for k, v in best.items() if k != "step"}},
             "best": best}
 
 
@@ -89,7 +91,7 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
         losses = " ".join(f"{k}={v:.4g}" for k, v in r["losses"].items())
         best = " ".join(f"{k}={v:.4g}" for k, v in r["best"].items() if k != "step")
         best += f" @{r['best']['step']}" if r["best"] else ""
-        if sort and sort in r["metrics"]:
+        if sort and sort in r["metrics"] and not sort.startswith("best_"):
             best = f"{sort}={r['metrics'][sort]:.4g} " + best
         table.add_row(str(Path(r["run"]).relative_to(root)), r["family"], r["data"],
                       f"{r['step']}/{r['max_steps']}", losses, best, r["status"])
