@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 
+from genlab.errors import GenlabError
 from genlab.train.checkpoint import complete_checkpoints, find_checkpoint, load_networks, save_checkpoint
 
 
@@ -46,3 +47,44 @@ def test_find_checkpoint_by_step(tmp_path):
     assert find_checkpoint(tmp_path, "step_7") is None
     with pytest.raises(ValueError):
         find_checkpoint(tmp_path, "newest")
+
+
+def _adapted(seed=0, frozen=True):
+    """A frozen 'base' layer (rebuilt from `seed`) under a small trainable 'adapter', plus a buffer."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 2), torch.nn.BatchNorm1d(2))
+    net[0].requires_grad_(not frozen)
+    return net
+
+
+def test_partly_frozen_network_is_saved_as_its_trainable_part(tmp_path):
+    net = _adapted()
+    with torch.no_grad():
+        net[1].weight.add_(1.0)  # "training"
+    net.train()(torch.randn(4, 64))  # moves the BatchNorm's running stats (buffers)
+    path = save_checkpoint(tmp_path, 1, {"net": net}, {}, {"step": 1}, keep=None)
+    from safetensors.torch import load_file
+
+    saved = load_file(path / "net.safetensors")
+    assert "0.weight" not in saved and {"1.weight", "1.bias", "2.running_mean"} <= saved.keys()
+    assert (path / "net.safetensors").stat().st_size < 0.2 * 64 * 64 * 4
+    rebuilt = _adapted()  # the family's constructor: same frozen base, fresh adapter
+    load_networks(path, {"net": rebuilt})
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), rebuilt.state_dict().values()))
+    # A fully trainable network is still saved whole.
+    whole = save_checkpoint(tmp_path, 2, {"net": _adapted(frozen=False)}, {}, {"step": 2}, keep=None)
+    assert "0.weight" in load_file(whole / "net.safetensors")
+
+
+def test_trainable_only_checkpoint_refuses_what_does_not_fit(tmp_path):
+    path = save_checkpoint(tmp_path, 1, {"net": _adapted()}, {}, {"step": 1}, keep=None)
+    more = _adapted()
+    more[0].requires_grad_(True)  # now expects the base's weights too
+    with pytest.raises(GenlabError, match=r"2 trainable weight\(s\) missing \(e.g. 0.bias, 0.weight\)"):
+        load_networks(path, {"net": more})
+    wider = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 3), torch.nn.BatchNorm1d(3))
+    wider[0].requires_grad_(False)
+    with pytest.raises(GenlabError, match="another shape"):
+        load_networks(path, {"net": wider})
+    with pytest.raises(GenlabError, match="model.base"):  # the frozen base is not the one trained on
+        load_networks(path, {"net": _adapted(seed=1)})

@@ -280,6 +280,8 @@ def test_bad_options_say_what_to_fix(sd_run):
         ControlNet(32)
     with pytest.raises(ConfigError, match="model.vae"):
         StableDiffusion(32)
+    with pytest.raises(ConfigError, match="model.base"):  # LoRA checkpoints rebuild the frozen U-Net from a base
+        StableDiffusion(32, vae=str(sd_run[0]), lora=dict(rank=4))
     with pytest.raises(GenlabError, match="sampler"):
         ControlNet(32, base=str(sd_run[0]), sampler="euler")
     family = sd_run[2]

@@ -45,6 +45,10 @@ class Family(Protocol):
         replaces `family.<name>` with the prepared module, so `loss` must read the
         attribute each call rather than keep its own reference. Frozen parts (a VAE or a
         text encoder) are not listed here; the family moves them in `to()`.
+
+        A listed network may be partly frozen (a pretrained U-Net under LoRA): its
+        parameters with `requires_grad=False` are left out of checkpoints, so the
+        constructor must rebuild them identically from config (e.g. from `model.base`).
         """
 
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:

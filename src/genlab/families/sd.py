@@ -82,6 +82,10 @@ class StableDiffusion:
                  guidance: float = 5.0, validation_data: Any = None, num_classes: int | None = None):
         self.image_size = image_size
         self.base = ld.plain(base)
+        if (ld.plain(lora) or {}).get("rank", 0) > 0 and self.base is None:
+            # Checkpoints keep only the LoRA and rebuild the frozen U-Net from the base: a random one cannot be.
+            raise ConfigError("model.lora.rank > 0 fine-tunes a pretrained base: set model.base, or train the tiny "
+                              "U-Net from scratch with model.lora.rank=0.")
         self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
             self.base, vae, image_size, ld.plain(unet) or {}, ld.plain(text_encoder) or {}, tokenizer_dir)
         if channels != self.vae.config.in_channels:

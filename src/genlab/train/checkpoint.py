@@ -1,7 +1,9 @@
 """Crash-safe checkpoints: a directory is either complete or ignored.
 
 Layout of `checkpoints/step_000500/`:
-    <network>.safetensors   weights of each trainable network (loadable without genlab's optimizers)
+    <network>.safetensors   weights of each trainable network (loadable without genlab's optimizers);
+                            a partly frozen one (LoRA on a pretrained base) keeps only its
+                            trainable parameters and buffers: the family rebuilds the rest
     training_state.pt       optimizers, LR schedules, grad scaler, RNG states
     ema.pt                  EMA weights (diffusers EMAModel state), when EMA is on
     state.json              step, data position, W&B run id, ...
@@ -24,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from genlab.errors import GenlabError
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
+#: safetensors metadata of a network file that holds only the trainable part of its network.
+CONTENTS, TRAINABLE_ONLY, PROBE = "genlab_contents", "trainable_only", "genlab_frozen_probe"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -94,9 +99,8 @@ def _write(ckpt_root: Path, final: Path, tmp: Path, step: int, networks: dict[st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for name, network in networks.items():
-        # clone(): safetensors refuses tensors that share storage (tied weights).
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()},
-                  tmp / f"{name}.safetensors")
+        tensors, metadata = network_state(network)
+        save_file(tensors, tmp / f"{name}.safetensors", metadata=metadata or None)
     for filename, obj in files.items():
         if obj is not None:
             torch.save(obj, tmp / filename)
@@ -144,10 +148,82 @@ def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
     raise ValueError(f"--checkpoint {which!r}: use latest, best or step_N")
 
 
+def _frozen_names(network: torch.nn.Module) -> list[str]:
+    return sorted(n for n, p in network.named_parameters(remove_duplicate=False) if not p.requires_grad)
+
+
+def _probe(network: torch.nn.Module, names: list[str], per_tensor: int = 4) -> list[list[float]]:
+    """A few evenly spaced values of each frozen tensor: a cheap check that the base is the same."""
+    params = dict(network.named_parameters(remove_duplicate=False))
+    probe = []
+    for name in names:
+        flat = params[name].detach().reshape(-1)
+        picks = sorted({(flat.numel() - 1) * i // (per_tensor - 1) for i in range(per_tensor)}) if flat.numel() else []
+        probe.append([float(f"{v:.5g}") for v in flat[torch.tensor(picks, dtype=torch.long, device=flat.device)]
+                      .float().cpu().tolist()])
+    return probe
+
+
+def network_state(network: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a checkpoint keeps of `network`: (tensors, safetensors metadata).
+
+    A network whose parameters all train is saved whole. One with frozen parameters
+    (requires_grad=False: a pretrained U-Net under LoRA, Control-LoRA's frozen copy) keeps
+    only its trainable parameters and buffers, since the family's constructor rebuilds the
+    frozen rest from `model.base`: a few MB of LoRA instead of a 3.4 GB SD 1.5 U-Net. The
+    metadata marks such a file and holds a probe of the frozen weights for `load_networks`.
+    """
+    frozen = _frozen_names(network)
+    skip = set(frozen)
+    # clone(): safetensors refuses tensors that share storage (tied weights).
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items() if k not in skip}
+    if not frozen:
+        return tensors, {}
+    return tensors, {CONTENTS: TRAINABLE_ONLY, PROBE: json.dumps(_probe(network, frozen))}
+
+
+def _check_trainable_only(path: Path, network: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                          metadata: dict[str, str]) -> None:
+    """A trainable-only file must hold every trainable weight and fit the frozen weights it was trained with."""
+    trainable = {n for n, p in network.named_parameters(remove_duplicate=False) if p.requires_grad}
+    current = network.state_dict()
+    missing, unknown = sorted(trainable - tensors.keys()), sorted(tensors.keys() - current.keys())
+    reshaped = sorted(k for k, v in tensors.items() if k in current and v.shape != current[k].shape)
+    if missing or unknown or reshaped:
+        what = [f"{len(missing)} trainable weight(s) missing (e.g. {', '.join(missing[:3])})"] if missing else []
+        what += [f"{len(unknown)} unknown key(s) (e.g. {', '.join(unknown[:3])})"] if unknown else []
+        what += [f"{len(reshaped)} of another shape (e.g. {', '.join(reshaped[:3])})"] if reshaped else []
+        raise GenlabError(f"{path} does not fit the network built from the run's config: {'; '.join(what)}. "
+                          "Was the model config changed (a LoRA rank, its targets)? Use the one the run was trained with.")
+    frozen = _frozen_names(network)
+    saved = json.loads(metadata.get(PROBE, "[]"))
+    now = _probe(network, frozen) if len(saved) == len(frozen) else []
+    # fp16/bf16 copies of the frozen base (mixed precision) agree to ~0.4%; another base does not.
+    differ = [n for n, a, b in zip(frozen, now, saved)
+              if len(a) != len(b) or any(abs(x - y) > 1e-2 * abs(y) + 1e-3 for x, y in zip(a, b))]
+    if len(saved) != len(frozen) or differ:
+        detail = f"e.g. {', '.join(differ[:2])}" if differ else f"{len(frozen)} frozen tensors, {len(saved)} saved"
+        raise GenlabError(f"{path} holds only trainable weights; the frozen rest is rebuilt from the run's config "
+                          f"(model.base), but it differs from the weights trained on ({detail}). Point model.base in "
+                          "the run's .hydra/config.yaml at the original base.")
+
+
 def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module]) -> None:
-    """Load each network's weights from `ckpt` in place."""
+    """Load each network's weights from `ckpt` in place.
+
+    A trainable-only file (see `network_state`) loads onto the frozen weights the family
+    built, after checking that it has every trainable key and that the base matches.
+    """
     for name, network in networks.items():
-        network.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
+        path = ckpt / f"{name}.safetensors"
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get(CONTENTS) == TRAINABLE_ONLY:
+            _check_trainable_only(path, network, tensors, metadata)
+            network.load_state_dict(tensors, strict=False)
+        else:
+            network.load_state_dict(tensors)
 
 
 def load_file_of(ckpt: Path, filename: str) -> Any:
