@@ -16,6 +16,7 @@ from genlab.families import latent_diffusion as ld
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
 from genlab.train.loop import run_training
+from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,8 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_UNET = ["model.unet.block_out_channels=[16,32]", "model.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
              "model.unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=8",
              "model.text_encoder.hidden_size=32"]
-COMMON = ["trainer=debug", "logger=none", "data=fill_circles", "data.count=64", "data.val_count=8",
-          "trainer.batch_size=4", "trainer.sample_every=0", "model.sample_steps=2", "trainer.keep_checkpoints=null"]
+COMMON = ["trainer=debug", "logger=none", "trainer.batch_size=4", "trainer.sample_every=0", "model.sample_steps=2",
+          "trainer.keep_checkpoints=null"]
+CIRCLES = ["data=fill_circles", "data.count=64", "data.val_count=8"]
 
 
 def train(cfg, run, resume=False):
@@ -51,7 +53,7 @@ def sd_config(vae_run, tmp_path_factory):
     tok_dir = tmp_path_factory.mktemp("tok")
 
     def cfg_for(steps, *extra):
-        return compose("model=sd", f"model.vae={vae_run}", f"model.tokenizer_dir={tok_dir}", *TINY_UNET, *COMMON,
+        return compose("model=sd", f"model.vae={vae_run}", f"model.tokenizer_dir={tok_dir}", *TINY_UNET, *COMMON, *CIRCLES,
                        f"trainer.max_steps={steps}", *extra)
     return cfg_for
 
@@ -64,9 +66,9 @@ def sd_run(sd_config, tmp_path_factory):
     return run
 
 
-def cn_config(base, steps, *extra):
+def cn_config(base, steps, *extra, data=tuple(CIRCLES)):
     return compose("model=controlnet", f"model.base={base}", "model.lora.rank=4", "trainer.grad_accum=2", *COMMON,
-                   f"trainer.max_steps={steps}", *extra)
+                   *data, f"trainer.max_steps={steps}", *extra)
 
 
 def test_lora_checkpoint_holds_only_the_lora_and_still_samples_and_resumes(tmp_path, sd_run):
@@ -92,3 +94,62 @@ def test_lora_checkpoint_holds_only_the_lora_and_still_samples_and_resumes(tmp_p
     train(cn_config(sd_run, 4), run, resume=True)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_sd_resume_is_bitwise(tmp_path, sd_config):
+    """SD from scratch: U-Net and text encoder train, EMA on, captions dropped at random."""
+    def cfg_for(steps):
+        return sd_config(steps, "trainer.grad_accum=2", "trainer.checkpoint_every=2", "model.caption_dropout=0.5",
+                         "trainer.sample_every=2", "trainer.sample_n=2")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """16 photos of circles (32 px PNGs) for the sketch_folder data: Canny or XDoG edges, random thresholds."""
+    from PIL import Image
+
+    from genlab.data.fill_circles import FillCircles
+
+    folder = tmp_path_factory.mktemp("photos")
+    circles = FillCircles(count=16)
+    for i in range(16):
+        pixels = (circles[i]["image"].permute(1, 2, 0).numpy() * 127.5 + 127.5).astype("uint8")
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["lora", "control_lora", "sketch_folder"])
+def test_controlnet_resume_is_bitwise(tmp_path, sd_run, photo_folder, variant):
+    extra, data = {
+        # ControlNet + LoRA (with dropout) on the base U-Net; validation grids drawn between steps must not matter.
+        "lora": (["model.lora.dropout=0.1", "trainer.sample_every=2", "trainer.sample_n=2"], CIRCLES),
+        "control_lora": (["model.lora.rank=0", "model.control_lora.rank=4"], CIRCLES),  # the ControlNet copy is frozen
+        # Photos -> sketches with per-item random edge thresholds (training split).
+        "sketch_folder": ([], ["data=sketch_folder", f"data.path={photo_folder}", "data.image_size=32",
+                               "data.num_workers=0", f"data.cache_dir={tmp_path / 'sketches'}", "data.val_fraction=0.25",
+                               "data.caption=a circle"]),
+    }[variant]
+
+    def cfg_for(steps):
+        return cn_config(sd_run, steps, "trainer.checkpoint_every=2", "model.caption_dropout=0.5", *extra, data=data)
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+def test_negative_control_without_rng_restore_controlnet_resume_differs(tmp_path, sd_run, monkeypatch):
+    """Noise, timesteps and caption dropout come from the global RNG: not restoring it must show."""
+    from genlab.train import loop
+
+    monkeypatch.setattr(loop, "_set_rng_state", lambda state: None)
+
+    def cfg_for(steps):
+        return cn_config(sd_run, steps, "trainer.checkpoint_every=2")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
+    assert _losses(straight)[:2] == _losses(resumed)[:2] and _losses(straight)[2:] != _losses(resumed)[2:]
