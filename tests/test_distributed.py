@@ -60,3 +60,16 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     assert (sweep / ".submitit").is_dir()  # really went through submitit
     steps = [json.loads((sweep / job / "status.json").read_text())["step"] for job in ("0_ddpm", "1_ddpm")]
     assert steps == [1, 2]
+
+
+def test_genlab_train_processes_launches_accelerate(tmp_path):
+    """`genlab train --processes 2` runs two gloo processes that share one run directory."""
+    from conftest import TINY_DDPM, genlab
+
+    run = tmp_path / "run"
+    result = genlab("train", "--processes", "2", *TINY_DDPM, "trainer.max_steps=2", "trainer.sample_every=0",
+                    f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"})
+    assert "accelerate launch --multi_gpu --num_processes 2" in result.stderr
+    state = json.loads((run / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert state["num_processes"] == 2
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

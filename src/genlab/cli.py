@@ -44,8 +44,26 @@ def _overrides_of(args: list[str]) -> list[str]:
     return overrides
 
 
+def _launch_processes(processes: int, args: list[str]) -> None:
+    """Re-run this command under `accelerate launch` with `processes` processes (gloo on CPU, NCCL on GPUs)."""
+    import shutil
+    import socket
+    import subprocess
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port",
+               str(port), "-m", "genlab", "train", *args]
+    typer.echo(f"launching: {' '.join(command)}", err=True)
+    raise typer.Exit(subprocess.call(command))
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context) -> None:
+def train(ctx: typer.Context,
+          processes: int = typer.Option(1, "--processes", help="processes on this machine (one per GPU): re-runs "
+                                        "the command under `accelerate launch --multi_gpu`")) -> None:
     """Train a model. Every Hydra override and flag passes through unchanged.
 
     \b
@@ -56,6 +74,7 @@ def train(ctx: typer.Context) -> None:
       genlab train experiment=ddpm_digits
       genlab train -m model=vae,gan trainer.lr=1e-4,2e-4   # multirun grid
       genlab train --cfg job model=gan                     # print the composed config
+      genlab train --processes 4 trainer=gpu               # 4 GPUs via accelerate launch
     """
     from genlab.config import hydra_args
 
@@ -67,6 +86,8 @@ def train(ctx: typer.Context) -> None:
             validate_overrides(_overrides_of(args))  # exit 2 before Hydra creates anything on disk
         except GenlabError as error:
             _fail(error)
+    if processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
+        _launch_processes(processes, list(ctx.args))
     from genlab.train.entry import hydra_train
 
     sys.argv = ["genlab train", *args]
