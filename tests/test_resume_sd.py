@@ -1,8 +1,10 @@
-"""SD and ControlNet through the real loop on a tiny chain: trainable-only checkpoints, bitwise resume."""
+"""SD and ControlNet through the real loop on a tiny chain: trainable-only checkpoints, bitwise resume,
+relative paths that keep working from any directory."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import compose
+from conftest import compose, genlab
+from genlab.config import absolute_paths
 from genlab.families import latent_diffusion as ld
+from genlab.resume import apply_overrides
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
 from genlab.train.loop import run_training
@@ -153,3 +157,35 @@ def test_negative_control_without_rng_restore_controlnet_resume_differs(tmp_path
 
     straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
     assert _losses(straight)[:2] == _losses(resumed)[:2] and _losses(straight)[2:] != _losses(resumed)[2:]
+
+
+def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "sd").mkdir(parents=True)
+    (tmp_path / "photos").mkdir()
+    cfg = compose("model=controlnet", "model.base=runs/sd", "model.vae=someone/sd-vae", "model.controlnet.pretrained=./cn",
+                  "data=sketch_folder", "data.path=photos", "data.cache_dir=cache", "eval.cache_dir='~/cache'")
+    assert absolute_paths(cfg, tmp_path) == {
+        "model.base": str(tmp_path / "runs" / "sd"), "model.controlnet.pretrained": str(tmp_path / "cn"),
+        "data.path": str(tmp_path / "photos"), "data.cache_dir": str(tmp_path / "cache")}
+    assert cfg.model.vae == "someone/sd-vae" and cfg.eval.cache_dir == "~/cache"  # a hub id, a home path
+    assert cfg.model.validation_data.path == str(tmp_path / "photos")  # the family's view of the data follows
+    assert absolute_paths(cfg, tmp_path / "elsewhere") == {}
+    monkeypatch.chdir(tmp_path / "runs")  # `genlab resume RUN model.base=sd` from runs/: the override's path too
+    assert apply_overrides(cfg, ["model.base=sd"]).model.base == str(tmp_path / "runs" / "sd")
+
+
+@pytest.mark.slow  # three CLI processes: ~50 s on 2 busy cores
+def test_a_run_trained_with_relative_paths_samples_and_resumes_from_elsewhere(tmp_path, vae_run):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(vae_run, work / "vae")
+    elsewhere.mkdir()
+    env = {"OMP_NUM_THREADS": "1"}
+    genlab("train", "model=sd", "model.vae=vae", "model.tokenizer_dir=tok", *TINY_UNET, *COMMON, *CIRCLES,
+           "trainer.max_steps=2", "hydra.run.dir=runs/sd", cwd=work, env=env)
+    run = work / "runs" / "sd"
+    saved = OmegaConf.load(run / ".hydra" / "config.yaml")
+    assert (saved.model.vae, saved.model.tokenizer_dir) == (str(work / "vae"), str(work / "tok"))
+    genlab("sample", str(run), "--n", "1", "--steps", "2", "--out", "grid.png", cwd=elsewhere, env=env)
+    assert (elsewhere / "grid.png").exists()
+    genlab("resume", str(run), "trainer.max_steps=3", cwd=elsewhere, env=env)
+    assert json.loads((run / "status.json").read_text())["step"] == 3

@@ -10,6 +10,7 @@ closest valid one.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -159,3 +160,37 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.ema={ema!r} must be a decay in (0, 1), or null to turn EMA off")
     if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed; use one of: auto, online, offline, disabled")
+
+
+# Keys naming local files or folders. `genlab train` makes relative ones absolute (against the
+# directory it runs from) before the run's config is saved, so `genlab sample/eval/resume RUN`
+# work from any directory. The second kind may also be a hub id ("org/name"): it changes only
+# when it is a path that exists there, or is written as one ("./x", "a/b/c"; see resolve_pretrained).
+LOCAL_PATH_KEYS = ("model.tokenizer_dir", "data.path", "data.cache_dir", "data.data_dir", "eval.cache_dir")
+PATH_OR_HUB_KEYS = ("model.base", "model.vae", "model.controlnet.pretrained")
+
+
+def absolute_paths(cfg: DictConfig, cwd: Path, keys: list[str] | None = None) -> dict[str, str]:
+    """Make the relative paths under the path keys (or those of them in `keys`) absolute, in place.
+
+    Args:
+        cfg: a composed config; absent, null and `~/...` values are left alone.
+        cwd: the directory relative paths were meant from (where the user ran genlab).
+        keys: only these dotted keys (e.g. the ones a `genlab resume` override set).
+
+    Returns:
+        {key: new absolute value} for the keys changed.
+    """
+    changed = {}
+    for key in LOCAL_PATH_KEYS + PATH_OR_HUB_KEYS:
+        if keys is not None and key not in keys:
+            continue
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+            continue
+        local = Path(cwd) / value
+        if key in PATH_OR_HUB_KEYS and not (local.exists() or value.startswith(".") or value.count("/") > 1):
+            continue  # a hub id
+        changed[key] = os.path.normpath(local)
+        OmegaConf.update(cfg, key, changed[key], merge=False)
+    return changed

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from genlab.config import _closest, check_values, dotted_keys
+from genlab.config import _closest, absolute_paths, check_values, dotted_keys
 from genlab.errors import ConfigError
 from genlab.train.loop import StopRequested, load_run_config, run_training
 
@@ -26,6 +26,7 @@ def apply_overrides(cfg, overrides: list[str]):
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
         OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    absolute_paths(cfg, Path.cwd(), keys=[o.partition("=")[0] for o in overrides])
     check_values(cfg)
     return cfg
 

@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from genlab.config import config_dir
+from genlab.config import absolute_paths, config_dir
 from genlab.errors import GenlabError
 
 log = logging.getLogger("genlab")
@@ -42,12 +42,16 @@ def hydra_train(cfg: DictConfig) -> float | None:
     """Train one job; returns the sweep objective (the last logged loss) for sweepers."""
     from genlab.train.loop import StopRequested, run_training
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    # Relative model/data paths, absolute in the saved config: sample/resume work from any directory.
+    if absolute_paths(cfg, Path(hydra_cfg.runtime.cwd)) and main_process and hydra_cfg.output_subdir:
+        (run_dir / hydra_cfg.output_subdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     # A job requeued after pre-emption (submitit re-runs it in the same directory) picks up
     # from its checkpoint instead of starting over.
     status = run_dir / "status.json"
     resume = status.exists() and json.loads(status.read_text())["status"] == "interrupted"
-    main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         print(f"run directory: {run_dir}{' (resuming after an interruption)' if resume else ''}", flush=True)
     try:
