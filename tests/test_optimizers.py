@@ -1,0 +1,52 @@
+"""Optional optimizers: 8-bit AdamW (bitsandbytes, CUDA only) composes, builds, or says what is missing."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import types
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import compose, toy_config
+from genlab.errors import GenlabError
+from genlab.train.loop import run_training
+
+HAVE_8BIT = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(HAVE_8BIT, reason="bitsandbytes and a CUDA GPU are here: nothing is missing")
+def test_adamw8bit_says_what_is_missing_and_what_to_do(tmp_path):
+    cfg = compose("optimizer=adamw8bit", "trainer.lr=3e-4")
+    assert cfg.optimizer._target_ == "genlab.train.optimizers.adamw8bit" and cfg.optimizer.lr == 3e-4
+    with pytest.raises(GenlabError, match=r"optimizer=adamw8bit: .*(pip install bitsandbytes|CUDA).*use optimizer=adamw"):
+        instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    # Through the loop: the run stops with that message and says so in status.json.
+    with pytest.raises(GenlabError, match="optimizer=adamw8bit"):
+        run_training(toy_config("optimizer=adamw8bit"), tmp_path / "run")
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "use optimizer=adamw" in status["error"]
+
+
+def test_adamw8bit_hands_its_config_to_bitsandbytes(monkeypatch):
+    """With bitsandbytes and a GPU (stand-ins here): the config's values reach AdamW8bit's real signature."""
+    built = {}
+
+    class AdamW8bit(torch.optim.AdamW):  # bitsandbytes 0.50's signature
+        def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                     optim_bits=32, args=None, min_8bit_size=4096, is_paged=False):
+            built.update(betas=betas, min_8bit_size=min_8bit_size, is_paged=is_paged)
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bitsandbytes", None)
+    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = compose("optimizer=adamw8bit", "trainer.lr=3e-4", "optimizer.min_8bit_size=16")
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, AdamW8bit) and optimizer.param_groups[0]["lr"] == 3e-4
+    assert built == {"betas": (0.9, 0.999), "min_8bit_size": 16, "is_paged": False}
