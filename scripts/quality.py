@@ -11,6 +11,7 @@ not run this time, each with the command, machine and date that produced it.
     python scripts/quality.py                                   # every recipe (make quality)
     python scripts/quality.py --recipes ddpm_digits --budget-minutes 12
     python scripts/quality.py --smoke --out-dir /tmp/q          # tiny models, seconds (tests)
+    python scripts/quality.py --recipes vae_digits --reuse      # evaluate finished runs again
 
 --budget-minutes caps each training run: a short probe measures optimizer steps per second
 and `trainer.max_steps` is lowered to what fits (the JSON says so: planned vs. done steps).
@@ -165,8 +166,17 @@ def run_training_logged(cfg: DictConfig, overrides: list[str], run_dir: Path) ->
         handler.close()
 
 
-def train(overrides: list[str], run_dir: Path, budget_s: float | None) -> dict[str, Any]:
-    """Train `overrides` into `run_dir` (replaced if it exists), within `budget_s` seconds of steps."""
+def train(overrides: list[str], run_dir: Path, budget_s: float | None, reuse: bool = False) -> dict[str, Any]:
+    """Train `overrides` into `run_dir` (replaced if it exists), within `budget_s` seconds of steps.
+
+    With `reuse`, a finished run of the same overrides there (its quality_train.json) is kept.
+    """
+    record = run_dir / "quality_train.json"
+    if reuse and record.exists() and json.loads((run_dir / "status.json").read_text())["status"] == "finished":
+        info = json.loads(record.read_text())
+        if info["overrides"][:len(overrides)] == overrides:  # (+ the max_steps a budget added)
+            log.info("reusing the finished run %s", run_dir)
+            return {**info, "reused": True}
     planned = compose(overrides).trainer.max_steps
     info: dict[str, Any] = {"run_dir": str(run_dir), "planned_max_steps": planned}
     if budget_s:
@@ -186,6 +196,7 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None) -> dict[s
                 train_seconds=time.perf_counter() - start,
                 final_losses={k: v for k, v in summary.items() if "loss" in k},
                 images_per_s=summary.get("images_per_s"))
+    record.write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -239,15 +250,15 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     entry: dict[str, Any] = {"status": "done", "stages": {}, "variants": {}}
     for stage, overrides in recipe.stages.items():
-        entry["stages"][stage] = train(filled([*overrides, *extra]), dirs[stage], budget_s)
+        entry["stages"][stage] = train(filled([*overrides, *extra]), dirs[stage], budget_s, args.reuse)
     main = [f"experiment={name}", *filled(recipe.overrides), *extra]
-    entry.update(train(main, args.runs_dir / name, budget_s))
+    entry.update(train(main, args.runs_dir / name, budget_s, args.reuse))
     is_ddpm = compose(main).model._target_.endswith(".DDPM")
     samplers = (SMOKE_SAMPLERS if args.smoke else DEFAULT_SAMPLERS) if is_ddpm else None
     entry.update(evaluate(args.runs_dir / name, args.eval_samples, recipe.ablations, samplers, args.sampler_samples))
     for variant, overrides in recipe.variants.items():
         run_dir = args.runs_dir / f"{name}_{variant}"
-        info = train([*main, *overrides], run_dir, budget_s)
+        info = train([*main, *overrides], run_dir, budget_s, args.reuse)
         info.update(evaluate(run_dir, args.eval_samples, {}, None, None))
         entry["variants"][variant] = info
         entry["metrics"].update({f"{k}@{variant}": v for k, v in info["metrics"].items()})
@@ -297,6 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: the recipe's eval.n_samples)")
     parser.add_argument("--sampler-samples", type=int, default=200,
                         help="generated images per setting of the DDPM sampler comparison")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same overrides (their "
+                        "quality_train.json) instead of training them again: re-evaluate only")
     parser.add_argument("--smoke", action="store_true", help="tiny models and few steps: checks the script itself")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.seed=1")
     args = parser.parse_args(argv)
