@@ -155,6 +155,10 @@ def check_values(cfg: DictConfig) -> None:
     for key in ("trainer.grad_accum", "trainer.max_steps", "trainer.batch_size"):
         if not isinstance(OmegaConf.select(cfg, key), int):
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be a whole number")
+    for key in ("trainer.effective_batch_size", "trainer.max_micro_batch", "data.prefetch_factor"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{key}={value!r} must be a whole number > 0, or null")
     ema = OmegaConf.select(cfg, "trainer.ema")
     if ema not in (None, False) and not (isinstance(ema, float) and 0 < ema < 1):
         raise ConfigError(f"trainer.ema={ema!r} must be a decay in (0, 1), or null to turn EMA off")

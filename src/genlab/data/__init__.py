@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 # Keys of a data config that configure loading, not the dataset class.
-LOADER_KEYS = ("num_workers", "num_classes", "pin_memory", "persistent_workers", "prefetch_factor")
+LOADER_KEYS = ("num_workers", "num_classes", "pin_memory", "persistent_workers", "prefetch_factor", "on_device")
 
 
 def build_dataset(data_cfg: DictConfig, split: str) -> Any:

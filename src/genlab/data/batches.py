@@ -38,7 +38,11 @@ class BatchOrder:
 
 
 class _EpochSampler(Sampler):
-    """Yields this process's index batches of one epoch from batch `start` on, as seeded keys."""
+    """Yields this process's index batches of one epoch from batch `start` on, as seeded keys.
+
+    BatchStream moves it to the next epoch (`epoch`, `start`) and iterates the same
+    DataLoader again, so persistent workers carry over from one epoch to the next.
+    """
 
     def __init__(self, order: BatchOrder, epoch: int, start: int):
         self.order, self.epoch, self.start = order, epoch, start
@@ -74,21 +78,26 @@ class BatchStream:
 
     Args:
         dataset: a map-style dataset of dict items; one with `get_batch(indices)` (in-memory
-            tensors) is indexed once per batch instead of going through a DataLoader.
+            tensors) is indexed once per batch instead of going through a DataLoader,
+            unless `whole_batches` is False.
         order: the batch order.
-        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options
+            (the last two apply when num_workers > 0).
+        whole_batches: use the dataset's `get_batch` when it has one.
         epoch, batch_in_epoch: where to start (from a checkpoint's `data_position`).
     """
 
     def __init__(self, dataset: Dataset, order: BatchOrder, num_workers: int = 0, pin_memory: bool = False,
-                 persistent_workers: bool = False, prefetch_factor: int | None = None,
+                 persistent_workers: bool = False, prefetch_factor: int | None = None, whole_batches: bool = True,
                  epoch: int = 0, batch_in_epoch: int = 0):
         self.dataset, self.order = dataset, order
+        self.whole_batches = whole_batches and hasattr(dataset, "get_batch")
         self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
         if num_workers > 0:
-            self.loader_kwargs.update(persistent_workers=False, prefetch_factor=prefetch_factor)
+            self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         self._it: Iterator | None = None
+        self._loader: DataLoader | None = None
 
     @property
     def position(self) -> dict[str, int]:
@@ -96,16 +105,20 @@ class BatchStream:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def _epoch_iterator(self) -> Iterator:
-        if hasattr(self.dataset, "get_batch"):
+        if self.whole_batches:
             perm = self.order.epoch_permutation(self.epoch)
             return (self.dataset.get_batch(self.order.batch(perm, b))
                     for b in range(self.batch_in_epoch, self.order.batches_per_epoch))
-        sampler = _EpochSampler(self.order, self.epoch, self.batch_in_epoch)
-        # Its own generator: a DataLoader otherwise draws its workers' base seed from the
-        # global RNG each time an iterator starts, which would shift the model's noise on resume.
-        generator = torch.Generator().manual_seed(self.order.seed * 100_003 + self.epoch)
-        return iter(DataLoader(_SeededItems(self.dataset, self.order.seed), batch_sampler=sampler,
-                               generator=generator, **self.loader_kwargs))
+        if self._loader is None:  # one DataLoader for the whole run: its workers may persist
+            self._sampler = _EpochSampler(self.order, self.epoch, self.batch_in_epoch)
+            self._loader = DataLoader(_SeededItems(self.dataset, self.order.seed), batch_sampler=self._sampler,
+                                      generator=torch.Generator(), **self.loader_kwargs)
+        self._sampler.epoch, self._sampler.start = self.epoch, self.batch_in_epoch
+        # Its own generator, seeded per epoch: a DataLoader otherwise draws its workers' base
+        # seed from the global RNG each time an iterator starts, which would shift the model's
+        # noise on resume.
+        self._loader.generator.manual_seed(self.order.seed * 100_003 + self.epoch)
+        return iter(self._loader)
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -118,3 +131,18 @@ class BatchStream:
         batch = next(self._it)
         self.batch_in_epoch += 1
         return batch
+
+
+def loader_options(data_cfg: Any, device: torch.device) -> dict[str, Any]:
+    """BatchStream's loading options from a data config (configs/data/*.yaml).
+
+    Keys a config does not have (a run saved before they existed) get their defaults.
+    Pinned memory only helps copies to a GPU, so it is off on a CPU.
+    """
+    return {
+        "num_workers": data_cfg.get("num_workers", 0),
+        "pin_memory": bool(data_cfg.get("pin_memory", True)) and device.type == "cuda",
+        "persistent_workers": bool(data_cfg.get("persistent_workers", True)),
+        "prefetch_factor": data_cfg.get("prefetch_factor", 2),
+        "whole_batches": bool(data_cfg.get("on_device", True)),
+    }

@@ -13,12 +13,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.training_utils import compute_snr
 
 from genlab.errors import GenlabError
 from genlab.families.base import batch_labels
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
+# sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
+ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 
 
 class DDPM:
@@ -34,6 +37,7 @@ class DDPM:
         num_train_timesteps, beta_schedule, prediction_type: DDPMScheduler arguments.
         min_snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023), None for plain MSE.
         sampler, sample_steps, guidance: defaults for `sample`.
+        attention: sdpa | eager, the U-Net's attention implementation (see ATTENTION).
     """
 
     ema_network = "unet"
@@ -41,7 +45,8 @@ class DDPM:
     def __init__(self, image_size: int, channels: int, unet: dict[str, Any], num_classes: int | None = None,
                  conditional: bool = False, cond_dropout: float = 0.1, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
-                 sampler: str = "ddim", sample_steps: int | None = 50, guidance: float = 1.0):
+                 sampler: str = "ddim", sample_steps: int | None = 50, guidance: float = 1.0,
+                 attention: str = "sdpa"):
         if conditional and not num_classes:
             raise GenlabError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false.")
@@ -49,6 +54,11 @@ class DDPM:
         self.num_classes, self.conditional, self.cond_dropout = num_classes, conditional, cond_dropout
         self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
                                 num_class_embeds=num_classes + 1 if conditional else None, **unet)
+        if attention not in ATTENTION:
+            raise GenlabError(f"model.attention={attention!r}: use one of {', '.join(ATTENTION)}")
+        for module in self.unet.modules():
+            if isinstance(module, Attention):
+                module.set_processor(ATTENTION[attention]())
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                        prediction_type=prediction_type, clip_sample=True)
         self.min_snr_gamma = min_snr_gamma

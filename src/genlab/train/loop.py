@@ -27,10 +27,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from genlab.data import build_dataset
-from genlab.data.batches import BatchOrder, BatchStream
-from genlab.errors import GenlabError
+from genlab.data.batches import BatchOrder, BatchStream, loader_options
+from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import Family
 from genlab.train import checkpoint as ckpt
+from genlab.train import micro_batch
 from genlab.train.best import BestTracker
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.tracking import Progress, Tracker
@@ -85,6 +86,35 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     return torch.nn.utils.get_total_norm(grads)
 
 
+class LogWindow:
+    """The logged scalars of the optimizer steps since the last log line.
+
+    Values stay detached device tensors until `means`, so training never waits for the
+    device between log steps.
+    """
+
+    def __init__(self):
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.divisors: dict[str, int] = {}
+        self.steps = 0
+
+    def add(self, key: str, value: torch.Tensor, divisor: int = 1) -> None:
+        """One value of `key`; `divisor` = grad_accum for per-micro-batch values."""
+        self.values.setdefault(key, []).append(value)
+        self.divisors[key] = divisor
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Per-step means over the window and over all processes (one reduce, one host sync)."""
+        keys = sorted(self.values)
+        if not keys:
+            return {}
+        totals = torch.stack([torch.stack(self.values[k]).float().sum().to(accelerator.device) / self.divisors[k]
+                              for k in keys])
+        # Every process reaches this line; the logged numbers are means over all of them.
+        totals = accelerator.reduce(totals, "mean")
+        return {k: v / self.steps for k, v in zip(keys, totals.tolist())}
+
+
 class Trainer:
     """Builds everything a run needs from its config and runs the loop.
 
@@ -107,9 +137,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
         dataset = build_dataset(cfg.data, "train")
-        if hasattr(dataset, "to") and acc.device.type == "cuda":
+        if hasattr(dataset, "to") and acc.device.type == "cuda" and cfg.data.get("on_device", True):
             dataset.to(acc.device)  # small in-memory data lives on the GPU: no host-to-device copies
         self.family: Family = instantiate(cfg.model, _convert_="all")
+        if t.get("effective_batch_size"):
+            self._choose_micro_batch(dataset, resume)  # sets t.batch_size and t.grad_accum
         self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
         for name, network in self.family.networks().items():
             if t.channels_last:
@@ -118,18 +150,19 @@ class Trainer:
             setattr(self.family, name, torch.compile(network) if t.compile else network)
 
         self.optimizers, self.lr_schedules = {}, {}
-        for phase, groups in self.family.param_groups().items():
-            groups = [{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": t.lr * g.get("lr_scale", 1.0)}
-                      for g in groups]
-            self.optimizers[phase] = acc.prepare(instantiate(self.cfg.optimizer)(groups))
+        for phase, optimizer in self._new_optimizers(self.family).items():
+            self.optimizers[phase] = acc.prepare(optimizer)
             # Not prepared by Accelerate on purpose: it would step a prepared schedule once per
             # process; we step each schedule exactly once per optimizer step.
             self.lr_schedules[phase] = instantiate(self.cfg.lr_schedule)(self.optimizers[phase].optimizer)
+        # Looked up once, not per step: the parameter lists never change during a run.
+        self._params = {phase: [p for g in o.param_groups for p in g["params"]] for phase, o in self.optimizers.items()}
 
         self.ema = None
         if t.ema and self.family.ema_network:
-            ema_params = self._unwrapped(self.family.ema_network).parameters()
-            self.ema = EMAModel(ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup)
+            self._ema_params = list(self._unwrapped(self.family.ema_network).parameters())
+            # foreach: a few batched updates instead of several small ones per tensor (same arithmetic).
+            self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=True)
             self.ema.to(acc.device)
 
         order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
@@ -137,8 +170,7 @@ class Trainer:
         self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
             position = self._load_checkpoint()
-        self.batches = BatchStream(dataset, order, cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
-                                   **position)
+        self.batches = BatchStream(dataset, order, **loader_options(cfg.data, acc.device), **position)
         self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process,
                                logged_until=self.logged_until)
         self.stop_signal: int | None = None
@@ -150,6 +182,39 @@ class Trainer:
 
     def _unwrapped(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(getattr(self.family, name))
+
+    def _new_optimizers(self, family: Family) -> dict[str, torch.optim.Optimizer]:
+        """One optimizer per phase; each param group's lr is trainer.lr x its optional lr_scale."""
+        make = instantiate(self.cfg.optimizer)
+        return {phase: make([{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": self.t.lr * g.get("lr_scale", 1.0)}
+                             for g in groups])
+                for phase, groups in family.param_groups().items()}
+
+    def _choose_micro_batch(self, dataset: Any, resume: bool) -> None:
+        """trainer.effective_batch_size: set batch_size (probed) and grad_accum so that
+        batch_size x grad_accum x processes = effective_batch_size."""
+        t, acc = self.t, self.accelerator
+        sizes = micro_batch.candidates(t.effective_batch_size, acc.num_processes, t.get("max_micro_batch"),
+                                       len(dataset))
+        latest = ckpt.find_checkpoint(self.run_dir, "latest") if resume else None
+        if latest is not None:  # the data position depends on the micro-batch: keep the checkpoint's
+            size, how = ckpt.load_state(latest)["batch_size"], f"as in {latest.name}"
+            if size not in sizes:
+                raise ConfigError(f"trainer.effective_batch_size={t.effective_batch_size} is not a multiple of the "
+                                  f"micro-batch {size} x {acc.num_processes} processes of {latest}; resume with a multiple")
+        else:
+            size, too_big = micro_batch.probe(self.family, self._new_optimizers, dataset, sizes, acc,
+                                              WEIGHT_DTYPES[t.mixed_precision], t.channels_last)
+            how = f"probed; out of memory at {', '.join(map(str, too_big))}" if too_big else "probed; the largest allowed"
+        t.batch_size, t.grad_accum = size, t.effective_batch_size // (size * acc.num_processes)
+        if acc.is_main_process:
+            log.info("trainer.effective_batch_size=%d: micro-batch %d x grad_accum %d x %d process(es) (%s)",
+                     t.effective_batch_size, size, t.grad_accum, acc.num_processes, how)
+            saved = self.run_dir / ".hydra" / "config.yaml"  # what `genlab sample` and `genlab resume` read
+            if saved.exists():
+                run_cfg = OmegaConf.load(saved)
+                run_cfg.trainer.batch_size, run_cfg.trainer.grad_accum = t.batch_size, t.grad_accum
+                OmegaConf.save(run_cfg, saved)
 
     # ---- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, name: str | None = None) -> Path | None:
@@ -215,38 +280,41 @@ class Trainer:
         return {k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
 
-    def _optimizer_step(self, phase: str, sums: dict[str, torch.Tensor]) -> bool:
-        """Accumulate, check, clip and step one phase. False if the step was skipped."""
-        acc, t = self.accelerator, self.t
-        networks = list(self.family.networks().values())
-        for optimizer in self.optimizers.values():  # e.g. G's phase leaves gradients in D: start clean
-            optimizer.zero_grad(set_to_none=True)
-        finite = torch.ones((), dtype=torch.bool, device=acc.device)
-        for micro in range(t.grad_accum):
-            # Gradients are all-reduced only on the last micro-step of the window.
-            sync = micro == t.grad_accum - 1
+    def _optimizer_step(self, phase: str, window: LogWindow) -> bool:
+        """Accumulate, clip, check and step one phase. False if the step was skipped.
+
+        The hot path: the non-finite check is its only host sync, and logged scalars stay
+        tensors in `window` until a log step.
+        """
+        acc, accum, optimizer = self.accelerator, self.grad_accum, self.optimizers[phase]
+        for each in self.optimizers.values():  # e.g. G's phase leaves gradients in D: start clean
+            each.zero_grad(set_to_none=True)
+        checked = []  # the losses and the gradient norm, tested for NaN/inf together
+        for micro in range(accum):
             with contextlib.ExitStack() as stack:
-                if not sync:
-                    for network in networks:
+                if micro < accum - 1:  # gradients are all-reduced only on the last micro-step
+                    for network in self.family.networks().values():
                         stack.enter_context(acc.no_sync(network))
-                with acc.autocast():
+                with self._autocast():
                     loss, logs = self.family.loss(phase, self._next_batch(), self.step)
-                acc.backward(loss / t.grad_accum)
-            finite &= torch.isfinite(loss)
+                acc.backward(loss / accum if accum > 1 else loss)
+            checked.append(loss.detach().float())
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() / t.grad_accum
-        params = [p for g in self.optimizers[phase].param_groups for p in g["params"]]
+                window.add(k, v.detach(), accum)
         if acc.scaler is not None:
-            acc.scaler.unscale_(self.optimizers[phase].optimizer)  # clip and check true gradients
-        norm = _grad_norm(params, t.grad_clip)
-        sums[f"grad_norm_{phase}"] = sums.get(f"grad_norm_{phase}", 0) + norm.detach().float()
-        # One host sync per phase; fp16's scaler handles inf gradients itself (it skips the step).
-        if not bool(finite) or (acc.scaler is None and not bool(torch.isfinite(norm))):
+            acc.scaler.unscale_(optimizer.optimizer)  # clip and check true gradients
+        norm = _grad_norm(self._params[phase], self.grad_clip)
+        window.add(f"grad_norm_{phase}", norm.detach())
+        if acc.scaler is None:  # fp16's scaler finds inf gradients itself (it skips the step)
+            checked.append(norm.detach().float())
+        # The one host sync per phase, kept on purpose: a NaN/inf must stop the run (or skip the
+        # step) before the optimizer touches any weight, and only the host can decide that.
+        if not torch.isfinite(torch.stack(checked)).all():
             self._handle_nonfinite(phase, logs, loss)
-            self.optimizers[phase].zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             return False
-        self.optimizers[phase].step()
-        self.optimizers[phase].zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if not isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_schedules[phase].step()
         return True
@@ -310,46 +378,48 @@ class Trainer:
         if getattr(self, "_resume_rng", None):
             _set_rng_state(self._resume_rng)
         progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
-        sums: dict[str, torch.Tensor] = {}
-        logged: dict[str, float] = {}
+        window, logged = LogWindow(), {}
         images_per_step = t.batch_size * t.grad_accum * acc.num_processes
-        self.nonfinite_in_a_row, window_start, steps_in_window = 0, time.perf_counter(), 0
+        # Plain values for the hot loop: reading an OmegaConf node costs ~10 us, a dozen times a step.
+        max_steps, log_every, sample_every = t.max_steps, t.log_every, t.sample_every
+        checkpoint_every, eval_every = t.checkpoint_every, t.eval_every
+        self.grad_accum, self.grad_clip = t.grad_accum, t.grad_clip
+        self._autocast = acc.autocast if acc.native_amp else contextlib.nullcontext
+        self.nonfinite_in_a_row, window_start = 0, time.perf_counter()
         for network in self.family.networks().values():
             network.train()
-        while self.step < t.max_steps:
+        while self.step < max_steps:
             if self.stop_signal is not None:
                 log.warning("%s received: checkpointing at step %d and stopping",
                             signal.Signals(self.stop_signal).name, self.step)
                 self.save_checkpoint()
                 raise StopRequested(self.stop_signal, self.previous_handlers.get(self.stop_signal))
-            stepped = [self._optimizer_step(phase, sums) for phase in self.family.phases(self.step)]
+            stepped = [self._optimizer_step(phase, window) for phase in self.family.phases(self.step)]
             if not all(stepped):
                 continue  # a skipped non-finite step: same step number, next batches
             self.nonfinite_in_a_row = 0
             self.step += 1
-            steps_in_window += 1
+            window.steps += 1
             if self.ema is not None:
-                self.ema.step(self._unwrapped(self.family.ema_network).parameters())
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                self.ema.step(self._ema_params)
+            if self.step % log_every == 0 or self.step == max_steps:
                 elapsed = time.perf_counter() - window_start
-                # Every process reaches this line; the logged numbers are means over all of them.
-                logged = {k: acc.reduce(torch.as_tensor(v, device=acc.device), "mean").item() / steps_in_window
-                          for k, v in sorted(sums.items())}
+                logged = window.means(acc)
                 for phase, opt in self.optimizers.items():
                     logged[f"lr_{phase}"] = opt.param_groups[0]["lr"]
                     if isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
                         self.lr_schedules[phase].step(logged.get("loss", sum(v for k, v in logged.items() if "loss" in k)))
-                logged["images_per_s"] = images_per_step * steps_in_window / elapsed
+                logged["images_per_s"] = images_per_step * window.steps / elapsed
                 self.tracker.log(self.step, logged)
                 progress.update(self.step, logged)
-                sums, window_start, steps_in_window = {}, time.perf_counter(), 0
+                window, window_start = LogWindow(), time.perf_counter()
             else:
                 progress.update(self.step)
-            if t.sample_every and self.step % t.sample_every == 0:
+            if sample_every and self.step % sample_every == 0:
                 self.sample_grid(f"step_{self.step:06d}")
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            if checkpoint_every and self.step % checkpoint_every == 0:
                 self.save_checkpoint()
-            if t.eval_every and self.step % t.eval_every == 0 and self.evaluate():
+            if eval_every and self.step % eval_every == 0 and self.evaluate():
                 log.info("early stop: no better %s in %d evaluations (best %.4g at step %d)", self.best.metric,
                          t.early_stop_patience, self.best.best, self.best.best_step)
                 break
