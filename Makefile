@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-full bench quality clean
+.PHONY: install demo test test-full bench bench-levers quality clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ test-full: install  ## also the @pytest.mark.slow tests
 
 bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchmarks/bench-<machine>.json
 	$(PY) scripts/bench.py
+
+bench-levers: install  ## each speed lever on and off -> "levers" in benchmarks/bench-<machine>.json
+	$(PY) scripts/bench.py --levers
 
 quality: install  ## CPU quality recipes -> benchmarks/quality.json
 	$(PY) scripts/quality.py

@@ -1,14 +1,22 @@
 """Does the runner cost anything? genlab's loop against a bare PyTorch loop.
 
 For each family, on the same model, data (digits in memory), batch and optimizer:
-- bare: `loss = family.loss(...); loss.backward(); opt.step(); ema.step()`, nothing else;
-- genlab: the real Trainer (Accelerate, accumulation bookkeeping, NaN checks, logging).
+- bare: `loss = family.loss(...); loss.backward(); opt.step(); ema.step()`, nothing else
+  (the same EMA as genlab's: foreach updates);
+- genlab: the real Trainer (Accelerate, accumulation bookkeeping, gradient clipping at the
+  config's trainer.grad_clip, NaN checks, logging).
 Each measurement runs in its own process (fair peak memory), alternating bare and genlab
 `--repeats` times; the best images/s of each is kept (the least disturbed run). Also
 times `genlab --help` and time-to-first-step of `genlab train`.
 
+With `--levers`, measures instead the speed switches (channels_last, torch.compile, bf16,
+TF32, fused/foreach optimizers, SDPA attention, on-device data, DataLoader workers, pinned
+memory, persistent workers, prefetch) one at a time, on and off, for genlab's loop on the
+DDPM/digits workload (interleaved repeats, best of each), into the same JSON under "levers".
+
     python scripts/bench.py                       # all families, writes benchmarks/bench-<machine>.json
     python scripts/bench.py --families ddpm --steps 200
+    python scripts/bench.py --levers              # every lever; or name some: --levers compile bf16
 """
 
 from __future__ import annotations
@@ -27,6 +35,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GENLAB = str(Path(sys.executable).parent / "genlab")
 COMMON = ["logger=none", "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.progress=plain"]
+
+# name: (overrides with the lever on, with it off, overrides of both, effect only on a GPU, what it does).
+# Data levers that concern a DataLoader run with data.on_device=false (digits otherwise skip the loader).
+DATALOADER = ["data.on_device=false"]
+LEVERS = {
+    "channels_last": (["trainer.channels_last=true"], ["trainer.channels_last=false"], [], False,
+                      "NHWC memory format for the networks"),
+    "compile": (["trainer.compile=true"], ["trainer.compile=false"], [], False, "torch.compile of the networks"),
+    "bf16": (["trainer.mixed_precision=bf16"], ["trainer.mixed_precision=no"], [], None,
+             "bf16 autocast (GPU-only effect on a CPU without bf16 units)"),
+    "tf32": (["trainer.tf32=true"], ["trainer.tf32=false"], [], True, "TF32 matmuls/convolutions (Ampere+ GPUs)"),
+    "fused_optimizer": (["optimizer.fused=true"], ["optimizer.fused=null"], [], True, "one fused AdamW kernel"),
+    "foreach_optimizer": (["optimizer.foreach=true"], ["optimizer.foreach=false"], [], False,
+                          "multi-tensor AdamW updates"),
+    "sdpa_attention": (["model.attention=sdpa"], ["model.attention=eager"], [], False,
+                       "torch's scaled_dot_product_attention instead of matmul-softmax-matmul"),
+    "on_device_data": (["data.on_device=true"], ["data.on_device=false"], [], False,
+                       "dataset resident on the device, indexed once per batch, instead of a per-item DataLoader"),
+    "dataloader_workers": (["data.num_workers=2"], ["data.num_workers=0"], DATALOADER, False,
+                           "2 DataLoader worker processes instead of loading in the training process"),
+    "persistent_workers": (["data.persistent_workers=true"], ["data.persistent_workers=false"],
+                           [*DATALOADER, "data.num_workers=2"], False, "workers kept alive across epochs"),
+    "prefetch_factor": (["data.prefetch_factor=4"], ["data.prefetch_factor=2"], [*DATALOADER, "data.num_workers=2"],
+                        False, "4 batches per worker prepared ahead instead of 2"),
+    "pin_memory": (["data.pin_memory=true"], ["data.pin_memory=false"], DATALOADER, True,
+                   "page-locked batches for host-to-GPU copies"),
+}
 
 
 def machine_name() -> str:
@@ -64,7 +99,9 @@ def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int
     family = instantiate(cfg.model, _convert_="all").to(device)
     optimizers = {p: instantiate(cfg.optimizer)(g) for p, g in family.param_groups().items()}
     ema_net = getattr(family, family.ema_network) if family.ema_network and cfg.trainer.ema else None
-    ema = EMAModel(ema_net.parameters(), decay=cfg.trainer.ema) if ema_net is not None else None
+    # The same EMA as genlab's (foreach updates), so that the ratio measures the runner, not the EMA.
+    ema = (EMAModel(ema_net.parameters(), decay=cfg.trainer.ema, use_ema_warmup=cfg.trainer.ema_warmup, foreach=True)
+           if ema_net is not None else None)
     if ema:
         ema.to(device)
     batch_size, n = cfg.trainer.batch_size, len(data)
@@ -138,12 +175,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop; the best is kept")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.batch_size=128")
+    parser.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
+                        help=f"measure speed levers on/off instead (all, or some of: {', '.join(LEVERS)})")
     args = parser.parse_args()
 
     import torch
 
     import genlab
 
+    if args.levers is not None:
+        return measure_levers(args)
     results = {}
     for family in args.families:
         if not (ROOT / "configs" / "model" / f"{family}.yaml").exists():
@@ -170,11 +211,73 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "warmup": args.warmup,
         "genlab_help_s": help_s, "families": results,
     }
-    slug = "".join(c if c.isalnum() else "-" for c in machine.lower()).strip("-")[:60]
-    out = args.out or ROOT / "benchmarks" / f"bench-{slug}.json"
+    out = args.out or default_out(machine)
+    if out.exists():  # keep a "levers" section measured earlier
+        report = {**json.loads(out.read_text()), **report}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"genlab --help: {help_s:.2f}s; wrote {out}")
+
+
+def default_out(machine: str) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in machine.lower()).strip("-")[:60]
+    return ROOT / "benchmarks" / f"bench-{slug}.json"
+
+
+def cpu_has_bf16_units() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def measure_levers(args: argparse.Namespace) -> None:
+    """Images/s of genlab's loop with each lever on and off -> the JSON's "levers" section."""
+    import torch
+
+    import genlab
+
+    unknown = set(args.levers) - set(LEVERS)
+    if unknown:
+        sys.exit(f"unknown lever(s): {', '.join(sorted(unknown))}; choose from {', '.join(LEVERS)}")
+    on_gpu = torch.cuda.is_available()
+    family = args.families[0]
+    results = {}
+    for name in args.levers or LEVERS:
+        on, off, both, gpu_only, what = LEVERS[name]
+        gpu_only = (not cpu_has_bf16_units()) if gpu_only is None else gpu_only
+        base = [*args.overrides, "trainer.sample_n=0", *both]  # sample_n=0: no final sample grid to wait for
+        runs = {"on": [], "off": []}
+        try:
+            for repeat in range(args.repeats):  # interleaved, alternating which goes first
+                for state in (("on", "off") if repeat % 2 == 0 else ("off", "on")):
+                    overrides = [*base, *(on if state == "on" else off)]
+                    runs[state].append(in_subprocess("genlab", family, overrides, args.steps, args.warmup))
+        except subprocess.CalledProcessError as error:
+            results[name] = {"what": what, "error": (error.stderr or "").strip().splitlines()[-1:]}
+            print(f"{name:20s} failed: {results[name]['error']}", flush=True)
+            continue
+        best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+        speedup = best["on"]["images_per_s"] / best["off"]["images_per_s"]
+        results[name] = {"what": what, "on_overrides": on, "off_overrides": off, "common_overrides": base,
+                         "on": best["on"], "off": best["off"], "speedup": speedup,
+                         "gpu_only_effect": gpu_only, "all_runs": runs}
+        note = "  (GPU-only effect: a CPU run says nothing about a GPU)" if gpu_only and not on_gpu else ""
+        print(f"{name:20s} on {best['on']['images_per_s']:7.0f} img/s   off {best['off']['images_per_s']:7.0f} img/s"
+              f"   x{speedup:.3f}{note}", flush=True)
+    machine = machine_name()
+    out = args.out or default_out(machine)
+    report = json.loads(out.read_text()) if out.exists() else {
+        "machine": machine, "python": platform.python_version(), "torch": torch.__version__,
+        "genlab": genlab.__version__}
+    report["levers"] = {
+        "machine": machine, "device": "cuda" if on_gpu else "cpu", "torch": torch.__version__,
+        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "workload": f"genlab's loop, model={family} on digits, {' '.join(args.overrides) or 'default config'}",
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+        "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(), "results": results,
+    }
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out} (levers)")
 
 
 if __name__ == "__main__":
