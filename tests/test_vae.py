@@ -103,6 +103,14 @@ def test_prior_samples_are_seeded_and_in_range():
     assert bce.min() > -1 and bce.max() < 1  # sigmoid of logits, rescaled
 
 
+def test_temperature_scales_the_prior():
+    vae = tiny_vae()
+    frozen = vae.sample(4, seed=0, temperature=0.0)  # every z is the prior mean: one image four times
+    assert all(torch.equal(frozen[0], image) for image in frozen)
+    assert torch.equal(vae.sample(4, seed=0, temperature=1.0), vae.sample(4, seed=0))  # model.temperature = 1
+    assert not torch.equal(tiny_vae(temperature=0.5).sample(4, seed=0), vae.sample(4, seed=0))
+
+
 def test_interpolation_and_reconstruction_grids():
     vae = tiny_vae()
     walk = vae.sample(8, seed=0, interpolate=True, steps=4)  # 2 rows of 4

@@ -133,7 +133,7 @@ class VAE:
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  block_out_channels: list[int] = (32, 64, 64), layers_per_block: int = 1, latent_channels: int = 4,
                  norm_num_groups: int = 8, mid_block_attention: bool = True, recon_loss: str = "mse",
-                 beta: float = 1.0, kl_warmup_steps: int = 500):
+                 beta: float = 1.0, kl_warmup_steps: int = 500, temperature: float = 1.0):
         if recon_loss not in RECON_LOSSES:
             raise ConfigError(f"model.recon_loss={recon_loss!r}: use one of {', '.join(RECON_LOSSES)}")
         if conditional and not num_classes:
@@ -150,6 +150,7 @@ class VAE:
         self.image_size, self.channels = image_size, channels
         self.num_classes = num_classes if conditional else None
         self.recon_loss, self.beta, self.kl_warmup_steps = recon_loss, beta, kl_warmup_steps
+        self.temperature = temperature
         self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
         levels = len(block_out_channels)
         autoencoder = AutoencoderKL(
@@ -204,17 +205,20 @@ class VAE:
                 (default: ceil(sqrt(n)), so the default square grid shows one walk per row).
             reconstruct: originals interleaved with their reconstructions; needs `images`
                 (and `labels` for a conditional VAE).
+            temperature: std of the prior samples (default model.temperature); below 1
+                trades variety for cleaner images (reduced-temperature sampling).
             images: (M, C, H, W) in [-1, 1]; labels: (M,) long.
         """
         opts = {k: v for k, v in options.items() if v is not None and v is not False}
         class_label, images, labels = opts.pop("class_label", None), opts.pop("images", None), opts.pop("labels", None)
         interpolate, reconstruct = opts.pop("interpolate", False), opts.pop("reconstruct", False)
         interp_steps = opts.pop("steps", None)  # columns of an interpolation
+        temperature = float(opts.pop("temperature", self.temperature))
         if opts.pop("guidance", 1.0) != 1.0:
             raise GenlabError("--guidance applies to diffusion models only; a VAE samples its prior directly")
         if opts:
             raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the VAE; it takes "
-                              "--class, --interpolate, --reconstruct")
+                              "--class, --interpolate, --reconstruct, --temperature")
         if class_label is not None and not self.num_classes:
             raise GenlabError("--class needs a conditional VAE (train with model.conditional=true)")
         net = _unwrap(self.vae)
@@ -232,7 +236,7 @@ class VAE:
                 return torch.stack([images.clamp(-1, 1), recon], dim=1).flatten(0, 1)  # x0, r0, x1, r1, ...
             if interpolate:
                 return self._interpolate(net, n, gen, device, images, labels, class_label, interp_steps)
-            z = torch.randn(n, *self.latent_shape, generator=gen).to(device)
+            z = temperature * torch.randn(n, *self.latent_shape, generator=gen).to(device)
             return self._to_image(net.decode(z, self._sample_labels(n, None, class_label, device)))
         finally:
             net.train(was_training)
