@@ -103,8 +103,7 @@ TINY_UNET = ["data.image_size=8", "model.unet.block_out_channels=[16,16]",
 RECIPES = {
     "ddpm_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
     "vae_digits": Recipe(digits_targets(0.05) + [Target("anomaly_auroc@holdout", ">=", 0.9)],
-                         variants={"holdout": ["data.exclude_classes=[0]"]},
-                         ablations={"t1": {"temperature": 1.0}}),  # the recipe samples at 0.8; also the full prior
+                         variants={"holdout": ["data.exclude_classes=[0]"]}),
     "gan_digits": Recipe(digits_targets(0.10)),
     "controlnet_circles": Recipe(
         [Target("disc_iou", ">=", 0.8), Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")],
