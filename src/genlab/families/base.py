@@ -102,3 +102,15 @@ def batch_labels(batch: dict[str, Any], num_classes: int | None) -> torch.Tensor
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The bare model under Accelerate/DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
+        module = inner
+    return module
+
+
+def single_optimizer(networks: dict[str, nn.Module]) -> dict[str, list[dict[str, Any]]]:
+    """`param_groups()` of a one-phase family: every trainable parameter of `networks` in one group."""
+    return {"main": [{"params": [p for net in networks.values() for p in net.parameters() if p.requires_grad]}]}

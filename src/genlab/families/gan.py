@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import batch_labels
+from genlab.families.base import batch_labels, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,6 @@ class Discriminator(nn.Module):
         return out
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
-        module = inner
-    return module
-
 
 def load_generator(directory: str | Path) -> Generator:
     """Rebuild an exported generator (eval mode) from `generator_config.json` + `generator.safetensors`."""
@@ -410,7 +404,7 @@ class GAN:
             raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
         if class_label is not None and not 0 <= class_label < self.num_classes:
             raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
-        generator = _unwrap(self.generator)
+        generator = unwrap(self.generator)
         device = next(generator.parameters()).device
         z = torch.randn(n, self.generator_config["latent_dim"], generator=torch.Generator().manual_seed(seed))
         labels = None
@@ -428,7 +422,7 @@ class GAN:
         """`generator.safetensors` + `generator_config.json` (its constructor arguments); see `load_generator`."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(self.generator).state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in unwrap(self.generator).state_dict().items()}
         save_file(state, out_dir / "generator.safetensors")
         (out_dir / "generator_config.json").write_text(json.dumps(self.generator_config, indent=2))
 

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.base import unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
 SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
@@ -35,15 +36,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The bare model under Accelerate/DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return module
-        module = inner
 
 
 def resolve_pretrained(path_or_id: str, subfolder: str | None = None) -> tuple[str, str | None]:

@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
+from genlab.families.base import single_optimizer
 from genlab.text import clip_tokenizer, tiny_text_config
 
 
@@ -117,8 +118,7 @@ class StableDiffusion:
         return {"unet": self.unet, "text_encoder": self.text_encoder} if self.train_text_encoder else {"unet": self.unet}
 
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        params = [p for net in self.networks().values() for p in net.parameters() if p.requires_grad]
-        return {"main": [{"params": params}]}
+        return single_optimizer(self.networks())
 
     def phases(self, step: int) -> list[str]:
         return ["main"]

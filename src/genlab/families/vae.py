@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import batch_labels
+from genlab.families.base import batch_labels, unwrap
 
 RECON_LOSSES = ("mse", "l1", "bce")
 
@@ -103,12 +103,6 @@ class VAENet(nn.Module):
                 self.latent_var_updates += 1
         return self.decode(z, label), mean, logvar
 
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The bare module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
-        module = inner
-    return module
 
 
 class VAE:
@@ -221,7 +215,7 @@ class VAE:
                               "--class, --interpolate, --reconstruct, --temperature")
         if class_label is not None and not self.num_classes:
             raise GenlabError("--class needs a conditional VAE (train with model.conditional=true)")
-        net = _unwrap(self.vae)
+        net = unwrap(self.vae)
         device = next(net.parameters()).device
         gen = torch.Generator().manual_seed(seed)
         was_training = net.training
@@ -248,7 +242,7 @@ class VAE:
         (its encoder takes one extra input channel: the label map).
         """
         out_dir = Path(out_dir)
-        net = _unwrap(self.vae)
+        net = unwrap(self.vae)
         factor = self.scaling_factor or 1.0 / math.sqrt(max(float(net.latent_var), 1e-12))
         net.autoencoder.register_to_config(scaling_factor=float(factor))
         net.autoencoder.save_pretrained(out_dir)
@@ -263,7 +257,7 @@ class VAE:
 
         Higher = less like the training data. Deterministic (no posterior sampling).
         """
-        net = _unwrap(self.vae)
+        net = unwrap(self.vae)
         device = next(net.parameters()).device
         images = images.to(device)
         labels = self._sample_labels(len(images), labels, None, device)
@@ -278,7 +272,7 @@ class VAE:
 
         Stored on `self.scaling_factor` (export writes it into the AutoencoderKL config).
         """
-        net = _unwrap(self.vae)
+        net = unwrap(self.vae)
         device = next(net.parameters()).device
         images = images.to(device)
         mean, logvar = net.encode(images, self._sample_labels(len(images), labels, None, device))
