@@ -134,6 +134,11 @@ def test_min_snr_weighting_and_caption_dropout():
     weight = torch.clamp(snr, max=5.0) / snr
     expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
     assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, 5.0), expected, rtol=1e-5)
+    _, _, uniform = ld.add_noise(sched, torch.randn(4000, 1, 1, 1))
+    _, _, cubic = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), "cubic")  # t = (1 - u^3) T
+    assert 0.45 < (uniform >= 500).float().mean() < 0.55 and 0.75 < (cubic >= 500).float().mean() < 0.83  # P(u^3 <= 0.5) = 0.79
+    with pytest.raises(ConfigError, match="uniform or cubic"):
+        ld.add_noise(sched, latents, "cubc")
     caps = ["a", "b", "c", "d"] * 50
     assert ld.drop_captions(caps, 0.0) == caps and set(ld.drop_captions(caps, 1.0)) == {""}
     assert 60 < ld.drop_captions(caps, 0.5).count("") < 140
@@ -195,6 +200,14 @@ def test_controlnet_starts_as_the_base_and_trains_only_its_parts(sd_run):
         plain = family.unet(x, t, text).sample
         with_cn = family.unet(x, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
     assert torch.equal(plain, with_cn)
+    # A random hint conv (zero_init_hint=false) still adds nothing at step 0: the zero convs see to it.
+    torch.manual_seed(0)
+    random_hint = ControlNet(32, base=str(run), controlnet=dict(zero_init_hint=False), validation_data=VAL).to(CPU)
+    assert random_hint.controlnet.controlnet_cond_embedding.conv_out.weight.abs().sum() > 0
+    down, mid = random_hint.controlnet(x, t, text, controlnet_cond=batch(2)["sketch"], return_dict=False)
+    with torch.no_grad():
+        assert torch.equal(plain, family.unet(x, t, text, down_block_additional_residuals=down,
+                                              mid_block_additional_residual=mid).sample)
     unet_trainable = [n for n, p in family.unet.named_parameters() if p.requires_grad]
     assert unet_trainable and all("lora_" in n for n in unet_trainable)
     assert all(p.requires_grad for p in family.controlnet.parameters())

@@ -26,6 +26,7 @@ from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
+from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -58,6 +59,7 @@ class ControlNet:
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
         min_snr_gamma, caption_dropout: loss weighting and CFG caption dropout.
+        timesteps: "uniform" or "cubic" (mostly high noise, where the sketch decides the layout).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.
     """
@@ -68,6 +70,7 @@ class ControlNet:
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
                  controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
                  gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+                 timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
                  validation_data: Any = None, num_classes: int | None = None):
         if not base:
@@ -88,6 +91,12 @@ class ControlNet:
         else:
             hint = hint_channels(ld.vae_factor(self.vae), cfg.get("conditioning_channels"))
             self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=hint)
+            if not cfg.get("zero_init_hint", True):
+                # The paper zero-initialises both the hint encoder's last conv and the zero convs, a
+                # saddle that each escapes only once the other has grown ("sudden convergence").
+                # The zero convs alone keep the base unchanged at step 0; a random hint conv lets
+                # them see the sketch from the first step.
+                self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
@@ -105,7 +114,7 @@ class ControlNet:
             self.unet.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
         self.ema_network = None  # ControlNet training follows the paper: no EMA
-        self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
+        self.min_snr_gamma, self.caption_dropout, self.timesteps = min_snr_gamma, caption_dropout, timesteps
         self.sampler_name, self.sample_steps = sampler, sample_steps
         self.guidance, self.control_scale = guidance, control_scale
         ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name
@@ -122,8 +131,7 @@ class ControlNet:
         return nets
 
     def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        params = [p for net in self.networks().values() for p in net.parameters() if p.requires_grad]
-        return {"main": [{"params": params}]}
+        return single_optimizer(self.networks())
 
     def phases(self, step: int) -> list[str]:
         return ["main"]
@@ -133,7 +141,7 @@ class ControlNet:
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout)
             text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
-        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
+        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, self.timesteps)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],
                                     return_dict=False)

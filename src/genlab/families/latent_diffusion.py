@@ -143,10 +143,22 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps) at uniformly drawn timesteps."""
+def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor,
+              timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, noise, timesteps) at drawn timesteps.
+
+    timesteps: "uniform", or "cubic": t = (1 - u^3) T, mostly high noise, where the layout of
+    an image is decided (T2I-Adapter's sampling for structure control).
+    """
     noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    n, total = latents.shape[0], scheduler.config.num_train_timesteps
+    if timesteps == "cubic":
+        u = torch.rand(n, device=latents.device)
+        t = ((1 - u ** 3) * total).long().clamp(0, total - 1)
+    elif timesteps == "uniform":
+        t = torch.randint(0, total, (n,), device=latents.device)
+    else:
+        raise ConfigError(f"model.timesteps={timesteps!r}: use uniform or cubic")
     return scheduler.add_noise(latents, noise, t), noise, t
 
 
