@@ -108,8 +108,7 @@ RECIPES = {
     "controlnet_circles": Recipe(
         [Target("disc_iou", ">=", 0.8), Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")],
         overrides=["model.base={sd}"], ablations={"no_control": {"control_scale": 0.0}},
-        stages={"vae": ["model=vae", "data=fill_circles"],
-                "sd": ["model=sd", "model.vae={vae}", "data=fill_circles"]}),
+        stages={"vae": ["experiment=circles_vae"], "sd": ["experiment=circles_sd", "model.vae={vae}"]}),
 }
 #: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
 SMOKE = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_every=0",

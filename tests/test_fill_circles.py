@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
+from genlab.data import build_dataset
 from genlab.data.fill_circles import COLOUR_NAMES, PALETTE, FillCircles, disc_mask
 from genlab.errors import ConfigError
 
@@ -58,7 +58,7 @@ def test_deterministic_per_index_and_split():
 
 def test_config_instantiates_and_collates():
     cfg = OmegaConf.load(CONFIG)
-    ds = instantiate(cfg, split="val")
+    ds = build_dataset(cfg, split="val")
     batch = default_collate([ds[i] for i in range(4)])
     assert batch["image"].shape == (4, 3, cfg.image_size, cfg.image_size)
     assert isinstance(batch["caption"], list) and len(batch["caption"]) == 4

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
 
+from genlab.data import build_dataset
 from genlab.data.fill_circles import render_circle
 from genlab.data.sketches import canny, edge_params, sketch_folder, sketch_hf, xdog
 from genlab.errors import ConfigError
@@ -114,7 +114,7 @@ def test_hf_fill50k_layout_used_as_is(tmp_path):
 
     cfg = OmegaConf.load(CONFIGS / "sketch_hf.yaml")
     cfg.name, cfg.image_size, cfg.val_fraction, cfg.cache = str(path), 40, 0.0, False
-    ds = instantiate(cfg, split="train")
+    ds = build_dataset(cfg, split="train")
     assert len(ds) == 5 and [ds[i]["caption"] for i in range(5)] == texts
     for i in range(5):  # the conditioning image itself, not edges of the target
         expect = torch.from_numpy(np.asarray(sketches[i])[..., 0] / 255.0).float()
