@@ -106,8 +106,11 @@ RECIPES = {
                          variants={"holdout": ["data.exclude_classes=[0]"]}),
     "gan_digits": Recipe(digits_targets(0.10)),
     "controlnet_circles": Recipe(
-        [Target("disc_iou", ">=", 0.8), Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")],
-        overrides=["model.base={sd}"], ablations={"no_control": {"control_scale": 0.0}},
+        [Target("disc_iou", ">=", 0.8), Target("disc_iou@base_alone", "<=", -0.1, relative_to="disc_iou"),
+         Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")],
+        overrides=["model.base={sd}"],
+        # base_alone: the SD base as trained (no ControlNet, no LoRA); no_control: base + this run's LoRA.
+        ablations={"base_alone": {"control_scale": 0.0, "own_lora": 0.0}, "no_control": {"control_scale": 0.0}},
         stages={"vae": ["experiment=circles_vae"], "sd": ["experiment=circles_sd", "model.vae={vae}"]}),
 }
 #: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
