@@ -3,7 +3,8 @@
 For each recipe (configs/experiment/<name>.yaml): train it with the real loop into
 RUNS_DIR/<name>, evaluate its final weights (EMA where the family keeps one) with
 `genlab.eval.evaluate.Evaluator`, check the targets, and write OUT_DIR/quality.json plus
-the run's final sample grid as OUT_DIR/quality_<name>.png. DDPM also compares samplers
+the run's final sample grid as OUT_DIR/quality_<name>.png (with an ablation, the same grid
+drawn without the ablated part as quality_<name>_<ablation>.png). DDPM also compares samplers
 (quality and time per image) -> OUT_DIR/ddpm_samplers.png. A recipe whose YAML or family
 does not exist yet is skipped with a message. quality.json keeps the entries of recipes
 not run this time, each with the command, machine and date that produced it.
@@ -47,6 +48,7 @@ from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.sample import load_family
 from genlab.train.loop import run_training
+from genlab.train.sampling import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("quality")
@@ -226,6 +228,9 @@ def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str
     for name, options in ablations.items():
         ablated = evaluator.evaluate(family, n_samples, **options)
         out["metrics"].update({f"{k}@{name}": v for k, v in ablated.items()})
+        if hasattr(family, "sample_pairs"):  # the final grid's inputs and seed, drawn without the ablated part
+            images = family.sample_pairs(cfg.trainer.sample_n, seed=cfg.trainer.seed, **options)
+            out.setdefault("ablation_grids", {})[name] = str(save_grid(images, run_dir / "samples" / f"{name}.png"))
     if getattr(family, "conditional", False) and hasattr(evaluator.extractor, "logits"):
         out["metrics"]["class_accuracy"] = class_accuracy(family, evaluator.extractor, evaluator.settings.seed)
     out["eval_seconds"] = time.perf_counter() - start
@@ -291,6 +296,8 @@ def save_outputs(name: str, entry: dict[str, Any], out_dir: Path) -> None:
     grid = Path(entry["run_dir"]) / "samples" / "final.png"
     if grid.exists():
         entry["grid"] = str(shutil.copyfile(grid, out_dir / f"quality_{name}.png"))
+    for ablation, path in entry.get("ablation_grids", {}).items():
+        entry["ablation_grids"][ablation] = str(shutil.copyfile(path, out_dir / f"quality_{name}_{ablation}.png"))
     if entry.get("samplers"):
         metric, n = f"fid_{entry['extractor']}", entry["sampler_samples"]
         family = name.split("_")[0]
