@@ -268,12 +268,18 @@ def measure_levers(args: argparse.Namespace) -> None:
     report = json.loads(out.read_text()) if out.exists() else {
         "machine": machine, "python": platform.python_version(), "torch": torch.__version__,
         "genlab": genlab.__version__}
+    # Levers measured again replace their old entries; the others stay (each says when and how it was measured).
+    command, date = " ".join(["python", *sys.argv]), time.strftime("%Y-%m-%d %H:%M")
+    for result in results.values():
+        result.update(command=command, date=date)
+    earlier = report.get("levers", {}).get("results", {}) if report.get("levers", {}).get("machine") == machine else {}
     report["levers"] = {
         "machine": machine, "device": "cuda" if on_gpu else "cpu", "torch": torch.__version__,
-        "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": command, "date": date,
         "workload": f"genlab's loop, model={family} on digits, {' '.join(args.overrides) or 'default config'}",
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-        "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(), "results": results,
+        "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(),
+        "results": {**earlier, **results},
     }
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

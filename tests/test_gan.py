@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import genlab
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import gan as G
-from genlab.families.gan import GAN, GanDiagnostics, load_generator
+from genlab.families.gan import GAN, GanDiagnostics, latent_noise, load_generator
 
 # Tiny networks gain nothing from a second thread and lose a lot when the cores are busy.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -192,6 +192,21 @@ def test_sampling_conditional_and_export_round_trip(tmp_path):
     z = torch.randn(4, 8)
     with torch.no_grad():
         assert torch.equal(generator(z, labels), gan.generator.eval()(z, labels))
+
+
+def test_truncation_trick_bounds_z_and_keeps_samples_seeded():
+    z = latent_noise(2000, 8, seed=0, truncation=0.5)
+    assert z.abs().max() <= 0.5 and z.std() > 0.2  # within the bounds, and not collapsed to 0
+    assert torch.equal(z, latent_noise(2000, 8, seed=0, truncation=0.5))
+    assert latent_noise(2000, 8, seed=0).abs().max() > 2  # 0 = off: a plain normal
+    gan = tiny_gan()
+    truncated = gan.sample(4, seed=0, truncation=0.5)
+    assert torch.equal(truncated, gan.sample(4, seed=0, truncation=0.5))
+    assert not torch.allclose(truncated, gan.sample(4, seed=0))
+    gan.truncation = 0.5  # model.truncation is the default
+    assert torch.equal(truncated, gan.sample(4, seed=0))
+    with pytest.raises(GenlabError, match="truncation"):
+        gan.sample(2, seed=0, truncation=-1.0)
 
 
 # ---- diagnostics ---------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def sample(
     control_scale: Optional[float] = typer.Option(None, help="ControlNet: conditioning scale"),
     lora: Optional[List[str]] = typer.Option(None, help="SD / ControlNet: PATH[:weight], repeatable"),
     temperature: Optional[float] = typer.Option(None, help="VAE: std of the prior samples (default model.temperature)"),
+    truncation: Optional[float] = typer.Option(None, help="GAN: truncate z at +-this (default model.truncation; 0 = off)"),
     interpolate: bool = typer.Option(False, help="VAE: latent interpolations, one row per pair"),
     reconstruct: bool = typer.Option(False, help="VAE: validation images next to their reconstructions"),
     separate: bool = typer.Option(False, help="also write each image as its own PNG"),
@@ -129,7 +130,8 @@ def sample(
 
     options = {"sampler": sampler, "steps": steps, "class_label": class_label, "guidance": guidance,
                "prompt": prompt, "control_scale": control_scale, "lora": lora or None,
-               "interpolate": interpolate or None, "reconstruct": reconstruct or None, "temperature": temperature}
+               "interpolate": interpolate or None, "reconstruct": reconstruct or None, "temperature": temperature,
+               "truncation": truncation}
     try:
         sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
                        sketch=sketch, edges_from=edges_from, options={k: v for k, v in options.items() if v is not None})

@@ -290,6 +290,18 @@ class GanDiagnostics:
 
 
 # ---- the family --------------------------------------------------------------------------
+def latent_noise(n: int, latent_dim: int, seed: int, truncation: float = 0.0) -> torch.Tensor:
+    """Seeded z (n, latent_dim): standard normal, or with `truncation` > 0 the truncation trick
+    (BigGAN): a normal truncated at +-truncation, trading variety for cleaner samples."""
+    generator = torch.Generator().manual_seed(seed)
+    if truncation < 0:
+        raise GenlabError(f"truncation={truncation}: use 0 (off) or a threshold such as 1.0 or 0.5")
+    if not truncation:
+        return torch.randn(n, latent_dim, generator=generator)
+    return torch.nn.init.trunc_normal_(torch.empty(n, latent_dim), 0.0, 1.0, -truncation, truncation,
+                                       generator=generator)
+
+
 class GAN:
     """Unconditional or class-conditional GAN (projection discriminator).
 
@@ -311,6 +323,8 @@ class GAN:
             over `instance_noise_steps`.
         label_smoothing: one-sided: the real target is 1 - this (nonsaturating and lsgan).
         diffaug: comma-separated DiffAugment policy ("color,translation,cutout"), "" = off.
+        truncation: sampling only: z from a normal truncated at +-truncation (BigGAN's truncation
+            trick); 0 = off. `genlab sample --truncation` overrides it.
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
     """
 
@@ -322,7 +336,7 @@ class GAN:
                  n_critic: int = 1, d_lr_scale: float = 1.0, g_lr_scale: float = 1.0,
                  betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
                  instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str = "",
-                 diag_every: int = 200, diag_window: int = 100):
+                 diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0):
         if arch not in ("dcgan", "resnet"):
             raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
         if loss not in LOSSES:
@@ -339,6 +353,7 @@ class GAN:
         self.lr_scales, self.betas = {"d": d_lr_scale, "g": g_lr_scale}, betas
         self.instance_noise, self.instance_noise_steps = instance_noise, instance_noise_steps
         self.real_target, self.diag_every = 1.0 - label_smoothing, diag_every
+        self.truncation = truncation
         self.generator_config = {"arch": arch, "latent_dim": latent_dim, "image_size": image_size,
                                  "channels": channels, "width": g_channels, "num_classes": self.num_classes}
         self.generator = Generator(**self.generator_config)
@@ -393,20 +408,22 @@ class GAN:
     @torch.no_grad()
     def sample(self, n: int, seed: int, **options: Any) -> torch.Tensor:
         """n images (n, C, H, W) in [-1, 1] from seeded z; `class_label=k` for a conditional GAN
-        (default: classes cycling 0..K-1)."""
+        (default: classes cycling 0..K-1); `truncation` overrides model.truncation."""
         opts = {k: v for k, v in options.items() if v is not None and v is not False}
         class_label = opts.pop("class_label", None)
+        truncation = float(opts.pop("truncation", self.truncation))
         if opts.pop("guidance", 1.0) != 1.0:
             raise GenlabError("--guidance applies to diffusion models only; a GAN has no guidance")
         if opts:
-            raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the GAN; it takes --class")
+            raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the GAN; it takes --class "
+                              "and --truncation")
         if class_label is not None and not self.num_classes:
             raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
         if class_label is not None and not 0 <= class_label < self.num_classes:
             raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
         generator = unwrap(self.generator)
         device = next(generator.parameters()).device
-        z = torch.randn(n, self.generator_config["latent_dim"], generator=torch.Generator().manual_seed(seed))
+        z = latent_noise(n, self.generator_config["latent_dim"], seed, truncation)
         labels = None
         if self.num_classes:
             labels = torch.arange(n) % self.num_classes if class_label is None else torch.full((n,), class_label)
