@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-full bench bench-levers bench-controlnet quality clean
+.PHONY: install demo test test-full bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchma
 
 bench-levers: install  ## each speed lever on and off -> "levers" in benchmarks/bench-<machine>.json
 	$(PY) scripts/bench.py --levers
+
+bench-mfu: install  ## GPU: images/s and MFU at CIFAR-10 size, bf16, compile off/on -> "mfu" in benchmarks/bench-<gpu>.json
+	$(PY) scripts/bench.py --mfu
 
 bench-controlnet: install  ## GPU: memory and it/s of SD-1.5-size ControlNet training -> benchmarks/controlnet-<gpu>.json
 	$(PY) scripts/bench_controlnet.py

@@ -17,6 +17,7 @@ DDPM/digits workload (interleaved repeats, best of each), into the same JSON und
     python scripts/bench.py                       # all families, writes benchmarks/bench-<machine>.json
     python scripts/bench.py --families ddpm --steps 200
     python scripts/bench.py --levers              # every lever; or name some: --levers compile bf16
+    python scripts/bench.py --mfu                 # a GPU: CIFAR-size images/s and MFU, compile off/on
 """
 
 from __future__ import annotations
@@ -62,6 +63,69 @@ LEVERS = {
     "pin_memory": (["data.pin_memory=true"], ["data.pin_memory=false"], DATALOADER, True,
                    "page-locked batches for host-to-GPU copies"),
 }
+
+
+# CIFAR-10 size for --mfu: 32 px RGB (the digits, upsampled), and for DDPM the DDPM paper's U-Net
+# (35.7M parameters, as google/ddpm-cifar10-32: 128-256-256-256, 2 blocks per level, attention at 16 px).
+CIFAR_SIZE = {
+    "ddpm": ["model.unet.block_out_channels=[128,256,256,256]", "model.unet.layers_per_block=2",
+             "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D,DownBlock2D,DownBlock2D]",
+             "model.unet.up_block_types=[UpBlock2D,UpBlock2D,AttnUpBlock2D,UpBlock2D]",
+             "model.unet.norm_num_groups=32", "model.unet.attention_head_dim=256"],
+    "vae": ["model.block_out_channels=[128,256,512]", "model.norm_num_groups=32"],
+    "gan": ["model.g_channels=128", "model.d_channels=128"],
+}
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; first match in the device name wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def train_flops_per_image(family_name: str, overrides: list[str], batch_size: int = 2) -> float:
+    """FLOPs of one training step per image (every phase's forward and backward), by torch's FlopCounterMode."""
+    import torch
+    from hydra.utils import instantiate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from genlab.data import build_dataset
+
+    cfg = _config(family_name, overrides)
+    data = build_dataset(cfg.data, "train")
+    family = instantiate(cfg.model, _convert_="all").to(torch.device("cpu"))
+    batch = data.get_batch(torch.arange(batch_size))
+    with FlopCounterMode(display=False) as counter:
+        for phase in family.phases(0):
+            loss, _ = family.loss(phase, batch, 0)
+            loss.backward()
+    return counter.get_total_flops() / batch_size
+
+
+def measure_mfu(args: argparse.Namespace) -> dict:
+    """Images/s and model FLOPs utilisation at CIFAR-10 size, torch.compile off and on -> the JSON's "mfu"."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    name = machine_name()
+    peak = next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS.items() if key in name), None) if on_gpu else None
+    results = {}
+    for family in args.families:
+        base = ["data.image_size=32", "data.channels=3", *CIFAR_SIZE.get(family, []), "trainer.mixed_precision=bf16",
+                "trainer.batch_size=128", "trainer.sample_n=0", *args.overrides]
+        flops = train_flops_per_image(family, base)
+        runs = {}
+        for compiled in args.mfu_compile:
+            overrides = [*base, f"trainer.compile={compiled == 'on'}"]
+            run = in_subprocess("genlab", family, overrides, args.steps, args.warmup)
+            achieved = run["images_per_s"] * flops
+            run.update(achieved_tflops=achieved / 1e12, mfu=achieved / peak if peak else None)
+            runs[f"compile_{compiled}"] = run
+            mfu = f"MFU {run['mfu']:.1%}" if peak else "MFU n/a (no bf16 peak known for this device)"
+            print(f"{family:5s} compile {compiled:3s}: {run['images_per_s']:8.0f} img/s  "
+                  f"{achieved / 1e12:7.2f} TFLOP/s  {mfu}", flush=True)
+        results[family] = {"overrides": base, "train_gflops_per_image": flops / 1e9, **runs}
+    return {"device": "cuda" if on_gpu else "cpu", "peak_bf16_tflops": peak / 1e12 if peak else None,
+            "flops": "torch.utils.flop_counter.FlopCounterMode over one training step (forward + backward, "
+                     "every phase), per image", "steps": args.steps, "warmup": args.warmup,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
+            "results": results}
 
 
 def machine_name() -> str:
@@ -167,7 +231,7 @@ def time_to_first_step(family: str, overrides: list[str]) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["ddpm", "vae", "gan"])
     parser.add_argument("--steps", type=int, default=150, help="measured optimizer steps per run")
@@ -177,7 +241,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.batch_size=128")
     parser.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
                         help=f"measure speed levers on/off instead (all, or some of: {', '.join(LEVERS)})")
-    args = parser.parse_args()
+    parser.add_argument("--mfu", action="store_true", help="images/s and MFU at CIFAR-10 size (32 px RGB; DDPM: "
+                        "the DDPM paper's 35.7M U-Net), bf16, batch 128, torch.compile off and on (a GPU)")
+    parser.add_argument("--mfu-compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -185,6 +252,16 @@ def main() -> None:
 
     if args.levers is not None:
         return measure_levers(args)
+    if args.mfu:
+        out = args.out or default_out(machine_name())
+        report = json.loads(out.read_text()) if out.exists() else {
+            "machine": machine_name(), "python": platform.python_version(), "torch": torch.__version__,
+            "genlab": genlab.__version__}
+        report["mfu"] = measure_mfu(args)
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"wrote {out} (mfu)")
+        return None
     results = {}
     for family in args.families:
         if not (ROOT / "configs" / "model" / f"{family}.yaml").exists():
