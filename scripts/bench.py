@@ -204,15 +204,26 @@ def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: i
 
 def in_subprocess(kind: str, family: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Run one measurement in a fresh process; adds its peak memory."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench; "
-            f"r = bench.measure_{kind}({family!r}, {overrides!r}, {steps}, {warmup}); "
-            "import torch; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+    return run_in_subprocess(f"bench.measure_{kind}({family!r}, {overrides!r}, {steps}, {warmup})")
+
+
+def run_in_subprocess(call: str, check: bool = True) -> dict:
+    """Evaluate `call` (an expression over the scripts/ modules that returns a dict) in a fresh process.
+
+    Adds the process's peak memory (RSS, and CUDA where there is a GPU). With `check=False`
+    a failure comes back as {"error": ...} ("out of memory" when it was) instead of raising.
+    """
+    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
+            f"import bench, bench_controlnet; r = {call}; import torch; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "r['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None; "
             "print('RESULT', json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=check,
                          env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode or not lines:
+        oom = "out of memory" in out.stderr.lower()
+        return {"error": "out of memory" if oom else " | ".join((out.stderr or out.stdout).strip().splitlines()[-3:])}
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def time_to_first_step(family: str, overrides: list[str]) -> float:

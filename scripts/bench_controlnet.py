@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -110,19 +109,9 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
 
 def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
     """`measure` in a fresh process, with its peak memory; a failure (out of memory) comes back as an error."""
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_controlnet; "
-            f"r = bench_controlnet.measure({overrides!r}, {steps}, {warmup}); import torch; "
-            "r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
-            "r['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None; "
-            "print('RESULT', json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    if out.returncode or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        oom = "out of memory" in out.stderr.lower()
-        return {"error": "out of memory" if oom else " | ".join(tail)}
-    return json.loads(lines[-1][len("RESULT "):])
+    from bench import run_in_subprocess  # scripts/ is on sys.path when this file runs
+
+    return run_in_subprocess(f"bench_controlnet.measure({overrides!r}, {steps}, {warmup})", check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
