@@ -142,10 +142,10 @@ def machine_name() -> str:
 def _config(family: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from genlab.config import config_dir
+    from genlab.config import config_dir, hydra_args
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"model={family}", *COMMON, *overrides])
+        return compose(config_name="train", overrides=hydra_args([f"model={family}", *COMMON, *overrides]))
 
 
 def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -213,8 +213,8 @@ def run_in_subprocess(call: str, check: bool = True) -> dict:
     Adds the process's peak memory (RSS, and CUDA where there is a GPU). With `check=False`
     a failure comes back as {"error": ...} ("out of memory" when it was) instead of raising.
     """
-    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
-            f"import bench, bench_controlnet; r = {call}; import torch; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+    code = (f"import json, resource, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench; "
+            f"r = {call}; import torch; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
             "r['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None; "
             "print('RESULT', json.dumps(r))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=check,
@@ -307,9 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"genlab --help: {help_s:.2f}s; wrote {out}")
 
 
-def default_out(machine: str) -> Path:
+def default_out(machine: str, prefix: str = "bench") -> Path:
+    """benchmarks/<prefix>-<machine, as a file name>.json"""
     slug = "".join(c if c.isalnum() else "-" for c in machine.lower()).strip("-")[:60]
-    return ROOT / "benchmarks" / f"bench-{slug}.json"
+    return ROOT / "benchmarks" / f"{prefix}-{slug}.json"
 
 
 def cpu_has_bf16_units() -> bool:

@@ -31,11 +31,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 LORA_RANK = 16
 MODES = {
     "controlnet": ["model.lora.rank=0", "model.control_lora.rank=0"],
@@ -88,30 +86,13 @@ def random_base(size: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def measure(overrides: list[str], steps: int, warmup: int) -> dict:
-    """Images/s of genlab's loop after `warmup` optimizer steps, in this process (see main)."""
-    from hydra import compose, initialize_config_dir
-
-    from genlab.config import config_dir, hydra_args
-    from genlab.train.loop import run_training
-
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=hydra_args([
-            "experiment=controlnet_sketch_sd15", *overrides, f"trainer.max_steps={warmup + steps}",
-            f"trainer.log_every={warmup}"]))
-    with tempfile.TemporaryDirectory() as run_dir:
-        run_training(cfg, Path(run_dir))
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    measured = [r["images_per_s"] for r in rows[1:]] or [rows[-1]["images_per_s"]]  # skip the warm-up window
-    rate = sum(measured) / len(measured)
-    return {"images_per_s": rate, "iterations_per_s": rate / cfg.trainer.batch_size}
-
-
 def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
-    """`measure` in a fresh process, with its peak memory; a failure (out of memory) comes back as an error."""
+    """genlab's loop on `experiment=controlnet_sketch_sd15` + `overrides` in a fresh process (images/s,
+    peak memory); a failure (out of memory) comes back as an error instead of stopping the sweep."""
     from bench import run_in_subprocess  # scripts/ is on sys.path when this file runs
 
-    return run_in_subprocess(f"bench_controlnet.measure({overrides!r}, {steps}, {warmup})", check=False)
+    overrides = ["experiment=controlnet_sketch_sd15", *overrides]
+    return run_in_subprocess(f"bench.measure_genlab('controlnet', {overrides!r}, {steps}, {warmup})", check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,17 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench import machine_name  # scripts/ is on sys.path when this file runs
+    from bench import default_out, machine_name  # scripts/ is on sys.path when this file runs
 
     cache = Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab"))
     start = time.perf_counter()
     base = random_base(args.size, args.base_dir or cache / f"bench_base_{args.size}")
     print(f"random {args.size} base at {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     # fill_circles pairs instead of the recipe's photo folder (its edge style has no meaning there).
-    common = [f"model.base={base}", "data=fill_circles", "~data.edges", f"data.image_size={args.image_size}", "data.count=256",
-              "data.val_count=8", "trainer.grad_accum=1", "trainer.sample_every=0", "trainer.sample_n=0",
-              "trainer.checkpoint_every=0", "trainer.eval_every=0", "logger=none", "trainer.progress=plain",
-              *args.overrides]
+    # (bench.measure_genlab adds logger=none, no periodic grids or checkpoints, plain progress.)
+    common = [f"model.base={base}", "data=fill_circles", "~data.edges", f"data.image_size={args.image_size}",
+              "data.count=256", "data.val_count=8", "trainer.grad_accum=1", "trainer.sample_n=0",
+              "trainer.eval_every=0", *args.overrides]
     optimizers = ["adamw", "adamw8bit"] if args.adam8bit else ["adamw"]
     results = []
     for mode, checkpointing, batch, optimizer in itertools.product(args.modes, args.checkpointing, args.batch_sizes,
@@ -154,14 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*common, *MODES[mode], f"model.gradient_checkpointing={checkpointing == 'on'}",
                      f"trainer.batch_size={batch}", f"optimizer={optimizer}"]
         result = {**setting, **in_subprocess(overrides, args.steps, args.warmup)}
+        if "images_per_s" in result:
+            result["iterations_per_s"] = result["images_per_s"] / batch
         results.append(result)
         shown = result.get("error") or (f"{result['iterations_per_s']:6.2f} it/s  "
                                         f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
         print(f"{mode:22s} checkpointing {checkpointing:3s} batch {batch}  {optimizer:9s} {shown}", flush=True)
 
     machine = machine_name()
-    slug = "".join(c if c.isalnum() else "-" for c in machine.lower()).strip("-")[:60]
-    out = args.out or ROOT / "benchmarks" / f"controlnet-{slug}.json"
+    out = args.out or default_out(machine, prefix="controlnet")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "python": platform.python_version(),
