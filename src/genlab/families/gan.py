@@ -266,14 +266,14 @@ class GanDiagnostics:
         message = None
         if "d_acc" in full and full["d_acc"].min() > self.acc_threshold:
             message = (f"discriminator dominates: accuracy > {self.acc_threshold} for the last {len(full['d_acc'])} "
-                       "updates; try model.diffaug=color,translation,cutout, a larger model.r1_gamma, "
+                       "updates; try model.diffaug=[color,translation,cutout], a larger model.r1_gamma, "
                        "model.instance_noise=0.1 or a lower model.d_lr_scale")
         elif "d_loss" in full and "g_loss" in full:
             (d0, d1), (g0, g1) = ([half.mean() for half in full[k].chunk(2)] for k in ("d_loss", "g_loss"))
             scale = lambda a: self.trend * max(abs(float(a)), 1e-3)  # noqa: E731
             if g1 - g0 > scale(g0) and d0 - d1 > scale(d0):
                 message = (f"discriminator is winning: g_loss rose {float(g0):.3g} -> {float(g1):.3g} while d_loss "
-                           f"fell {float(d0):.3g} -> {float(d1):.3g}; try model.diffaug=color,translation,cutout, "
+                           f"fell {float(d0):.3g} -> {float(d1):.3g}; try model.diffaug=[color,translation,cutout], "
                            "model.r1_gamma, or a lower model.d_lr_scale")
         return self._warn("balance", message)
 
@@ -341,7 +341,8 @@ class GAN:
         instance_noise: initial std of Gaussian noise added to D's inputs, annealed linearly to 0
             over `instance_noise_steps`.
         label_smoothing: one-sided: the real target is 1 - this (nonsaturating and lsgan).
-        diffaug: comma-separated DiffAugment policy ("color,translation,cutout"), "" = off.
+        diffaug: DiffAugment policies, a list ([color, translation, cutout]) or a comma-separated
+            string ("color,translation"); empty = off.
         truncation: sampling only: z from a normal truncated at +-truncation (BigGAN's truncation
             trick); 0 = off. `genlab sample --truncation` overrides it.
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
@@ -354,7 +355,7 @@ class GAN:
                  loss: str = "hinge", spectral_norm: bool = True, r1_gamma: float = 0.0, gp_weight: float = 10.0,
                  n_critic: int = 1, d_lr_scale: float = 1.0, g_lr_scale: float = 1.0,
                  betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
-                 instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str = "",
+                 instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str | list[str] = "",
                  diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0):
         if arch not in ("dcgan", "resnet"):
             raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
@@ -363,10 +364,12 @@ class GAN:
         if conditional and not num_classes:
             raise ConfigError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false")
-        self.diffaug = [p.strip() for p in (diffaug or "").split(",") if p.strip()]
+        policies = diffaug.split(",") if isinstance(diffaug, str) else list(diffaug or [])
+        self.diffaug = [p.strip() for p in policies if p.strip()]
         unknown = [p for p in self.diffaug if p not in AUGMENTS]
         if unknown:
-            raise ConfigError(f"model.diffaug: unknown {', '.join(unknown)}; use a comma list of {', '.join(AUGMENTS)}")
+            raise ConfigError(f"model.diffaug: unknown {', '.join(unknown)}; use a list of {', '.join(AUGMENTS)}, "
+                              "e.g. model.diffaug=[color,translation]")
         self.num_classes = num_classes if conditional else None
         self.loss_name, self.r1_gamma, self.gp_weight, self.n_critic = loss, r1_gamma, gp_weight, n_critic
         self.lr_scales, self.betas = {"d": d_lr_scale, "g": g_lr_scale}, betas
