@@ -284,6 +284,25 @@ def test_conditional_family_checks_diversity_per_class():
     assert any("within a class" in m for m in gan.diagnose(real, labels))
 
 
+def test_transitional_conditioning_fades_the_label_in():
+    with pytest.raises(ConfigError, match="cond_transition"):
+        tiny_gan(num_classes=4, conditional=True, cond_transition=[20, 10])
+    gan = tiny_gan(num_classes=4, conditional=True, cond_transition=[10, 20])
+    assert [gan.cond_scale_at(s) for s in (0, 10, 15, 20, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    batch = {"image": digits_like(8), "label": torch.arange(8) % 4}
+    gan.loss("d", batch, step=5)  # before the transition: the label changes nothing in G or D
+    z, x = torch.randn(4, 8), digits_like(4)
+    gan.generator.eval(), gan.discriminator.eval()  # fixed BatchNorm statistics and spectral-norm estimates
+    assert torch.equal(gan.generator(z, torch.zeros(4, dtype=torch.long)), gan.generator(z, torch.ones(4, dtype=torch.long)))
+    assert torch.equal(gan.discriminator(x, torch.zeros(4, dtype=torch.long)),
+                       gan.discriminator(x, torch.ones(4, dtype=torch.long)))
+    gan.loss("d", batch, step=15)  # half-way: it does
+    assert float(gan.generator.cond_scale) == float(gan.discriminator.cond_scale) == 0.5
+    assert not torch.equal(gan.generator(z, torch.zeros(4, dtype=torch.long)),
+                           gan.generator(z, torch.ones(4, dtype=torch.long)))
+    assert tiny_gan(num_classes=4, conditional=True).cond_scale_at(0) == 1.0  # default: from the start
+
+
 def test_cli_train_and_sample(tmp_path):
     run = tmp_path / "gan"
     genlab("train", "model=gan", "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8",

@@ -160,7 +160,8 @@ class Generator(nn.Module):
     """z (B, latent_dim) [+ label] -> images (B, channels, image_size, image_size) in [-1, 1].
 
     Width doubles at each lower resolution (capped at 8x `width`). Conditional: a class
-    embedding is concatenated to z.
+    embedding, times the buffer `cond_scale` (0..1, see GAN's cond_transition), is
+    concatenated to z.
     """
 
     def __init__(self, arch: str, latent_dim: int, image_size: int, channels: int, width: int,
@@ -170,6 +171,7 @@ class Generator(nn.Module):
         chans = [width * min(2 ** (levels - i), 8) for i in range(levels + 1)]  # 4x4 ... image_size
         self.latent_dim, self.start = latent_dim, chans[0]
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
+        self.register_buffer("cond_scale", torch.ones(()))
         self.stem = nn.Linear(latent_dim * (2 if num_classes else 1), chans[0] * 16)
         if arch == "resnet":
             blocks = [_ResUp(a, b) for a, b in zip(chans, chans[1:])]
@@ -182,13 +184,14 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
-            z = torch.cat([z, self.embed(label)], dim=1)
+            z = torch.cat([z, self.cond_scale * self.embed(label)], dim=1)
         return self.head(self.blocks(self.stem(z).view(len(z), self.start, 4, 4)))
 
 
 class Discriminator(nn.Module):
     """images [+ label] -> logits (B,). Global sum pooling, then a linear head plus, when
-    conditional, the projection term <embed(y), h> (Miyato & Koyama 2018)."""
+    conditional, the projection term <embed(y), h> (Miyato & Koyama 2018) times the buffer
+    `cond_scale` (0..1, see GAN's cond_transition)."""
 
     def __init__(self, arch: str, image_size: int, channels: int, width: int, num_classes: int | None = None,
                  use_spectral_norm: bool = True):
@@ -206,6 +209,7 @@ class Discriminator(nn.Module):
             self.features = nn.Sequential(*layers)
         self.linear = nn.Linear(chans[-1], 1)
         self.embed = nn.Embedding(num_classes, chans[-1]) if num_classes else None
+        self.register_buffer("cond_scale", torch.ones(()))
         if use_spectral_norm:
             for m in list(self.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
@@ -215,7 +219,7 @@ class Discriminator(nn.Module):
         h = self.features(x).sum(dim=(2, 3))  # (B, C)
         out = self.linear(h).squeeze(1)
         if self.embed is not None:
-            out = out + (self.embed(label) * h).sum(1)
+            out = out + self.cond_scale * (self.embed(label) * h).sum(1)
         return out
 
 
@@ -328,6 +332,10 @@ class GAN:
         image_size, channels: image shape (from the data config); image_size = 4 x 2^k.
         num_classes: label count (from the data), needed when `conditional`.
         conditional: class-conditional G (embedding concatenated to z) and projection D.
+        cond_transition: [start, end] optimizer steps over which the label's weight in G and D
+            rises linearly from 0 to 1 (transitional training, Shahbazi et al. 2022): before
+            `start` both train unconditionally. Conditioned from step 0 on little data, a cGAN
+            tends to draw one image per class. [0, 0] = conditioned from the start.
         arch: "dcgan" or "resnet" (SNGAN-style residual blocks).
         latent_dim: size of z.
         g_channels, d_channels: network widths at full resolution (doubling per level, capped at 8x).
@@ -356,7 +364,8 @@ class GAN:
                  n_critic: int = 1, d_lr_scale: float = 1.0, g_lr_scale: float = 1.0,
                  betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
                  instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str | list[str] = "",
-                 diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0):
+                 diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0,
+                 cond_transition: list[int] = (0, 0)):
         if arch not in ("dcgan", "resnet"):
             raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
         if loss not in LOSSES:
@@ -376,6 +385,11 @@ class GAN:
         self.instance_noise, self.instance_noise_steps = instance_noise, instance_noise_steps
         self.real_target, self.diag_every = 1.0 - label_smoothing, diag_every
         self.truncation = truncation
+        start, end = cond_transition
+        if not 0 <= start <= end:
+            raise ConfigError(f"model.cond_transition={list(cond_transition)}: use [start, end] optimizer steps "
+                              "with 0 <= start <= end, e.g. [500, 1500]; [0, 0] conditions from the start")
+        self.cond_transition = (start, end)
         self.generator_config = {"arch": arch, "latent_dim": latent_dim, "image_size": image_size,
                                  "channels": channels, "width": g_channels, "num_classes": self.num_classes}
         self.generator = Generator(**self.generator_config)
@@ -404,8 +418,19 @@ class GAN:
         self.discriminator.to(device)
         return self
 
+    def cond_scale_at(self, step: int) -> float:
+        """The label's weight in G and D at optimizer step `step` (cond_transition)."""
+        start, end = self.cond_transition
+        if step >= end:
+            return 1.0
+        return max(0.0, (step - start) / (end - start))
+
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real, labels = batch["image"], batch_labels(batch, self.num_classes)
+        if self.num_classes and self.cond_transition[1]:
+            scale = self.cond_scale_at(step)
+            for network in (self.generator, self.discriminator):
+                unwrap(network).cond_scale.fill_(scale)
         z = torch.randn(len(real), self.generator_config["latent_dim"], device=real.device)
         if phase == "d":
             if self._last_phase == "g":
