@@ -303,6 +303,22 @@ def test_transitional_conditioning_fades_the_label_in():
     assert tiny_gan(num_classes=4, conditional=True).cond_scale_at(0) == 1.0  # default: from the start
 
 
+def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
+    z = torch.randn(4, 8)
+    same = digits_like(2).repeat(2, 1, 1, 1)
+    assert G.mode_seeking_ratio(same[:2], same[2:], z[:2], z[2:]) == 0
+    assert G.mode_seeking_ratio(digits_like(2), -digits_like(2), z[:2], z[2:]) > 0
+    batch = {"image": digits_like(8), "label": torch.arange(8) % 4}
+    torch.manual_seed(0)
+    plain = tiny_gan(num_classes=4, conditional=True).loss("g", batch, step=1)
+    gan = tiny_gan(num_classes=4, conditional=True, mode_seeking=1.0)
+    with torch.no_grad():  # G ignores z: one image per class
+        gan.generator.stem.weight[:, :8].zero_()
+    torch.manual_seed(0)
+    loss, logs = gan.loss("g", batch, step=1)
+    assert float(logs["ms_ratio"]) == 0 and loss.item() > 1e4 + plain[0].item()  # weight / (0 + 1e-5)
+
+
 def test_cli_train_and_sample(tmp_path):
     run = tmp_path / "gan"
     genlab("train", "model=gan", "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8",

@@ -313,6 +313,16 @@ def pixel_spread(images: torch.Tensor) -> float:
 
 
 # ---- the family --------------------------------------------------------------------------
+def mode_seeking_ratio(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor,
+                       z_b: torch.Tensor) -> torch.Tensor:
+    """Image distance over latent distance for pairs of fakes (MSGAN, Mao et al. 2019).
+
+    A generator that ignores z (one image per class) scores 0; the G loss adds
+    weight / ratio, so such a generator pays more the closer it gets.
+    """
+    return (fake_a - fake_b).float().abs().mean() / (z_a - z_b).float().abs().mean()
+
+
 def latent_noise(n: int, latent_dim: int, seed: int, truncation: float = 0.0) -> torch.Tensor:
     """Seeded z (n, latent_dim): standard normal, or with `truncation` > 0 the truncation trick
     (BigGAN): a normal truncated at +-truncation, trading variety for cleaner samples."""
@@ -353,6 +363,9 @@ class GAN:
             string ("color,translation"); empty = off.
         truncation: sampling only: z from a normal truncated at +-truncation (BigGAN's truncation
             trick); 0 = off. `genlab sample --truncation` overrides it.
+        mode_seeking: weight of MSGAN's mode-seeking term in the G loss (weight / image-over-latent
+            distance of fake pairs with the same label); 0 = off. Keeps a cGAN from drawing
+            one image per class.
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
     """
 
@@ -365,7 +378,7 @@ class GAN:
                  betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
                  instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str | list[str] = "",
                  diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0,
-                 cond_transition: list[int] = (0, 0)):
+                 cond_transition: list[int] = (0, 0), mode_seeking: float = 0.0):
         if arch not in ("dcgan", "resnet"):
             raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
         if loss not in LOSSES:
@@ -390,6 +403,7 @@ class GAN:
             raise ConfigError(f"model.cond_transition={list(cond_transition)}: use [start, end] optimizer steps "
                               "with 0 <= start <= end, e.g. [500, 1500]; [0, 0] conditions from the start")
         self.cond_transition = (start, end)
+        self.mode_seeking = mode_seeking
         self.generator_config = {"arch": arch, "latent_dim": latent_dim, "image_size": image_size,
                                  "channels": channels, "width": g_channels, "num_classes": self.num_classes}
         self.generator = Generator(**self.generator_config)
@@ -442,9 +456,18 @@ class GAN:
             loss, logs = self._d_loss(real, fake, labels, step)
         else:
             self._last_phase = "g"
-            fake_logits = self._discriminate(self.generator(z, labels), labels, step)
+            half = len(z) // 2
+            if self.mode_seeking and half and labels is not None:
+                labels = labels[:half].repeat(2)  # pairs (i, i + half) share a label, differ in z
+                z = z[:2 * half]
+            fake = self.generator(z, labels)
+            fake_logits = self._discriminate(fake, labels, step)
             loss = G_LOSSES[self.loss_name](fake_logits.float())
             logs = {"g_loss": loss.detach()}
+            if self.mode_seeking and half:
+                ratio = mode_seeking_ratio(fake[:half], fake[half:2 * half], z[:half], z[half:2 * half])
+                loss = loss + self.mode_seeking / (ratio + 1e-5)
+                logs["ms_ratio"] = ratio.detach()
         self.diagnostics.record(logs)
         due = self.diag_every and step and step % self.diag_every == 0 and step != self._last_diag_step
         if phase == "g" and due:  # once per check step, whatever grad_accum is
