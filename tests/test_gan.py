@@ -260,6 +260,7 @@ def test_diagnostics_see_collapse_within_classes():
     fake_labels = torch.arange(64) % 4
     assert diag.check_diversity(one_per_class, real) is None  # blind without labels
     assert "within a class" in diag.check_diversity(one_per_class, real, fake_labels, labels)
+    assert "model.mode_seeking" in diag.check_diversity(one_per_class, real, fake_labels, labels)
     varied = digits_like(64).roll(1, dims=2)
     assert GanDiagnostics().check_diversity(varied, real, fake_labels, labels) is None
 

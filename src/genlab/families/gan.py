@@ -301,9 +301,10 @@ class GanDiagnostics:
             where = f" within a class ({len(classes)} classes)"
         message = None
         if fake_spread < self.diversity_ratio * real_spread:
+            fixes = "model.mode_seeking=1.0, " if where else ""  # a cGAN drawing one image per class
             message = (f"sample diversity collapsed: fixed-noise fakes spread {fake_spread:.3g} vs {real_spread:.3g} "
-                       f"for real images{where} (mean pairwise distance); likely mode collapse: try model.loss=hinge "
-                       "with spectral norm, model.diffaug, or a lower trainer.lr")
+                       f"for real images{where} (mean pairwise distance); likely mode collapse: try {fixes}"
+                       "model.loss=hinge with spectral norm, model.diffaug, or a lower trainer.lr")
         return self._warn("diversity", message)
 
 
