@@ -302,6 +302,8 @@ def test_transitional_conditioning_fades_the_label_in():
     assert not torch.equal(gan.generator(z, torch.zeros(4, dtype=torch.long)),
                            gan.generator(z, torch.ones(4, dtype=torch.long)))
     assert tiny_gan(num_classes=4, conditional=True).cond_scale_at(0) == 1.0  # default: from the start
+    switch = tiny_gan(num_classes=4, conditional=True, cond_transition=[10, 10])
+    assert [switch.cond_scale_at(s) for s in (0, 9, 10)] == [0.0, 0.0, 1.0]
 
 
 def test_mode_seeking_term_punishes_a_generator_that_ignores_z():

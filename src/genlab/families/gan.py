@@ -438,7 +438,9 @@ class GAN:
         start, end = self.cond_transition
         if step >= end:
             return 1.0
-        return max(0.0, (step - start) / (end - start))
+        if step <= start:  # also a hard switch at start == end
+            return 0.0
+        return (step - start) / (end - start)
 
     def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real, labels = batch["image"], batch_labels(batch, self.num_classes)
