@@ -320,6 +320,11 @@ def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
     torch.manual_seed(0)
     loss, logs = gan.loss("g", batch, step=1)
     assert float(logs["ms_ratio"]) == 0 and loss.item() > 1e4 + plain[0].item()  # weight / (0 + 1e-5)
+    # The diagnostics still pair the real batch with its own labels (odd batch: one fake fewer).
+    gan.diag_every = 1
+    odd = {"image": digits_like(9), "label": torch.arange(9) % 4}
+    assert any("within a class" in m for m in gan.diagnose(odd["image"], odd["label"]))
+    gan.loss("g", odd, step=1)
 
 
 def test_cli_train_and_sample(tmp_path):

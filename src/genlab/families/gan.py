@@ -459,12 +459,12 @@ class GAN:
             loss, logs = self._d_loss(real, fake, labels, step)
         else:
             self._last_phase = "g"
-            half = len(z) // 2
+            half, fake_labels = len(z) // 2, labels
             if self.mode_seeking and half and labels is not None:
-                labels = labels[:half].repeat(2)  # pairs (i, i + half) share a label, differ in z
+                fake_labels = labels[:half].repeat(2)  # pairs (i, i + half) share a label, differ in z
                 z = z[:2 * half]
-            fake = self.generator(z, labels)
-            fake_logits = self._discriminate(fake, labels, step)
+            fake = self.generator(z, fake_labels)
+            fake_logits = self._discriminate(fake, fake_labels, step)
             loss = G_LOSSES[self.loss_name](fake_logits.float())
             logs = {"g_loss": loss.detach()}
             if self.mode_seeking and half:
