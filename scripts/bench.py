@@ -191,7 +191,7 @@ def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int
 
 def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Images/s of genlab's Trainer, read from its own metrics after the warm-up window."""
-    from genlab.train.loop import run_training
+    from genlab.train.job import run_training
 
     cfg = _config(family_name, [*overrides, f"trainer.max_steps={warmup + steps}", f"trainer.log_every={warmup}"])
     # One log window of `warmup` steps, then windows of `warmup` steps: skip the first.

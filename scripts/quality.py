@@ -47,7 +47,7 @@ from genlab.config import config_dir, hydra_args
 from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.sample import load_family
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 from genlab.train.sampling import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]

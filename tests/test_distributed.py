@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 SCRIPT = """
 import sys; sys.path.insert(0, {tests!r})
 from conftest import toy_config
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 cfg = toy_config("trainer.max_steps=4", "trainer.batch_size={batch}", "trainer.grad_accum=2", "trainer.ema=0.9",
                  "lr_schedule=cosine", "lr_schedule.warmup_steps=1", "trainer.checkpoint_every=2")
 run_training(cfg, __import__("pathlib").Path({run!r}))

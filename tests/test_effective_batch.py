@@ -12,7 +12,7 @@ from conftest import compose, toy_config
 from genlab.config import check_values
 from genlab.errors import ConfigError, GenlabError
 from genlab.train.checkpoint import find_checkpoint, load_state
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 from genlab.train.micro_batch import candidates
 
 

@@ -6,7 +6,7 @@ import json
 
 from conftest import TINY_DDPM, genlab, toy_config
 from genlab.train.best import BestTracker
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 
 
 def test_best_tracker_direction_and_patience():

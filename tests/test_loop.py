@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import toy_config
-from genlab.train.loop import NonFiniteError, run_training
+from genlab.train.job import run_training
+from genlab.train.loop import NonFiniteError
 
 
 def _weights(run_dir):

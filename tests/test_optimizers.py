@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 
 from conftest import compose, toy_config
 from genlab.errors import GenlabError
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 
 HAVE_8BIT = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import compose, toy_config
 from genlab.train.checkpoint import complete_checkpoints, find_checkpoint
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 
 TINY_FAMILIES = {  # family -> overrides giving a model that trains a step in well under a second
     "ddpm": ["model.unet.block_out_channels=[8,8]", "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
@@ -137,7 +137,7 @@ def test_family_resume_is_bitwise(tmp_path, family):
 KILL_SCRIPT = """
 import sys; sys.path.insert(0, {tests!r})
 from conftest import toy_config
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 cfg = toy_config("trainer.max_steps={steps}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
                  "data.image_size=32", "trainer.batch_size=64", "trainer.log_every=1")
 cfg.model.image_size = 32

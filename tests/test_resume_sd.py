@@ -19,7 +19,7 @@ from genlab.families import latent_diffusion as ld
 from genlab.resume import apply_overrides
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
-from genlab.train.loop import run_training
+from genlab.train.job import run_training
 from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,6 +30,23 @@ def _fail(error: GenlabError) -> None:
     raise typer.Exit(error.exit_code)
 
 
+def _no_stray_words(run_dir: Path | None, extra: list[str]) -> None:
+    """A run path with spaces, unquoted, reaches us as several words: say how to quote it."""
+    if not extra:
+        return
+    from genlab.errors import ConfigError
+
+    joined = " ".join([str(run_dir or ""), *extra]).strip()
+    hint = f"; if it is one path with spaces, quote it: '{joined}'" if " " in joined else ""
+    _fail(ConfigError(f"unexpected argument(s) {' '.join(extra)!r}{hint}"))
+
+
+TRUST_HELP = ("load a run written before genlab 0.2 (its training state holds numpy arrays, which safe "
+              "loading refuses; only numpy arrays are allowed, never arbitrary objects)")
+ALLOW_HELP = ("trust _target_ classes under this prefix in the run's config (repeatable), e.g. your own "
+              "family package; by default only genlab's and torch.optim's are instantiated")
+
+
 def _overrides_of(args: list[str]) -> list[str]:
     """The key=value overrides among Hydra's command-line arguments."""
     overrides, skip_next = [], False
@@ -84,6 +101,8 @@ def train(ctx: typer.Context,
 
         try:
             validate_overrides(_overrides_of(args))  # exit 2 before Hydra creates anything on disk
+            if processes <= 1 and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
+                args = _target_directory(args)  # one rank checks and claims for all
         except GenlabError as error:
             _fail(error)
     if processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
@@ -94,16 +113,56 @@ def train(ctx: typer.Context,
     hydra_train()
 
 
-@app.command()
+def _target_directory(args: list[str]) -> list[str]:
+    """Refuse to train over an existing run; give a multirun one new sweep folder.
+
+    Hydra writes .hydra/ into the run directory before genlab's code runs, so an explicit
+    `hydra.run.dir` / `hydra.sweep.dir` holding a run is refused here (exit 2, nothing
+    touched), except the same job rerun after an interruption, which resumes. A multirun
+    without an explicit sweep folder gets one claimed now, so that jobs running in other
+    processes (submitit) all land in it.
+    """
+    from genlab.errors import ConfigError
+    from genlab.run_dir import RunDir, claim_new_dir
+    from genlab.train.job import resume_decision
+
+    overrides = _overrides_of(args)
+    explicit = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("hydra.run.dir", "hydra.sweep.dir", "runs_root")}
+    if "-m" in args or "--multirun" in args:
+        sweep = explicit.get("hydra.sweep.dir")
+        if sweep is None:
+            root = explicit.get("runs_root") or os.environ.get("GENLAB_RUNS", "runs")
+            return [*args, f"hydra.sweep.dir={claim_new_dir(Path(root) / 'multirun')}"]
+        taken = [p.parent.parent.name for p in Path(sweep).glob("*/.hydra/config.yaml") if RunDir(p.parent.parent).holds_run()]
+        if taken:
+            raise ConfigError(f"hydra.sweep.dir={sweep} already holds runs ({', '.join(sorted(taken)[:3])}); "
+                              "nothing was changed. Choose another sweep folder.")
+        return args
+    if "hydra.run.dir" in explicit:
+        run = RunDir(explicit["hydra.run.dir"])
+        decision = resume_decision(run)
+        plain = sorted(o for o in overrides if not o.startswith("hydra."))
+        saved = sorted(o for o in run.read_overrides() if not o.startswith("hydra."))
+        if decision == "resume" and plain != saved:
+            decision = (f"{run.path} holds an interrupted run started with other overrides ({' '.join(saved)}); "
+                        f"nothing was changed. Rerun its own command to continue it, use `genlab resume {run.path}`, "
+                        "or train into another directory.")
+        if decision not in ("fresh", "resume"):
+            raise ConfigError(decision)
+    return args
+
+
+@app.command(context_settings={"allow_extra_args": True})
 def sample(
+    ctx: typer.Context,
     run_dir: Optional[Path] = typer.Argument(None, help="run directory; default: the newest finished run under runs/"),
-    n: int = typer.Option(64, "--n", help="number of images"),
+    n: int = typer.Option(64, "--n", min=1, help="number of images (over 1,024 needs --separate)"),
     seed: int = typer.Option(0, help="noise seed (same seed, same images)"),
     out: Optional[Path] = typer.Option(None, help="output PNG (default RUN_DIR/samples/sample_seed<seed>.png)"),
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
     sampler: Optional[str] = typer.Option(None, help="diffusion: ddpm | ddim | dpm (ControlNet also unipc)"),
-    steps: Optional[int] = typer.Option(None, help="diffusion: denoising steps"),
+    steps: Optional[int] = typer.Option(None, min=1, help="diffusion: denoising steps; VAE --interpolate: images per row"),
     class_label: Optional[int] = typer.Option(None, "--class", help="conditional models: the class to draw"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
     sketch: Optional[Path] = typer.Option(None, help="ControlNet: the sketch image"),
@@ -116,6 +175,8 @@ def sample(
     interpolate: bool = typer.Option(False, help="VAE: latent interpolations, one row per pair"),
     reconstruct: bool = typer.Option(False, help="VAE: validation images next to their reconstructions"),
     separate: bool = typer.Option(False, help="also write each image as its own PNG"),
+    trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
+    allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP),
 ) -> None:
     """Draw samples from a trained run; rebuilds everything from the run's saved config.
 
@@ -126,6 +187,7 @@ def sample(
       genlab sample RUN --interpolate                  # VAE
       genlab sample RUN --sketch house.png --prompt "a red house"
     """
+    _no_stray_words(run_dir, list(ctx.args))
     from genlab.sample import sample_command
 
     options = {"sampler": sampler, "steps": steps, "class_label": class_label, "guidance": guidance,
@@ -134,19 +196,23 @@ def sample(
                "truncation": truncation}
     try:
         sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
-                       sketch=sketch, edges_from=edges_from, options={k: v for k, v in options.items() if v is not None})
+                       sketch=sketch, edges_from=edges_from, options={k: v for k, v in options.items() if v is not None},
+                       allow=tuple(allow_target or ()), trust_run=trust_run)
     except GenlabError as error:
         _fail(error)
 
 
-@app.command(name="eval")
+@app.command(name="eval", context_settings={"allow_extra_args": True})
 def evaluate(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="the run directory to evaluate"),
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
-    n: Optional[int] = typer.Option(None, "--n", help="generated images (default eval.n_samples)"),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="generated images (default eval.n_samples)"),
     compare_samplers: bool = typer.Option(False, help="diffusion: quality and time per image for DDPM 1000, "
                                                       "DDIM 50/20/10, DPM-Solver++ 20/10 (JSON + PNG plot)"),
+    trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
+    allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP),
 ) -> None:
     """Compute the family's metrics; writes RUN_DIR/eval/metrics.json and prints a table.
 
@@ -161,16 +227,20 @@ def evaluate(
       genlab eval runs/gan/2026-11-22_10-00-00
       genlab eval runs/ddpm/2026-11-22_10-00-00 --checkpoint best --n 2000 --compare-samplers
     """
+    _no_stray_words(run_dir, list(ctx.args))
     from genlab.eval.report import eval_command
 
     try:
-        eval_command(run_dir, checkpoint, ema, n, compare_samplers)
+        eval_command(run_dir, checkpoint, ema, n, compare_samplers, allow=tuple(allow_target or ()),
+                     trust_run=trust_run)
     except GenlabError as error:
         _fail(error)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue")) -> None:
+def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue"),
+           trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
+           allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP)) -> None:
     """Continue a run in place from its newest complete checkpoint, with its saved config.
 
     \b
@@ -178,10 +248,12 @@ def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run
       genlab resume runs/gan/2026-11-22_10-00-00
       genlab resume runs/gan/2026-11-22_10-00-00 trainer.max_steps=20000
     """
+    words = [a for a in ctx.args if "=" not in a]
+    _no_stray_words(run_dir, words)
     from genlab.resume import resume_run
 
     try:
-        resume_run(run_dir, list(ctx.args))
+        resume_run(run_dir, list(ctx.args), allow=tuple(allow_target or ()), trust_run=trust_run)
     except GenlabError as error:
         _fail(error)
 

@@ -57,7 +57,7 @@ def dotted_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _closest(word: str, options: list[str]) -> str:
+def closest(word: str, options: list[str]) -> str:
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
@@ -103,7 +103,7 @@ def validate_overrides(overrides: list[str]) -> DictConfig:
             options = loader.get_group_options(bare) if "." not in bare else []
             if options or (config_dir() / bare).is_dir():
                 if value not in options and value not in ("null", ""):
-                    raise ConfigError(f"unknown choice {value!r} for config group '{bare}'{_closest(value, options)} "
+                    raise ConfigError(f"unknown choice {value!r} for config group '{bare}'{closest(value, options)} "
                                       f"(options: {', '.join(options)})")
                 group_overrides.append(line)
             else:
@@ -115,7 +115,7 @@ def validate_overrides(overrides: list[str]) -> DictConfig:
         known = dotted_keys(cfg)
         for bare, adds_or_deletes, line in key_overrides:
             if not adds_or_deletes and bare not in known and not bare.startswith("hydra."):
-                raise ConfigError(f"unknown config key '{bare}'{_closest(bare, known)} "
+                raise ConfigError(f"unknown config key '{bare}'{closest(bare, known)} "
                                   "(use +key=value to add a new key on purpose)")
         try:
             cfg = compose(config_name="train", overrides=plain)
@@ -159,6 +159,14 @@ def check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{key}={value!r} must be a whole number > 0, or null")
+    for key in ("data.image_size", "data.channels"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a whole number > 0")
+    clip = OmegaConf.select(cfg, "trainer.grad_clip")
+    if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip <= 0):
+        # A negative max norm flips every gradient (torch scales by max_norm / norm): the loss climbs.
+        raise ConfigError(f"trainer.grad_clip={clip!r} must be a max gradient norm > 0, or null for no clipping")
     ema = OmegaConf.select(cfg, "trainer.ema")
     if ema not in (None, False) and not (isinstance(ema, float) and 0 < ema < 1):
         raise ConfigError(f"trainer.ema={ema!r} must be a decay in (0, 1), or null to turn EMA off")

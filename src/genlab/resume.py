@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from genlab.config import _closest, absolute_paths, check_values, dotted_keys
+from genlab.config import absolute_paths, check_values, closest, dotted_keys
 from genlab.errors import ConfigError
-from genlab.train.loop import StopRequested, load_run_config, run_training
-
-log = logging.getLogger("genlab")
+from genlab.run_dir import RunDir
 
 
-def apply_overrides(cfg, overrides: list[str]):
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """`key=value` overrides on a resolved run config; unknown keys are refused with a suggestion."""
     known = dotted_keys(cfg)
     for override in overrides:
@@ -24,30 +20,34 @@ def apply_overrides(cfg, overrides: list[str]):
         if not sep or key.startswith(("+", "~")) or "/" in key:
             raise ConfigError(f"resume takes key=value overrides of existing keys, not {override!r}")
         if key not in known:
-            raise ConfigError(f"unknown config key '{key}'{_closest(key, known)}")
-        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+            raise ConfigError(f"unknown config key '{key}'{closest(key, known)}")
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+        except yaml.YAMLError:
+            raise ConfigError(f"{override!r}: the value is not valid YAML; quote it") from None
     absolute_paths(cfg, Path.cwd(), keys=[o.partition("=")[0] for o in overrides])
     check_values(cfg)
     return cfg
 
 
-def resume_run(run_dir: Path, overrides: list[str]) -> dict:
-    run_dir = Path(run_dir)
-    cfg = apply_overrides(load_run_config(run_dir), overrides)
-    if overrides:  # the run's config stays the truth for `genlab sample` and the next resume
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-        with open(run_dir / ".hydra" / "overrides.yaml", "a") as f:
-            yaml.safe_dump([f"(resume) {o}" for o in overrides], f)
-    handler = logging.FileHandler(run_dir / "train.log")
+def resume_run(run_dir: Path, overrides: list[str], allow: tuple[str, ...] = (), trust_run: bool = False) -> dict:
+    """Continue `run_dir` from its newest complete checkpoint; overrides are saved into its config."""
+    import logging
+
+    from genlab.train.job import check_resumable, run_job
+
+    run = RunDir(run_dir).require()
+    cfg = apply_overrides(run.read_config(allow), overrides)
+    check_resumable(run, cfg)
+    handler = logging.FileHandler(run.log_file)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
-    print(f"run directory: {run_dir} (resuming)", flush=True)
     try:
-        summary = run_training(cfg, run_dir, resume=True)
-    except StopRequested as stop:
-        log.warning("stopped by %s after a checkpoint", stop)
-        stop.hand_over()
-        sys.exit(128 + stop.signum)
-    shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.items() if "loss" in k)
-    print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
-    return summary
+        with run.locked():  # no second resume (or train) may rewrite the config under a live run
+            if overrides:  # the run's config stays the truth for `genlab sample` and the next resume
+                run.write_config(cfg)
+                run.add_resume_overrides(overrides)
+            return run_job(cfg, run.path, resume=True, trust_run=trust_run)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

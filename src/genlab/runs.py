@@ -2,74 +2,68 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from genlab.errors import GenlabError
+from genlab.run_dir import RunDir, find_runs
 from genlab.train.best import lower_is_better
-
 
 
 def runs_root() -> Path:
     return Path(os.environ.get("GENLAB_RUNS", "runs"))
 
 
-def _metrics_summary(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(last line with losses, latest value of every key) of a metrics.jsonl."""
-    last_losses, latest = {}, {}
-    if path.exists():
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    latest.update(row)
-                    if any("loss" in k for k in row):
-                        last_losses = row
-    return last_losses, latest
+def run_info(run: RunDir) -> dict[str, Any]:
+    """What `genlab runs` shows for one run directory (raises on an unreadable config)."""
+    import yaml
 
+    cfg = yaml.safe_load(run.config_file.read_text())
+    choices = run.choices()
+    family = choices.get("model") or str(cfg["model"]["_target_"]).rsplit(".", 1)[-1].lower()
+    data = choices.get("data") or str(cfg["data"]["_target_"]).rsplit(".", 1)[-1].lower()
+    rows = run.read_metrics()
+    latest, last = {}, {}
+    for row in rows:
+        latest.update(row)
+        if any("loss" in k for k in row):
+            last = row
+    best = {}
+    best_ckpt = run.checkpoint("best")
+    if best_ckpt is not None:
+        from genlab.train.checkpoint import CheckpointCorrupt, load_state
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def run_info(run_dir: Path) -> dict[str, Any]:
-    """What `genlab runs` shows for one run directory."""
-    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    choices = yaml.safe_load(hydra_file.read_text())["hydra"]["runtime"]["choices"] if hydra_file.exists() else {}
-    family = choices.get("model") or cfg["model"]["_target_"].rsplit(".", 1)[-1].lower()
-    data = choices.get("data") or cfg["data"]["_target_"].rsplit(".", 1)[-1].lower()
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "unknown"}
-    if status["status"] == "running" and not _pid_alive(status.get("pid")):
-        status["status"] = "interrupted"  # killed without a chance to say so (kill -9, node lost)
-    last, latest = _metrics_summary(run_dir / "metrics.jsonl")
-    evaluated = run_dir / "eval" / "metrics.json"
-    metrics = json.loads(evaluated.read_text()) if evaluated.exists() else {}
-    best_file = run_dir / "checkpoints" / "best" / "state.json"
-    best = json.loads(best_file.read_text()).get("best") if best_file.exists() else None
-    best = {best["metric"]: best["best"], "step": best["best_step"]} if best and best.get("best") is not None else {}
-    return {"run": run_dir, "family": family, "data": data, "step": latest.get("step", 0),
-            "max_steps": cfg["trainer"]["max_steps"], "status": status["status"],
+        try:
+            tracked = load_state(best_ckpt).get("best") or {}
+        except CheckpointCorrupt:
+            tracked = {}
+        if tracked.get("best") is not None:
+            best = {tracked["metric"]: tracked["best"], "step": tracked["best_step"]}
+    return {"run": run.path, "family": family, "data": data, "step": latest.get("step", 0),
+            "max_steps": cfg["trainer"]["max_steps"], "status": run.read_status()["status"],
             "losses": {k: v for k, v in last.items() if "loss" in k},
             # --sort takes a latest value (fid_digits_cnn), an eval/metrics.json one, or the best (best_fid_digits_cnn)
-            "metrics": {**latest, **metrics, **{f"best_{k}": v for k, v in best.items() if k != "step"}},
+            "metrics": {**latest, **run.read_eval(), **{f"best_{k}": v for k, v in best.items() if k != "step"}},
             "best": best}
 
 
-def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in Path(root).rglob(".hydra/config.yaml")
-                  if (p.parent.parent / "status.json").exists() or (p.parent.parent / "metrics.jsonl").exists())
+def unreadable_row(run: RunDir, error: Exception) -> dict[str, Any]:
+    """A row for a run whose config cannot be read: the table goes on without it."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return {"run": run.path, "family": "?", "data": "?", "step": 0, "max_steps": "?",
+            "status": f"unreadable ({reason[:60]})", "losses": {}, "metrics": {}, "best": {}}
+
+
+def collect_runs(root: Path) -> list[dict[str, Any]]:
+    """One info dict per run under `root`; a damaged run gets an "unreadable" row instead of an error."""
+    rows = []
+    for run in find_runs(root):
+        try:
+            rows.append(run_info(run))
+        except Exception as error:  # any damage to one run must not hide the others
+            rows.append(unreadable_row(run, error))
+    return rows
 
 
 def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
@@ -78,20 +72,20 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
 
     if not Path(root).is_dir():
         raise GenlabError(f"{root} is not a folder; pass the folder that holds your runs (default: runs/).")
-    rows = [run_info(r) for r in find_runs(root)]
+    rows = collect_runs(root)
     if sort:
-        missing = [r for r in rows if sort not in r["metrics"]]
-        rows = [r for r in rows if sort in r["metrics"]]
+        missing = [r for r in rows if not isinstance(r["metrics"].get(sort), (int, float))]
+        rows = [r for r in rows if isinstance(r["metrics"].get(sort), (int, float))]
         rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower_is_better(sort))
         rows += missing
     table = Table(title=f"runs under {root}")
     for column in ("run", "family", "data", "steps", "last losses", "best", "status"):
         table.add_column(column)
     for r in rows:
-        losses = " ".join(f"{k}={v:.4g}" for k, v in r["losses"].items())
+        losses = " ".join(f"{k}={v:.4g}" for k, v in r["losses"].items() if isinstance(v, (int, float)))
         best = " ".join(f"{k}={v:.4g}" for k, v in r["best"].items() if k != "step")
         best += f" @{r['best']['step']}" if r["best"] else ""
-        if sort and sort in r["metrics"] and not sort.startswith("best_"):
+        if sort and isinstance(r["metrics"].get(sort), (int, float)) and not sort.startswith("best_"):
             best = f"{sort}={r['metrics'][sort]:.4g} " + best
         table.add_row(str(Path(r["run"]).relative_to(root)), r["family"], r["data"],
                       f"{r['step']}/{r['max_steps']}", losses, best, r["status"])
@@ -108,15 +102,16 @@ def plot_runs(rows: list[dict[str, Any]], out: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
-        path = Path(r["run"]) / "metrics.jsonl"
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        lines = RunDir(r["run"]).read_metrics()
         for key in sorted({k for line in lines for k in line if "loss" in k}):
-            points = [(line["step"], line[key]) for line in lines if key in line]
-            ax.plot(*zip(*points), label=f"{Path(r['run']).name} {key}")
+            points = [(line["step"], line[key]) for line in lines if isinstance(line.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), label=f"{Path(r['run']).name} {key}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -10,24 +10,24 @@ from typing import Any
 import torch
 
 from genlab.eval.evaluate import Evaluator
-from genlab.sample import load_family
+from genlab.run_dir import RunDir, atomic_write, load_family
 
 
 def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, n: int | None = None,
-                 compare_samplers: bool = False) -> dict[str, Any]:
+                 compare_samplers: bool = False, allow: tuple[str, ...] = (), trust_run: bool = False) -> dict[str, Any]:
     """Evaluate a run; writes RUN_DIR/eval/metrics.json (and samplers.json/.png when asked)."""
     from rich.console import Console
     from rich.table import Table
 
-    family, cfg = load_family(run_dir, checkpoint, use_ema)
+    run = RunDir(run_dir)
+    family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run)
     device = next(iter(family.networks().values())).parameters().__next__().device
     evaluator = Evaluator(cfg, device)
     started = time.perf_counter()
     metrics = evaluator.evaluate(family, n_samples=n)
-    out_dir = Path(run_dir) / "eval"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = run.eval_dir
     report = {"checkpoint": checkpoint, "ema": use_ema, "seconds": time.perf_counter() - started, **metrics}
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
     table = Table(title=f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -39,7 +39,7 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
 
         with torch.no_grad():
             rows = evaluator.compare_samplers(family, n_samples=n)
-        (out_dir / "samplers.json").write_text(json.dumps(rows, indent=2))
+        atomic_write(out_dir / "samplers.json", json.dumps(rows, indent=2))
         metric = next(k for k in rows[0] if k.startswith("fid_"))
         plot_quality_vs_steps(rows, metric, out_dir / "samplers.png")
         print(f"wrote {out_dir / 'samplers.json'} and {out_dir / 'samplers.png'}")

@@ -188,7 +188,7 @@ class ControlNet:
         with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
             out = pipe(prompts, image=sketches.to(pipe.device), height=self.image_size, width=self.image_size,
-                       num_inference_steps=steps or self.sample_steps,
+                       num_inference_steps=ld.check_steps(steps or self.sample_steps, self.noise_scheduler.config),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        generator=ld.generators(n, seed), output_type="pt").images

@@ -18,6 +18,7 @@ from diffusers.training_utils import compute_snr
 
 from genlab.errors import GenlabError
 from genlab.families.base import batch_labels
+from genlab.families.latent_diffusion import check_steps
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
@@ -130,6 +131,7 @@ class DDPM:
         sampler = sampler or self.defaults["sampler"]
         steps = steps or self.defaults["steps"] or self.scheduler.config.num_train_timesteps
         guidance = self.defaults["guidance"] if guidance is None else guidance
+        check_steps(steps, self.scheduler.config)
         scheduler = self._scheduler_for(sampler)
         scheduler.set_timesteps(steps)
         device = next(self.unet.parameters()).device

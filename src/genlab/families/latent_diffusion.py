@@ -121,6 +121,14 @@ def sampler(name: str, scheduler_config) -> Any:
     return SAMPLERS[name].from_config(scheduler_config)
 
 
+def check_steps(steps: int, scheduler_config) -> int:
+    """Sampling steps between 1 and the schedule's training steps, or a GenlabError saying so."""
+    total = scheduler_config.num_train_timesteps
+    if not isinstance(steps, int) or not 1 <= steps <= total:
+        raise GenlabError(f"--steps {steps}: use 1 to {total} (the model was trained on {total} noise levels).")
+    return steps
+
+
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""

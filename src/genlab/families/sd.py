@@ -162,7 +162,7 @@ class StableDiffusion:
         with ld.eval_mode(pipe.unet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
                 ld.sample_autocast(pipe.device, self.weight_dtype):
             out = pipe(prompts, height=self.image_size, width=self.image_size,
-                       num_inference_steps=steps or self.sample_steps,
+                       num_inference_steps=ld.check_steps(steps or self.sample_steps, self.noise_scheduler.config),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        negative_prompt=[negative_prompt] * n if negative_prompt else None,
                        generator=ld.generators(n, seed), output_type="pt").images

@@ -9,10 +9,15 @@ Layout of `checkpoints/step_000500/`:
     state.json              step, data position, W&B run id, ...
     COMPLETE                written last
 
-A save writes everything into `.step_000500.tmp/`, fsyncs each file, writes COMPLETE,
+A save writes everything into `.step_000500.<pid>.tmp/`, fsyncs each file, writes COMPLETE,
 renames the directory into place and fsyncs the parent: a kill at any moment leaves
 either the old set of checkpoints or the new one, never a half-written `step_*`.
-Old checkpoints are deleted only after the new one is complete.
+Old checkpoints are deleted only after the new one is complete; a checkpoint saved again
+under the same name (the final save right after a periodic one, a new `best`) is first
+renamed aside, and a kill between the two renames leaves that copy to be found instead.
+
+Everything is read back without running code: weights are safetensors, the other `.pt`
+files load with `weights_only=True` (tensors and plain Python values only).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -36,10 +42,24 @@ MARKER = "COMPLETE"
 #: safetensors metadata of a network file that holds only the trainable part of its network.
 CONTENTS, TRAINABLE_ONLY, PROBE = "genlab_contents", "trainable_only", "genlab_frozen_probe"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+#: A checkpoint renamed aside while a new one of the same name replaces it: `.<name>.<pid>.replaced`.
+_REPLACED = re.compile(r"^\.(.+)\.\d+\.replaced$")
+#: What the training state of runs written before genlab 0.2 needs beyond plain values:
+#: numpy's RNG state (a uint32 array). `--trust-run` allows exactly these.
+OLD_RUN_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                   "numpy.dtype", "numpy.dtypes.UInt32DType")
 
 
 class CheckpointWriteError(GenlabError):
     """A checkpoint could not be written (disk full, read-only, ...); the previous one is intact."""
+
+
+class CheckpointCorrupt(GenlabError):
+    """A file of a complete checkpoint cannot be read (damaged, truncated, edited)."""
+
+
+class UnsafeCheckpoint(GenlabError):
+    """A checkpoint file would need unpickling objects beyond tensors and plain values."""
 
 
 def _fsync(path: Path) -> None:
@@ -64,7 +84,7 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
         The final checkpoint directory.
     """
     final = ckpt_root / (name or f"step_{step:06d}")
-    tmp = ckpt_root / f".{final.name}.tmp"
+    tmp = ckpt_root / f".{final.name}.{os.getpid()}.tmp"  # per process: two writers never share one
     try:
         _write(ckpt_root, final, tmp, step, networks, files, state)
     except (OSError, RuntimeError) as error:  # disk full, quota, read-only; torch.save says RuntimeError
@@ -81,7 +101,16 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
 
 
 def prune(ckpt_root: Path, keep: int | None) -> None:
-    """Keep the `keep` newest complete checkpoints (all if None/0); clear leftovers of killed saves."""
+    """Keep the `keep` newest complete checkpoints (all if None/0); clear leftovers of killed saves.
+
+    Only the process holding the run's lock calls this, so every other temporary folder is a
+    leftover of a killed save.
+    """
+    _recover_replaced(ckpt_root)
+    for leftover in ckpt_root.glob(".*.tmp"):
+        if leftover.name.endswith(f".{os.getpid()}.tmp"):
+            continue
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep:
         for old in complete_checkpoints(ckpt_root)[:-keep]:
             # Rename first: a kill during the deletion leaves a hidden folder, never a
@@ -110,26 +139,55 @@ def _write(ckpt_root: Path, final: Path, tmp: Path, step: int, networks: dict[st
     (tmp / MARKER).write_text(f"step {step}\n")
     _fsync(tmp / MARKER)
     _fsync(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        _fsync(ckpt_root)
+        return
+    # Saved again under the same name: the complete copy goes aside first, and is deleted only
+    # once the new one is in place (a kill in between: `_recover_replaced` / `_replaced_copy`).
+    aside = final.with_name(f".{final.name}.{os.getpid()}.replaced")
+    os.replace(final, aside)
     os.replace(tmp, final)
     _fsync(ckpt_root)
+    shutil.rmtree(aside)
+
+
+def _recover_replaced(ckpt_root: Path) -> None:
+    """Put back a checkpoint renamed aside by a save that was killed before its replacement landed."""
+    for aside in ckpt_root.glob(".*.replaced"):
+        original = ckpt_root / _REPLACED.match(aside.name).group(1) if _REPLACED.match(aside.name) else None
+        if original is not None and not original.exists() and (aside / MARKER).exists():
+            os.replace(aside, original)
+            log.warning("recovered %s from an interrupted save", original)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _replaced_copy(ckpt_root: Path, name: str) -> Path | None:
+    """A complete copy of checkpoint `name` left aside by a killed save (read-only fallback)."""
+    for aside in ckpt_root.glob(f".{name}.*.replaced"):
+        if (aside / MARKER).exists():
+            return aside
+    return None
 
 
 def complete_checkpoints(ckpt_root: Path, warn: bool = False) -> list[Path]:
     """Complete checkpoint directories, oldest first; incomplete ones are skipped (with a warning if asked)."""
     if not ckpt_root.is_dir():
         return []
-    found = []
+    found = {}
     for d in ckpt_root.iterdir():
-        match = _STEP_DIR.match(d.name)
+        aside = _REPLACED.match(d.name)
+        match = _STEP_DIR.match(aside.group(1) if aside else d.name)
         if not match or not d.is_dir():
             continue
+        if aside and (ckpt_root / aside.group(1)).exists():
+            continue  # the replacement landed; this copy is a leftover
         if (d / MARKER).exists():
-            found.append((int(match.group(1)), d))
-        elif warn:
+            found[int(match.group(1))] = d
+        elif warn and not aside:
             log.warning("skipping incomplete checkpoint %s (no %s marker: the save was interrupted)", d, MARKER)
-    return [d for _, d in sorted(found)]
+    return [found[step] for step in sorted(found)]
 
 
 def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
@@ -140,11 +198,11 @@ def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
         return complete[-1] if complete else None
     if which == "best":
         best = root / "best"
-        return best if (best / MARKER).exists() else None
+        return best if (best / MARKER).exists() else _replaced_copy(root, "best")
     match = re.fullmatch(r"step_?(\d+)", which)
     if match:
-        wanted = root / f"step_{int(match.group(1)):06d}"
-        return wanted if wanted in complete else None
+        wanted = f"step_{int(match.group(1)):06d}"
+        return next((c for c in complete if c.name == wanted or c.name.startswith(f".{wanted}.")), None)
     raise ValueError(f"--checkpoint {which!r}: use latest, best or step_N")
 
 
@@ -216,9 +274,12 @@ def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module]) -> None:
     """
     for name, network in networks.items():
         path = ckpt / f"{name}.safetensors"
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as error:  # safetensors raises its own error type for a damaged header
+            raise CheckpointCorrupt(f"{path} cannot be read ({_first_line(error)})") from None
         if metadata.get(CONTENTS) == TRAINABLE_ONLY:
             _check_trainable_only(path, network, tensors, metadata)
             network.load_state_dict(tensors, strict=False)
@@ -226,12 +287,74 @@ def load_networks(ckpt: Path, networks: dict[str, torch.nn.Module]) -> None:
             network.load_state_dict(tensors)
 
 
-def load_file_of(ckpt: Path, filename: str) -> Any:
-    """A torch-saved file of a checkpoint, or None if it has none."""
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_file_of(ckpt: Path, filename: str, trust_run: bool = False) -> Any:
+    """A torch-saved file of a checkpoint (tensors and plain values only), or None if it has none.
+
+    Args:
+        trust_run: also allow the numpy RNG state that runs written before genlab 0.2 stored
+            (`OLD_RUN_GLOBALS`, still with `weights_only=True`: never an arbitrary object).
+
+    Raises:
+        UnsafeCheckpoint: the file needs other objects (an old run without `trust_run`, or a
+            file genlab did not write).
+        CheckpointCorrupt: the file cannot be read at all.
+    """
     path = ckpt / filename
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        if trust_run:
+            with torch.serialization.safe_globals([_global(name) for name in OLD_RUN_GLOBALS if _global(name)]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        needs = re.search(r"GLOBAL ([\w.]+)", str(error))
+        needs = needs.group(1) if needs else "an object type"
+        if not trust_run and needs.startswith("numpy"):
+            raise UnsafeCheckpoint(
+                f"{path} was written by genlab before 0.2 and holds numpy state that safe loading refuses; "
+                "if you trust where this run came from, add --trust-run (it allows numpy arrays, nothing else).") from None
+        raise UnsafeCheckpoint(f"{path} holds {needs}, which genlab never writes; it was not loaded "
+                               "(a checkpoint from an unknown source can run code when unpickled).") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise CheckpointCorrupt(f"{path} cannot be read ({_first_line(error)})") from None
+
+
+def _global(dotted: str) -> Any:
+    """The object a pickle GLOBAL names, or None where this numpy has no such name."""
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
     """The state.json of a checkpoint (step, data position, W&B id, ...)."""
-    return json.loads((ckpt / "state.json").read_text())
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointCorrupt(f"{ckpt / 'state.json'} cannot be read ({_first_line(error)})") from None
+    return state
+
+
+def newest_loadable(candidates: list[Path], load: Any) -> tuple[Path, Any]:
+    """`(checkpoint, load(checkpoint))` for the newest of `candidates` that loads.
+
+    A damaged newest checkpoint (see `CheckpointCorrupt`) is skipped with a warning naming it,
+    as one without its COMPLETE marker is; the previous complete one is used instead.
+    """
+    for path in reversed(candidates):
+        try:
+            return path, load(path)
+        except CheckpointCorrupt as error:
+            log.warning("skipping damaged checkpoint %s: %s", path, error)
+    raise CheckpointCorrupt(f"no checkpoint of {candidates[0].parent} can be read; "
+                            "restore the run from a copy (or train again).")

@@ -8,9 +8,8 @@ update the EMA, and at their intervals log, draw fixed-noise samples and checkpo
 from __future__ import annotations
 
 import contextlib
-import os
-import json
 import logging
+import os
 import random
 import signal
 import threading
@@ -24,12 +23,13 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from genlab.data import build_dataset
 from genlab.data.batches import BatchOrder, BatchStream, loader_options
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import Family
+from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch
 from genlab.train.best import BestTracker
@@ -62,7 +62,10 @@ class StopRequested(Exception):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,7 +73,9 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)  # runs before 0.2 saved an ndarray
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -120,18 +125,23 @@ class Trainer:
 
     Args:
         cfg: the resolved run config (train.yaml and its groups).
-        run_dir: the run directory (created by Hydra, or an existing one to resume).
-        resume: continue from the newest complete checkpoint in `run_dir`.
+        run: the run directory (created by Hydra, or an existing one to resume).
+        resume: continue from the newest complete checkpoint; None decides from the directory
+            (a requeued job that was interrupted resumes; see job.resume_decision).
+        trust_run: load the training state of runs older than genlab 0.2.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
-        self.cfg, self.t, self.run_dir = cfg, cfg.trainer, Path(run_dir)
+    def __init__(self, cfg: DictConfig, run: RunDir, resume: bool | None = False, trust_run: bool = False):
+        self.cfg, self.t, self.run, self.run_dir = cfg, cfg.trainer, run, run.path
         t = self.t
         # Several processes without a GPU (tests, CPU clusters): Accelerate only sets up gloo
         # when told cpu=True; otherwise each process would silently train alone.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu)
         acc = self.accelerator
+        if resume is None:
+            resume = self._decide_resume()
+        self.trust_run = trust_run
         set_seed(t.seed, device_specific=True)
         if t.tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -165,20 +175,36 @@ class Trainer:
             self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=True)
             self.ema.to(acc.device)
 
-        order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+        try:
+            order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+        except ValueError as error:
+            raise ConfigError(f"{error} (trainer.batch_size={t.batch_size})") from None
+        # The loop's settings, read once: an OmegaConf read costs ~10 us, a dozen times a step.
+        self.grad_accum, self.grad_clip = t.grad_accum, t.grad_clip
+        self._autocast = acc.autocast if acc.native_amp else contextlib.nullcontext
+        self.nonfinite_in_a_row, self._resume_rng = 0, None
         self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
         self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
             position = self._load_checkpoint()
         self.batches = BatchStream(dataset, order, **loader_options(cfg.data, acc.device), **position)
-        self.tracker = Tracker(self.run_dir, cfg, self.wandb_id, enabled=acc.is_main_process,
-                               logged_until=self.logged_until)
+        self.tracker = Tracker(run, cfg, self.wandb_id, enabled=acc.is_main_process, logged_until=self.logged_until)
         self.stop_signal: int | None = None
         self.evaluator = None
         if t.eval_every and acc.is_main_process:
             from genlab.eval.evaluate import Evaluator
 
             self.evaluator = Evaluator(cfg, acc.device)
+
+    def _decide_resume(self) -> bool:
+        """The main process decides (before anyone writes status.json); every process follows."""
+        from genlab.train.job import resume_decision
+
+        decision = [resume_decision(self.run) if self.accelerator.is_main_process else None]
+        broadcast_object_list(decision)
+        if decision[0] not in ("fresh", "resume"):
+            raise ConfigError(decision[0])
+        return decision[0] == "resume"
 
     def _unwrapped(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(getattr(self.family, name))
@@ -196,9 +222,10 @@ class Trainer:
         t, acc = self.t, self.accelerator
         sizes = micro_batch.candidates(t.effective_batch_size, acc.num_processes, t.get("max_micro_batch"),
                                        len(dataset))
-        latest = ckpt.find_checkpoint(self.run_dir, "latest") if resume else None
-        if latest is not None:  # the data position depends on the micro-batch: keep the checkpoint's
-            size, how = ckpt.load_state(latest)["batch_size"], f"as in {latest.name}"
+        complete = ckpt.complete_checkpoints(self.run.checkpoints) if resume else []
+        if complete:  # the data position depends on the micro-batch: keep the checkpoint's
+            latest, state = ckpt.newest_loadable(complete, ckpt.load_state)
+            size, how = state["batch_size"], f"as in {latest.name}"
             if size not in sizes:
                 raise ConfigError(f"trainer.effective_batch_size={t.effective_batch_size} is not a multiple of the "
                                   f"micro-batch {size} x {acc.num_processes} processes of {latest}; resume with a multiple")
@@ -210,11 +237,8 @@ class Trainer:
         if acc.is_main_process:
             log.info("trainer.effective_batch_size=%d: micro-batch %d x grad_accum %d x %d process(es) (%s)",
                      t.effective_batch_size, size, t.grad_accum, acc.num_processes, how)
-            saved = self.run_dir / ".hydra" / "config.yaml"  # what `genlab sample` and `genlab resume` read
-            if saved.exists():
-                run_cfg = OmegaConf.load(saved)
-                run_cfg.trainer.batch_size, run_cfg.trainer.grad_accum = t.batch_size, t.grad_accum
-                OmegaConf.save(run_cfg, saved)
+            if self.run.is_run():  # what `genlab sample` and `genlab resume` read
+                self.run.write_config(self.cfg)
 
     # ---- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, name: str | None = None) -> Path | None:
@@ -240,13 +264,13 @@ class Trainer:
         return path
 
     def _load_checkpoint(self) -> dict[str, int]:
-        path = ckpt.find_checkpoint(self.run_dir, "latest")
-        if path is None:
+        if self.accelerator.is_main_process:  # a run killed between a save and its pruning
+            ckpt.prune(self.run.checkpoints, self.t.keep_checkpoints)
+        complete = ckpt.complete_checkpoints(self.run.checkpoints, warn=True)
+        if not complete:
             log.warning("no complete checkpoint in %s: starting from step 0", self.run_dir)
             return {}
-        if self.accelerator.is_main_process:  # a run killed between a save and its pruning
-            ckpt.prune(path.parent, self.t.keep_checkpoints)
-        training_state, state = ckpt.load_file_of(path, "training_state.pt"), ckpt.load_state(path)
+        path, (training_state, state) = ckpt.newest_loadable(complete, self._read_checkpoint)
         global_batch = self.t.batch_size * self.accelerator.num_processes
         if state["batch_size"] * state["num_processes"] != global_batch:
             raise GenlabError(
@@ -256,7 +280,6 @@ class Trainer:
         if state["grad_accum"] != self.t.grad_accum:
             log.warning("grad_accum changed from %d to %d: the LR schedule (counted in optimizer steps) is unchanged, "
                         "the effective batch is not.", state["grad_accum"], self.t.grad_accum)
-        ckpt.load_networks(path, {n: self._unwrapped(n) for n in self.family.networks()})
         for k, o in self.optimizers.items():
             o.load_state_dict(training_state["optimizers"][k])
         for k, s in self.lr_schedules.items():
@@ -264,15 +287,24 @@ class Trainer:
         if self.accelerator.scaler and training_state["scaler"]:
             self.accelerator.scaler.load_state_dict(training_state["scaler"])
         if self.ema:
-            self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt"))
+            self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt", self.trust_run))
             self.ema.to(self.accelerator.device)
         self._resume_rng = training_state["rng"]
-        self.logged_until = truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        if self.accelerator.is_main_process:
+            self.logged_until = self.run.truncate_metrics(state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
         if state.get("best"):
             self.best.load_state_dict(state["best"])
         log.info("resumed from %s at step %d", path, self.step)
         return state["data_position"]
+
+    def _read_checkpoint(self, path) -> tuple[dict, dict]:
+        """(training state, state.json) of `path`, its network weights loaded; CheckpointCorrupt if damaged."""
+        training_state, state = ckpt.load_file_of(path, "training_state.pt", self.trust_run), ckpt.load_state(path)
+        if training_state is None:
+            raise ckpt.CheckpointCorrupt(f"{path} has no training_state.pt")
+        ckpt.load_networks(path, {n: self._unwrapped(n) for n in self.family.networks()})
+        return training_state, state
 
     # ---- the loop ----------------------------------------------------------------------
     def _next_batch(self) -> dict:
@@ -327,7 +359,7 @@ class Trainer:
             log.warning("%s: step skipped (%d in a row, giving up after %d)", what, self.nonfinite_in_a_row,
                         self.t.max_nonfinite_skips)
             return
-        last = ckpt.find_checkpoint(self.run_dir, "latest")
+        last = self.run.checkpoint("latest")
         raise NonFiniteError(f"{what}; stopped before the optimizer step. Last good checkpoint: {last}. "
                              "Try a lower trainer.lr, trainer.grad_clip=1.0, or trainer.on_nonfinite=skip.")
 
@@ -375,7 +407,7 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, getattr(signal, f"SIG{t.preempt_signal}")):
                 self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
-        if getattr(self, "_resume_rng", None):
+        if self._resume_rng:
             _set_rng_state(self._resume_rng)
         progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
         window, logged = LogWindow(), {}
@@ -383,9 +415,7 @@ class Trainer:
         # Plain values for the hot loop: reading an OmegaConf node costs ~10 us, a dozen times a step.
         max_steps, log_every, sample_every = t.max_steps, t.log_every, t.sample_every
         checkpoint_every, eval_every = t.checkpoint_every, t.eval_every
-        self.grad_accum, self.grad_clip = t.grad_accum, t.grad_clip
-        self._autocast = acc.autocast if acc.native_amp else contextlib.nullcontext
-        self.nonfinite_in_a_row, window_start = 0, time.perf_counter()
+        window_start = time.perf_counter()
         for network in self.family.networks().values():
             network.train()
         while self.step < max_steps:
@@ -428,7 +458,7 @@ class Trainer:
 
     def finish(self, logged: dict[str, float]) -> dict[str, Any]:
         """Final checkpoint, samples and export (EMA weights swapped in)."""
-        if ckpt.find_checkpoint(self.run_dir, f"step_{self.step}") is None:
+        if self.run.checkpoint(f"step_{self.step}") is None:
             self.save_checkpoint()
         self.sample_grid("final")
         if self.accelerator.is_main_process:
@@ -437,76 +467,3 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         best = {f"best_{self.best.metric}": self.best.best} if self.best.best is not None else {}
         return {"step": self.step, **logged, **best}
-
-
-def truncate_metrics(path: Path, step: int) -> int:
-    """Drop lines logged after the checkpoint we resume from: steps never go backwards.
-
-    Returns the last step the interrupted attempt had logged (W&B already holds it).
-    """
-    if not path.exists():
-        return step
-    lines = path.read_text().splitlines(keepends=True)
-    steps = [json.loads(line)["step"] for line in lines if line.strip()]
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        log.info("metrics.jsonl: dropped %d lines logged after step %d (they will be logged again)",
-                 len(lines) - len(kept), step)
-        path.write_text("".join(kept))
-    return max([step, *steps])
-
-
-def write_status(run_dir: Path, status: str, **extra: Any) -> None:
-    """RUN_DIR/status.json: running / finished / failed / interrupted (read by `genlab runs`)."""
-    (run_dir / "status.json").write_text(json.dumps({"status": status, "time": time.time(), **extra}))
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail at start-up, not at the first checkpoint, when the run directory cannot be written."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise GenlabError(f"cannot write to the run directory {run_dir} ({error.strerror}); "
-                          "choose another with hydra.run.dir=... or GENLAB_RUNS=...") from None
-
-
-def run_training(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train `cfg` into `run_dir` and keep status.json truthful whatever happens."""
-    check_writable(run_dir)
-    trainer = None
-    try:
-        trainer = Trainer(cfg, run_dir, resume=resume)
-        if trainer.accelerator.is_main_process:
-            write_status(run_dir, "running", max_steps=cfg.trainer.max_steps, pid=os.getpid())
-        summary = trainer.fit()
-    except StopRequested as stop:
-        write_status(run_dir, "interrupted", signal=str(stop))
-        if trainer:
-            trainer.tracker.finish(exit_code=1)
-            trainer.accelerator.end_training()
-        raise
-    except BaseException as error:
-        write_status(run_dir, "failed", error=str(error)[:500])
-        if trainer:
-            trainer.tracker.finish(exit_code=1)
-            trainer.accelerator.end_training()
-        if isinstance(error.__cause__, GenlabError):  # Hydra's instantiate wraps the family's own errors
-            raise error.__cause__ from None
-        raise
-    if trainer.accelerator.is_main_process:
-        write_status(run_dir, "finished", max_steps=cfg.trainer.max_steps, step=summary["step"])
-    trainer.tracker.finish()
-    trainer.accelerator.end_training()
-    return summary
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    """The resolved config a run was trained with (RUN_DIR/.hydra/config.yaml)."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.exists():
-        raise GenlabError(f"{run_dir} is not a genlab run directory (no .hydra/config.yaml); "
-                          "pass a directory printed by `genlab train` (see `genlab runs`).")
-    return OmegaConf.load(path)

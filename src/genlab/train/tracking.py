@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -12,7 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.run_dir import RunDir
+
 log = logging.getLogger(__name__)
+#: Where W&B keeps its caches; each run points them into its own directory unless the user set them.
+WANDB_DIR_VARS = ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
+_USER_WANDB_DIRS = {var: os.environ.get(var) for var in WANDB_DIR_VARS}
 
 
 def wandb_mode(requested: str) -> str:
@@ -42,9 +46,9 @@ class Tracker:
     `wandb sync RUN_DIR/wandb/offline-run-*` uploads them, in order, as one run.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, run_id: str | None = None, enabled: bool = True,
+    def __init__(self, run: RunDir, cfg: DictConfig, run_id: str | None = None, enabled: bool = True,
                  logged_until: int = 0):
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.run, run_dir = run, run.path
         self.enabled = enabled
         self.wandb = None
         self.run_id = run_id
@@ -54,9 +58,10 @@ class Tracker:
         try:
             import wandb
 
-            # Keep every W&B file inside the run directory, not in ~/.cache or ~/.local.
-            for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-                os.environ.setdefault(var, str(run_dir / "wandb" / ".cache"))
+            # Keep every W&B file inside this run's directory, not in ~/.cache, ~/.local or the
+            # directory of the previous job of a multirun in the same process.
+            for var in WANDB_DIR_VARS:
+                os.environ[var] = _USER_WANDB_DIRS[var] or str(run_dir / "wandb" / ".cache")
             self.wandb = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                 tags=list(cfg.logger.tags), name=f"{run_dir.parent.name}/{run_dir.name}", dir=str(run_dir),
@@ -71,8 +76,7 @@ class Tracker:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.run.append_metrics({"step": step, **scalars})
         if step > self.logged_until:
             self._wandb_call("log", scalars, step=step)
 

@@ -1,0 +1,129 @@
+"""One training job, from lock to summary line: what `genlab train`, `genlab resume` and a
+requeued job all run.
+
+`run_training` is the in-process API (tests, scripts): it holds the run's lock, keeps
+status.json truthful whatever happens and returns the summary. `run_job` adds what a
+command prints and how it ends: the run directory first, a one-line summary last, and
+after a stop signal the hand-over to the scheduler's handler and exit code 128 + signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from genlab.errors import ConfigError, GenlabError
+from genlab.run_dir import RunDir
+
+log = logging.getLogger("genlab")
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job, or a plain process (Accelerate is not set up yet when this is asked)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resume_decision(run: RunDir) -> str:
+    """For a `genlab train` into `run`: "fresh", "resume" (a requeued job that was interrupted),
+    or the sentence refusing to train over an existing run.
+
+    A scheduler requeues a pre-empted job with the same command in the same directory; that
+    is the only case where training into a directory that holds a run goes on.
+    """
+    if not run.holds_run():
+        return "fresh"
+    status = run.read_status()
+    if status["status"] == "interrupted":
+        return "resume"
+    what = f"{status['status']} at step {status.get('step', '?')}" if status["status"] == "finished" else status["status"]
+    return (f"{run.path} already holds a run ({what}); nothing was changed. Continue it with "
+            f"`genlab resume {run.path} trainer.max_steps=N`, or train into another directory.")
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = False,
+                 trust_run: bool = False) -> dict[str, Any]:
+    """Train `cfg` into `run_dir`; returns the summary (step, last logged scalars, best metric).
+
+    Args:
+        resume: continue from the newest complete checkpoint; None decides from the directory
+            (`resume_decision`), as a requeued job must.
+        trust_run: load training state of runs older than genlab 0.2 (see checkpoint.load_file_of).
+
+    Raises:
+        RunLocked: another process trains in `run_dir`.
+        StopRequested: a stop signal arrived; a complete checkpoint was written first.
+        GenlabError: a problem the message explains (status.json says "failed" once training began).
+    """
+    from genlab.train.loop import StopRequested, Trainer
+
+    run = RunDir(run_dir)
+    run.check_writable()
+    main = is_main_process()
+    with run.locked() if main else contextlib.nullcontext():
+        trainer = None
+        try:
+            trainer = Trainer(cfg, run, resume=resume, trust_run=trust_run)
+            if main:
+                run.write_status("running", max_steps=cfg.trainer.max_steps, step=trainer.step)
+            summary = trainer.fit()
+        except StopRequested as stop:
+            if trainer and main:
+                run.write_status("interrupted", signal=str(stop), step=trainer.step, max_steps=cfg.trainer.max_steps)
+            _close(trainer, exit_code=1)
+            raise
+        except BaseException as error:
+            # Only a run that began training can have failed; a refused start leaves the directory as it was.
+            if trainer and main:
+                run.write_status("failed", error=str(error)[:500], step=trainer.step, max_steps=cfg.trainer.max_steps)
+            _close(trainer, exit_code=1)
+            if isinstance(error.__cause__, GenlabError):  # Hydra's instantiate wraps the family's own errors
+                raise error.__cause__ from None
+            raise
+        if main:
+            run.write_status("finished", max_steps=cfg.trainer.max_steps, step=summary["step"])
+        _close(trainer)
+    return summary
+
+
+def _close(trainer: Any, exit_code: int = 0) -> None:
+    if trainer is not None:
+        trainer.tracker.finish(exit_code=exit_code)
+        trainer.accelerator.end_training()
+
+
+def run_job(cfg: DictConfig, run_dir: str | Path, resume: bool | None = None, trust_run: bool = False) -> dict:
+    """`run_training` as a command runs it: prints the run directory and the summary line, and
+    after a stop signal lets the scheduler's handler act (submitit requeues) and exits 128 + signal."""
+    from genlab.train.loop import StopRequested
+
+    main = is_main_process()
+    if main:
+        note = {True: " (resuming)", None: ""}.get(resume, "")
+        if resume is None and resume_decision(RunDir(run_dir)) == "resume":
+            note = " (resuming after an interruption)"
+        print(f"run directory: {run_dir}{note}", flush=True)
+    try:
+        summary = run_training(cfg, run_dir, resume=resume, trust_run=trust_run)
+    except StopRequested as stop:
+        log.warning("stopped by %s after a checkpoint", stop)
+        stop.hand_over()
+        sys.exit(128 + stop.signum)
+    if main:
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.items() if "loss" in k)
+        print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
+    return summary
+
+
+def check_resumable(run: RunDir, cfg: DictConfig) -> None:
+    """Refuse `genlab resume` of a run that has nothing left to do, saying what would."""
+    status = run.read_status()
+    if status["status"] == "finished" and cfg.trainer.max_steps <= int(status.get("step", 0)):
+        raise ConfigError(f"{run.path} finished at step {status.get('step')} of trainer.max_steps={cfg.trainer.max_steps}; "
+                          f"to train further, raise it: `genlab resume {run.path} trainer.max_steps=N` with N > "
+                          f"{status.get('step')}.")
