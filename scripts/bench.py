@@ -79,6 +79,30 @@ CIFAR_SIZE = {
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
+
+
+class GlobalRandom:
+    """What a bare loop draws from: torch's global RNG, with the methods of genlab's StepRandom
+    (which makes every draw independent of how the batch is split over processes). The
+    difference in cost between the two is part of what the benchmark ratio measures."""
+
+    def __init__(self, device="cpu"):
+        import torch
+
+        self.torch, self.device = torch, device
+
+    def randn(self, n, *shape, dtype=None):
+        return self.torch.randn(n, *shape, device=self.device, dtype=dtype)
+
+    def randn_like(self, x):
+        return self.torch.randn_like(x)
+
+    def rand(self, n, *shape):
+        return self.torch.rand(n, *shape, device=self.device)
+
+    def randint(self, high, n):
+        return self.torch.randint(0, high, (n,), device=self.device)
+
 def train_flops_per_image(family_name: str, overrides: list[str], batch_size: int = 2) -> float:
     """FLOPs of one training step per image (every phase's forward and backward), by torch's FlopCounterMode."""
     import torch
@@ -93,7 +117,7 @@ def train_flops_per_image(family_name: str, overrides: list[str], batch_size: in
     batch = data.get_batch(torch.arange(batch_size))
     with FlopCounterMode(display=False) as counter:
         for phase in family.phases(0):
-            loss, _ = family.loss(phase, batch, 0)
+            loss, _ = family.loss(phase, batch, 0, GlobalRandom(device="cpu"))
             loss.backward()
     return counter.get_total_flops() / batch_size
 
@@ -177,7 +201,7 @@ def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int
             t0 = time.perf_counter()
         for phase in family.phases(step):
             batch = data.get_batch(torch.randint(0, n, (batch_size,)))
-            loss, _ = family.loss(phase, batch, step)
+            loss, _ = family.loss(phase, batch, step, GlobalRandom(device))
             loss.backward()
             optimizers[phase].step()
             optimizers[phase].zero_grad(set_to_none=True)
@@ -191,13 +215,14 @@ def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int
 
 def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Images/s of genlab's Trainer, read from its own metrics after the warm-up window."""
+    from genlab.run_dir import RunDir
     from genlab.train.job import run_training
 
     cfg = _config(family_name, [*overrides, f"trainer.max_steps={warmup + steps}", f"trainer.log_every={warmup}"])
     # One log window of `warmup` steps, then windows of `warmup` steps: skip the first.
     with tempfile.TemporaryDirectory() as run_dir:
         run_training(cfg, Path(run_dir))
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(run_dir).read_metrics()
     measured = [r["images_per_s"] for r in rows[1:]]
     return {"images_per_s": sum(measured) / len(measured)}
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -46,7 +45,7 @@ from bench import machine_name  # scripts/ is on sys.path when this file runs
 from genlab.config import config_dir, hydra_args
 from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
 from genlab.eval.plots import plot_quality_vs_steps
-from genlab.sample import load_family
+from genlab.run_dir import RunDir, load_family
 from genlab.train.job import run_training
 from genlab.train.sampling import save_grid
 
@@ -153,16 +152,15 @@ def steps_per_second(overrides: list[str], probe_steps: int = 10) -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = compose([*overrides, *probe])
         run_training(cfg, Path(run_dir))
-        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = RunDir(run_dir).read_metrics()
     images_per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum
     return rows[-1]["images_per_s"] / images_per_step  # the second window: warm caches, no start-up
 
 
 def run_training_logged(cfg: DictConfig, overrides: list[str], run_dir: Path) -> dict[str, Any]:
     """`run_training` into a directory that `genlab sample / eval / runs` accept, as `genlab train` leaves it."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    RunDir(run_dir).write_config(cfg)
+    RunDir(run_dir).write_overrides(overrides)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
@@ -179,7 +177,7 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None, reuse: bo
     With `reuse`, a finished run of the same overrides there (its quality_train.json) is kept.
     """
     record = run_dir / "quality_train.json"
-    if reuse and record.exists() and json.loads((run_dir / "status.json").read_text())["status"] == "finished":
+    if reuse and record.exists() and RunDir(run_dir).read_status()["status"] == "finished":
         info = json.loads(record.read_text())
         if info["overrides"][:len(overrides)] == overrides:  # (+ the max_steps a budget added)
             log.info("reusing the finished run %s", run_dir)

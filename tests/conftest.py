@@ -56,6 +56,13 @@ def tiny_ddpm_run(tmp_path_factory) -> Path:
     return run
 
 
+def rng(step: int = 0, phase: str = "main"):
+    """A StepRandom for calling a family's loss by hand (each draw from it differs)."""
+    from genlab.families.base import StepRandom
+
+    return StepRandom(0, step, phase, 0)
+
+
 def compose(*overrides: str):
     """train.yaml composed with `overrides` (Hydra's compose API: no run dir, no logging set-up)."""
     from hydra import compose as hydra_compose, initialize_config_dir

@@ -22,11 +22,11 @@ def memory_limit(monkeypatch):
     limit, tried = [16], []
     real_loss = toy_family.Toy.loss
 
-    def loss(self, phase, batch, step):
+    def loss(self, phase, batch, step, rng):
         tried.append(len(batch["image"]))
         if len(batch["image"]) > limit[0]:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by the test)")
-        return real_loss(self, phase, batch, step)
+        return real_loss(self, phase, batch, step, rng)
 
     monkeypatch.setattr(toy_family.Toy, "loss", loss)
     return limit, tried

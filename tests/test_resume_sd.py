@@ -146,8 +146,9 @@ def test_controlnet_resume_is_bitwise(tmp_path, sd_run, photo_folder, variant):
     _assert_identical(straight, resumed)
 
 
-def test_negative_control_without_rng_restore_controlnet_resume_differs(tmp_path, sd_run, monkeypatch):
-    """Noise, timesteps and caption dropout come from the global RNG: not restoring it must show."""
+def test_controlnet_draws_do_not_need_the_global_rng(tmp_path, sd_run, monkeypatch):
+    """Noise, timesteps and caption dropout come from StepRandom (seed, step, sample), not the global
+    RNG: a resume that does not restore the global RNG still continues the straight run exactly."""
     from genlab.train import loop
 
     monkeypatch.setattr(loop, "_set_rng_state", lambda state: None)
@@ -156,7 +157,7 @@ def test_negative_control_without_rng_restore_controlnet_resume_differs(tmp_path
         return cn_config(sd_run, steps, "trainer.checkpoint_every=2")
 
     straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight)[:2] == _losses(resumed)[:2] and _losses(straight)[2:] != _losses(resumed)[2:]
+    assert _losses(straight) == _losses(resumed)
 
 
 def test_relative_paths_are_saved_absolute(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import default_collate
 
-from conftest import compose, genlab
+from conftest import compose, genlab, rng
 from genlab.data import build_dataset
 from genlab.data.fill_circles import FillCircles
 from genlab.errors import ConfigError, GenlabError
@@ -45,7 +45,7 @@ def train(family, steps, lr=1e-3, data=None):
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for step in range(steps):
-        loss, logs = family.loss("main", data or batch(), step)
+        loss, logs = family.loss("main", data or batch(), step, rng(step))
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -127,21 +127,21 @@ def test_min_snr_weighting_and_caption_dropout():
     sched = ld.training_scheduler(None, 1000, "scaled_linear", "epsilon")
     torch.manual_seed(0)
     latents, pred = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
-    noisy, noise, t = ld.add_noise(sched, latents)
+    noisy, noise, t = ld.add_noise(sched, latents, rng())
     plain_mse = ((pred - noise) ** 2).mean()
     assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, None), plain_mse)
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
     weight = torch.clamp(snr, max=5.0) / snr
     expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
     assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, 5.0), expected, rtol=1e-5)
-    _, _, uniform = ld.add_noise(sched, torch.randn(4000, 1, 1, 1))
-    _, _, cubic = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), "cubic")  # t = (1 - u^3) T
+    _, _, uniform = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), rng())
+    _, _, cubic = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), rng(), "cubic")  # t = (1 - u^3) T
     assert 0.45 < (uniform >= 500).float().mean() < 0.55 and 0.75 < (cubic >= 500).float().mean() < 0.83  # P(u^3 <= 0.5) = 0.79
     with pytest.raises(ConfigError, match="uniform or cubic"):
-        ld.add_noise(sched, latents, "cubc")
+        ld.add_noise(sched, latents, rng(), "cubc")
     caps = ["a", "b", "c", "d"] * 50
-    assert ld.drop_captions(caps, 0.0) == caps and set(ld.drop_captions(caps, 1.0)) == {""}
-    assert 60 < ld.drop_captions(caps, 0.5).count("") < 140
+    assert ld.drop_captions(caps, 0.0, rng()) == caps and set(ld.drop_captions(caps, 1.0, rng())) == {""}
+    assert 60 < ld.drop_captions(caps, 0.5, rng()).count("") < 140
 
 
 def test_sd_learns_samples_by_prompt_and_exports_a_pipeline(sd_run):
@@ -281,7 +281,7 @@ def test_mixed_precision_keeps_trainable_weights_fp32(sd_run):
     assert all(p.dtype == torch.float32 for p in trainable)
     family.controlnet.train(), family.unet.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = family.loss("main", batch(2), 0)
+        loss, _ = family.loss("main", batch(2), 0, rng(0))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
     # fp16 on CPU runs without autocast under Accelerate: frozen parts stay fp32 there.
@@ -310,7 +310,7 @@ def test_model_configs_build_the_tiny_chain(vae_run, sd_run, tok_dir):
     assert cfg.trainer.batch_size == 32 and cfg.model.lora.rank == 4 and cfg.data.image_size == 32
     cn = instantiate(cfg.model, _convert_="all").to(CPU)
     data = build_dataset(cfg.data, "train")
-    loss, _ = cn.loss("main", default_collate([data[i] for i in range(2)]), 0)
+    loss, _ = cn.loss("main", default_collate([data[i] for i in range(2)]), 0, rng(0))
     assert torch.isfinite(loss)
 
 
@@ -328,7 +328,7 @@ def test_sd15_recipe_composes_and_builds_from_tiny_stand_ins(sd_run, tmp_path):
     data = build_dataset(cfg.data, "train")
     assert len(data) == 3 and family.unet.is_gradient_checkpointing
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0)
+        loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0, rng(0))
     assert torch.isfinite(loss)
     assert family.sample(1, 0, steps=2).shape == (1, 3, 32, 32)  # a val sketch + its (empty) caption
 

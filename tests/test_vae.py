@@ -11,7 +11,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
-from conftest import genlab
+from conftest import genlab, rng
+from genlab.eval.vae_metrics import vae_scores
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.vae import VAE, kl_standard_normal, recon_error
 
@@ -52,7 +53,7 @@ def test_kl_matches_the_closed_form_and_enters_the_loss_with_warmed_up_beta():
     ref = kl_divergence(Normal(m, (0.5 * lv).exp()), Normal(0.0, 1.0)).flatten(1).sum(1)
     assert torch.allclose(kl_standard_normal(m, lv), ref, rtol=1e-5)
 
-    loss, logs = vae.loss("vae", {"image": x}, step=50)  # half-way through the warm-up: beta = 1.0
+    loss, logs = vae.loss("vae", {"image": x}, 50, rng(50))  # half-way through the warm-up: beta = 1.0
     assert torch.allclose(logs["kl"], expected.mean() / 64, rtol=1e-5)  # per image value (64 = 1x8x8)
     assert logs["beta"].item() == pytest.approx(1.0)
     assert loss.item() == pytest.approx(logs["recon_loss"].item() + logs["kl"].item(), rel=1e-5)
@@ -73,25 +74,29 @@ def test_training_reduces_the_loss_and_separates_anomalies():
 
     def loss_now():
         torch.manual_seed(1)  # the same posterior noise each time
-        return vae.loss("vae", data, 0)[0].item()
+        return vae.loss("vae", data, 0, rng(0))[0].item()
 
     before = loss_now()
     opt = torch.optim.Adam(vae.param_groups()["vae"], lr=3e-3)
     for step in range(60):
-        loss, _ = vae.loss("vae", data, step)
+        loss, _ = vae.loss("vae", data, step, rng(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = loss_now()
     assert after < 0.5 * before, (before, after)
-    # Anomaly score = negative ELBO: images like the training data score lower than noise.
-    normal = vae.anomaly_scores(blobs(8, seed=5))
-    noise = vae.anomaly_scores(torch.rand(8, 1, 8, 8) * 2 - 1)
+    # Anomaly score (what genlab eval computes: the IWAE NLL): training-like images score lower than noise.
+    encode, decode, likelihood = vae.autoencoder()
+    with torch.no_grad():
+        normal = vae_scores(encode, decode, blobs(8, seed=5), k=4, likelihood=likelihood)["nll_iwae"]
+        noise = vae_scores(encode, decode, torch.rand(8, 1, 8, 8) * 2 - 1, k=4, likelihood=likelihood)["nll_iwae"]
     assert normal.shape == (8,) and normal.max() < noise.min()
-    # The running latent variance and an explicit measurement agree on the scaling factor.
-    measured = vae.measure_scaling_factor(data["image"])
+    # The running latent variance (the export's scaling factor) matches the posterior samples' spread.
+    with torch.no_grad():
+        mean, logvar = encode(data["image"])
+        measured = 1 / (mean + torch.randn_like(mean) * (0.5 * logvar).exp()).std().item()
     running = 1 / math.sqrt(vae.vae.latent_var.item())
-    assert measured == vae.scaling_factor and 0.7 < measured / running < 1.4
+    assert 0.7 < measured / running < 1.4
 
 
 def test_prior_samples_are_seeded_and_in_range():
@@ -143,10 +148,10 @@ def test_conditional_vae_uses_labels():
         VAE(**TINY, conditional=True, num_classes=None)
     vae = tiny_vae(conditional=True, num_classes=3)
     x = blobs(4)
-    loss, logs = vae.loss("vae", {"image": x, "label": torch.tensor([0, 1, 2, 0])}, 0)
+    loss, logs = vae.loss("vae", {"image": x, "label": torch.tensor([0, 1, 2, 0])}, 0, rng(0))
     assert torch.isfinite(loss)
     with pytest.raises(GenlabError, match="label"):
-        vae.loss("vae", {"image": x}, 0)
+        vae.loss("vae", {"image": x}, 0, rng(0))
     threes, ones = vae.sample(4, seed=0, class_label=2), vae.sample(4, seed=0, class_label=1)
     assert threes.shape == (4, 1, 8, 8) and not torch.allclose(threes, ones)
     with pytest.raises(GenlabError, match="out of range"):
@@ -163,7 +168,7 @@ def test_conditional_prior_samples_follow_the_label():
     optimizer = torch.optim.Adam(vae.vae.parameters(), lr=3e-3)
     for step in range(150):
         x = torch.cat([corner_blobs(0, 8, step), corner_blobs(1, 8, step)])
-        loss, _ = vae.loss("vae", {"image": x, "label": torch.tensor([0] * 8 + [1] * 8)}, step)
+        loss, _ = vae.loss("vae", {"image": x, "label": torch.tensor([0] * 8 + [1] * 8)}, step, rng(step))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -176,7 +181,8 @@ def test_conditional_prior_samples_follow_the_label():
 
 def test_export_is_a_plain_autoencoderkl_with_the_measured_scaling_factor(tmp_path):
     vae = tiny_vae()
-    factor = vae.measure_scaling_factor(blobs(16))
+    vae.vae.latent_var.fill_(0.25)  # as if training latents had std 0.5
+    factor = 2.0
     vae.export(tmp_path)
     loaded = AutoencoderKL.from_pretrained(tmp_path)
     assert loaded.config.scaling_factor == pytest.approx(factor)

@@ -11,10 +11,9 @@ from torch import nn
 class Toy:
     """A linear autoencoder-ish map trained with MSE to reproduce its input."""
 
-    ema_network = "net"
-
     def __init__(self, image_size: int, channels: int, noise: bool = False):
         torch.manual_seed(0)
+        self.ema_network, self.num_classes = "net", None
         self.shape = (channels, image_size, image_size)
         self.dim = channels * image_size * image_size
         self.net = nn.Linear(self.dim, self.dim)
@@ -33,10 +32,10 @@ class Toy:
         self.net.to(device)
         return self
 
-    def loss(self, phase, batch, step):
+    def loss(self, phase, batch, step, rng):
         x = batch["image"].flatten(1)
-        if self.noise:  # uses the global RNG, like a diffusion model's noise
-            x = x + 0.1 * torch.randn_like(x)
+        if self.noise:  # like a diffusion model's noise
+            x = x + 0.1 * rng.randn_like(x)
         loss = ((self.net(x) - batch["image"].flatten(1)) ** 2).mean()
         return loss, {"loss": loss.detach()}
 
@@ -58,10 +57,10 @@ class SignalAtStep(Toy):
         super().__init__(image_size, channels, noise)
         self.at_step, self.signum, self.sent = at_step, signum, False
 
-    def loss(self, phase, batch, step):
+    def loss(self, phase, batch, step, rng):
         if step == self.at_step and not self.sent:
             import os
 
             self.sent = True
             os.kill(os.getpid(), self.signum)
-        return super().loss(phase, batch, step)
+        return super().loss(phase, batch, step, rng)

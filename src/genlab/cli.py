@@ -72,7 +72,7 @@ def _launch_processes(processes: int, args: list[str]) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port",
-               str(port), "-m", "genlab", "train", *args]
+               str(port), "-m", "genlab", *args]
     typer.echo(f"launching: {' '.join(command)}", err=True)
     raise typer.Exit(subprocess.call(command))
 
@@ -106,7 +106,7 @@ def train(ctx: typer.Context,
         except GenlabError as error:
             _fail(error)
     if processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
-        _launch_processes(processes, list(ctx.args))
+        _launch_processes(processes, ["train", *ctx.args])
     from genlab.train.entry import hydra_train
 
     sys.argv = ["genlab train", *args]
@@ -239,6 +239,8 @@ def evaluate(
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue"),
+           processes: int = typer.Option(1, "--processes", help="processes on this machine (one per GPU); the "
+                                         "global batch (batch_size x processes) must stay the run's"),
            trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
            allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP)) -> None:
     """Continue a run in place from its newest complete checkpoint, with its saved config.
@@ -247,9 +249,13 @@ def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run
     Examples:
       genlab resume runs/gan/2026-11-22_10-00-00
       genlab resume runs/gan/2026-11-22_10-00-00 trainer.max_steps=20000
+      genlab resume RUN --processes 2 trainer.batch_size=32   # was 1 process x 64: the same run continues
     """
     words = [a for a in ctx.args if "=" not in a]
     _no_stray_words(run_dir, words)
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        extra = [f"--allow-target={a}" for a in allow_target or ()] + (["--trust-run"] if trust_run else [])
+        _launch_processes(processes, ["resume", str(run_dir), *extra, *ctx.args])
     from genlab.resume import resume_run
 
     try:

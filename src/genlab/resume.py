@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -34,17 +35,19 @@ def resume_run(run_dir: Path, overrides: list[str], allow: tuple[str, ...] = (),
     """Continue `run_dir` from its newest complete checkpoint; overrides are saved into its config."""
     import logging
 
-    from genlab.train.job import check_resumable, run_job
+    from genlab.train.job import check_resumable, is_main_process, run_job
 
     run = RunDir(run_dir).require()
     cfg = apply_overrides(run.read_config(allow), overrides)
     check_resumable(run, cfg)
+    main = is_main_process()
     handler = logging.FileHandler(run.log_file)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
     try:
-        with run.locked():  # no second resume (or train) may rewrite the config under a live run
-            if overrides:  # the run's config stays the truth for `genlab sample` and the next resume
+        # No second resume (or train) may rewrite the config under a live run: rank 0 holds the lock.
+        with run.locked() if main else contextlib.nullcontext():
+            if overrides and main:  # the run's config stays the truth for `genlab sample` and the next resume
                 run.write_config(cfg)
                 run.add_resume_overrides(overrides)
             return run_job(cfg, run.path, resume=True, trust_run=trust_run)

@@ -219,6 +219,10 @@ class RunDir:
     def write_config(self, cfg: DictConfig) -> None:
         atomic_write(self.config_file, OmegaConf.to_yaml(cfg))
 
+    def write_overrides(self, overrides: list[str]) -> None:
+        """Record the overrides a run starts with (Hydra writes this file for `genlab train`)."""
+        atomic_write(self.overrides_file, yaml.safe_dump(list(overrides)))
+
     def read_overrides(self) -> list[str]:
         """The overrides the run was started with (Hydra's overrides.yaml); [] when absent or unreadable."""
         try:
@@ -229,8 +233,7 @@ class RunDir:
 
     def add_resume_overrides(self, overrides: list[str]) -> None:
         """Record a resume's overrides after the original ones, marked `(resume)`."""
-        lines = self.read_overrides() + [f"(resume) {o}" for o in overrides]
-        atomic_write(self.overrides_file, yaml.safe_dump(lines))
+        self.write_overrides(self.read_overrides() + [f"(resume) {o}" for o in overrides])
 
     def choices(self) -> dict[str, str]:
         """Hydra's config group choices (model, data, ...) from hydra.yaml; {} when absent."""
@@ -422,7 +425,7 @@ def newest_finished_run(root: str | Path) -> RunDir:
     return RunDir(max(finished)[1])
 
 
-def load_family(run: RunDir, checkpoint: str = "latest", use_ema: bool = True, device: str | None = None,
+def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: bool = True, device: str | None = None,
                 allow: tuple[str, ...] = (), trust_run: bool = False) -> tuple[Any, DictConfig]:
     """(family, cfg) rebuilt from a run's saved config, with the weights of `checkpoint`.
 
@@ -444,6 +447,7 @@ def load_family(run: RunDir, checkpoint: str = "latest", use_ema: bool = True, d
 
     from genlab.train import checkpoint as ckpt
 
+    run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = run.require().read_config(allow)
     if checkpoint == "latest":
         candidates = ckpt.complete_checkpoints(run.checkpoints, warn=True)

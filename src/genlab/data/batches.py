@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from genlab.data import InMemory
+
 
 class BatchOrder:
     """Which dataset indices make up batch `b` of epoch `e` on this process."""
@@ -77,13 +79,12 @@ class BatchStream:
     """An endless iterator of batches whose position can be saved and restored.
 
     Args:
-        dataset: a map-style dataset of dict items; one with `get_batch(indices)` (in-memory
-            tensors) is indexed once per batch instead of going through a DataLoader,
-            unless `whole_batches` is False.
+        dataset: a map-style dataset of dict items; an `InMemory` one is indexed once per
+            batch instead of going through a DataLoader, unless `whole_batches` is False.
         order: the batch order.
         num_workers, pin_memory, persistent_workers, prefetch_factor: DataLoader options
             (the last two apply when num_workers > 0).
-        whole_batches: use the dataset's `get_batch` when it has one.
+        whole_batches: use the dataset's `get_batch` when it is `InMemory`.
         epoch, batch_in_epoch: where to start (from a checkpoint's `data_position`).
     """
 
@@ -91,7 +92,7 @@ class BatchStream:
                  persistent_workers: bool = False, prefetch_factor: int | None = None, whole_batches: bool = True,
                  epoch: int = 0, batch_in_epoch: int = 0):
         self.dataset, self.order = dataset, order
-        self.whole_batches = whole_batches and hasattr(dataset, "get_batch")
+        self.whole_batches = whole_batches and isinstance(dataset, InMemory)
         self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory)
         if num_workers > 0:
             self.loader_kwargs.update(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)

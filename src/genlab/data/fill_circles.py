@@ -82,7 +82,6 @@ class FillCircles(Dataset):
         outline_width: sketch line width in pixels (scaled up with image_size by default
             via the config).
         seed: dataset seed; item i of a split is a pure function of (seed, split, i).
-        num_classes, num_workers: read by the training loop, unused here.
 
     Items are dicts: "image" (3, H, W) in [-1, 1], "sketch" (3, H, W) in [0, 1],
     "caption" str, "circle" (3,) float (cx, cy, r) in pixels, "fill" and "background"
@@ -99,8 +98,6 @@ class FillCircles(Dataset):
         radius_range: tuple[float, float] = (0.12, 0.35),
         outline_width: float = 1.5,
         seed: int = 0,
-        num_classes: int | None = None,
-        num_workers: int = 0,
     ):
         if split not in _SPLITS:
             raise ConfigError(f"fill_circles: unknown split {split!r}; use 'train' or 'val'.")
@@ -114,6 +111,8 @@ class FillCircles(Dataset):
         self.count = count if split == "train" else val_count
         self.radius_range = (lo, hi)
         self.outline_width = outline_width
+        self.item_keys = ("image", "sketch", "caption", "circle", "fill", "background")
+        self.palette = PALETTE
 
     def __len__(self) -> int:
         return self.count
@@ -142,37 +141,3 @@ class FillCircles(Dataset):
             "fill": torch.tensor(fill),
             "background": torch.tensor(background),
         }
-
-
-# --- reading generated images back (for sketch-following and colour metrics) -------------
-
-_PALETTE_RGB = torch.tensor(list(PALETTE.values()), dtype=torch.float32) / 127.5 - 1.0  # (K, 3) in [-1, 1]
-
-
-def nearest_colours(image: torch.Tensor) -> torch.Tensor:
-    """(H, W) palette index of each pixel of an image (3, H, W) in [-1, 1]."""
-    pixels = image.float().flatten(1).T  # (H*W, 3)
-    return torch.cdist(pixels, _PALETTE_RGB.to(pixels.device)).argmin(1).view(image.shape[1:])
-
-
-def read_colours(image: torch.Tensor) -> tuple[int, int]:
-    """(fill, background) palette indices of a generated image: its two most frequent colours."""
-    counts = torch.bincount(nearest_colours(image).flatten(), minlength=len(PALETTE))
-    background, fill = counts.argsort(descending=True)[:2].tolist()
-    return fill, background
-
-
-def disc_iou(image: torch.Tensor, circle: torch.Tensor, fill: int, background: int) -> float:
-    """IoU between the generated disc (pixels nearer the fill colour than the background's) and the true disc.
-
-    Args:
-        image: generated (3, H, W) in [-1, 1].
-        circle: the sketch's (cx, cy, r) in pixels.
-        fill, background: the caption's palette indices.
-    """
-    pixels = image.float().flatten(1).T
-    dist = torch.cdist(pixels, _PALETTE_RGB[[fill, background]].to(pixels.device))  # (H*W, 2)
-    predicted = (dist[:, 0] < dist[:, 1]).view(image.shape[1:]).cpu()
-    truth = disc_mask(image.shape[-1], circle)
-    union = (predicted | truth).sum().item()
-    return (predicted & truth).sum().item() / union if union else 1.0

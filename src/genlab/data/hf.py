@@ -45,6 +45,7 @@ class HFImages(torch.utils.data.Dataset):
                 raise GenlabError(f"column {column!r} not in the dataset (columns: {ds.column_names}); "
                                   "set data.image_column / data.label_column.")
         self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        self.item_keys = ("image", "label") if label_column else ("image",)
         self.image_size, self.channels = image_size, channels
         self.random_flip = random_flip and which == "train"
 

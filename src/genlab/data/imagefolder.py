@@ -46,6 +46,8 @@ class ImageFolder(torch.utils.data.Dataset):
     bad the dataset refuses to load and lists them.
     """
 
+    item_keys = ("image",)
+
     def __init__(self, path: str, split: str = "train", image_size: int = 64, channels: int = 3,
                  val_fraction: float = 0.05, split_seed: int = 0, random_flip: bool = True,
                  max_bad_fraction: float = 0.01):

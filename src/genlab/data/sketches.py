@@ -156,6 +156,7 @@ class SketchPairs(Dataset):
         except TypeError as e:
             raise ConfigError(f"sketch data: {e}; the edge ranges are canny_low, canny_high, xdog_sigma, xdog_eps.") from e
         self.sources, self.image_size, self.channels = sources, image_size, channels
+        self.item_keys = ("image", "sketch", "caption")
         self.edges, self.randomize, self.seed, self.edge_ranges = edges, randomize, seed, edge_ranges
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE) if cache else None
 
@@ -230,7 +231,6 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
         path: the folder.
         caption: the caption of images that have neither NAME.txt nor a metadata.jsonl row.
         kwargs: `SketchPairs` options (channels, edges, seed, cache, cache_dir, edge ranges);
-            `num_classes` / `num_workers` are the loop's and ignored here.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -248,11 +248,7 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
         return Source(f"{p.resolve()}:{stat.st_mtime_ns}:{stat.st_size}", partial(Image.open, p), cap)
 
     sources = [source(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
-    return SketchPairs(sources, image_size, randomize=split == "train", **_pairs_kwargs(kwargs))
-
-
-def _pairs_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in ("num_classes", "num_workers")}
+    return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)
 
 
 def _load_hf(name: str, split: str, data_dir: str | None):
@@ -318,4 +314,4 @@ def sketch_hf(split: str, name: str, image_size: int, data_dir: str | None = Non
             raise ConfigError(f"column {col!r} not in dataset {name} (columns: {ds.column_names}).")
     sketch_col = conditioning_column if conditioning_column in ds.column_names else None
     sources = _HFSources(ds, rows, image_column, caption_column, sketch_col)
-    return SketchPairs(sources, image_size, randomize=split == "train", **_pairs_kwargs(kwargs))
+    return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)

@@ -14,6 +14,7 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         self.images, self.labels = images, labels
+        self.item_keys = ("image", "label") if labels is not None else ("image",)
 
     def __len__(self) -> int:
         return len(self.images)

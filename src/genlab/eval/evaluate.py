@@ -7,11 +7,11 @@ provide, never by the family's name:
 
 - always: FID / KID / precision / recall on the extractor's features (`fid_digits_cnn`);
 - digits data with the digits classifier: class coverage, class KL, confidence;
-- a family with `conditions` (e.g. ("sketch", "prompt")): images are generated from val
-  items, and compared with them: disc IoU and caption-colour accuracy (fill_circles),
+- a `Conditioned` family (e.g. conditions ("sketch", "prompt")): images are generated from
+  val items, and compared with them: disc IoU and caption-colour accuracy (fill_circles),
   edge F1 (any sketch data);
-- a family with a VAE among its networks (`find_vae`): reconstruction error, ELBO, IWAE
-  bound on val, and anomaly AUROC when `data.exclude_classes` is set.
+- an `Autoencoder` family (a VAE): reconstruction error, ELBO, IWAE bound on val, and
+  anomaly AUROC when `data.exclude_classes` is set.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,14 +26,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import default_collate
 
+from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
 from genlab.eval.control_metrics import control_metrics
 from genlab.eval.features import DigitsCNN, build_extractor, default_cache_dir
 from genlab.eval.metrics import (cached_reference, class_coverage, dataset_fingerprint, extract, feature_metrics,
                                  reference_key)
-from genlab.eval.vae_metrics import LIKELIHOOD_OF_LOSS, Decode, Encode, anomaly_auroc, autoencoder_kl_fns, vae_scores
+from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
+from genlab.families.base import Autoencoder, Conditioned, Decode, Encode
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,6 @@ class EvalConfig:
         return cls(**values)
 
 
-def _items(dataset: Any, indices: list[int]) -> dict:
-    """Batched items `indices` of a dataset: tensors stacked, captions as lists."""
-    if hasattr(dataset, "get_batch"):  # in-memory TensorImages: one indexing op
-        return dataset.get_batch(torch.as_tensor(indices))
-    return default_collate([dataset[i] for i in indices])
-
-
 def _subset(n: int, k: int) -> list[int]:
     """k of range(n), a fixed random choice (sorted data, e.g. by writer, must not bias it)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].tolist()
@@ -92,7 +85,7 @@ def _subset(n: int, k: int) -> list[int]:
 @contextlib.contextmanager
 def _eval_mode(family: Any):
     """Networks in eval mode (dropout off) while evaluating, restored afterwards."""
-    nets = list(family.networks().values()) if hasattr(family, "networks") else []
+    nets = list(family.networks().values())
     modes = [net.training for net in nets]
     for net in nets:
         net.eval()
@@ -101,30 +94,6 @@ def _eval_mode(family: Any):
     finally:
         for net, mode in zip(nets, modes):
             net.train(mode)
-
-
-def find_vae(family: Any, likelihood: str = "auto") -> tuple[Encode, Decode, str] | None:
-    """(encode, decode, likelihood) of the family's VAE, or None if it has none.
-
-    A VAE is a trainable network with `encode(x[, labels]) -> (mean, logvar)` and
-    `decode(z[, labels])` (genlab's VAE family), or a bare diffusers `AutoencoderKL`.
-    "auto" likelihood: the one the family trains (its `recon_loss`), else gaussian.
-    """
-    from accelerate.utils import extract_model_from_parallel
-
-    diffusers = sys.modules.get("diffusers")  # no AutoencoderKL can exist unless it was imported
-    for net in family.networks().values():
-        net = extract_model_from_parallel(net)  # unwrap DDP / torch.compile
-        if diffusers is not None and isinstance(net, diffusers.AutoencoderKL):
-            encode, decode = autoencoder_kl_fns(net)
-        elif callable(getattr(net, "encode", None)) and callable(getattr(net, "decode", None)):
-            encode, decode = net.encode, net.decode
-        else:
-            continue
-        if likelihood == "auto":
-            likelihood = LIKELIHOOD_OF_LOSS.get(getattr(family, "recon_loss", None), "gaussian")
-        return encode, decode, likelihood
-    return None
 
 
 class Evaluator:
@@ -138,16 +107,15 @@ class Evaluator:
     """
 
     def __init__(self, cfg: DictConfig, device: str | torch.device = "cpu", datasets: tuple[Any, Any] | None = None):
-        from genlab.data import LOADER_KEYS, build_dataset
+        from genlab.data import LOADER_KEYS, ColourCaptions, build_dataset
         from genlab.data.digits import Digits
-        from genlab.data.fill_circles import PALETTE, FillCircles
 
         self.cfg, self.settings, self.device = cfg, EvalConfig.from_cfg(cfg), torch.device(device)
         self.train, self.val = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
         self.is_digits = isinstance(self.train, Digits)
-        self.palette = PALETTE if isinstance(self.val, FillCircles) else None
+        self.palette = self.val.palette if isinstance(self.val, ColourCaptions) else None
         self.cache_dir = Path(self.settings.cache_dir or default_cache_dir())
-        _, self.channels, self.image_size, _ = _items(self.train, [0])["image"].shape
+        _, self.channels, self.image_size, _ = collate_items(self.train, [0])["image"].shape
         self.extractor = self._build_extractor().to(self.device)
         data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADER_KEYS}
         self.dataset_key = dataset_fingerprint(type(self.train).__name__.lower(), data_cfg)
@@ -179,7 +147,7 @@ class Evaluator:
         key = reference_key(self.dataset_key, "train", self.image_size, self.extractor.cache_tag, n)
 
         def compute() -> dict[str, torch.Tensor]:
-            items = _items(self.train, _subset(len(self.train), n))
+            items = collate_items(self.train, _subset(len(self.train), n))
             ref = {"features": extract(self.extractor, items["image"], self.settings.batch_size)[0]}
             if "label" in items:
                 ref["labels"] = torch.as_tensor(items["label"]).cpu()
@@ -224,7 +192,7 @@ class Evaluator:
         VAE gets each image's true label.
         """
         s = self.settings
-        items = _items(self.val, _subset(len(self.val), min(len(self.val), s.n_reference)))
+        items = collate_items(self.val, _subset(len(self.val), min(len(self.val), s.n_reference)))
         labels = torch.as_tensor(items["label"]).cpu() if "label" in items else None
         scores = vae_scores(encode, decode, items["image"].to(self.device), s.iwae_k, likelihood,
                             s.vae_decoder_scale, s.batch_size, s.seed, labels if conditional else None)
@@ -251,17 +219,22 @@ class Evaluator:
             sample_options: passed to every `family.sample` (e.g. sampler="ddim", steps=20).
         """
         n = n_samples or self.settings.n_samples
+        if n <= self.settings.pr_k:
+            raise ConfigError(f"--n {n}: the metrics need more than eval.pr_k={self.settings.pr_k} generated images "
+                              "(a few hundred give numbers worth comparing).")
         seed = self.settings.seed if seed is None else seed
-        conditions = tuple(getattr(family, "conditions", ()) or ())
-        items = _items(self.val, [i % len(self.val) for i in range(n)]) if conditions else None
+        conditions = tuple(family.conditions) if isinstance(family, Conditioned) else ()
+        items = collate_items(self.val, [i % len(self.val) for i in range(n)]) if conditions else None
         with _eval_mode(family):
             images = self.generate(family, n, seed, sample_options, items, conditions)
             metrics = self.sample_metrics(images)
             if items is not None:
                 metrics.update(control_metrics(images, items, self.palette, self.settings.edge_tolerance))
-            vae = find_vae(family, self.settings.vae_likelihood) if hasattr(family, "networks") else None
-            if vae is not None:  # a conditional VAE (num_classes set) gets the true labels
-                metrics.update(self.vae_metrics(*vae, conditional=bool(getattr(family, "num_classes", None))))
+            if isinstance(family, Autoencoder):  # a conditional VAE (num_classes set) gets the true labels
+                encode, decode, likelihood = family.autoencoder()
+                if self.settings.vae_likelihood != "auto":
+                    likelihood = self.settings.vae_likelihood
+                metrics.update(self.vae_metrics(encode, decode, likelihood, conditional=bool(family.num_classes)))
         metrics["eval_samples"] = float(n)
         return metrics
 

@@ -18,19 +18,15 @@ image; compare runs only under the same likelihood.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-Encode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-Decode = Callable[..., torch.Tensor]
+from genlab.families.base import Decode, Encode
+
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
 #: (x - m)^2 is the NLL of N(m, 1/2) and |x - m| that of Laplace(m, 1), up to constants.
 DEFAULT_SCALE = {"gaussian": math.sqrt(0.5), "laplace": 1.0}
-#: genlab VAE `recon_loss` -> the likelihood it trains.
-LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}
 
 
 def autoencoder_kl_fns(vae) -> tuple[Encode, Decode]:

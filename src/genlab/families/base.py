@@ -1,42 +1,99 @@
 """The contract between the generic training loop and a model family.
 
 A family (DDPM, VAE, GAN, SD, ControlNet) is one plain class in its own file that owns
-its networks, its losses and its sampling. The loop in `genlab.train.loop` only ever
-talks to it through the `Family` protocol below, so adding a family never touches the
-loop: write `families/<name>.py` and `configs/model/<name>.yaml` (with `_target_`
-pointing at the class), nothing else.
+its networks, its losses and its sampling. The loop in `genlab.train.loop`, `genlab
+sample` and `genlab eval` only ever talk to it through the protocols below, so adding a
+family never touches them: write `families/<name>.py` and `configs/model/<name>.yaml`
+(with `_target_` pointing at the class), nothing else.
 
 How the loop drives a family, per optimizer step `step` (0-based):
 
     for phase in family.phases(step):                  # e.g. ["d", "g"] for a GAN
-        for each of trainer.grad_accum micro-batches:
-            loss, logs = family.loss(phase, batch, step)   # under autocast
+        for micro in range(trainer.grad_accum):
+            rng = StepRandom(seed, step, phase, micro, ...)
+            loss, logs = family.loss(phase, batch, step, rng)   # under autocast
             accelerator.backward(loss / grad_accum)
         clip grads of param_groups()[phase]; stop on non-finite grads
         optimizers[phase].step(); lr_schedules[phase].step(); zero_grad
     EMA update of family.ema_network (if trainer.ema)
+    every family.diag_every steps: family.diagnose(batch)       (Diagnosed families)
 
 Batches are dicts: "image" (B, C, H, W) float in [-1, 1]; optionally "label" (B,) long,
-"caption" list[str], "sketch" (B, C, H, W) float in [0, 1].
+"caption" list[str], "sketch" (B, C, H, W) float in [0, 1] (see `genlab.data`).
+
+`Family` is what every family has. The optional capabilities are small protocols of
+their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `Diagnosed`): a family has one
+by having its members, and callers ask with `isinstance(family, Capability)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from genlab.errors import GenlabError  # noqa: F401  (families raise it)
+from genlab.errors import GenlabError
+
+
+class StepRandom:
+    """The random draws of one micro-batch, the same however the global batch is split over processes.
+
+    Each draw makes the values for the whole global micro-batch (`batch_size x processes`
+    items, in the order of the data) from a generator seeded by (seed, step, phase,
+    micro-step, draw number) and keeps this process's slice. So 2 processes x 4 images draw
+    exactly what 1 process x 8 images draws, and a resumed run draws what the straight run
+    did, on any number of processes.
+
+    Args:
+        seed, step, phase, micro: where in training this micro-batch is.
+        rank, world_size: this process and how many share the global batch.
+        device: where the values are made (a CUDA generator on a GPU).
+    """
+
+    def __init__(self, seed: int, step: int, phase: str, micro: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.key = f"{seed}/{step}/{phase}/{micro}"
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.draws = 0
+
+    def _generator(self) -> torch.Generator:
+        self.draws += 1
+        digest = hashlib.blake2b(f"{self.key}/{self.draws}".encode(), digest_size=8).digest()
+        return torch.Generator(self.device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+    def _local(self, values: torch.Tensor) -> torch.Tensor:
+        n = len(values) // self.world_size
+        return values[self.rank * n:(self.rank + 1) * n]
+
+    def randn(self, n: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(n, *shape) standard normal values: this process's n of the global batch."""
+        return self._local(torch.randn(n * self.world_size, *shape, generator=self._generator(), device=self.device,
+                                       dtype=dtype))
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(len(x), *x.shape[1:], dtype=x.dtype).to(x.device)
+
+    def rand(self, n: int, *shape: int) -> torch.Tensor:
+        """(n, *shape) uniform values in [0, 1)."""
+        return self._local(torch.rand(n * self.world_size, *shape, generator=self._generator(), device=self.device))
+
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        """(n,) integers in [0, high)."""
+        return self._local(torch.randint(0, high, (n * self.world_size,), generator=self._generator(),
+                                         device=self.device))
 
 
 @runtime_checkable
 class Family(Protocol):
-    """What the training loop, `genlab sample` and `genlab eval` need from a family."""
+    """What the training loop, `genlab sample` and `genlab eval` need from every family."""
 
-    #: attribute name (a key of `networks()`) whose weights get an EMA copy, or None.
+    #: attribute name (a key of `networks()`) whose weights get an EMA copy, or None. Set in __init__.
     ema_network: str | None
+    #: classes the model is conditioned on (labels in batches, `--class` when sampling); None if unconditional.
+    num_classes: int | None
 
     def networks(self) -> dict[str, nn.Module]:
         """Trainable networks by attribute name.
@@ -64,11 +121,14 @@ class Family(Protocol):
         Each phase consumes `trainer.grad_accum` micro-batches and steps its optimizer.
         """
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss for `phase` on one micro-batch, plus detached scalars to log.
 
-        Log names should say what they are (`loss`, `g_loss`, `d_real`, `kl`, ...). Never
-        call `.item()` here: the loop syncs with the device only at log steps.
+        Every random draw (noise, timesteps, dropout of labels, latents, augmentation) comes
+        from `rng`, so a run is the same on any number of processes. Log names should say
+        what they are (`loss`, `g_loss`, `d_real`, `kl`, ...). Never call `.item()` here:
+        the loop syncs with the device only at log steps.
         """
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Family":
@@ -91,6 +151,55 @@ class Family(Protocol):
         """Write the trained model in its ecosystem's format (see DESIGN.md)."""
 
 
+# ---- optional capabilities ----------------------------------------------------------------
+@runtime_checkable
+class PairedSamples(Protocol):
+    """Training sample grids show the input beside the output (ControlNet: sketch | image).
+
+    Without it, the grids show `sample(n, seed)`.
+    """
+
+    def sample_pairs(self, n: int, seed: int) -> torch.Tensor:
+        """(n, C, H, W') images in [-1, 1], each input and output side by side."""
+
+
+@runtime_checkable
+class Conditioned(Protocol):
+    """Samples are made from dataset items: `genlab eval` fills these `sample()` options from
+    val items ("sketch" from item "sketch", "prompt" from item "caption") and compares each
+    image with its item (sketch-following metrics). Without it, eval samples unconditionally."""
+
+    conditions: tuple[str, ...]
+
+
+Encode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Decode = Callable[..., torch.Tensor]
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    """The family is a VAE: `genlab eval` adds reconstruction, ELBO, IWAE and anomaly metrics."""
+
+    def autoencoder(self) -> tuple[Encode, Decode, str]:
+        """(encode(x[, labels]) -> (mean, logvar), decode(z[, labels]) -> image, likelihood).
+
+        likelihood: "gaussian" | "laplace" | "bernoulli", the one the family's loss trains.
+        """
+
+
+@runtime_checkable
+class Diagnosed(Protocol):
+    """The loop calls `diagnose` every `diag_every` optimizer steps (0 = never) with the
+    step's last batch, outside the loss, networks unwrapped and in eval mode, the training
+    RNG untouched (GAN: D/G balance and sample collapse warnings)."""
+
+    diag_every: int
+
+    def diagnose(self, batch: dict[str, Any]) -> list[str]:
+        """Warnings found (also logged by the family); [] when all is well."""
+
+
+# ---- helpers shared by families ----------------------------------------------------------
 def batch_labels(batch: dict[str, Any], num_classes: int | None) -> torch.Tensor | None:
     """The batch's class labels for a conditional model (None when `num_classes` is unset)."""
     if not num_classes:
@@ -98,10 +207,6 @@ def batch_labels(batch: dict[str, Any], num_classes: int | None) -> torch.Tensor
     if "label" not in batch:
         raise GenlabError("model.conditional=true but the batches have no 'label'; use labelled data")
     return batch["label"]
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -72,7 +72,7 @@ class ControlNet:
                  gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
-                 validation_data: Any = None, num_classes: int | None = None):
+                 validation_data: Any = None):
         if not base:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
@@ -114,6 +114,7 @@ class ControlNet:
             self.unet.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
         self.ema_network = None  # ControlNet training follows the paper: no EMA
+        self.num_classes = None  # conditioned on sketches and captions, not classes
         self.min_snr_gamma, self.caption_dropout, self.timesteps = min_snr_gamma, caption_dropout, timesteps
         self.sampler_name, self.sample_steps = sampler, sample_steps
         self.guidance, self.control_scale = guidance, control_scale
@@ -136,12 +137,13 @@ class ControlNet:
     def phases(self, step: int) -> list[str]:
         return ["main"]
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = ld.encode_images(self.vae, batch["image"])  # (B, c, h, w)
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = ld.encode_images(self.vae, batch["image"], rng)  # (B, c, h, w)
         with torch.no_grad():
-            captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+            captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
-        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, self.timesteps)
+        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng, self.timesteps)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],
                                     return_dict=False)

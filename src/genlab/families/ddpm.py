@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from diffusers.training_utils import compute_snr
 
 from genlab.errors import GenlabError
-from genlab.families.base import batch_labels
+from genlab.families.base import StepRandom, batch_labels
 from genlab.families.latent_diffusion import check_steps
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
@@ -41,8 +41,6 @@ class DDPM:
         attention: sdpa | eager, the U-Net's attention implementation (see ATTENTION).
     """
 
-    ema_network = "unet"
-
     def __init__(self, image_size: int, channels: int, unet: dict[str, Any], num_classes: int | None = None,
                  conditional: bool = False, cond_dropout: float = 0.1, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
@@ -52,7 +50,9 @@ class DDPM:
             raise GenlabError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false.")
         self.image_shape = (channels, image_size, image_size)
-        self.num_classes, self.conditional, self.cond_dropout = num_classes, conditional, cond_dropout
+        self.ema_network = "unet"
+        self.num_classes = num_classes if conditional else None
+        self.conditional, self.cond_dropout = conditional, cond_dropout
         self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
                                 num_class_embeds=num_classes + 1 if conditional else None, **unet)
         if attention not in ATTENTION:
@@ -79,14 +79,15 @@ class DDPM:
         self.unet.to(device)
         return self
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = batch["image"]  # (B, C, H, W) in [-1, 1]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = rng.randn_like(x0)
+        t = rng.randint(self.scheduler.config.num_train_timesteps, len(x0)).to(x0.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
         labels = None
         if self.conditional:
-            drop = torch.rand(x0.shape[0], device=x0.device) < self.cond_dropout
+            drop = rng.rand(len(x0)).to(x0.device) < self.cond_dropout
             labels = batch_labels(batch, self.num_classes)
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         prediction = self.unet(x_t, t, class_labels=labels).sample

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import batch_labels, unwrap
+from genlab.families.base import StepRandom, batch_labels, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ LOSSES = tuple(G_LOSSES)
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
-                     fake: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP: mean (||grad critic(x_hat)|| - 1)^2 at random points between real and fake."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+                     fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: mean (||grad critic(x_hat)|| - 1)^2 at points between real and fake (eps: (B,) in [0, 1])."""
+    eps = eps.view(-1, 1, 1, 1).to(real.device, real.dtype)
     x_hat = (eps * real.detach() + (1 - eps) * fake.detach()).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
@@ -83,8 +83,8 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 # ---- DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike ------
-def _color(x: torch.Tensor) -> torch.Tensor:
-    r = lambda: torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
+def _color(x: torch.Tensor, rng: StepRandom) -> torch.Tensor:
+    r = lambda: rng.rand(x.shape[0], 1, 1, 1).to(x.device, x.dtype)  # noqa: E731
     x = x + (r() - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
     x = (x - mean) * (r() * 2) + mean  # saturation (a no-op on grey images)
@@ -92,20 +92,21 @@ def _color(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) * (r() + 0.5) + mean  # contrast
 
 
-def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
+def _translation(x: torch.Tensor, rng: StepRandom, ratio: float = 0.125) -> torch.Tensor:
     b, _, h, w = x.shape
-    shift = torch.randint(-int(h * ratio + 0.5), int(h * ratio + 0.5) + 1, (b, 2), device=x.device).to(x.dtype)
+    most = int(h * ratio + 0.5)
+    shift = torch.stack([rng.randint(2 * most + 1, b), rng.randint(2 * most + 1, b)], 1).to(x.device, x.dtype) - most
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * 2 / w, shift[:, 1] * 2 / h  # whole-pixel shifts
     return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
 
 
-def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+def _cutout(x: torch.Tensor, rng: StepRandom, ratio: float = 0.5) -> torch.Tensor:
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
-    left = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device) - cw // 2
+    top = rng.randint(h + (1 - ch % 2), b).view(b, 1, 1).to(x.device) - ch // 2
+    left = rng.randint(w + (1 - cw % 2), b).view(b, 1, 1).to(x.device) - cw // 2
     ys, xs = torch.arange(h, device=x.device)[None, :, None], torch.arange(w, device=x.device)[None, None, :]
     hole = (ys >= top) & (ys < top + ch) & (xs >= left) & (xs < left + cw)  # (B, H, W)
     return x * (~hole)[:, None].to(x.dtype)
@@ -114,9 +115,9 @@ def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 AUGMENTS = {"color": _color, "translation": _translation, "cutout": _cutout}
 
 
-def diff_augment(x: torch.Tensor, policy: list[str]) -> torch.Tensor:
+def diff_augment(x: torch.Tensor, policy: list[str], rng: StepRandom) -> torch.Tensor:
     for name in policy:
-        x = AUGMENTS[name](x)
+        x = AUGMENTS[name](x, rng)
     return x
 
 
@@ -370,8 +371,6 @@ class GAN:
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
     """
 
-    ema_network = "generator"
-
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  arch: str = "dcgan", latent_dim: int = 64, g_channels: int = 64, d_channels: int = 64,
                  loss: str = "hinge", spectral_norm: bool = True, r1_gamma: float = 0.0, gp_weight: float = 10.0,
@@ -393,6 +392,7 @@ class GAN:
         if unknown:
             raise ConfigError(f"model.diffaug: unknown {', '.join(unknown)}; use a list of {', '.join(AUGMENTS)}, "
                               "e.g. model.diffaug=[color,translation]")
+        self.ema_network = "generator"
         self.num_classes = num_classes if conditional else None
         self.loss_name, self.r1_gamma, self.gp_weight, self.n_critic = loss, r1_gamma, gp_weight, n_critic
         self.lr_scales, self.betas = {"d": d_lr_scale, "g": g_lr_scale}, betas
@@ -410,7 +410,6 @@ class GAN:
         self.generator = Generator(**self.generator_config)
         self.discriminator = Discriminator(arch, image_size, channels, d_channels, self.num_classes, spectral_norm)
         self.diagnostics = GanDiagnostics(window=diag_window)
-        self._last_phase, self._last_diag_step = None, -1
 
     # ---- the Family protocol ----------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -442,29 +441,26 @@ class GAN:
             return 0.0
         return (step - start) / (end - start)
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real, labels = batch["image"], batch_labels(batch, self.num_classes)
         if self.num_classes and self.cond_transition[1]:
             scale = self.cond_scale_at(step)
             for network in (self.generator, self.discriminator):
                 unwrap(network).cond_scale.fill_(scale)
-        z = torch.randn(len(real), self.generator_config["latent_dim"], device=real.device)
+        z = rng.randn(len(real), self.generator_config["latent_dim"]).to(real.device)
+        # The loop clears every network's gradients before each phase: G's phase leaves none in D.
         if phase == "d":
-            if self._last_phase == "g":
-                # The G phase's backward also filled D's grads; the loop zeroes only the stepped optimizer.
-                self.discriminator.zero_grad(set_to_none=True)
-            self._last_phase = "d"
             with torch.no_grad():
                 fake = self.generator(z, labels)
-            loss, logs = self._d_loss(real, fake, labels, step)
+            loss, logs = self._d_loss(real, fake, labels, step, rng)
         else:
-            self._last_phase = "g"
             half, fake_labels = len(z) // 2, labels
             if self.mode_seeking and half and labels is not None:
                 fake_labels = labels[:half].repeat(2)  # pairs (i, i + half) share a label, differ in z
                 z = z[:2 * half]
             fake = self.generator(z, fake_labels)
-            fake_logits = self._discriminate(fake, fake_labels, step)
+            fake_logits = self._discriminate(fake, fake_labels, step, rng)
             loss = G_LOSSES[self.loss_name](fake_logits.float())
             logs = {"g_loss": loss.detach()}
             if self.mode_seeking and half:
@@ -472,10 +468,6 @@ class GAN:
                 loss = loss + self.mode_seeking / (ratio + 1e-5)
                 logs["ms_ratio"] = ratio.detach()
         self.diagnostics.record(logs)
-        due = self.diag_every and step and step % self.diag_every == 0 and step != self._last_diag_step
-        if phase == "g" and due:  # once per check step, whatever grad_accum is
-            self._last_diag_step = step
-            self.diagnose(real, labels)
         return loss, logs
 
     @torch.no_grad()
@@ -517,11 +509,12 @@ class GAN:
         (out_dir / "generator_config.json").write_text(json.dumps(self.generator_config, indent=2))
 
     # ---- internals --------------------------------------------------------------------
+    # ---- the Diagnosed capability: the loop calls this every `diag_every` steps -----------
     @torch.no_grad()
-    def diagnose(self, real: torch.Tensor, labels: torch.Tensor | None = None) -> list[str]:
-        """Run the diagnostics now: D/G balance from the recorded logs, and the spread of a
-        fixed-noise fake batch against `real` (within each class when conditional). Returns
-        the warnings (also logged)."""
+    def diagnose(self, batch: dict[str, Any]) -> list[str]:
+        """D/G balance from the recorded logs, and the spread of a fixed-noise fake batch against
+        the batch's real images (within each class when conditional). Returns the warnings (also logged)."""
+        real, labels = batch["image"], batch_labels(batch, self.num_classes)
         messages = [self.diagnostics.check_balance()]
         if len(real) >= 2:  # sample() uses the bare generator in eval mode and restores train mode
             fake = self.sample(64, seed=0)  # conditional: classes cycle 0..K-1
@@ -529,10 +522,10 @@ class GAN:
             messages.append(self.diagnostics.check_diversity(fake, real, fake_labels, labels))
         return [m for m in messages if m]
 
-    def _d_loss(self, real, fake, labels, step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _d_loss(self, real, fake, labels, step, rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real = real.detach().requires_grad_(self.r1_gamma > 0)
-        real_logits = self._discriminate(real, labels, step).float()
-        fake_logits = self._discriminate(fake, labels, step).float()
+        real_logits = self._discriminate(real, labels, step, rng).float()
+        fake_logits = self._discriminate(fake, labels, step, rng).float()
         logs = {}
         if self.loss_name == "nonsaturating":
             loss = d_loss_nonsaturating(real_logits, fake_logits, self.real_target)
@@ -541,7 +534,7 @@ class GAN:
         elif self.loss_name == "lsgan":
             loss = d_loss_lsgan(real_logits, fake_logits, self.real_target)
         else:
-            gp = gradient_penalty(lambda x: self.discriminator(x, labels).float(), real, fake)
+            gp = gradient_penalty(lambda x: self.discriminator(x, labels).float(), real, fake, rng.rand(len(real)))
             loss = d_loss_wgan(real_logits, fake_logits) + self.gp_weight * gp
             logs["gp"] = gp.detach()
         if self.r1_gamma > 0:
@@ -560,13 +553,13 @@ class GAN:
             logs["instance_noise"] = torch.tensor(self._noise_std(step), device=real.device)
         return loss, logs
 
-    def _discriminate(self, x: torch.Tensor, labels: torch.Tensor | None, step: int) -> torch.Tensor:
+    def _discriminate(self, x: torch.Tensor, labels: torch.Tensor | None, step: int, rng: StepRandom) -> torch.Tensor:
         """D on augmented, noised inputs (the same for reals and fakes, in both phases)."""
         if self.diffaug:
-            x = diff_augment(x, self.diffaug)
+            x = diff_augment(x, self.diffaug, rng)
         std = self._noise_std(step)
         if std > 0:
-            x = x + std * torch.randn_like(x)
+            x = x + std * rng.randn_like(x)
         return self.discriminator(x, labels)
 
     def _noise_std(self, step: int) -> float:

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
+from genlab.families.base import StepRandom, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
 SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
@@ -130,10 +130,11 @@ def check_steps(steps: int, scheduler_config) -> int:
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32."""
+def encode_images(vae: AutoencoderKL, images: torch.Tensor, rng: StepRandom) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32: a posterior sample."""
     posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return posterior.sample().float() * vae.config.scaling_factor
+    sample = posterior.mean + posterior.std * rng.randn_like(posterior.mean)
+    return sample.float() * vae.config.scaling_factor
 
 
 def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str]) -> torch.Tensor:
@@ -143,28 +144,28 @@ def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str]) -> 
     return text_encoder(ids.to(unwrap(text_encoder).device))[0]
 
 
-def drop_captions(captions: list[str], p: float) -> list[str]:
+def drop_captions(captions: list[str], p: float, rng: StepRandom) -> list[str]:
     """Replace each caption by "" with probability p: the unconditional branch of CFG."""
     if p <= 0:
         return list(captions)
-    keep = torch.rand(len(captions)) >= p
+    keep = rng.rand(len(captions)).cpu() >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor,
+def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, rng: StepRandom,
               timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, noise, timesteps) at drawn timesteps.
 
     timesteps: "uniform", or "cubic": t = (1 - u^3) T, mostly high noise, where the layout of
     an image is decided (T2I-Adapter's sampling for structure control).
     """
-    noise = torch.randn_like(latents)
+    noise = rng.randn_like(latents)
     n, total = latents.shape[0], scheduler.config.num_train_timesteps
     if timesteps == "cubic":
-        u = torch.rand(n, device=latents.device)
+        u = rng.rand(n).to(latents.device)
         t = ((1 - u ** 3) * total).long().clamp(0, total - 1)
     elif timesteps == "uniform":
-        t = torch.randint(0, total, (n,), device=latents.device)
+        t = rng.randint(total, n).to(latents.device)
     else:
         raise ConfigError(f"model.timesteps={timesteps!r}: use uniform or cubic")
     return scheduler.add_noise(latents, noise, t), noise, t

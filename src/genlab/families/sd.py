@@ -80,7 +80,7 @@ class StableDiffusion:
                  num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  gradient_checkpointing: bool = False, sampler: str = "unipc", sample_steps: int = 25,
-                 guidance: float = 5.0, validation_data: Any = None, num_classes: int | None = None):
+                 guidance: float = 5.0, validation_data: Any = None):
         self.image_size = image_size
         self.base = ld.plain(base)
         if (ld.plain(lora) or {}).get("rank", 0) > 0 and self.base is None:
@@ -105,6 +105,7 @@ class StableDiffusion:
             self.unet.enable_gradient_checkpointing()
         # EMA of a LoRA-adapted U-Net would copy the whole frozen base: only for full training.
         self.ema_network = "unet" if self.lora_rank == 0 else None
+        self.num_classes = None  # conditioned on captions, not classes
         self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
         self.sampler_name, self.sample_steps, self.guidance = sampler, sample_steps, guidance
         ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name, not at step 500
@@ -123,12 +124,13 @@ class StableDiffusion:
     def phases(self, step: int) -> list[str]:
         return ["main"]
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = ld.encode_images(self.vae, batch["image"])  # (B, c, H/f, W/f)
-        captions = ld.drop_captions(batch["caption"], self.caption_dropout)
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        latents = ld.encode_images(self.vae, batch["image"], rng)  # (B, c, H/f, W/f)
+        captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
-        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents)
+        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
         return loss, {"loss": loss.detach()}

@@ -23,9 +23,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import batch_labels, unwrap
+from genlab.families.base import Decode, Encode, StepRandom, batch_labels, unwrap
 
-RECON_LOSSES = ("mse", "l1", "bce")
+#: `recon_loss` -> the decoder likelihood it trains (what `genlab eval` scores the VAE with).
+LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}
+RECON_LOSSES = tuple(LIKELIHOOD_OF_LOSS)
 
 
 def kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -96,10 +98,10 @@ class VAENet(nn.Module):
             z = z + self.label_to_latent(label).view(-1, *self.latent_shape).to(z.dtype)
         return self.autoencoder.decode(z).sample
 
-    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None):
-        """Returns (decoded, mean, logvar) with a reparameterised posterior sample."""
+    def forward(self, x: torch.Tensor, noise: torch.Tensor, label: torch.Tensor | None = None):
+        """Returns (decoded, mean, logvar) with the posterior sample mean + std * noise (noise: (B, *latent_shape))."""
         mean, logvar = self.encode(x, label)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z = mean + noise.to(mean.dtype) * (0.5 * logvar).exp()
         if self.training:
             with torch.no_grad():  # a running mean (EMA after 100 updates) of the latent variance
                 weight = (1.0 / (self.latent_var_updates + 1)).clamp(min=0.01)
@@ -126,8 +128,6 @@ class VAE:
         kl_warmup_steps: optimizer steps over which beta rises linearly from 0.
     """
 
-    ema_network = "vae"
-
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  block_out_channels: list[int] = (32, 64, 64), layers_per_block: int = 1, latent_channels: int = 4,
                  norm_num_groups: int = 8, mid_block_attention: bool = True, recon_loss: str = "mse",
@@ -146,6 +146,7 @@ class VAE:
             raise ConfigError(f"data.image_size={image_size} is not divisible by the VAE's downsampling factor "
                               f"{factor} (2^(len(model.block_out_channels)-1)); use fewer levels or another size")
         self.image_size, self.channels = image_size, channels
+        self.ema_network = "vae"
         self.num_classes = num_classes if conditional else None
         self.recon_loss, self.beta, self.kl_warmup_steps = recon_loss, beta, kl_warmup_steps
         self.temperature = temperature
@@ -158,7 +159,6 @@ class VAE:
             latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=image_size,
             mid_block_add_attention=mid_block_attention, scaling_factor=1.0)
         self.vae = VAENet(autoencoder, image_size, self.latent_shape, self.num_classes)
-        self.scaling_factor: float | None = None  # last explicit measurement (measure_scaling_factor)
 
     # ---- the Family protocol ----------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -180,9 +180,11 @@ class VAE:
             return self.beta
         return self.beta * min(1.0, step / self.kl_warmup_steps)
 
-    def loss(self, phase: str, batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = batch["image"]
-        decoded, mean, logvar = self.vae(x, batch_labels(batch, self.num_classes))
+        noise = rng.randn(len(x), *self.latent_shape).to(x.device)
+        decoded, mean, logvar = self.vae(x, noise, batch_labels(batch, self.num_classes))
         per_value = x[0].numel()  # C*H*W: losses are per image value
         recon = recon_error(decoded.float(), x.float(), self.recon_loss) / per_value  # (B,)
         kl = kl_standard_normal(mean.float(), logvar.float()) / per_value  # (B,)
@@ -247,43 +249,18 @@ class VAE:
         """
         out_dir = Path(out_dir)
         net = unwrap(self.vae)
-        factor = self.scaling_factor or 1.0 / math.sqrt(max(float(net.latent_var), 1e-12))
+        factor = 1.0 / math.sqrt(max(float(net.latent_var), 1e-12))
         net.autoencoder.register_to_config(scaling_factor=float(factor))
         net.autoencoder.save_pretrained(out_dir)
         if self.num_classes:
             save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if k.startswith("label_")},
                       out_dir / "label_embeddings.safetensors")
 
-    # ---- VAE extras -------------------------------------------------------------------
-    @torch.no_grad()
-    def anomaly_scores(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Negative ELBO per image (recon error at the posterior mean + KL), in nats: (B,).
-
-        Higher = less like the training data. Deterministic (no posterior sampling).
-        """
+    # ---- the Autoencoder capability (genlab eval's VAE metrics) --------------------------
+    def autoencoder(self) -> tuple[Encode, Decode, str]:
+        """The bare network's encode/decode and the likelihood `recon_loss` trains."""
         net = unwrap(self.vae)
-        device = next(net.parameters()).device
-        images = images.to(device)
-        labels = self._sample_labels(len(images), labels, None, device)
-        mean, logvar = net.encode(images, labels)
-        decoded = net.decode(mean, labels).float()
-        return recon_error(decoded, images.float(), self.recon_loss) + kl_standard_normal(mean.float(), logvar.float())
-
-    @torch.no_grad()
-    def measure_scaling_factor(self, images: torch.Tensor, labels: torch.Tensor | None = None,
-                               seed: int = 0) -> float:
-        """1 / std of posterior samples of `images`, as Stable Diffusion measured its 0.18215.
-
-        Stored on `self.scaling_factor` (export writes it into the AutoencoderKL config).
-        """
-        net = unwrap(self.vae)
-        device = next(net.parameters()).device
-        images = images.to(device)
-        mean, logvar = net.encode(images, self._sample_labels(len(images), labels, None, device))
-        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-        z = mean + noise * (0.5 * logvar).exp()
-        self.scaling_factor = 1.0 / z.float().std().item()
-        return self.scaling_factor
+        return net.encode, net.decode, LIKELIHOOD_OF_LOSS[self.recon_loss]
 
     # ---- helpers ----------------------------------------------------------------------
 

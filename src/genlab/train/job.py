@@ -66,7 +66,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = Fal
     run.check_writable()
     main = is_main_process()
     with run.locked() if main else contextlib.nullcontext():
-        trainer = None
+        trainer, fresh = None, not run.holds_run()
         try:
             trainer = Trainer(cfg, run, resume=resume, trust_run=trust_run)
             if main:
@@ -78,9 +78,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = Fal
             _close(trainer, exit_code=1)
             raise
         except BaseException as error:
-            # Only a run that began training can have failed; a refused start leaves the directory as it was.
-            if trainer and main:
-                run.write_status("failed", error=str(error)[:500], step=trainer.step, max_steps=cfg.trainer.max_steps)
+            # A new run that could not start has failed; an existing run whose resume was refused
+            # (or could not start) is left as it was.
+            if (trainer or fresh) and main:
+                run.write_status("failed", error=str(error)[:500], step=trainer.step if trainer else 0,
+                                 max_steps=cfg.trainer.max_steps)
             _close(trainer, exit_code=1)
             if isinstance(error.__cause__, GenlabError):  # Hydra's instantiate wraps the family's own errors
                 raise error.__cause__ from None

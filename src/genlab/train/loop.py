@@ -25,10 +25,10 @@ from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from genlab.data import build_dataset
+from genlab.data import InMemory, build_dataset
 from genlab.data.batches import BatchOrder, BatchStream, loader_options
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import Family
+from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch
@@ -147,7 +147,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
         dataset = build_dataset(cfg.data, "train")
-        if hasattr(dataset, "to") and acc.device.type == "cuda" and cfg.data.get("on_device", True):
+        if isinstance(dataset, InMemory) and acc.device.type == "cuda" and cfg.data.get("on_device", True):
             dataset.to(acc.device)  # small in-memory data lives on the GPU: no host-to-device copies
         self.family: Family = instantiate(cfg.model, _convert_="all")
         if t.get("effective_batch_size"):
@@ -182,7 +182,7 @@ class Trainer:
         # The loop's settings, read once: an OmegaConf read costs ~10 us, a dozen times a step.
         self.grad_accum, self.grad_clip = t.grad_accum, t.grad_clip
         self._autocast = acc.autocast if acc.native_amp else contextlib.nullcontext
-        self.nonfinite_in_a_row, self._resume_rng = 0, None
+        self.nonfinite_in_a_row, self._resume_rng, self.last_batch = 0, None, None
         self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
         self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
@@ -327,8 +327,10 @@ class Trainer:
                 if micro < accum - 1:  # gradients are all-reduced only on the last micro-step
                     for network in self.family.networks().values():
                         stack.enter_context(acc.no_sync(network))
+                rng = StepRandom(self.t.seed, self.step, phase, micro, acc.process_index, acc.num_processes, acc.device)
+                self.last_batch = self._next_batch()
                 with self._autocast():
-                    loss, logs = self.family.loss(phase, self._next_batch(), self.step)
+                    loss, logs = self.family.loss(phase, self.last_batch, self.step, rng)
                 acc.backward(loss / accum if accum > 1 else loss)
             checked.append(loss.detach().float())
             for k, v in logs.items():
@@ -372,11 +374,19 @@ class Trainer:
         with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
                 swapped_in_ema(self.family, self.ema):
             # Conditioned families can show their input beside the output (sketch | image).
-            draw = getattr(self.family, "sample_pairs", self.family.sample)
+            draw = self.family.sample_pairs if isinstance(self.family, PairedSamples) else self.family.sample
             images = draw(self.t.sample_n, seed=self.t.seed)
         save_grid(images, path)
         self.tracker.log_image(self.step, "samples", path)
         return path
+
+    def diagnose(self) -> None:
+        """The family's own checks (Diagnosed), on the main process, away from the training RNG."""
+        if not self.accelerator.is_main_process:
+            return
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
+                swapped_in_ema(self.family, None):
+            self.family.diagnose(self.last_batch)
 
     def evaluate(self) -> bool:
         """A cheap evaluation (main process); keeps checkpoints/best. True when patience ran out."""
@@ -415,6 +425,7 @@ class Trainer:
         # Plain values for the hot loop: reading an OmegaConf node costs ~10 us, a dozen times a step.
         max_steps, log_every, sample_every = t.max_steps, t.log_every, t.sample_every
         checkpoint_every, eval_every = t.checkpoint_every, t.eval_every
+        diag_every = self.family.diag_every if isinstance(self.family, Diagnosed) else 0
         window_start = time.perf_counter()
         for network in self.family.networks().values():
             network.train()
@@ -445,6 +456,8 @@ class Trainer:
                 window, window_start = LogWindow(), time.perf_counter()
             else:
                 progress.update(self.step)
+            if diag_every and self.step % diag_every == 0:
+                self.diagnose()
             if sample_every and self.step % sample_every == 0:
                 self.sample_grid(f"step_{self.step:06d}")
             if checkpoint_every and self.step % checkpoint_every == 0:

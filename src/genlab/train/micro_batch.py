@@ -18,9 +18,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import default_collate
-
+from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.base import StepRandom
 
 PROBE_PASSES = 2  # forward/backward passes per phase and size; the second meets a fragmented cache
 SAMPLE_ITEMS = 8  # real items read for the probe, tiled up to the micro-batch
@@ -58,13 +58,6 @@ def _tile(batch: dict[str, Any], size: int) -> dict[str, Any]:
     return out
 
 
-def _sample_batch(dataset: Any) -> dict[str, Any]:
-    indices = torch.arange(min(SAMPLE_ITEMS, len(dataset)))
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    return default_collate([dataset[int(i)] for i in indices])
-
-
 def _fits(family: Any, make_optimizers: Callable, batch: dict[str, Any], accelerator: Accelerator,
           weight_dtype: torch.dtype | None, channels_last: bool) -> bool:
     """One size: True when the steps ran, False on an out-of-memory error."""
@@ -79,7 +72,7 @@ def _fits(family: Any, make_optimizers: Callable, batch: dict[str, Any], acceler
         for phase in probe.phases(0):
             for _ in range(PROBE_PASSES):
                 with accelerator.autocast():
-                    loss, _ = probe.loss(phase, batch, 0)
+                    loss, _ = probe.loss(phase, batch, 0, StepRandom(0, 0, phase, 0, device=accelerator.device))
                 loss.backward()
             optimizers[phase].step()  # the optimizer's state takes memory too
             optimizers[phase].zero_grad(set_to_none=True)
@@ -113,7 +106,7 @@ def probe(family: Any, make_optimizers: Callable[[Any], dict[str, torch.optim.Op
     python_state, numpy_state = random.getstate(), np.random.get_state()
     too_big = []
     with torch.random.fork_rng(devices=cuda):  # probing must not move the run's random streams
-        sample = _sample_batch(dataset)
+        sample = collate_items(dataset, torch.arange(min(SAMPLE_ITEMS, len(dataset))))
         for size in sizes:
             fits = torch.tensor(float(_fits(family, make_optimizers, _tile(sample, size), accelerator,
                                             weight_dtype, channels_last)), device=accelerator.device)

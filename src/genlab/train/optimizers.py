@@ -14,7 +14,7 @@ import torch
 from genlab.errors import GenlabError
 
 
-def adamw8bit(params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+def adamw8bit(params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
               weight_decay: float = 0.0, min_8bit_size: int = 4096, is_paged: bool = False) -> torch.optim.Optimizer:
     """bitsandbytes' AdamW8bit: AdamW whose two moments are stored in 8 bits (block-wise quantised).
 
