@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-full bench bench-levers bench-mfu bench-controlnet quality clean
+.PHONY: install demo test test-full gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,9 @@ test: install  ## the default suite: CPU, no network, a few minutes
 
 test-full: install  ## also the @pytest.mark.slow tests
 	$(VENV)/bin/pytest -q -m ""
+
+gpu-check: install  ## a GPU, one command under 8 min: GPU tests, MFU, ControlNet memory -> benchmarks/gpu-check-<gpu>.json
+	$(PY) scripts/gpu_check.py
 
 bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchmarks/bench-<machine>.json
 	$(PY) scripts/bench.py

@@ -88,3 +88,53 @@ def test_trainable_only_checkpoint_refuses_what_does_not_fit(tmp_path):
         load_networks(path, {"net": wider})
     with pytest.raises(GenlabError, match="model.base"):  # the frozen base is not the one trained on
         load_networks(path, {"net": _adapted(seed=1)})
+
+
+FILES = {"net.safetensors", "training_state.pt", "state.json", "COMPLETE"}
+
+
+def _kill_at(monkeypatch, n: int) -> list[str]:
+    """Make the n-th file operation of a save (each write, fsync and rename) die before it happens."""
+    import pathlib
+
+    from genlab.train import checkpoint as ckpt
+
+    seen = []
+
+    def killer(name, real):
+        def call(*args, **kwargs):
+            seen.append(name)
+            if len(seen) == n:
+                raise KeyboardInterrupt(f"killed at {name}")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(ckpt, "save_file", killer("save_file", ckpt.save_file))
+    monkeypatch.setattr(ckpt.torch, "save", killer("torch.save", ckpt.torch.save))
+    monkeypatch.setattr(pathlib.Path, "write_text", killer("write_text", pathlib.Path.write_text))
+    monkeypatch.setattr(ckpt, "_fsync", killer("fsync", ckpt._fsync))
+    monkeypatch.setattr(ckpt.os, "replace", killer("replace", ckpt.os.replace))
+    return seen
+
+
+def test_a_kill_at_any_file_operation_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    """Die before each write, fsync and rename of a save in turn: on disk there is the old set of
+    checkpoints or the old and the new, and every directory that looks complete has every file."""
+    with monkeypatch.context() as m:
+        operations = _kill_at(m, 0)
+        _save(tmp_path / "count", 1, keep=None)
+    assert len(operations) >= 8  # 3 files written, 4 + 1 fsyncs, a rename, and COMPLETE
+    for n in range(1, len(operations) + 1):
+        root = tmp_path / f"kill{n}" / "checkpoints"
+        _save(root, 1, keep=1)
+        with monkeypatch.context() as m:
+            _kill_at(m, n)
+            with pytest.raises(KeyboardInterrupt):
+                _save(root, 2, keep=1)
+        complete = complete_checkpoints(root)
+        assert [c.name for c in complete] in (["step_000001"], ["step_000001", "step_000002"]), (n, operations[n - 1])
+        for c in complete:
+            assert FILES <= {p.name for p in c.iterdir()}, (n, operations[n - 1], c)
+            net = torch.nn.Linear(2, 2)
+            load_networks(c, {"net": net})
+            assert torch.all(net.weight == float(c.name[-1]))

@@ -81,3 +81,26 @@ def test_evaluator_adds_vae_metrics_and_anomaly_auroc(cache_dir, conditional):
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["elbo"] <= -metrics["nll_iwae"] and 0 <= metrics["anomaly_auroc"] <= 1
     assert metrics["iwae_k"] == 4 and metrics["classes_total"] == 9  # class 0 is not in the train data
+
+
+def test_anomaly_auroc_ranks_the_held_out_kind_as_anomalous(cache_dir):
+    """A VAE trained on blobs: val noise images (the excluded class 0) score as anomalies (AUROC ~1, not ~0)."""
+    from genlab.data.tensor_images import TensorImages
+    from test_vae import blobs
+
+    torch.manual_seed(0)
+    family = VAE(**{**TINY, "image_size": 8}, kl_warmup_steps=0, beta=0.1)
+    opt = torch.optim.Adam(family.param_groups()["vae"], lr=3e-3)
+    data = {"image": blobs(32)}
+    for step in range(60):
+        loss, _ = family.loss("vae", data, step, rng(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    noise = torch.rand(8, 1, 8, 8) * 2 - 1
+    train = TensorImages(blobs(32, seed=1), torch.ones(32, dtype=torch.long))
+    val = TensorImages(torch.cat([blobs(8, seed=2), noise]), torch.tensor([1] * 8 + [0] * 8))
+    cfg = OmegaConf.create({"data": {"_target_": "blobs", "image_size": 8, "channels": 1, "exclude_classes": [0]},
+                            "eval": {"cache_dir": str(cache_dir), "n_samples": 16, "iwae_k": 4, "extractor": "digits_cnn"}})
+    metrics = Evaluator(cfg, datasets=(train, val)).evaluate(family)
+    assert metrics["anomaly_auroc"] > 0.95

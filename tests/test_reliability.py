@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,11 @@ def tmpfs(tmp_path):
         target = tmp_path / f"mnt{len(mounted)}"
         target.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
-                          capture_output=True).returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:  # the reason shows in pytest's summary (-rs)
+            why = (result.stderr.strip() or f"exit code {result.returncode}").splitlines()[0]
+            pytest.skip(f"cannot mount a {size} tmpfs here, so the disk-full / read-only case is not tested: {why}")
         mounted.append(target)
         return target
 
@@ -146,6 +149,8 @@ def _wandb_history(path: Path) -> tuple[str, list[dict]]:
         if length == 0 and kind == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # a record still being written
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
@@ -158,6 +163,23 @@ def _wandb_history(path: Path) -> tuple[str, list[dict]]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return run_id, rows
+
+
+def _written_history(path: Path, last_step: int, timeout: float = 60.0) -> tuple[str, list[dict]]:
+    """The run id and history of a `.wandb` file once W&B's writer has flushed step `last_step`.
+
+    `wandb.finish` returns before the service process has written everything to disk; reading
+    at once saw a truncated file about half the time. Wait for the records the test needs.
+    """
+    import wandb
+
+    wandb.teardown()  # stops the service, which flushes what it holds
+    deadline = time.time() + timeout
+    while True:
+        run_id, rows = _wandb_history(path)
+        if run_id and rows and rows[-1].get("_step") == last_step or time.time() > deadline:
+            return run_id, rows
+        time.sleep(0.2)
 
 
 def test_wandb_offline_attempts_form_one_run_with_no_step_twice(tmp_path, monkeypatch):
@@ -174,7 +196,7 @@ def test_wandb_offline_attempts_form_one_run_with_no_step_twice(tmp_path, monkey
     assert sorted(metrics) == list(range(1, 9))
     attempts = sorted(run.glob("wandb/offline-run-*/*.wandb"), key=lambda p: p.parent.name)  # by start time
     assert len(attempts) == 2
-    histories = [_wandb_history(p) for p in attempts]
+    histories = [_written_history(p, last_step) for p, last_step in zip(attempts, (5, 8))]
     assert histories[0][0] == histories[1][0] is not None  # one run id: `wandb sync` uploads them as one run
     rows = histories[0][1] + histories[1][1]
     assert [row["_step"] for row in rows] == list(range(1, 9))  # every step once, never backwards

@@ -38,8 +38,8 @@ def _losses(run):
 def _final_state(run):
     latest = complete_checkpoints(run / "checkpoints")[-1]
     tensors = {f"{f.stem}/{k}": v for f in latest.glob("*.safetensors") for k, v in load_file(f).items()}
-    training = torch.load(latest / "training_state.pt", weights_only=False)
-    ema = torch.load(latest / "ema.pt", weights_only=False) if (latest / "ema.pt").exists() else None
+    training = torch.load(latest / "training_state.pt", weights_only=True)
+    ema = torch.load(latest / "ema.pt", weights_only=True) if (latest / "ema.pt").exists() else None
     return tensors, training, ema
 
 
@@ -134,38 +134,47 @@ def test_family_resume_is_bitwise(tmp_path, family):
     _assert_identical(straight, resumed)
 
 
+def kill_config(steps: int):
+    """A toy run that checkpoints at every step (keeping 2): a kill lands inside a save often."""
+    cfg = toy_config(f"trainer.max_steps={steps}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
+                     "data.image_size=32", "trainer.batch_size=64", "trainer.log_every=1")
+    cfg.model.image_size = 32
+    return cfg
+
+
 KILL_SCRIPT = """
 import sys; sys.path.insert(0, {tests!r})
-from conftest import toy_config
+from test_resume_exact import kill_config
 from genlab.train.job import run_training
-cfg = toy_config("trainer.max_steps={steps}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=2",
-                 "data.image_size=32", "trainer.batch_size=64", "trainer.log_every=1")
-cfg.model.image_size = 32
-run_training(cfg, __import__("pathlib").Path({run!r}), resume={resume})
+run_training(kill_config({steps}), __import__("pathlib").Path({run!r}))
 """
 
 
-def _kill_trials(tmp_path, trials, steps=12):
+def _kill_trials(tmp_path, trials):
+    """Kill -9 a run at a random moment of its stream of per-step saves, then resume it, `trials` times.
+
+    The killed run is planned far longer than the test waits (100,000 steps), and the test checks
+    that it really died of the signal: a fast machine cannot pass by finishing first.
+    """
     tests = str(Path(__file__).parent)
     rng = random.Random(0)
     for trial in range(trials):
         run = tmp_path / f"trial{trial}"
-        script = KILL_SCRIPT.format(tests=tests, steps=steps, run=str(run), resume=False)
+        script = KILL_SCRIPT.format(tests=tests, steps=100_000, run=str(run))
         process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while not (run / "checkpoints").exists() and process.poll() is None:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside the stream of per-step saves
         process.send_signal(signal.SIGKILL)
-        process.wait()
+        assert process.wait() == -signal.SIGKILL, "the run ended before it was killed"
         latest = find_checkpoint(run, "latest")
         if latest is not None:  # the newest complete checkpoint always loads, with every file
             assert {"net.safetensors", "training_state.pt", "state.json", "COMPLETE"} <= {p.name for p in latest.iterdir()}
             assert all(torch.isfinite(v).all() for v in load_file(latest / "net.safetensors").values())
-            torch.load(latest / "training_state.pt", weights_only=False)
-        resume = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(tests=tests, steps=steps, run=str(run),
-                                                                          resume=True)], capture_output=True, text=True)
-        assert resume.returncode == 0, resume.stderr[-2000:]
-        assert json.loads((run / "status.json").read_text())["step"] == steps
+            torch.load(latest / "training_state.pt", weights_only=True)
+        target = (json.loads((latest / "state.json").read_text())["step"] if latest else 0) + 3
+        run_training(kill_config(target), run, resume=True)  # in this process: one import per trial, not two
+        assert json.loads((run / "status.json").read_text())["step"] == target
         assert len(complete_checkpoints(run / "checkpoints")) == 2  # retention held through the kills
 
 

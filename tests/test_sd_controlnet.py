@@ -333,6 +333,61 @@ def test_sd15_recipe_composes_and_builds_from_tiny_stand_ins(sd_run, tmp_path):
     assert family.sample(1, 0, steps=2).shape == (1, 3, 32, 32)  # a val sketch + its (empty) caption
 
 
+@pytest.fixture(scope="module")
+def cn_run(tmp_path_factory, sd_run):
+    """A ControlNet + LoRA run (2 steps) on the tiny SD base, as `genlab train` leaves it."""
+    from genlab.run_dir import RunDir
+    from genlab.train.job import run_training
+
+    root = tmp_path_factory.mktemp("cn") / "run"
+    cfg = compose("model=controlnet", f"model.base={sd_run[0]}", "model.lora.rank=4", "data=fill_circles",
+                  "data.count=16", "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=4",
+                  "trainer.max_steps=2", "trainer.sample_every=0", "model.sample_steps=2",
+                  "trainer.lr=0.05")  # big steps: the zero convolutions move enough to show in 8-bit PNGs
+    RunDir(root).write_config(cfg)
+    run_training(cfg, root)
+    return root
+
+
+def _cli_sample(run, out, *options) -> bytes:
+    from typer.testing import CliRunner
+
+    from genlab.cli import app
+
+    result = CliRunner().invoke(app, ["sample", str(run), "--n", "1", "--steps", "2", "--out", str(out), *options])
+    assert result.exit_code == 0, result.output
+    return out.read_bytes()
+
+
+def test_sample_options_reach_the_controlnet(cn_run, tmp_path):
+    """--edges-from, --sketch, --control-scale and stacked --lora, through the real command."""
+    val = FillCircles("val", count=16, val_count=4)
+    for i, name in enumerate(("a", "b")):
+        Image.fromarray(((val[i]["image"].permute(1, 2, 0).numpy() + 1) * 127.5).astype("uint8")).save(tmp_path / f"{name}.png")
+    prompt = ["--prompt", val[0]["caption"]]
+    edges_a = _cli_sample(cn_run, tmp_path / "ea.png", "--edges-from", str(tmp_path / "a.png"), *prompt)
+    edges_b = _cli_sample(cn_run, tmp_path / "eb.png", "--edges-from", str(tmp_path / "b.png"), *prompt)
+    assert edges_a != edges_b  # the sketch made from each photo steers the image
+    off_a = _cli_sample(cn_run, tmp_path / "oa.png", "--edges-from", str(tmp_path / "a.png"), "--control-scale", "0", *prompt)
+    off_b = _cli_sample(cn_run, tmp_path / "ob.png", "--sketch", str(tmp_path / "b.png"), "--control-scale", "0", *prompt)
+    assert off_a == off_b != edges_a  # at scale 0 the ControlNet, and so the sketch, does nothing
+    # Stacked LoRAs: a second adapter (the run's own, scaled up) changes the image; at weight 0 it does not.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    own = cn_run / "export" / "pytorch_lora_weights.safetensors"
+    with safe_open(own, "pt") as f:
+        metadata = f.metadata()
+    (tmp_path / "loud").mkdir()
+    save_file({k: v * 300 for k, v in load_file(own).items()}, tmp_path / "loud" / own.name, metadata=metadata)
+    one = _cli_sample(cn_run, tmp_path / "l1.png", "--edges-from", str(tmp_path / "a.png"), *prompt)
+    two = _cli_sample(cn_run, tmp_path / "l2.png", "--edges-from", str(tmp_path / "a.png"), *prompt,
+                      "--lora", f"{tmp_path / 'loud'}:1.0")
+    zero = _cli_sample(cn_run, tmp_path / "l0.png", "--edges-from", str(tmp_path / "a.png"), *prompt,
+                       "--lora", f"{tmp_path / 'loud'}:0", "--lora", f"{cn_run / 'export'}:0")
+    assert one == edges_a and two != one and zero == one
+
+
 @pytest.mark.slow
 def test_offline_chain_through_the_cli(tmp_path):
     """vae -> sd -> controlnet (+LoRA, grad_accum=2) on fill_circles, then the exports in plain diffusers."""

@@ -64,3 +64,65 @@ class SignalAtStep(Toy):
             self.sent = True
             os.kill(os.getpid(), self.signum)
         return super().loss(phase, batch, step, rng)
+
+
+class BadAt(Toy):
+    """A Toy whose loss is NaN ("loss"), or finite with an inf gradient ("grad"), at the given loss calls (1-based)."""
+
+    def __init__(self, image_size: int, channels: int, calls: list[int], bad: str = "loss", constant_loss: bool = False):
+        super().__init__(image_size, channels)
+        self.bad_calls, self.bad, self.constant_loss, self.calls_made = set(calls), bad, constant_loss, 0
+
+    def loss(self, phase, batch, step, rng):
+        self.calls_made += 1
+        loss, logs = super().loss(phase, batch, step, rng)
+        if self.constant_loss:  # no gradient, no progress: a plateau
+            loss = loss * 0 + 1.0
+        if self.calls_made in self.bad_calls:
+            if self.bad == "loss":
+                loss = loss * float("nan")
+            else:  # d sqrt(u)/du at u = 0 is inf: a finite loss with an infinite gradient
+                u = self.net.weight.sum()
+                loss = loss + torch.sqrt(u - u.detach())
+        return loss, {"loss": loss.detach()}
+
+
+class TwoPhases(Toy):
+    """Phase "b" back-propagates through net "a" too (as a GAN's G phase does through D)."""
+
+    def __init__(self, image_size: int, channels: int):
+        super().__init__(image_size, channels)
+        self.a, self.b, self.leftover = self.net, nn.Linear(self.dim, self.dim), []
+
+    def networks(self):
+        return {"a": self.a, "b": self.b}
+
+    def param_groups(self):
+        return {"a": [{"params": list(self.a.parameters())}], "b": [{"params": list(self.b.parameters())}]}
+
+    def phases(self, step):
+        return ["a", "b"]
+
+    def loss(self, phase, batch, step, rng):
+        mine = self.a if phase == "a" else self.b
+        self.leftover.append(sum(float(p.grad.abs().sum()) for p in mine.parameters() if p.grad is not None))
+        x = batch["image"].flatten(1)
+        loss = (self.a(x) ** 2).mean() if phase == "a" else (self.b(self.a(x)) ** 2).mean()
+        return loss, {f"loss_{phase}": loss.detach()}
+
+
+class Diagnosing(Toy):
+    """A Toy with the Diagnosed capability: records how many steps it had trained at each check."""
+
+    def __init__(self, image_size: int, channels: int, diag_every: int):
+        super().__init__(image_size, channels, noise=True)
+        self.diag_every, self.diagnosed, self.steps = diag_every, [], set()
+
+    def loss(self, phase, batch, step, rng):
+        self.steps.add(step)
+        return super().loss(phase, batch, step, rng)
+
+    def diagnose(self, batch):
+        torch.randn(100)  # a check may draw random numbers: training must not notice
+        self.diagnosed.append(len(self.steps))
+        return []

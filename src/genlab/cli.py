@@ -96,6 +96,13 @@ def train(ctx: typer.Context,
     from genlab.config import hydra_args
 
     args = hydra_args(list(ctx.args))
+    modes = [flag for flag in ("-m/--multirun", "--cfg", "--info", "--shell-completion")
+             if any(a in flag.split("/") or a.startswith(flag.split("/")[-1] + "=") for a in args)]
+    if len(modes) > 1:
+        from genlab.errors import ConfigError
+
+        _fail(ConfigError(f"{' and '.join(modes)} cannot be combined (Hydra runs one of them); e.g. drop -m to "
+                          "print the config a multirun would start from."))
     if not any(a in HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--shell-completion") for a in args):
         from genlab.config import validate_overrides
 

@@ -26,6 +26,12 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "configs"
 
 
+def cache_root() -> Path:
+    """Where genlab keeps what it can rebuild (tokenizer, sketches, extractor weights, reference
+    statistics): $GENLAB_CACHE, else ~/.cache/genlab."""
+    return Path(os.environ.get("GENLAB_CACHE", "~/.cache/genlab")).expanduser()
+
+
 # Groups whose configs write anywhere in the config (package _global_). Their files start
 # with the command that runs them, so they cannot carry Hydra's `# @package` header (it
 # must be the first line); train.yaml declares the package instead, and users keep typing

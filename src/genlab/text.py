@@ -17,9 +17,10 @@ from pathlib import Path
 
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from genlab.config import cache_root
+
 VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
-DEFAULT_DIR = Path.home() / ".cache" / "genlab" / "clip_tokenizer"
 
 
 @lru_cache
@@ -54,12 +55,12 @@ def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
     """The CLIP tokenizer (77 tokens, padded with <|endoftext|>), built offline once and cached.
 
     Args:
-        cache_dir: where the saved tokenizer lives (default ~/.cache/genlab/clip_tokenizer).
+        cache_dir: where the saved tokenizer lives (default: clip_tokenizer/ in `genlab.config.cache_root()`).
 
     Returns:
         A transformers `CLIPTokenizer`; `save_pretrained` it next to a model to ship it.
     """
-    target = Path(cache_dir) if cache_dir is not None else DEFAULT_DIR
+    target = Path(cache_dir) if cache_dir is not None else cache_root() / "clip_tokenizer"
     if not (target / "tokenizer_config.json").exists():
         vocab, merges = _vocab_and_merges()
         tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

@@ -30,10 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from genlab.config import cache_root
 from genlab.errors import ConfigError, GenlabError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_CACHE = Path.home() / ".cache" / "genlab" / "sketches"
 
 
 def canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -140,7 +140,7 @@ class SketchPairs(Dataset):
         edges: "canny", "xdog" or "random" (one of the two per item).
         randomize: draw thresholds per item (training) instead of the fixed middles.
         seed: fixes the per-item thresholds.
-        cache_dir: where extracted sketches are kept (None: ~/.cache/genlab/sketches);
+        cache_dir: where extracted sketches are kept (None: sketches/ in `genlab.config.cache_root()`);
             `cache=False` turns caching off.
         edge_ranges: canny_low, canny_high, xdog_sigma, xdog_eps (lo, hi) ranges.
     """
@@ -158,7 +158,7 @@ class SketchPairs(Dataset):
         self.sources, self.image_size, self.channels = sources, image_size, channels
         self.item_keys = ("image", "sketch", "caption")
         self.edges, self.randomize, self.seed, self.edge_ranges = edges, randomize, seed, edge_ranges
-        self.cache_dir = Path(cache_dir or DEFAULT_CACHE) if cache else None
+        self.cache_dir = Path(cache_dir or cache_root() / "sketches") if cache else None
 
     def __len__(self) -> int:
         return len(self.sources)

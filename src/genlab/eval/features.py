@@ -37,8 +37,10 @@ INCEPTION_UNAVAILABLE = ("Inception weights are not available offline; use eval.
 
 
 def default_cache_dir() -> Path:
-    """Where extractor weights and reference statistics are cached: $GENLAB_CACHE or ~/.cache/genlab."""
-    return Path(os.environ.get("GENLAB_CACHE", "~/.cache/genlab")).expanduser()
+    """Where extractor weights and reference statistics are cached (genlab.config.cache_root())."""
+    from genlab.config import cache_root
+
+    return cache_root()
 
 
 def _as_unit_float(images: torch.Tensor) -> torch.Tensor:

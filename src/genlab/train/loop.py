@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
@@ -137,6 +138,9 @@ class Trainer:
         # Several processes without a GPU (tests, CPU clusters): Accelerate only sets up gloo
         # when told cpu=True; otherwise each process would silently train alone.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # Accelerate keeps its state per process; a second job in this process (a multirun on the basic
+        # launcher, tests) may want another precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu)
         acc = self.accelerator
         if resume is None:
@@ -321,7 +325,7 @@ class Trainer:
         acc, accum, optimizer = self.accelerator, self.grad_accum, self.optimizers[phase]
         for each in self.optimizers.values():  # e.g. G's phase leaves gradients in D: start clean
             each.zero_grad(set_to_none=True)
-        checked = []  # the losses and the gradient norm, tested for NaN/inf together
+        checked, logged = [], []  # the losses and the gradient norm, tested for NaN/inf together
         for micro in range(accum):
             with contextlib.ExitStack() as stack:
                 if micro < accum - 1:  # gradients are all-reduced only on the last micro-step
@@ -333,12 +337,10 @@ class Trainer:
                     loss, logs = self.family.loss(phase, self.last_batch, self.step, rng)
                 acc.backward(loss / accum if accum > 1 else loss)
             checked.append(loss.detach().float())
-            for k, v in logs.items():
-                window.add(k, v.detach(), accum)
+            logged.append(logs)
         if acc.scaler is not None:
             acc.scaler.unscale_(optimizer.optimizer)  # clip and check true gradients
         norm = _grad_norm(self._params[phase], self.grad_clip)
-        window.add(f"grad_norm_{phase}", norm.detach())
         if acc.scaler is None:  # fp16's scaler finds inf gradients itself (it skips the step)
             checked.append(norm.detach().float())
         # The one host sync per phase, kept on purpose: a NaN/inf must stop the run (or skip the
@@ -351,6 +353,10 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         if not isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_schedules[phase].step()
+        for logs in logged:  # only steps taken are logged: a skipped step's NaN never reaches the means
+            for k, v in logs.items():
+                window.add(k, v.detach(), accum)
+        window.add(f"grad_norm_{phase}", norm.detach())
         return True
 
     def _handle_nonfinite(self, phase: str, logs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
