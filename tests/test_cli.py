@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import TINY_DDPM, genlab
+from conftest import TINY_DDPM, cli, genlab
 
 
 def test_train_writes_the_whole_run_directory(tiny_ddpm_run):
@@ -49,19 +49,19 @@ def test_export_loads_in_plain_diffusers_and_samples_what_genlab_samples(tiny_dd
 def test_sample_rebuilds_from_the_run(tiny_ddpm_run, tmp_path):
     out = tmp_path / "grid.png"
     genlab("sample", str(tiny_ddpm_run), "--n", "4", "--sampler", "dpm", "--steps", "3", "--out", str(out),
-           "--separate")
+           "--separate")  # the real console script, once
     assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)  # 2x2 grid of 8 px with 1 px padding
     assert len(list(tmp_path.glob("grid_*.png"))) == 4
     # the same seed gives the same images; --no-ema gives other ones
     again, raw = tmp_path / "again.png", tmp_path / "raw.png"
-    genlab("sample", str(tiny_ddpm_run), "--n", "4", "--sampler", "dpm", "--steps", "3", "--out", str(again))
-    genlab("sample", str(tiny_ddpm_run), "--n", "4", "--sampler", "dpm", "--steps", "3", "--out", str(raw), "--no-ema")
+    cli("sample", str(tiny_ddpm_run), "--n", "4", "--sampler", "dpm", "--steps", "3", "--out", str(again))
+    cli("sample", str(tiny_ddpm_run), "--n", "4", "--sampler", "dpm", "--steps", "3", "--out", str(raw), "--no-ema")
     assert Image.open(out).tobytes() == Image.open(again).tobytes()
     assert Image.open(out).tobytes() != Image.open(raw).tobytes()
 
 
 def test_runs_table_lists_the_run(tiny_ddpm_run):
-    result = genlab("runs", str(tiny_ddpm_run.parent))
+    result = cli("runs", str(tiny_ddpm_run.parent))
     assert "ddpm_tiny" in result.stdout and "4/4" in result.stdout and "finished" in result.stdout
 
 
@@ -117,7 +117,7 @@ def test_bad_config_exits_2_names_it_and_creates_nothing(tmp_path):
 
 def test_sample_on_a_non_run_says_so(tmp_path):
     for target in (tmp_path / "missing", tmp_path):
-        result = genlab("sample", str(target), check=False)
+        result = cli("sample", str(target), check=False)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr and str(target) in result.stderr
 
@@ -130,12 +130,12 @@ def test_cfg_job_passes_through_to_hydra(tmp_path):
 
 def test_multirun_grid_runs_every_job(tmp_path):
     sweep = tmp_path / "sweep"
-    result = genlab("train", "-m", *TINY_DDPM, "trainer.max_steps=1,2", "trainer.sample_every=0",
-                    f"hydra.sweep.dir={sweep}")
+    result = cli("train", "-m", *TINY_DDPM, "trainer.max_steps=1,2", "trainer.sample_every=0",
+                 f"hydra.sweep.dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "status.json").exists())
     assert [j.name for j in jobs] == ["0_ddpm", "1_ddpm"], result.stdout
     assert [json.loads((j / "status.json").read_text())["step"] for j in jobs] == [1, 2]
-    table = genlab("runs", str(sweep), "--sort", "loss", "--plot", str(tmp_path / "curves.png")).stdout
+    table = cli("runs", str(sweep), "--sort", "loss", "--plot", str(tmp_path / "curves.png")).stdout
     assert "1/1" in table and "2/2" in table
     assert curve_pixels(tmp_path / "curves.png") > 50  # the loss curves were drawn, not an empty frame
 

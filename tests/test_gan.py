@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import genlab, rng
+from conftest import cli, rng
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import gan as G
 from genlab.families.gan import GAN, GanDiagnostics, latent_noise, load_generator
 
 # Tiny networks gain nothing from a second thread and lose a lot when the cores are busy.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -300,13 +299,13 @@ def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
 
 def test_cli_train_and_sample(tmp_path):
     run = tmp_path / "gan"
-    genlab("train", "model=gan", "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8",
-           "model.d_channels=8", "model.conditional=true", f"hydra.run.dir={run}", env=ONE_THREAD)
+    cli("train", "model=gan", "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8",
+        "model.d_channels=8", "model.conditional=true", f"hydra.run.dir={run}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     keys = {"d_loss", "g_loss", "d_real", "d_fake", "d_acc", "grad_norm_d", "grad_norm_g", "lr_d", "lr_g"}
     assert len(rows) == 4 and all(keys <= r.keys() for r in rows)
     assert (run / "samples" / "final.png").exists()
     assert load_generator(run / "export")(torch.randn(2, 64), torch.tensor([1, 2])).shape == (2, 1, 8, 8)
     out = tmp_path / "grid.png"
-    genlab("sample", str(run), "--n", "4", "--class", "3", "--out", str(out), env=ONE_THREAD)
+    cli("sample", str(run), "--n", "4", "--class", "3", "--out", str(out))
     assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)

@@ -11,14 +11,11 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from torch.distributions import Normal, kl_divergence
 
-from conftest import genlab, rng
+from conftest import cli, rng
 from genlab.eval.vae_metrics import vae_scores
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.vae import VAE, kl_standard_normal, recon_error
 
-# Tiny networks gain nothing from a second thread and lose a lot when the cores are busy
-# (OpenMP spin-waits): one thread, here and in the CLI runs.
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -195,8 +192,8 @@ def test_export_is_a_plain_autoencoderkl_with_the_measured_scaling_factor(tmp_pa
 
 def test_cli_train_sample_interpolate_reconstruct(tmp_path):
     run = tmp_path / "vae"
-    genlab("train", "model=vae", "trainer=debug", "logger=none", "data.image_size=8",
-           "model.block_out_channels=[8,16]", "model.norm_num_groups=4", f"hydra.run.dir={run}", env=ONE_THREAD)
+    cli("train", "model=vae", "trainer=debug", "logger=none", "data.image_size=8",
+        "model.block_out_channels=[8,16]", "model.norm_num_groups=4", f"hydra.run.dir={run}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all({"loss", "recon_loss", "kl", "beta", "grad_norm_vae"} <= r.keys() for r in rows)
     assert (run / "samples" / "final.png").exists()
@@ -204,5 +201,5 @@ def test_cli_train_sample_interpolate_reconstruct(tmp_path):
     assert config["_class_name"] == "AutoencoderKL" and config["scaling_factor"] > 0
     for option in ("--interpolate", "--reconstruct"):  # plain `genlab sample` is covered in test_gan.py
         out = tmp_path / f"grid{option}.png"
-        genlab("sample", str(run), "--n", "4", "--out", str(out), option, env=ONE_THREAD)
+        cli("sample", str(run), "--n", "4", "--out", str(out), option)
         assert Image.open(out).size == (2 * 9 + 1, 2 * 9 + 1)  # 2x2 grid of 8 px images, 1 px padding

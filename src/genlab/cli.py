@@ -41,6 +41,16 @@ def _no_stray_words(run_dir: Path | None, extra: list[str]) -> None:
     _fail(ConfigError(f"unexpected argument(s) {' '.join(extra)!r}{hint}"))
 
 
+def _require_run(run_dir: Path) -> None:
+    """A missing or non-run directory is refused before torch is imported."""
+    from genlab.run_dir import RunDir
+
+    try:
+        RunDir(run_dir).require()
+    except GenlabError as error:
+        _fail(error)
+
+
 TRUST_HELP = ("load a run written before genlab 0.2 (its training state holds numpy arrays, which safe "
               "loading refuses; only numpy arrays are allowed, never arbitrary objects)")
 ALLOW_HELP = ("trust _target_ classes under this prefix in the run's config (repeatable), e.g. your own "
@@ -59,6 +69,12 @@ def _overrides_of(args: list[str]) -> list[str]:
         elif not arg.startswith("-"):
             overrides.append(arg)
     return overrides
+
+
+def _config_dirs(args: list[str]) -> list[str]:
+    """The folders of `--config-dir DIR` / `-cd DIR` / `--config-dir=DIR` (a user's own config groups)."""
+    dirs = [b for a, b in zip(args, args[1:]) if a in ("--config-dir", "-cd")]
+    return dirs + [a.split("=", 1)[1] for a in args if a.startswith("--config-dir=")]
 
 
 def _launch_processes(processes: int, args: list[str]) -> None:
@@ -107,7 +123,7 @@ def train(ctx: typer.Context,
         from genlab.config import validate_overrides
 
         try:
-            validate_overrides(_overrides_of(args))  # exit 2 before Hydra creates anything on disk
+            validate_overrides(_overrides_of(args), _config_dirs(args))  # exit 2 before Hydra creates anything
             if processes <= 1 and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
                 args = _target_directory(args)  # one rank checks and claims for all
         except GenlabError as error:
@@ -195,7 +211,12 @@ def sample(
       genlab sample RUN --sketch house.png --prompt "a red house"
     """
     _no_stray_words(run_dir, list(ctx.args))
-    from genlab.sample import sample_command
+    from genlab.sample import check_request, sample_command
+
+    try:
+        check_request(run_dir, n, separate)  # before torch is imported: a wrong path answers at once
+    except GenlabError as error:
+        _fail(error)
 
     options = {"sampler": sampler, "steps": steps, "class_label": class_label, "guidance": guidance,
                "prompt": prompt, "control_scale": control_scale, "lora": lora or None,
@@ -235,6 +256,7 @@ def evaluate(
       genlab eval runs/ddpm/2026-11-22_10-00-00 --checkpoint best --n 2000 --compare-samplers
     """
     _no_stray_words(run_dir, list(ctx.args))
+    _require_run(run_dir)
     from genlab.eval.report import eval_command
 
     try:
@@ -260,6 +282,7 @@ def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run
     """
     words = [a for a in ctx.args if "=" not in a]
     _no_stray_words(run_dir, words)
+    _require_run(run_dir)
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         extra = [f"--allow-target={a}" for a in allow_target or ()] + (["--trust-run"] if trust_run else [])
         _launch_processes(processes, ["resume", str(run_dir), *extra, *ctx.args])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -87,8 +88,11 @@ def representative_overrides(overrides: list[str]) -> list[str]:
     return plain
 
 
-def validate_overrides(overrides: list[str]) -> DictConfig:
+def validate_overrides(overrides: list[str], extra_dirs: list[str] = ()) -> DictConfig:
     """Compose train.yaml with `overrides` and check every value.
+
+    Args:
+        extra_dirs: config folders given with `--config-dir` (a user's own model/, data/, ...).
 
     Returns:
         The composed (unresolved) config.
@@ -99,15 +103,18 @@ def validate_overrides(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    extra = [Path(d).resolve() for d in extra_dirs]
+    search = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in extra)}]"] if extra else []
     plain = representative_overrides(overrides)
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
-        group_overrides, key_overrides = [], []
+        group_overrides, key_overrides = [*search], []
         for line in plain:
             key, _, value = line.partition("=")
             bare = key.lstrip("+~").split("@")[0]
-            options = loader.get_group_options(bare) if "." not in bare else []
-            if options or (config_dir() / bare).is_dir():
+            options = sorted({*loader.get_group_options(bare), *(p.stem for d in extra for p in (d / bare).glob("*.yaml"))}
+                             ) if "." not in bare else []
+            if options or any((d / bare).is_dir() for d in (config_dir(), *extra)):
                 if value not in options and value not in ("null", ""):
                     raise ConfigError(f"unknown choice {value!r} for config group '{bare}'{closest(value, options)} "
                                       f"(options: {', '.join(options)})")
@@ -124,7 +131,7 @@ def validate_overrides(overrides: list[str]) -> DictConfig:
                 raise ConfigError(f"unknown config key '{bare}'{closest(bare, known)} "
                                   "(use +key=value to add a new key on purpose)")
         try:
-            cfg = compose(config_name="train", overrides=plain)
+            cfg = compose(config_name="train", overrides=[*search, *plain])
         except Exception as error:
             raise ConfigError(f"the config does not compose: {_first_line(error)}") from None
     check_values(cfg)
@@ -212,3 +219,29 @@ def absolute_paths(cfg: DictConfig, cwd: Path, keys: list[str] | None = None) ->
         changed[key] = os.path.normpath(local)
         OmegaConf.update(cfg, key, changed[key], merge=False)
     return changed
+
+
+def build(key: str, node: Any, **kwargs: Any) -> Any:
+    """`instantiate(node)`, with the failures a user can fix said in one sentence naming `key`.
+
+    A family's or dataset's own GenlabError comes through as it is (Hydra wraps it).
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from genlab.errors import GenlabError
+
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as error:
+        if isinstance(error.__cause__, GenlabError):
+            raise error.__cause__ from None
+        target = node.get("_target_") if hasattr(node, "get") else None
+        cause = error.__cause__ or error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if isinstance(cause, (ImportError, AttributeError)) or "locating target" in str(error):
+            raise ConfigError(f"{key}._target_={target!r} cannot be imported ({reason}); check the name, or put "
+                              "its package on PYTHONPATH.") from None
+        if isinstance(cause, TypeError):
+            raise ConfigError(f"{key}: {target} does not take these arguments ({reason}); check {key}'s keys.") from None
+        raise

@@ -443,8 +443,8 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
     """
     import torch
     from diffusers.training_utils import EMAModel
-    from hydra.utils import instantiate
 
+    from genlab.config import build
     from genlab.train import checkpoint as ckpt
 
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -460,12 +460,7 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
     if not candidates:
         raise GenlabError(f"{run.path} has no complete checkpoint '{checkpoint}' (it may still be starting, or "
                           "have failed before the first save); see `genlab runs`.")
-    try:
-        family = instantiate(cfg.model, _convert_="all")
-    except Exception as error:  # Hydra wraps the family's own GenlabError
-        if isinstance(error.__cause__, GenlabError):
-            raise error.__cause__ from None
-        raise GenlabError(f"cannot build the model of {run.path} from its config: {error}".splitlines()[0]) from None
+    family = build("model", cfg.model)
     networks = family.networks()
 
     def load(path: Path) -> Path:

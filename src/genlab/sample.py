@@ -6,11 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir import RunDir, load_family, newest_finished_run
-from genlab.train.sampling import save_grid
 
 log = logging.getLogger(__name__)
 #: Images drawn per call of family.sample: `--n 10000` runs in bounded memory.
@@ -19,8 +16,17 @@ CHUNK = 256
 MAX_GRID = 1024
 
 
-def _load_image(path: Path, size: int) -> torch.Tensor:
+def check_request(run_dir: Path | None, n: int, separate: bool) -> RunDir | None:
+    """What can be refused before torch is imported (an answer in well under a second)."""
+    if n > MAX_GRID and not separate:
+        raise ConfigError(f"--n {n} images do not fit one grid (at most {MAX_GRID}); add --separate to write "
+                          f"one PNG per image (the grid then shows the first {MAX_GRID}).")
+    return RunDir(run_dir).require() if run_dir is not None else None
+
+
+def _load_image(path: Path, size: int):
     """An RGB image as (3, size, size) in [0, 1]."""
+    import torch
     from PIL import Image, ImageOps
 
     if not Path(path).is_file():
@@ -41,9 +47,11 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
     Images are drawn in chunks of CHUNK; chunk c uses seed + c * CHUNK, so the first CHUNK
     images of a larger --n are those of a smaller one.
     """
-    if n > MAX_GRID and not separate:
-        raise ConfigError(f"--n {n} images do not fit one grid (at most {MAX_GRID}); add --separate to write "
-                          f"one PNG per image (the grid then shows the first {MAX_GRID}).")
+    import torch
+
+    from genlab.train.sampling import save_grid
+
+    check_request(run_dir, n, separate)
     if run_dir is None:
         from genlab.runs import runs_root
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 
@@ -55,7 +54,9 @@ class ColourCaptions(Protocol):
 def build_dataset(data_cfg: DictConfig, split: str) -> Any:
     """Instantiate the dataset of `data_cfg` for `split` ("train" or "val")."""
     kwargs = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in LOADER_KEYS}
-    return instantiate(kwargs, split=split, _convert_="all")
+    from genlab.config import build
+
+    return build("data", kwargs, split=split)
 
 
 def collate_items(dataset: Any, indices: list[int] | torch.Tensor) -> dict[str, Any]:

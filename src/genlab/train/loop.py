@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from genlab.config import build
 from genlab.data import InMemory, build_dataset
 from genlab.data.batches import BatchOrder, BatchStream, loader_options
 from genlab.errors import ConfigError, GenlabError
@@ -153,7 +154,7 @@ class Trainer:
         dataset = build_dataset(cfg.data, "train")
         if isinstance(dataset, InMemory) and acc.device.type == "cuda" and cfg.data.get("on_device", True):
             dataset.to(acc.device)  # small in-memory data lives on the GPU: no host-to-device copies
-        self.family: Family = instantiate(cfg.model, _convert_="all")
+        self.family: Family = build("model", cfg.model)
         if t.get("effective_batch_size"):
             self._choose_micro_batch(dataset, resume)  # sets t.batch_size and t.grad_accum
         self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
