@@ -163,4 +163,4 @@ def _differences_table(runs: list[RunData], differ: list[str], same: int) -> str
     flats = [flatten(d.config) for d in runs]
     rows = [[k, *[_cell(f.get(k, "(absent)")) for f in flats]] for k in differ]
     return (page.table(["key", *[d.name for d in runs]], rows) +
-            f'<p class="note">{len(differ)} keys differ; {same} keys are the same in every run.</p>')
+            f'<p class="note">{len(differ)} of {len(differ) + same} keys differ; the others are the same in every run.</p>')
