@@ -36,7 +36,7 @@ function drawFigures() {
       });
       raw.forEach((y, i) => spec.data.push(Object.assign({}, spec.data[i], {
         y: y.slice(), opacity: 1, showlegend: true, hoverinfo: undefined})));
-      charts.push({div, raw, n});
+      charts.push({div, raw, n, names: spec.data.slice(0, n).map((trace) => trace.name)});
     }
     pending.push(Plotly.newPlot(div, spec.data, spec.layout, config));
   });
@@ -50,9 +50,11 @@ function restyleCurves() {
   const weight = Number(document.getElementById("smoothing").value);
   const log = document.getElementById("logscale").checked;
   document.getElementById("smoothing-value").textContent = weight.toFixed(2);
-  return Promise.all(charts.map(({div, raw, n}) => {
+  return Promise.all(charts.map(({div, raw, n, names}) => {
     const indices = raw.map((_, i) => n + i);
-    return Plotly.restyle(div, {y: raw.map((y) => smooth(y, weight))}, indices)
+    // Learning rates are set, not measured: smoothing would only shift the schedule.
+    const smoothed = raw.map((y, i) => smooth(y, names[i].startsWith("lr_") ? 0 : weight));
+    return Plotly.restyle(div, {y: smoothed}, indices)
       .then(() => Plotly.relayout(div, {"yaxis.type": log ? "log" : "linear"}));
   }));
 }
