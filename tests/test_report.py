@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,37 @@ def browse(page: Path, profile: Path, screenshot: Path | None = None) -> tuple[s
     result = subprocess.run([*args, page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line and "GL Driver Message" not in line]
     return result.stdout, console
+
+
+HARNESS = """<!DOCTYPE html><html><body><pre id="out">not run</pre>
+<iframe id="page" src="%s" style="width:1400px;height:2000px"></iframe>
+<script>
+const frame = document.getElementById("page");
+const settle = () => new Promise((resolve) => setTimeout(resolve, 1000));
+frame.onload = () => {
+  const d = frame.contentDocument;
+  const wait = () => (d.body.dataset.ready === "1" ? act(d).then((r) => {
+    document.getElementById("out").textContent = JSON.stringify(r); }) : setTimeout(wait, 50));
+  wait();
+};
+async function act(d) { %s }
+</script></body></html>"""
+
+
+def operate(page: Path, profile: Path, actions: str) -> dict:
+    """Run `actions` (the body of an async JS function of the page's document `d`) on the drawn page; its result.
+
+    The page is loaded in an iframe of a harness beside it (--allow-file-access-from-files lets
+    the harness reach into it), so the test clicks and drags as a person would.
+    """
+    harness = page.with_name("harness.html")
+    harness.write_text(HARNESS % (page.name, actions))
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+            "--allow-file-access-from-files", f"--user-data-dir={profile}", "--virtual-time-budget=30000",
+            "--window-size=1400,2400", "--dump-dom", harness.resolve().as_uri()]
+    dom = subprocess.run(args, capture_output=True, text=True, timeout=180).stdout
+    harness.unlink()
+    return json.loads(unescape(re.search(r'<pre id="out">(.*?)</pre>', dom, re.S).group(1)))
 
 
 def scripts(html: str, **attrs: str) -> list:
@@ -89,6 +121,25 @@ def test_run_report_shows_grids_and_curves_in_chromium(tiny_ddpm_run, tmp_path):
     browse(out, tmp_path / "profile2", screenshot=shot)
     assert Image.open(shot).size == (1400, 2400)
 
+    # The controls: the slider picks a grid; smoothing and the log switch restyle the curves.
+    result = operate(out, tmp_path / "profile3", """
+        const slider = d.getElementById("grid-slider");
+        slider.value = "0"; slider.dispatchEvent(new Event("input"));
+        const smoothing = d.getElementById("smoothing");
+        smoothing.value = "0.9"; smoothing.dispatchEvent(new Event("input"));
+        d.getElementById("logscale").click();
+        await settle();
+        const chart = Array.from(d.querySelectorAll(".chart")).find((c) => c.layout.title.text === "losses");
+        return {label: d.getElementById("grid-label").textContent, src: d.getElementById("grid-image").src,
+                raw: chart.data[0].y, smooth: chart.data[1].y, axis: chart.layout.yaxis.type};""")
+    assert result["label"] == "step 2" and result["src"] == grids[0]["src"]
+    raw, expected, ema = result["raw"], [], 0.0
+    for i, value in enumerate(raw, 1):  # TensorBoard's debiased exponential moving average
+        ema = 0.9 * ema + 0.1 * value
+        expected.append(ema / (1 - 0.9 ** i))
+    assert raw == [row["loss"] for row in logged] and result["smooth"] == pytest.approx(expected)
+    assert result["smooth"] != pytest.approx(raw) and result["axis"] == "log"
+
 
 @needs_chromium
 def test_sweep_report_ranks_trials_and_draws_parallel_coordinates_in_chromium(sweep, tmp_path):
@@ -118,6 +169,16 @@ def test_sweep_report_ranks_trials_and_draws_parallel_coordinates_in_chromium(sw
     assert 'class="parcoords"' in dom  # Plotly drew the chart (its own layer's class name)
     browse(out, tmp_path / "profile2", screenshot=tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
+
+    # A click on a column header sorts the trials by it, a second click reverses.
+    result = operate(out, tmp_path / "profile3", """
+        const table = d.querySelector("table.sortable");
+        const names = () => Array.from(table.tBodies[0].rows).map((row) => row.cells[1].textContent);
+        const header = (text) => Array.from(table.querySelectorAll("th")).find((th) => th.textContent === text);
+        header("loss").click(); const up = names(); header("loss").click(); const down = names();
+        header("trainer.lr").click(); const lr = names();
+        return {up, down, lr};""")
+    assert result == {"up": best_first, "down": best_first[::-1], "lr": ["0_ddpm", "1_ddpm"]}
 
 
 def test_large_run_downsamples_curves_and_links_grids(tiny_ddpm_run, tmp_path):
