@@ -45,6 +45,17 @@ def test_wandb_and_tensorboard_together_get_scalars_and_images(tmp_path):
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("files/media/images/samples_*.png"))
 
 
+def test_tensorboard_resume_logs_each_step_once(tmp_path):
+    """Killed after logging step 3 with the newest complete checkpoint at 2: the resumed attempt sends only step 4."""
+    run = tmp_path / "run"
+    genlab("train", *TINY, "logger=tensorboard", "trainer.max_steps=3", "trainer.sample_every=0", f"hydra.run.dir={run}")
+    (run / "checkpoints" / "step_000003" / "COMPLETE").unlink()  # as if killed while saving step 3
+    genlab("resume", str(run), "trainer.max_steps=4")
+    events = _tensorboard_events(run / "tensorboard")  # both attempts' event files, read as one run
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
 def test_logger_choices():
     wandb = {"enabled": True, "mode": "auto", "project": "p"}
     assert chosen_trackers({"wandb": wandb, "tensorboard": {"enabled": True}}).keys() == {"wandb", "tensorboard"}
