@@ -15,6 +15,10 @@ from genlab.train.best import lower_is_better
 
 #: Sample grids embedded up to this many MB in all; past it they are linked (the page stays small).
 DEFAULT_MAX_EMBED_MB = 4.0
+#: Config keys that say how a run reports, not what it learns: left out of the trials table and the
+#: parallel coordinates (the config differences still list them).
+BOOKKEEPING = ("hydra.", "runs_root", "logger.", "card.", "trainer.progress", "trainer.log_every", "trainer.sample_",
+               "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.preempt_signal")
 
 
 def write_report(path: str | Path, out: str | Path | None = None, max_embed_mb: float = DEFAULT_MAX_EMBED_MB) -> Path:
@@ -104,7 +108,7 @@ def collection_page(runs: list[RunData], root: Path, out: Path, max_bytes: int) 
     objective = objective_of(runs)
     runs = rank(runs, objective)
     differ, same = config_differences(runs)
-    hyper = [k for k in differ if not k.startswith(("hydra.", "runs_root"))]
+    hyper = [k for k in differ if not k.startswith(BOOKKEEPING)]
     direction = "lower is better" if objective and lower_is_better(objective) else "higher is better"
     best = objective_value(runs[0], objective) if objective else None
     kind = "sweep" if (root / "multirun.yaml").is_file() else "runs under"  # Hydra writes multirun.yaml in a sweep folder
@@ -135,7 +139,7 @@ def collection_page(runs: list[RunData], root: Path, out: Path, max_bytes: int) 
 
 def _trials_table(runs: list[RunData], objective: str | None, hyper: list[str]) -> str:
     metric_keys = sorted({k for d in runs for k, v in d.info.get("metrics", {}).items()
-                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and k != objective
+                          if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "seconds", objective)
                           and not k.startswith(("lr_", "grad_norm_"))})
     shown_hyper = hyper[:12]
     headers = ["#", "trial", "status", "steps", *([objective] if objective else []), *shown_hyper, *metric_keys]
