@@ -139,6 +139,9 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
     if spec.get("use"):
         base = model.get("base") or "BASE"
         lines += ["## How to use", "", "```python", spec["use"].format(where=where, base=base), "```", ""]
+        if family == "ddpm" and model.get("conditional"):
+            lines += [f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
+                      "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.", ""]
     lines += ["## Training", "", "The command that made it:", "", "```bash", *run.command(), "```", ""]
     lines += _training_facts(model, data, trainer, choice, metrics)
     lines += ["## Evaluation", "", *_eval_lines(run)]
@@ -148,7 +151,7 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
 
 
 def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics: list[dict]) -> list[str]:
-    facts = [f"- data: `data={choice}` ({DATA.get(choice, data.get('name') or data.get('path') or choice)}), "
+    facts = [f"- data: `data={choice}`: {DATA.get(choice, data.get('name') or data.get('path') or choice)}; "
              f"{data.get('image_size', '?')} px, {data.get('channels', '?')} channel(s)",
              f"- optimizer steps: {trainer.get('max_steps', '?')} planned, batch {trainer.get('batch_size', '?')} "
              f"x grad_accum {trainer.get('grad_accum', 1)} per device, lr {trainer.get('lr', '?')}, "
