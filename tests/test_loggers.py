@@ -45,6 +45,7 @@ def test_wandb_and_tensorboard_together_get_scalars_and_images(tmp_path):
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("files/media/images/samples_*.png"))
 
 
+@pytest.mark.slow  # two more training processes; the resume rule itself is the W&B one (test_reliability)
 def test_tensorboard_resume_logs_each_step_once(tmp_path):
     """Killed after logging step 3 with the newest complete checkpoint at 2: the resumed attempt sends only step 4."""
     run = tmp_path / "run"
