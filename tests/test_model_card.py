@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,12 +94,14 @@ def test_push_sends_the_export_with_its_card(run, monkeypatch):
 
     sent = {}
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: sent.setdefault("repo", (repo_id, kw)) and
-                        f"https://huggingface.co/{repo_id}")
+    def create_repo(self, repo_id, **kw):
+        sent["repo"] = (repo_id, kw)
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
 
     def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), **kw):
-        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in sorted(__import__("pathlib").Path(folder_path).rglob("*"))
-                 if p.is_file()}
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
         sent["files"] = {name: data for name, data in files.items()
                          if not any(fnmatch.fnmatch(part, pattern) for part in name.split("/") for pattern in ignore_patterns)}
         sent["upload"] = (repo_id, kw)
