@@ -1,4 +1,4 @@
-"""The `genlab` command line: train, sample, eval, resume, runs."""
+"""The `genlab` command line: train, sample, eval, resume, runs, report, push."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ app = typer.Typer(
          "  genlab train model=gan trainer.max_steps=3000\n\n"
          "  genlab train -m model=vae,gan trainer.lr=1e-4,2e-4\n\n"
          "  genlab sample runs/ddpm/2026-11-22_10-00-00 --n 64 --sampler ddim --steps 50\n\n"
-         "  genlab runs",
+         "  genlab runs\n\n"
+         "  genlab report runs/multirun/2026-11-22_10-00-00   # one HTML page, no server",
     no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
 )
 HYDRA_FLAGS_WITHOUT_COMPOSE = ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
@@ -315,6 +316,63 @@ def runs(
             print(f"wrote {plot_runs(rows, plot)}")
     except GenlabError as error:
         _fail(error)
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="a run directory, a sweep folder (runs/multirun/<date>) or a runs root"),
+    out: Optional[Path] = typer.Option(None, help="the HTML file (default PATH/report.html)"),
+    max_embed_mb: float = typer.Option(4.0, min=0, help="embed sample grids up to this many MB in all; "
+                                       "past it they are linked (keep the page beside the runs)"),
+) -> None:
+    """One self-contained HTML page of a run or a sweep: open it in any browser, offline.
+
+    \b
+    A run: sample grids over training (a slider), loss and metric curves (smoothing, log
+    scale), eval metrics, status and throughput, the command and the config.
+    A sweep or a runs root: trials ranked by the objective (sweep_objective, default the
+    loss) in a sortable table, hyperparameters against the objective (parallel
+    coordinates), each trial's final grid, curves side by side, config differences.
+
+    \b
+    Examples:
+      genlab report runs/ddpm/2026-11-22_10-00-00
+      genlab report runs/multirun/2026-11-22_10-00-00 --out sweep.html
+      genlab report runs                           # every run under runs/
+    """
+    from genlab.report import write_report
+
+    try:
+        written = write_report(path, out, max_embed_mb=max_embed_mb)
+    except GenlabError as error:
+        _fail(error)
+    typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB); open it in a browser")
+
+
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="the run whose export/ to upload"),
+    repo: str = typer.Option(..., "--repo", help="the Hub repository, e.g. your-name/ddpm-digits (created if missing)"),
+    private: bool = typer.Option(False, help="create the repository private"),
+    message: Optional[str] = typer.Option(None, help="the commit message (default: names the run)"),
+) -> None:
+    """Upload a run's export/ (with its model card, README.md) to the Hugging Face Hub.
+
+    \b
+    Needs a login with write access: `huggingface-cli login` (or `hf auth login`, or HF_TOKEN).
+
+    \b
+    Examples:
+      genlab push runs/ddpm/2026-11-22_10-00-00 --repo your-name/ddpm-digits
+      genlab push runs/chain/cn --repo your-org/controlnet-circles --private
+    """
+    from genlab.push import push_export
+
+    try:
+        url = push_export(run_dir, repo, private=private, message=message)
+    except GenlabError as error:
+        _fail(error)
+    typer.echo(f"pushed {run_dir}/export to {url}")
 
 
 def main() -> None:

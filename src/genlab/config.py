@@ -115,9 +115,12 @@ def validate_overrides(overrides: list[str], extra_dirs: list[str] = ()) -> Dict
             options = sorted({*loader.get_group_options(bare), *(p.stem for d in extra for p in (d / bare).glob("*.yaml"))}
                              ) if "." not in bare else []
             if options or any((d / bare).is_dir() for d in (config_dir(), *extra)):
-                if value not in options and value not in ("null", ""):
-                    raise ConfigError(f"unknown choice {value!r} for config group '{bare}'{closest(value, options)} "
-                                      f"(options: {', '.join(options)})")
+                # A list picks several options at once (logger=[wandb,tensorboard]).
+                chosen = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
+                for choice in (c.strip() for c in chosen):
+                    if choice not in options and choice not in ("null", ""):
+                        raise ConfigError(f"unknown choice {choice!r} for config group '{bare}'{closest(choice, options)} "
+                                          f"(options: {', '.join(options)})")
                 group_overrides.append(line)
             else:
                 key_overrides.append((bare, key.startswith(("+", "~")), line))
@@ -183,8 +186,9 @@ def check_values(cfg: DictConfig) -> None:
     ema = OmegaConf.select(cfg, "trainer.ema")
     if ema not in (None, False) and not (isinstance(ema, float) and 0 < ema < 1):
         raise ConfigError(f"trainer.ema={ema!r} must be a decay in (0, 1), or null to turn EMA off")
-    if cfg.logger.name == "wandb" and cfg.logger.mode not in ("auto", "online", "offline", "disabled"):
-        raise ConfigError(f"logger.mode={cfg.logger.mode!r} is not allowed; use one of: auto, online, offline, disabled")
+    mode = OmegaConf.select(cfg, "logger.wandb.mode")
+    if mode is not None and mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"logger.wandb.mode={mode!r} is not allowed; use one of: auto, online, offline, disabled")
 
 
 # Keys naming local files or folders. `genlab train` makes relative ones absolute (against the

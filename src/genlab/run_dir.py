@@ -9,7 +9,9 @@ ownership"). Everything genlab reads from or writes to one goes through `RunDir`
       .lock                  held (flock) by the live run; pid and host inside, for the message
       status.json            running / finished / failed / interrupted
       metrics.jsonl          one JSON object per logged step; a torn last line is skipped
-      train.log, samples/, checkpoints/ (see train/checkpoint.py), export/, eval/, wandb/
+      train.log, samples/, checkpoints/ (see train/checkpoint.py), export/, eval/, wandb/, tensorboard/
+      export/README.md       the model card (genlab.model_card), refreshed by `genlab eval`
+      report.html            `genlab report RUN_DIR` (genlab.report)
 
 Files are replaced atomically (write a temporary file, fsync, rename), so a kill never
 leaves half a config or half a status. Nothing here imports torch at module level: `genlab
@@ -62,6 +64,13 @@ def atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _shell_quote(word: str) -> str:
+    """A word as a shell needs it; plain `key=value` overrides stay unquoted, as people type them."""
+    import shlex
+
+    return word if all(c.isalnum() or c in "_-+=.,/:@" for c in word) else shlex.quote(word)
 
 
 def allowed_targets(extra: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
@@ -168,6 +177,7 @@ class RunDir:
     samples = property(lambda self: self.path / "samples")
     export = property(lambda self: self.path / "export")
     eval_dir = property(lambda self: self.path / "eval")
+    report_file = property(lambda self: self.path / "report.html")
 
     def is_run(self) -> bool:
         """A genlab run directory: it has a saved config."""
@@ -234,6 +244,53 @@ class RunDir:
     def add_resume_overrides(self, overrides: list[str]) -> None:
         """Record a resume's overrides after the original ones, marked `(resume)`."""
         self.write_overrides(self.read_overrides() + [f"(resume) {o}" for o in overrides])
+
+    def read_config_data(self) -> dict[str, Any]:
+        """The saved config as plain data, for display only (reports, model cards): nothing is instantiated.
+
+        Raises:
+            GenlabError: the file is missing or is not a YAML mapping.
+        """
+        try:
+            data = yaml.safe_load(self.config_file.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            raise GenlabError(f"{self.config_file} cannot be read ({type(error).__name__}); "
+                              "restore it from a copy of the run.") from None
+        if not isinstance(data, dict):
+            raise GenlabError(f"{self.config_file} is not a genlab run config; restore it from a copy of the run.")
+        return data
+
+    def command(self) -> list[str]:
+        """The command lines that made the run: `genlab <job> <overrides>`, then one `genlab resume` per resume.
+
+        From .hydra/overrides.yaml (its `(resume) key=value` lines) and hydra.yaml's job name.
+        """
+        try:
+            job = yaml.safe_load(self.hydra_file.read_text())["hydra"]["job"]["name"] or "train"
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            job = "train"
+        first, resumes = [], []
+        for line in self.read_overrides():
+            if line.startswith("(resume) "):
+                resumes.append(line.removeprefix("(resume) "))
+            else:
+                first.append(line)
+        lines = [" ".join(["genlab", str(job), *map(_shell_quote, first)])]
+        if resumes:
+            lines.append(" ".join(["genlab", "resume", _shell_quote(str(self.path)), *map(_shell_quote, resumes)]))
+        return lines
+
+    def sample_grids(self) -> list[tuple[int | None, Path]]:
+        """The training's sample grids, [(step, path)] by step: samples/step_N.png, then final.png (step None)."""
+        grids = []
+        for path in self.samples.glob("step_*.png"):
+            try:
+                grids.append((int(path.stem.removeprefix("step_")), path))
+            except ValueError:
+                continue
+        grids.sort()
+        final = self.samples / "final.png"
+        return grids + ([(None, final)] if final.is_file() else [])
 
     def choices(self) -> dict[str, str]:
         """Hydra's config group choices (model, data, ...) from hydra.yaml; {} when absent."""

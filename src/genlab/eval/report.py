@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from genlab.eval.evaluate import Evaluator
+from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir, atomic_write, load_family
 
 
@@ -44,4 +45,5 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
         plot_quality_vs_steps(rows, metric, out_dir / "samplers.png")
         print(f"wrote {out_dir / 'samplers.json'} and {out_dir / 'samplers.png'}")
     print(f"wrote {out_dir / 'metrics.json'}")
+    refresh_model_card(run)  # the card's metrics are those of eval/metrics.json
     return report

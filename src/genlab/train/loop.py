@@ -31,6 +31,7 @@ from genlab.data import InMemory, build_dataset
 from genlab.data.batches import BatchOrder, BatchStream, loader_options
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
+from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch
@@ -484,6 +485,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
                 self.family.export(self.run_dir / "export")
+            refresh_model_card(self.run)  # export/README.md: the Hub's model card (never fatal)
         self.accelerator.wait_for_everyone()
         best = {f"best_{self.best.metric}": self.best.best} if self.best.best is not None else {}
         return {"step": self.step, **logged, **best}

@@ -1,0 +1,147 @@
+"""Model cards (export/README.md) and `genlab push`, offline: the Hub's upload calls are replaced."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import genlab
+
+from genlab.model_card import metadata, write_model_card
+from genlab.run_dir import RunDir
+
+
+@pytest.fixture
+def run(tiny_ddpm_run, tmp_path) -> RunDir:
+    """A private copy of the tiny DDPM run (these tests rewrite its card and eval)."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_ddpm_run, copy, ignore=shutil.ignore_patterns(".lock"))
+    return RunDir(copy)
+
+
+def test_training_writes_a_card_hub_can_parse(tiny_ddpm_run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tiny_ddpm_run / "export" / "README.md")
+    assert card.data.to_dict() == {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
+                                   "license": "apache-2.0", "tags": ["genlab", "diffusers", "ddpm", "diffusers:DDPMPipeline"]}
+    assert "genlab train trainer=debug logger=none" in card.text  # the command
+    assert "data=digits" in card.text and "scikit-learn's bundled digits" in card.text  # the training data
+    assert "\n    block_out_channels: [16, 16]\n" in card.text  # the config (model.unet)
+    assert "![Samples from the final weights, fixed noise](samples.png)" in card.text
+    assert (tiny_ddpm_run / "export" / "samples.png").read_bytes() == (tiny_ddpm_run / "samples" / "final.png").read_bytes()
+    assert "Not evaluated yet" in card.text
+
+
+def card_metrics(run: RunDir) -> dict[str, float]:
+    """The metrics table of the run's model card, as numbers."""
+    from huggingface_hub import ModelCard
+
+    text = ModelCard.load(run.export / "README.md").text
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ") and "metric" not in line]
+    return {k.strip(): float(v) for k, v in rows}
+
+
+def eval_metrics(run: RunDir) -> dict[str, float]:
+    metrics = json.loads((run.eval_dir / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if isinstance(v, float) and k != "seconds"}
+
+
+def test_eval_command_refreshes_the_card(run, monkeypatch):
+    """`genlab eval` rewrites the card; the evaluator itself is replaced (its real run is the slow test below)."""
+    from genlab.eval.evaluate import Evaluator
+    from genlab.eval.report import eval_command
+
+    monkeypatch.setattr(Evaluator, "__init__", lambda self, cfg, device: None)
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, family, n_samples=None: {"fid_digits_cnn": 12.3456789,
+                                                                                      "precision": 0.5, "recall": 0.25})
+    eval_command(run.path, n=4)
+    assert card_metrics(run) == pytest.approx(eval_metrics(run), rel=1e-5) == {"fid_digits_cnn": 12.3456789,
+                                                                               "precision": 0.5, "recall": 0.25}
+
+
+@pytest.mark.slow
+def test_real_eval_refreshes_the_card_with_its_metrics(run):
+    genlab("eval", str(run.path), "--n", "16")
+    assert len(eval_metrics(run)) >= 3
+    assert card_metrics(run) == pytest.approx(eval_metrics(run), rel=1e-5)
+
+
+def test_metadata_per_family():
+    cn = {"model": {"_target_": "genlab.families.controlnet.ControlNet", "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    "lora": {"rank": 4}}, "card": {"license": "creativeml-openrail-m", "tags": ["sketch"]}}
+    assert metadata(cn, "fill_circles") == {
+        "library_name": "diffusers", "pipeline_tag": "text-to-image", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "license": "creativeml-openrail-m", "tags": ["genlab", "diffusers", "controlnet", "stable-diffusion", "text-to-image",
+                                                     "lora", "sketch"]}
+    local_sd = {"model": {"_target_": "genlab.families.sd.StableDiffusion", "base": "/nonexistent/runs/sd", "lora": {"rank": 0}},
+                "data": {"name": "user/captions"}}
+    meta = metadata(local_sd, "hf")
+    assert "base_model" not in meta and meta["license"] == "other"  # a local base is no Hub id; its terms apply
+    assert meta["pipeline_tag"] == "text-to-image" and meta["datasets"] == ["user/captions"]
+    gan = metadata({"model": {"_target_": "genlab.families.gan.GAN"}}, "digits")
+    assert "library_name" not in gan and gan["pipeline_tag"] == "unconditional-image-generation"
+    vae = metadata({"model": {"_target_": "genlab.families.vae.VAE"}}, "digits")
+    assert vae["library_name"] == "diffusers" and "pipeline_tag" not in vae
+
+
+def test_push_sends_the_export_with_its_card(run, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
+    sent = {}
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    def create_repo(self, repo_id, **kw):
+        sent["repo"] = (repo_id, kw)
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=(), **kw):
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        sent["files"] = {name: data for name, data in files.items()
+                         if not any(fnmatch.fnmatch(part, pattern) for part in name.split("/") for pattern in ignore_patterns)}
+        sent["upload"] = (repo_id, kw)
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    (run.export / ".README.md.123.tmp").write_text("half a card")  # an interrupted write is never sent
+    from genlab.push import push_export
+
+    url = push_export(run.path, "someone/ddpm-digits", private=True)
+    assert url == "https://huggingface.co/someone/ddpm-digits"
+    assert sent["repo"] == ("someone/ddpm-digits", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert set(sent["files"]) == {"README.md", "samples.png", "model_index.json", "scheduler/scheduler_config.json",
+                                  "unet/config.json", "unet/diffusion_pytorch_model.safetensors"}
+    card = ModelCard(sent["files"]["README.md"].decode())
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert 'DDPMPipeline.from_pretrained("someone/ddpm-digits")' in card.text  # the snippet loads from the Hub
+
+
+def test_push_without_login_says_how(run, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    result = genlab("push", str(run.path), "--repo", "someone/x", env={"HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""},
+                    check=False)
+    assert result.returncode == 1 and "huggingface-cli login" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_push_in_offline_mode_says_so(run, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    from genlab.errors import GenlabError
+    from genlab.push import push_export
+
+    with pytest.raises(GenlabError, match="HF_HUB_OFFLINE=1 is set"):
+        push_export(run.path, "someone/x")
+
+
+def test_card_needs_an_export(tmp_path):
+    from genlab.errors import GenlabError
+
+    run = RunDir(tmp_path)
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": {}, "trainer": {}}))
+    with pytest.raises(GenlabError, match="has no export/ yet"):
+        write_model_card(run)
