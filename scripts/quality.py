@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.utils import get_class
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bench import machine_name  # scripts/ is on sys.path when this file runs
 from genlab.config import config_dir, hydra_args

@@ -61,7 +61,6 @@ def test_lr_schedule_counts_optimizer_steps(tmp_path, schedule, expected):
 
 def test_resume_is_bitwise_identical(tmp_path):
     """4 steps straight == 2 steps, stop, resume to 4: same losses and weights (noise RNG included)."""
-    from genlab.train.loop import Trainer
 
     straight = tmp_path / "straight"
     run_training(toy_config("trainer.max_steps=4", noise=True), straight)
