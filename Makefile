@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-full gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
+.PHONY: install demo test test-slow test-full gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ demo: install  ## train a DDPM on the bundled digits (~3 min on 2 cores), then d
 
 test: install  ## the default suite: CPU, no network, a few minutes
 	$(VENV)/bin/pytest -q
+
+test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `make test`)
+	$(VENV)/bin/pytest -q -m slow
 
 test-full: install  ## also the @pytest.mark.slow tests
 	$(VENV)/bin/pytest -q -m ""

@@ -162,6 +162,7 @@ class Trainer:
         for name, network in self.family.networks().items():
             if t.channels_last:
                 network.to(memory_format=torch.channels_last)
+            network = self._sync_batch_norm(name, network)
             network = acc.prepare(network)
             setattr(self.family, name, torch.compile(network) if t.compile else network)
 
@@ -201,6 +202,24 @@ class Trainer:
             from genlab.eval.evaluate import Evaluator
 
             self.evaluator = Evaluator(cfg, acc.device)
+
+    def _sync_batch_norm(self, name: str, network: torch.nn.Module) -> torch.nn.Module:
+        """BatchNorm statistics over the global batch on several GPUs, so N processes train like one.
+
+        torch's SyncBatchNorm runs on GPUs only: on several CPU processes each normalises over its
+        own slice, and the run differs slightly from a single-process one (said once).
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1 or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                             for m in network.modules()):
+            return network
+        if acc.device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        if acc.is_main_process:
+            log.warning("%s has BatchNorm layers: on %d CPU processes each normalises over its own %d images, so "
+                        "this run differs slightly from one process with the whole batch (GPUs use SyncBatchNorm).",
+                        name, acc.num_processes, self.t.batch_size)
+        return network
 
     def _decide_resume(self) -> bool:
         """The main process decides (before anyone writes status.json); every process follows."""
