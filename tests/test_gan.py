@@ -148,6 +148,7 @@ def test_translation_pads_with_the_image_not_with_grey():
     assert (grey == 0).any()  # DiffAugment's zero padding: mid-grey strips, a value no digit background has
     torch.manual_seed(0)
     assert torch.equal(G.diff_augment(black, ["translation"], padding="reflection"), black)
+    assert torch.equal(G.diff_augment(black, ["translation"]), black)  # reflection is the default
     seen = []  # the family pads by reflection unless told otherwise
     gan = tiny_gan(diffaug="translation")
     gan.discriminator = lambda x, labels=None: seen.append(x) or x.flatten(1).sum(1)

@@ -17,7 +17,6 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
                  compare_samplers: bool = False) -> dict[str, Any]:
     """Evaluate a run; writes RUN_DIR/eval/metrics.json (and samplers.json/.png when asked)."""
     from rich.console import Console
-    from rich.table import Table
 
     family, cfg = load_family(run_dir, checkpoint, use_ema)
     device = next(iter(family.networks().values())).parameters().__next__().device
@@ -28,12 +27,7 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
     out_dir.mkdir(exist_ok=True)
     report = {"checkpoint": checkpoint, "ema": use_ema, "seconds": time.perf_counter() - started, **metrics}
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    table = Table(title=f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4g}")
-    Console().print(table)
+    Console().print(metrics_table(metrics, f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})"))
     if compare_samplers:
         from genlab.eval.plots import plot_quality_vs_steps
 
@@ -45,3 +39,20 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
         print(f"wrote {out_dir / 'samplers.json'} and {out_dir / 'samplers.png'}")
     print(f"wrote {out_dir / 'metrics.json'}")
     return report
+
+
+def metrics_table(metrics: dict[str, float], title: str):
+    """A rich Table: one row per metric, one column per sampling variant (`<metric>@<variant>`,
+    e.g. a GAN's truncation), so that what a variant trades is read across a row."""
+    from rich.table import Table
+
+    variants = list(dict.fromkeys(k.split("@", 1)[1] for k in metrics if "@" in k))
+    table = Table(title=title)
+    table.add_column("metric")
+    for column in ["value", *variants]:
+        table.add_column(column, justify="right")
+    for key, value in metrics.items():
+        if "@" not in key:
+            cells = [metrics.get(f"{key}@{v}") for v in variants]
+            table.add_row(key, f"{value:.4g}", *("" if c is None else f"{c:.4g}" for c in cells))
+    return table
