@@ -38,3 +38,20 @@ def test_gan_targets_include_variety_and_artifacts():
             "rejected_digits_mlp"} <= set(rules)
     for key, bad in (("border_artifacts", 0.3), ("recall_digits_mlp", 0.5), ("rejected_digits_cnn", 0.2)):
         assert not quality.check_targets(quality.gan_targets(), passing_metrics() | {key: bad})[1]
+
+
+def test_gan_ablation_adopts_only_finished_runs_of_the_same_overrides(tmp_path):
+    import json
+
+    import yaml
+
+    gan_ablation = pytest.importorskip("gan_ablation")
+    run = tmp_path / "base"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment@_global_=gan_digits", "a=1"]))
+    (run / "status.json").write_text(json.dumps({"status": "finished"}))
+    assert gan_ablation.adoptable(run, ["a=1", "experiment=gan_digits"])  # order and the experiment spelling aside
+    assert not gan_ablation.adoptable(run, ["experiment=gan_digits", "a=2"])
+    assert not gan_ablation.adoptable(run, ["experiment=gan_digits"])
+    (run / "status.json").write_text(json.dumps({"status": "interrupted"}))
+    assert not gan_ablation.adoptable(run, ["a=1", "experiment=gan_digits"])

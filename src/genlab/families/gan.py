@@ -153,8 +153,9 @@ def diff_augment(x: torch.Tensor, policy: list[str], padding: str = "reflection"
 
 
 # ---- networks ----------------------------------------------------------------------------
-#: Residual blocks per resolution in the r3gan networks (R3GAN uses 2 at CIFAR-10 size too).
-R3_BLOCKS = 2
+#: Residual blocks per resolution in the r3gan networks: R3GAN has 2 at CIFAR-10 size; 1 halves a
+#: step on the CPU (0.28 instead of 0.49 s at width 16, batch 64, one thread) and is enough for 16 px digits.
+R3_BLOCKS = 1
 ARCHS = ("dcgan", "resnet", "r3gan")
 
 
