@@ -100,6 +100,15 @@ def test_second_classifier_is_another_kind_accurate_and_cached(trained, mlp, cac
     assert class_agreement(extract(cnn, noise)[1], extract(mlp, noise)[1]) < 0.6
 
 
+def test_mlp_augmentation_rotates_digits_and_keeps_the_background_black():
+    g = torch.Generator().manual_seed(0)
+    black = -torch.ones(8, 1, 16, 16)
+    assert torch.allclose(features._rotate_and_scale(black, g), black)  # what it uncovers is background, not grey
+    digits = Digits("val", 16, 1).images[:8]
+    moved = features._rotate_and_scale(digits, g)
+    assert not torch.allclose(moved, digits, atol=0.1) and moved.min() >= -1 and moved.max() <= 1
+
+
 def test_rejection_rate_against_real_confidences():
     def logits_with_confidence(p):  # 2 classes: softmax max = p
         p = torch.tensor(p)
