@@ -372,25 +372,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "quality.json"
-    report = json.loads(out.read_text()) if out.exists() else {}
     env = environment(args)
-    recipes = report.get("recipes", {})
+
+    def record(name: str, entry: dict[str, Any]) -> None:
+        # Read the file again just before writing: another quality.py may have finished a recipe
+        # since this one started (an hour-long run once put back an older entry that way).
+        recipes = json.loads(out.read_text()).get("recipes", {}) if out.exists() else {}
+        out.write_text(json.dumps({**env, "recipes": {**recipes, name: entry}}, indent=2))
+
     for name in args.recipes:
         reason = missing_reason(name)
         if reason:
             print(f"{name}: skipped, {reason}", flush=True)
-            recipes[name] = {"status": "skipped", "reason": reason, **env}
+            record(name, {"status": "skipped", "reason": reason, **env})
             continue
         start = time.perf_counter()
         entry = {**run_recipe(name, args), **env}
         entry.update(recipe_wall_seconds=time.perf_counter() - start, load_average_at_end=os.getloadavg()[0])
         save_outputs(name, entry, args.out_dir)
-        recipes[name] = entry
+        record(name, entry)  # after each recipe: nothing lost
         met = ", ".join(f"{t['rule']}: {t['value']:.4g} {'ok' if t['met'] else 'MISSED'}"
                         for t in entry["targets"] if t["value"] is not None)
         print(f"{name}: {entry['steps']} steps in {entry['train_seconds'] / 60:.1f} min; {met}", flush=True)
-        out.write_text(json.dumps({**env, "recipes": recipes}, indent=2))  # after each recipe: nothing lost
-    out.write_text(json.dumps({**env, "recipes": recipes}, indent=2))
     print(f"wrote {out}")
     return 0
 
