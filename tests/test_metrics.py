@@ -462,3 +462,12 @@ def test_evaluator_on_fill_circles_measures_control(cache_dir, monkeypatch):
     assert with_control["colour_accuracy"] == without["colour_accuracy"] == 1.0
     assert with_control["edge_f1"] > without["edge_f1"] + 0.3
     assert "classes_covered" not in with_control and "fid_digits_cnn" in with_control
+
+
+def test_eval_table_puts_variants_beside_the_default():
+    from genlab.eval.report import metrics_table
+
+    table = metrics_table({"recall": 0.8, "recall@truncation_1": 0.3, "eval_samples": 100.0}, "t")
+    assert [c.header for c in table.columns] == ["metric", "value", "truncation_1"]
+    assert list(table.columns[0].cells) == ["recall", "eval_samples"]  # one row per metric
+    assert list(table.columns[2].cells) == ["0.3", ""]
