@@ -325,7 +325,7 @@ class Evaluator:
         with _eval_mode(family):
             images = self.generate(family, n, seed, sample_options, items, conditions)
             metrics = self.sample_metrics(images)
-            variants = getattr(family, "eval_variants", None) or {} if self.settings.variants else {}
+            variants = (getattr(family, "eval_variants", None) or {}) if self.settings.variants else {}
             for variant, options in variants.items():  # e.g. a GAN with and without truncation
                 varied = self.generate(family, n, seed, {**sample_options, **options}, items, conditions)
                 metrics.update({f"{k}@{variant}": v for k, v in self.sample_metrics(varied).items()})

@@ -103,7 +103,7 @@ r2_penalty = r1_penalty  # the same formula, at fakes
 
 
 # ---- DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike ------
-def _color(x: torch.Tensor, padding: str = "reflection") -> torch.Tensor:
+def _color(x: torch.Tensor) -> torch.Tensor:
     r = lambda: torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)  # noqa: E731
     x = x + (r() - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
@@ -115,9 +115,9 @@ def _color(x: torch.Tensor, padding: str = "reflection") -> torch.Tensor:
 def _translation(x: torch.Tensor, ratio: float = 0.125, padding: str = "reflection") -> torch.Tensor:
     """Shift each image by up to `ratio` of its side; `padding` fills the uncovered strip (a grid_sample mode).
 
-    "zeros" (DiffAugment's original) fills with 0, mid-grey in [-1, 1]: on black-background
-    data a grey strip marks an augmented image, and D then accepts bright edges from G.
-    "reflection" (as StyleGAN2-ADA pads) mirrors the image's own border.
+    "zeros" (DiffAugment's original) fills with 0, mid-grey in [-1, 1], a value no digit's
+    background has; "reflection" (as StyleGAN2-ADA pads) mirrors the image's own border. On
+    digits the padding alone did not cause the GAN's border blocks (README, GAN artifacts).
     """
     b, _, h, w = x.shape
     shift = torch.randint(-int(h * ratio + 0.5), int(h * ratio + 0.5) + 1, (b, 2), device=x.device).to(x.dtype)
@@ -128,8 +128,8 @@ def _translation(x: torch.Tensor, ratio: float = 0.125, padding: str = "reflecti
     return F.grid_sample(x, grid, padding_mode=padding, align_corners=False)
 
 
-def _cutout(x: torch.Tensor, ratio: float = 0.5, padding: str = "reflection") -> torch.Tensor:
-    """Zero a random square of half the side (0: mid-grey in [-1, 1]; `padding` is not used)."""
+def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+    """Zero a random square of half the side (0: mid-grey in [-1, 1])."""
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     top = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
@@ -148,13 +148,13 @@ PADDINGS = ("reflection", "zeros", "border")
 def diff_augment(x: torch.Tensor, policy: list[str], padding: str = "reflection") -> torch.Tensor:
     """`policy`'s augmentations in order; `padding` is how translation fills what it uncovers."""
     for name in policy:
-        x = AUGMENTS[name](x, padding=padding)
+        x = _translation(x, padding=padding) if name == "translation" else AUGMENTS[name](x)
     return x
 
 
 # ---- networks ----------------------------------------------------------------------------
-#: Residual blocks per resolution in the r3gan networks: R3GAN has 2 at CIFAR-10 size; 1 halves a
-#: step on the CPU (0.28 instead of 0.49 s at width 16, batch 64, one thread) and is enough for 16 px digits.
+#: Residual blocks per resolution in the r3gan networks: R3GAN has 2 at CIFAR-10 size; 1 nearly halves
+#: a step on the CPU (0.28 instead of 0.49 s at width 16, batch 64, one thread).
 R3_BLOCKS = 1
 ARCHS = ("dcgan", "resnet", "r3gan")
 
@@ -477,7 +477,7 @@ class GAN:
             string ("color,translation"); empty = off.
         diffaug_padding: what translation fills the uncovered strip with: "reflection" (the image's
             own border mirrored), "border" (its edge pixels repeated) or "zeros" (DiffAugment's
-            original; mid-grey in [-1, 1], which let the digits GAN paint bright border blocks).
+            original; mid-grey in [-1, 1], unlike any digit's background).
         g_upsample: DCGAN generator upsampling: "transposed" (strided transposed conv), "nearest"
             or "bilinear" (resize, then a 3x3 conv).
         truncation: sampling only: z from a normal truncated at +-truncation (BigGAN's truncation
