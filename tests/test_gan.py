@@ -57,6 +57,58 @@ def test_losses_on_known_logits():
     assert G.g_loss_lsgan(T([0.0, 1.0])).item() == pytest.approx(0.25)
 
 
+def test_rpgan_losses_on_known_logits():
+    sp = lambda t: math.log1p(math.exp(t))  # noqa: E731  softplus
+    real, fake = T([2.0, 0.0, -1.0]), T([0.0, 1.0, -1.0])
+    # Pairs (real_i, fake_i): D wants real_i above fake_i, G wants the opposite.
+    assert G.d_loss_rpgan(real, fake).item() == pytest.approx((sp(-2.0) + sp(1.0) + sp(0.0)) / 3)
+    assert G.g_loss_rpgan(real, fake).item() == pytest.approx((sp(2.0) + sp(-1.0) + sp(0.0)) / 3)
+    # Relativistic: only differences within a pair count, not where the scores sit.
+    assert G.d_loss_rpgan(real + 5, fake + 5).item() == pytest.approx(G.d_loss_rpgan(real, fake).item())
+    assert G.d_loss_rpgan(real, fake.flip(0)).item() != pytest.approx(G.d_loss_rpgan(real, fake).item())
+
+
+class QuadraticD(torch.nn.Module):
+    """D(x) = c . sum(x^2): dD/dx = 2 c x, so R1 = mean 4 c^2 ||real||^2 and R2 the same at fakes."""
+
+    def __init__(self, c: float = 0.5):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(c))
+
+    def forward(self, x, label=None):
+        return self.c * x.pow(2).flatten(1).sum(1)
+
+
+def test_d_loss_adds_r1_at_reals_and_r2_at_fakes():
+    gan = tiny_gan(loss="rpgan", r1_gamma=0.3, r2_gamma=0.7, spectral_norm=False)
+    gan.discriminator = QuadraticD(0.5)
+    real, fake = digits_like(6), 0.5 * torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss, logs = gan._d_loss(real, fake, None, step=0)
+    d_real, d_fake = 0.5 * real.pow(2).flatten(1).sum(1), 0.5 * fake.pow(2).flatten(1).sum(1)
+    r1 = real.pow(2).flatten(1).sum(1).mean()  # (2 c)^2 = 1 with c = 0.5
+    r2 = fake.pow(2).flatten(1).sum(1).mean()
+    expected = torch.nn.functional.softplus(d_fake - d_real).mean() + 0.3 / 2 * r1 + 0.7 / 2 * r2
+    assert logs["r1"].item() == pytest.approx(r1.item(), rel=1e-5)
+    assert logs["r2"].item() == pytest.approx(r2.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # the penalties train D: their gradient w.r.t. c is part of the total
+    assert gan.discriminator.c.grad is not None
+
+
+def test_rpgan_generator_loss_pairs_each_fake_with_a_real():
+    gan = tiny_gan(arch="r3gan", loss="rpgan", spectral_norm=False)
+    gan.discriminator = QuadraticD(0.5)
+    batch = {"image": digits_like(8)}
+    torch.manual_seed(0)
+    loss, _ = gan.loss("g", batch, 0, rng(0))
+    torch.manual_seed(0)
+    fake = gan.generator(torch.randn(8, 8))  # the same z the G phase drew
+    d_real, d_fake = gan.discriminator(batch["image"]), gan.discriminator(fake)
+    assert loss.item() == pytest.approx(G.g_loss_rpgan(d_real, d_fake).item(), rel=1e-5)
+    loss.backward()
+    assert gan.generator.stem.weight.grad.abs().sum() > 0  # G learns from its side of the pairs
+
+
 def test_gradient_penalty_is_zero_only_for_unit_gradient_norm():
     real, fake = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
     w = torch.randn(1, 4, 4)
@@ -88,6 +140,21 @@ def test_diffaugment_keeps_shapes_gradients_and_image_content():
     assert (holes > 0).all() and (holes <= 64).all()  # at most an 8x8 square (half the side)
 
 
+def test_translation_pads_with_the_image_not_with_grey():
+    black = -torch.ones(32, 1, 16, 16)  # digits' background
+    torch.manual_seed(0)
+    grey = G.diff_augment(black, ["translation"], rng(), padding="zeros")
+    assert (grey == 0).any()  # DiffAugment's zero padding: mid-grey strips, a value no digit background has
+    torch.manual_seed(0)
+    assert torch.equal(G.diff_augment(black, ["translation"], rng(), padding="reflection"), black)
+    assert torch.equal(G.diff_augment(black, ["translation"], rng()), black)  # reflection is the default
+    seen = []  # the family pads by reflection unless told otherwise
+    gan = tiny_gan(diffaug="translation")
+    gan.discriminator = lambda x, labels=None: seen.append(x) or x.flatten(1).sum(1)
+    gan._discriminate(-torch.ones(32, 1, 8, 8), None, step=0)
+    assert torch.equal(seen[0], -torch.ones(32, 1, 8, 8))
+
+
 # ---- the family ----------------------------------------------------------------------------
 def test_config_errors():
     with pytest.raises(ConfigError, match="data.num_classes is null"):
@@ -98,6 +165,39 @@ def test_config_errors():
         tiny_gan(image_size=28)
     with pytest.raises(ConfigError, match="cutout"):
         tiny_gan(diffaug="color,flip")
+    with pytest.raises(ConfigError, match="reflection"):
+        tiny_gan(diffaug_padding="mirror")
+    with pytest.raises(ConfigError, match="nearest"):
+        tiny_gan(g_upsample="pixelshuffle")
+    with pytest.raises(ConfigError, match="r3gan"):
+        tiny_gan(arch="stylegan")
+
+
+def test_r3gan_networks_start_as_transitions_and_have_no_normalisation():
+    gan = tiny_gan(arch="r3gan", loss="rpgan", spectral_norm=False, conditional=True, num_classes=4, image_size=16)
+    norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.InstanceNorm2d)
+    for net in (gan.generator, gan.discriminator):
+        assert not any(isinstance(m, norms) for m in net.modules())
+        blocks = [m for m in net.modules() if isinstance(m, G._R3Block)]
+        assert len(blocks) == 3 * G.R3_BLOCKS  # 4, 8 and 16 px
+        for block in blocks:  # zero-initialised last conv: each block starts as the identity
+            x = torch.randn(2, block.body[0].in_channels, 4, 4)
+            assert torch.equal(block(x), x)
+        grouped = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+        assert grouped  # the 3x3 convs are grouped
+    labels = torch.tensor([0, 1, 2, 3])
+    images = gan.sample(4, seed=0)
+    assert images.shape == (4, 1, 16, 16) and images.abs().max() <= 1
+    assert gan.discriminator(images, labels).shape == (4,)
+    # A sample without BatchNorm does not depend on the rest of its batch.
+    assert torch.allclose(gan.generator(torch.ones(3, 8), labels[:3])[:1], gan.generator(torch.ones(1, 8), labels[:1]),
+                          atol=1e-6)
+
+
+def test_eval_variants_show_truncation_against_none():
+    assert tiny_gan().eval_variants == {"truncation_1": {"truncation": 1.0}, "truncation_0.5": {"truncation": 0.5}}
+    assert tiny_gan(truncation=1.0).eval_variants == {"truncation_0": {"truncation": 0.0},
+                                                      "truncation_0.5": {"truncation": 0.5}}
 
 
 def test_phases_param_groups_and_noise_schedule():
@@ -295,6 +395,36 @@ def test_mode_seeking_term_punishes_a_generator_that_ignores_z():
     odd = {"image": digits_like(9), "label": torch.arange(9) % 4}
     assert any("within a class" in m for m in gan.diagnose(odd))
     gan.loss("g", odd, 1, rng(1))
+
+
+def test_same_class_distance_by_hand():
+    x = torch.tensor([0.0, 1.0, 0.5, 3.0]).view(4, 1, 1, 1)
+    assert G.same_class_distance(x, torch.tensor([0, 1, 0, 1])).item() == pytest.approx((0.5 + 2.0) / 2)
+    assert G.same_class_distance(x).item() == pytest.approx((1 + 0.5 + 3 + 0.5 + 2 + 2.5) / 6)
+    assert G.same_class_distance(x, torch.arange(4)).item() == math.inf  # no pair: no cap
+
+
+def test_mode_seeking_stops_rewarding_spread_beyond_the_datas():
+    labels = torch.arange(8) % 4  # pairs (i, i + 4) share a class, as the G phase pairs its fakes
+
+    def g_loss(images, cap):
+        gan = tiny_gan(num_classes=4, conditional=True, mode_seeking=1.0, mode_seeking_cap=cap)
+        torch.manual_seed(0)
+        loss, logs = gan.loss("g", {"image": images, "label": labels}, 1, rng(1))
+        return loss.item(), logs["ms_ratio"].item()
+
+    varied = digits_like(8)
+    torch.manual_seed(0)
+    z = torch.randn(8, 8)  # the G phase's z: pairs (z_i, z_{i+4})
+    at_data_spread = (z[:4] - z[4:]).abs().mean() / (varied[:4] - varied[4:]).abs().mean()
+    unbounded, ratio = g_loss(varied, cap=False)
+    capped, _ = g_loss(varied, cap=True)
+    assert 1 / ratio > at_data_spread  # an untrained G spreads less than the data: still pushed, less
+    assert capped == pytest.approx(unbounded - at_data_spread.item(), rel=1e-4)
+    alike = digits_like(4).repeat(2, 1, 1, 1) + 1e-4 * torch.randn(8, 1, 8, 8)  # reals of a class all but equal
+    unbounded, ratio = g_loss(alike, cap=False)
+    capped, _ = g_loss(alike, cap=True)
+    assert capped == pytest.approx(unbounded - 1 / (ratio + 1e-5), rel=1e-4)  # fakes spread more: no reward
 
 
 def test_cli_train_and_sample(tmp_path):

@@ -14,8 +14,9 @@ from genlab.data.fill_circles import COLOUR_NAMES, PALETTE, FillCircles, caption
 from genlab.errors import ConfigError, GenlabError
 from genlab.eval.control_metrics import control_metrics, disc_colour_name, disc_iou, edge_f1, fill_colour_from_caption
 from genlab.eval.evaluate import EvalConfig, Evaluator
-from genlab.eval.metrics import (cached_reference, class_coverage, extract, feature_metrics, frechet_distance,
-                                 kernel_distance, precision_recall)
+from genlab.eval.metrics import (border_artifact_rate, border_energy, cached_reference, class_agreement,
+                                 class_coverage, extract, feature_metrics, frechet_distance, kernel_distance,
+                                 precision_recall, rejection_rate)
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
 
@@ -75,6 +76,61 @@ def test_digits_cnn_is_accurate_trained_once_then_loaded(trained, cache_dir, mon
     assert again.val_accuracy == model.val_accuracy
     x = Digits("val", 16, 1).images[:8]
     assert torch.equal(extract(again, x)[0], extract(model, x)[0])
+
+
+@pytest.fixture(scope="module")
+def mlp(cache_dir):
+    """The second digits classifier (an MLP on 8x8 pixels), trained into the module's cache."""
+    return features.load_or_train_digits_classifier("digits_mlp", 16, 1, cache_dir)
+
+
+def test_second_classifier_is_another_kind_accurate_and_cached(trained, mlp, cache_dir, monkeypatch):
+    cnn, _ = trained
+    assert mlp.val_accuracy > 0.96 and (cache_dir / f"{mlp.cache_tag}.pt").exists()
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in mlp.modules())  # not a CNN: one weight per pixel
+    assert mlp.work_size == 8 and cnn.work_size == 16
+    monkeypatch.setattr(features, "train_digits_mlp", lambda *a, **k: pytest.fail("trained again"))
+    again = features.load_or_train_digits_classifier("digits_mlp", 16, 1, cache_dir)
+    x = Digits("val", 16, 1).images[:8]
+    assert torch.equal(extract(again, x)[1], extract(mlp, x)[1])
+    # Independent networks: they agree on real digits, not on noise.
+    val = Digits("val", 16, 1).images
+    noise = torch.rand(200, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert class_agreement(extract(cnn, val)[1], extract(mlp, val)[1]) > 0.95
+    assert class_agreement(extract(cnn, noise)[1], extract(mlp, noise)[1]) < 0.6
+
+
+def test_mlp_augmentation_rotates_digits_and_keeps_the_background_black():
+    g = torch.Generator().manual_seed(0)
+    black = -torch.ones(8, 1, 16, 16)
+    assert torch.allclose(features._rotate_and_scale(black, g), black)  # what it uncovers is background, not grey
+    digits = Digits("val", 16, 1).images[:8]
+    moved = features._rotate_and_scale(digits, g)
+    assert not torch.allclose(moved, digits, atol=0.1) and moved.min() >= -1 and moved.max() <= 1
+
+
+def test_rejection_rate_against_real_confidences():
+    def logits_with_confidence(p):  # 2 classes: softmax max = p
+        p = torch.tensor(p)
+        return torch.stack([p.log(), (1 - p).log()], 1)
+
+    real = logits_with_confidence([0.6] + [0.99] * 19)  # 5% of reals below 0.99
+    assert rejection_rate(real, real) == pytest.approx(0.05)
+    # Threshold: the reals' 5% quantile, 0.6 + 0.95 x (0.99 - 0.6) = 0.9705 (linear interpolation).
+    fake = logits_with_confidence([0.55, 0.7, 0.96, 0.98, 0.995])
+    assert rejection_rate(fake, real) == pytest.approx(0.6)
+
+
+def test_border_artifacts_flag_bright_edges_not_bright_centres():
+    train, val = Digits("train", 16, 1).images, Digits("val", 16, 1).images
+    reference = border_energy(train)
+    assert border_energy(-torch.ones(1, 1, 16, 16)).tolist() == [[0.0] * 4]
+    assert border_artifact_rate(val, reference) < 0.05  # real digits rarely trip it
+    left_block, centre_block = val.clone(), val.clone()
+    left_block[:, :, 4:12, :2] = 1.0  # a bright 8x2 block on the left edge
+    centre_block[:, :, 4:12, 7:9] = 1.0
+    assert border_artifact_rate(left_block, reference) == 1.0
+    assert border_artifact_rate(centre_block, reference) < 0.05
 
 
 def test_extractor_plugs_into_torchmetrics(trained):
@@ -313,6 +369,39 @@ def test_evaluator_on_digits_picks_coverage_and_caches_reference(digits_evaluato
     assert good["recall_digits_cnn"] > bad["recall_digits_cnn"]
 
 
+class VariantFamily(DataFamily):
+    """Data images; the variant "noisy" adds noise (as a GAN's truncation changes its samples)."""
+
+    eval_variants = {"noisy": {"noise": 0.6}}
+
+    def sample(self, n, seed, noise=0.0):
+        images = super().sample(n, seed)
+        return (images + noise * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))).clamp(-1, 1)
+
+
+def test_evaluator_scores_with_both_classifiers_and_each_variant(digits_evaluator):
+    metrics = digits_evaluator.evaluate(VariantFamily(Digits("val", 16, 1).images))
+    for c in features.CLASSIFIERS:
+        assert metrics[f"class_confidence_{c}"] > 0.9 and metrics[f"classes_covered_{c}"] == 10
+        assert metrics[f"rejected_{c}"] < 0.1 and f"fid_{c}" in metrics and f"recall_{c}" in metrics
+    assert metrics["class_agreement"] > 0.95 and metrics["border_artifacts"] < 0.05
+    # The unsuffixed class metrics are the worse classifier's.
+    assert metrics["class_confidence"] == min(metrics[f"class_confidence_{c}"] for c in features.CLASSIFIERS)
+    assert metrics["class_kl"] == max(metrics[f"class_kl_{c}"] for c in features.CLASSIFIERS)
+    assert metrics["class_confidence@noisy"] < metrics["class_confidence"] - 0.1
+    assert metrics["rejected_digits_mlp@noisy"] > metrics["rejected_digits_mlp"] + 0.2
+
+
+def test_class_metrics_follow_the_classifier_that_is_not_fooled(digits_evaluator):
+    confident = torch.eye(10).repeat(10, 1) * 20  # sure of a class, the classes spread evenly
+    unsure = torch.zeros(100, 10)  # no opinion at all
+    metrics = digits_evaluator.class_metrics({"digits_cnn": confident, "digits_mlp": unsure})
+    assert metrics["class_confidence_digits_cnn"] == pytest.approx(1.0) and metrics["class_kl_digits_cnn"] < 0.01
+    assert metrics["class_confidence_digits_mlp"] == pytest.approx(0.1)
+    assert metrics["class_confidence"] == pytest.approx(0.1) and metrics["rejected_digits_mlp"] == 1.0
+    assert metrics["class_agreement"] == pytest.approx(0.1)  # argmax of all-equal logits is class 0
+
+
 class StepsFamily(DataFamily):
     """Data images plus noise that shrinks with the sampler's step count."""
 
@@ -373,3 +462,12 @@ def test_evaluator_on_fill_circles_measures_control(cache_dir, monkeypatch):
     assert with_control["colour_accuracy"] == without["colour_accuracy"] == 1.0
     assert with_control["edge_f1"] > without["edge_f1"] + 0.3
     assert "classes_covered" not in with_control and "fid_digits_cnn" in with_control
+
+
+def test_eval_table_puts_variants_beside_the_default():
+    from genlab.eval.report import metrics_table
+
+    table = metrics_table({"recall": 0.8, "recall@truncation_1": 0.3, "eval_samples": 100.0}, "t")
+    assert [c.header for c in table.columns] == ["metric", "value", "truncation_1"]
+    assert list(table.columns[0].cells) == ["recall", "eval_samples"]  # one row per metric
+    assert list(table.columns[2].cells) == ["0.3", ""]

@@ -5,8 +5,14 @@ features, all cached on disk); `evaluate(family)` samples and returns a flat
 {name: float} of every metric the run supports, picked by what the data and the family
 provide, never by the family's name:
 
-- always: FID / KID / precision / recall on the extractor's features (`fid_digits_cnn`);
-- digits data with the digits classifier: class coverage, class KL, confidence;
+- always: FID / KID / precision / recall on the extractor's features (`fid_digits_cnn`), and
+  the border-artifact rate (bright strips at the image edges, against the data's own);
+- digits data: class coverage, class KL, confidence and out-of-distribution rejections by
+  each of two independently trained classifiers of different kinds (`CLASSIFIERS`: a CNN
+  and an 8x8 MLP), each also as a feature extractor, plus how often the two agree; the
+  unsuffixed class metrics are the worse of the two, so no target rests on one network;
+- an `EvalVariants` family ({name: sample options}, e.g. a GAN's truncation): the sample
+  metrics again for each, as `<metric>@<name>`;
 - a `Conditioned` family (e.g. conditions ("sketch", "prompt")): images are generated from
   val items, and compared with them: disc IoU and caption-colour accuracy (fill_circles),
   edge F1 (any sketch data);
@@ -30,11 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
 from genlab.eval.control_metrics import control_metrics
-from genlab.eval.features import DigitsCNN, build_extractor, default_cache_dir
-from genlab.eval.metrics import (cached_reference, class_coverage, dataset_fingerprint, extract, feature_metrics,
-                                 reference_key)
+from genlab.eval.features import CLASSIFIERS, build_extractor, default_cache_dir
+from genlab.eval.metrics import (border_artifact_rate, border_energy, cached_reference, class_agreement,
+                                 class_coverage, dataset_fingerprint, extract, feature_metrics, reference_key,
+                                 rejection_rate)
 from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
-from genlab.families.base import Autoencoder, Conditioned, Decode, Encode
+from genlab.families.base import Autoencoder, Conditioned, Decode, Encode, EvalVariants
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class EvalConfig:
     vae_likelihood: str = "auto"     # auto | gaussian | laplace | bernoulli (auto: the one its recon_loss trains)
     vae_decoder_scale: float | None = None  # gaussian std / laplace scale (null: the one the VAE loss implies)
     edge_tolerance: int = 1          # pixels an edge may be off and still match (edge F1)
+    reject_fraction: float = 0.05    # OOD test: a classifier rejects what is less sure than all but this fraction of real val images
+    border_quantile: float = 0.995   # border artifacts: a strip brighter than this quantile of the data's at that side
+    variants: bool = True            # also evaluate the family's eval_variants (a GAN: with truncation 1.0 and 0.5)
     seed: int = 0                    # seed of the generated samples
 
     @classmethod
@@ -117,9 +127,20 @@ class Evaluator:
         self.cache_dir = Path(self.settings.cache_dir or default_cache_dir())
         _, self.channels, self.image_size, _ = collate_items(self.train, [0])["image"].shape
         self.extractor = self._build_extractor().to(self.device)
+        # Every extractor whose features are measured; on digits also every classifier (class metrics).
+        self.extractors = {self.extractor.name: self.extractor}
+        self.classifiers = {}
+        if self.is_digits:
+            for name in CLASSIFIERS:
+                self.extractors.setdefault(name, build_extractor(name, self.image_size, self.channels,
+                                                                 self.cache_dir).to(self.device))
+                self.classifiers[name] = self.extractors[name]
         data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADER_KEYS}
         self.dataset_key = dataset_fingerprint(type(self.train).__name__.lower(), data_cfg)
-        self.reference = self._reference()
+        self.references = {name: self._reference(extractor) for name, extractor in self.extractors.items()}
+        self.reference = self.references[self.extractor.name]
+        self.border_reference = self._border_reference()
+        self.val_logits = self._val_logits()
 
     def _build_extractor(self) -> torch.nn.Module:
         name = self.settings.extractor
@@ -141,19 +162,36 @@ class Evaluator:
     def extractor_name(self) -> str:
         return self.extractor.name
 
-    def _reference(self) -> dict[str, torch.Tensor]:
+    def _reference(self, extractor: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Features (and labels) of up to n_reference train images, cached on disk."""
         n = min(len(self.train), self.settings.n_reference)
-        key = reference_key(self.dataset_key, "train", self.image_size, self.extractor.cache_tag, n)
+        key = reference_key(self.dataset_key, "train", self.image_size, extractor.cache_tag, n)
 
         def compute() -> dict[str, torch.Tensor]:
             items = collate_items(self.train, _subset(len(self.train), n))
-            ref = {"features": extract(self.extractor, items["image"], self.settings.batch_size)[0]}
+            ref = {"features": extract(extractor, items["image"], self.settings.batch_size)[0]}
             if "label" in items:
                 ref["labels"] = torch.as_tensor(items["label"]).cpu()
             return ref
 
         return cached_reference(self.cache_dir / key, compute)
+
+    def _border_reference(self) -> torch.Tensor:
+        """(N, 4) border strip brightness of up to n_reference train images (`border_energy`), cached."""
+        n = min(len(self.train), self.settings.n_reference)
+        key = reference_key(self.dataset_key, "train", self.image_size, "border", n)
+
+        def compute() -> dict[str, torch.Tensor]:
+            return {"border": border_energy(collate_items(self.train, _subset(len(self.train), n))["image"])}
+
+        return cached_reference(self.cache_dir / key, compute)["border"]
+
+    def _val_logits(self) -> dict[str, torch.Tensor]:
+        """Each classifier's logits on the val images, which none was trained on: the OOD test's yardstick."""
+        if not self.classifiers:
+            return {}
+        images = collate_items(self.val, list(range(len(self.val))))["image"]
+        return {name: extract(model, images, self.settings.batch_size)[1] for name, model in self.classifiers.items()}
 
     @torch.no_grad()
     def generate(self, family: Any, n: int, seed: int, options: dict | None = None, items: dict | None = None,
@@ -172,14 +210,43 @@ class Evaluator:
         return torch.cat(out)
 
     def sample_metrics(self, images: torch.Tensor) -> dict[str, float]:
-        """Feature metrics (and class coverage on digits) of generated images (N, C, H, W) in [-1, 1]."""
+        """Feature metrics, border artifacts and (on digits) class metrics of images (N, C, H, W) in [-1, 1]."""
         s = self.settings
-        feats, logits = extract(self.extractor, images, s.batch_size)
-        metrics = feature_metrics(self.reference["features"], feats, self.extractor_name, s.pr_k,
-                                  s.kid_subset_size, s.seed)
-        # Coverage needs a classifier trained on this very data: the digits CNN on digits.
-        if self.is_digits and isinstance(self.extractor, DigitsCNN) and "labels" in self.reference:
-            metrics.update(class_coverage(logits, self.reference["labels"], s.coverage_min_fraction))
+        metrics, logits = {}, {}
+        for name, extractor in self.extractors.items():
+            feats, logits[name] = extract(extractor, images, s.batch_size)
+            metrics.update(feature_metrics(self.references[name]["features"], feats, name, s.pr_k,
+                                           s.kid_subset_size, s.seed))
+        metrics["border_artifacts"] = border_artifact_rate(images, self.border_reference, s.border_quantile)
+        metrics.update(self.class_metrics({name: logits[name] for name in self.classifiers}))
+        return metrics
+
+    def class_metrics(self, logits: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Class metrics per classifier (`<metric>_<classifier>`), their worst case and agreement.
+
+        Args:
+            logits: {classifier name: (N, K) logits of the samples}, one per `self.classifiers`.
+
+        Returns:
+            classes_covered_<c>, class_kl_<c>, class_confidence_<c>, rejected_<c> for each
+            classifier c; classes_covered / class_kl / class_confidence = the worse of them
+            (a sample set meets a class target only if every classifier agrees it does);
+            class_agreement = fraction of samples all classifiers put in the same class.
+        """
+        if not logits or "labels" not in self.reference:
+            return {}
+        s, metrics = self.settings, {}
+        for name, lg in logits.items():
+            per = class_coverage(lg, self.reference["labels"], s.coverage_min_fraction)
+            per["rejected"] = rejection_rate(lg, self.val_logits[name], s.reject_fraction)
+            metrics.update({f"{k}_{name}": v for k, v in per.items() if k != "classes_total"})
+            metrics["classes_total"] = per["classes_total"]
+        names = list(logits)
+        metrics["classes_covered"] = min(metrics[f"classes_covered_{n}"] for n in names)
+        metrics["class_kl"] = max(metrics[f"class_kl_{n}"] for n in names)
+        metrics["class_confidence"] = min(metrics[f"class_confidence_{n}"] for n in names)
+        first = logits[names[0]]
+        metrics["class_agreement"] = min((class_agreement(first, logits[n]) for n in names[1:]), default=1.0)
         return metrics
 
     def vae_metrics(self, encode: Encode, decode: Decode, likelihood: str,
@@ -214,7 +281,8 @@ class Evaluator:
         Args:
             family: a `genlab.families.base.Family`. An optional attribute `conditions`
                 (tuple of sample() options among "sketch", "prompt") makes it generate
-                from val items instead of unconditionally.
+                from val items instead of unconditionally; an optional `eval_variants`
+                ({name: sample options}) adds the sample metrics under those options.
             n_samples, seed: default to eval.n_samples / eval.seed.
             sample_options: passed to every `family.sample` (e.g. sampler="ddim", steps=20).
         """
@@ -228,6 +296,10 @@ class Evaluator:
         with _eval_mode(family):
             images = self.generate(family, n, seed, sample_options, items, conditions)
             metrics = self.sample_metrics(images)
+            variants = family.eval_variants if isinstance(family, EvalVariants) and self.settings.variants else {}
+            for variant, options in variants.items():  # e.g. a GAN with and without truncation
+                varied = self.generate(family, n, seed, {**sample_options, **options}, items, conditions)
+                metrics.update({f"{k}@{variant}": v for k, v in self.sample_metrics(varied).items()})
             if items is not None:
                 metrics.update(control_metrics(images, items, self.palette, self.settings.edge_tolerance))
             if isinstance(family, Autoencoder):  # a conditional VAE (num_classes set) gets the true labels

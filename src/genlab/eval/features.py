@@ -10,10 +10,13 @@ because generated images are floats: quantizing them first would only add noise.
 (genlab images live in [-1, 1]; `metrics.extract` maps them to [0, 1].) uint8 input in
 [0, 255] is accepted too.
 
-Two extractors:
+Three extractors:
 - `DigitsCNN` (name "digits_cnn"): a small CNN that genlab trains itself, offline, in a
   few seconds on scikit-learn's digits; its penultimate layer gives features and its
   head gives class logits (class coverage, confidence).
+- `DigitsMLP` (name "digits_mlp"): a second digits classifier of another kind (an MLP on
+  8x8 pixels, other augmentation, other seed), so that class metrics never rest on one
+  network's blind spots.
 - `InceptionFeatures` (name "inception"): the standard 2048-d pool features through
   torchmetrics / torch-fidelity; needs those weights (downloaded on first use).
 """
@@ -32,6 +35,7 @@ from genlab.errors import GenlabError
 #: Bump when DigitsCNN's architecture or training changes: cached weights and cached
 #: reference statistics are keyed by it, so stale ones are never loaded.
 DIGITS_CNN_VERSION = 1
+DIGITS_MLP_VERSION = 1
 INCEPTION_UNAVAILABLE = ("Inception weights are not available offline; use eval.extractor=digits_cnn "
                          "or install torch-fidelity with network access")
 
@@ -48,7 +52,24 @@ def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
 
 
-class DigitsCNN(nn.Module):
+class _DigitsClassifier(nn.Module):
+    """What both digits classifiers share: `_embed` (set by each) -> scaled features, and a linear head."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> penultimate features (N, num_features), scaled."""
+        return self._embed(images) * self.feature_scale
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0, 1] -> class logits (N, 10)."""
+        return self.head(self._embed(images))
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) at the cost of one forward pass."""
+        feats = self._embed(images)
+        return feats * self.feature_scale, self.head(feats)
+
+
+class DigitsCNN(_DigitsClassifier):
     """A small digit classifier whose penultimate layer serves as a feature extractor.
 
     Args:
@@ -92,18 +113,48 @@ class DigitsCNN(nn.Module):
             x = F.interpolate(x, size=(self.work_size, self.work_size), mode="bilinear", antialias=True)
         return self.body(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [0, 1] -> penultimate features (N, num_features), scaled."""
-        return self._embed(images) * self.feature_scale
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) in [0, 1] -> class logits (N, 10)."""
-        return self.head(self._embed(images))
+class DigitsMLP(_DigitsClassifier):
+    """A second digit classifier, built unlike `DigitsCNN` so that the two rarely share a blind spot.
 
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, logits) at the cost of one forward pass."""
-        feats = self._embed(images)
-        return feats * self.feature_scale, self.head(feats)
+    It reads the digits at their native 8x8 (inputs are area-averaged down to 8 px, grey) as
+    one vector: every pixel has weights of its own, so it notices *where* things are (a bright
+    block at the border, a stroke where no digit has one), which the CNN's pooling forgives.
+    It is trained with other augmentation (small rotations and scalings instead of shifts)
+    and another seed. Same interface as `DigitsCNN`.
+
+    Args:
+        image_size, channels: of the images it scores (any channel count is read as grey).
+        num_features: width of the penultimate layer (the FID/KID feature dimension).
+    """
+
+    name = "digits_mlp"
+
+    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10):
+        super().__init__()
+        self.image_size, self.channels, self.num_features = image_size, channels, num_features
+        self.work_size = 8
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 256), nn.ReLU(),
+                                  nn.Linear(256, num_features), nn.ReLU())
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(num_features, num_classes)
+        self.register_buffer("feature_scale", torch.tensor(1.0))  # as in DigitsCNN
+        self.val_accuracy: float | None = None
+
+    @property
+    def cache_tag(self) -> str:
+        return f"digits_mlp-v{DIGITS_MLP_VERSION}-{self.image_size}px-{self.channels}ch"
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = _as_unit_float(images).mean(1, keepdim=True) * 2 - 1  # grey, [-1, 1]
+        if x.shape[-1] != self.work_size or x.shape[-2] != self.work_size:
+            x = F.interpolate(x, size=(self.work_size, self.work_size), mode="area")
+        return self.body(x)
+
+
+DigitsClassifier = DigitsCNN | DigitsMLP
+#: The digits classifiers `genlab eval` scores samples with; a recipe meets a class target only if every one does.
+CLASSIFIERS = ("digits_cnn", "digits_mlp")
 
 
 def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -116,8 +167,31 @@ def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
     return padded[..., max_shift + dy:max_shift + dy + h, max_shift + dx:max_shift + dx + w]
 
 
+def _rotate_and_scale(images: torch.Tensor, generator: torch.Generator, max_angle: float = 0.2,
+                      max_scale: float = 0.1) -> torch.Tensor:
+    """Per image, a random rotation (+-max_angle radians) and scaling (1 +- max_scale), background-filled."""
+    b = len(images)
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * max_angle
+    scale = 1 + (torch.rand(b, generator=generator) * 2 - 1) * max_scale
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # Sampled in [0, 1], where grid_sample's zero padding is the black background (not grey, as 0 is in [-1, 1]).
+    return F.grid_sample((images + 1) / 2, grid, align_corners=False) * 2 - 1
+
+
+def _cnn_augment(images: torch.Tensor, generator: torch.Generator, max_shift: int) -> torch.Tensor:
+    x = _shift(images, max_shift, generator)
+    return x + 0.05 * torch.randn(x.shape, generator=generator)
+
+
+def _mlp_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    x = _rotate_and_scale(images, generator)
+    return x + 0.05 * torch.randn(x.shape, generator=generator)
+
+
 @torch.no_grad()
-def accuracy(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy of `model` on genlab images (N, C, H, W) in [-1, 1]."""
     model.eval()
     preds = torch.cat([model.logits((x + 1) / 2).argmax(1) for x in images.split(512)])
@@ -134,18 +208,28 @@ def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int
     Returns:
         The model in eval mode, with `val_accuracy` set.
     """
+    max_shift = max(image_size // 8, 1)  # one source (8 px) pixel
+    return _train(DigitsCNN, image_size, channels, epochs, seed, lambda x, g: _cnn_augment(x, g, max_shift))
+
+
+def train_digits_mlp(image_size: int, channels: int, epochs: int = 40, seed: int = 1) -> DigitsMLP:
+    """Train a `DigitsMLP` like `train_digits_cnn` (same split), with rotation/scaling augmentation and another seed."""
+    return _train(DigitsMLP, image_size, channels, epochs, seed, _mlp_augment)
+
+
+def _train(model_class: type, image_size: int, channels: int, epochs: int, seed: int, augment) -> DigitsClassifier:
     from genlab.data.digits import Digits  # the data package imports hydra; keep it off the import path
 
     train, val = Digits("train", image_size, channels), Digits("val", image_size, channels)
     threads = torch.get_num_threads()
-    # One thread: this net is too small to gain from more, and on a busy 2-core CPU two
+    # One thread: these nets are too small to gain from more, and on a busy 2-core CPU two
     # threads spun on each other and made training ~7x slower.
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):  # fixed weights and dropout, caller's RNG untouched
             torch.manual_seed(seed)
-            model = DigitsCNN(image_size, channels)
-            _fit(model, train.images, train.labels, epochs, torch.Generator().manual_seed(seed))
+            model = model_class(image_size, channels)
+            _fit(model, train.images, train.labels, epochs, torch.Generator().manual_seed(seed), augment)
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -156,17 +240,16 @@ def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int
     return model
 
 
-def _fit(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor, epochs: int, generator: torch.Generator):
-    """Adam + one-cycle schedule, batch 64, with shift and noise augmentation."""
+def _fit(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor, epochs: int,
+         generator: torch.Generator, augment):
+    """Adam + one-cycle schedule, batch 64, each batch through `augment(images, generator)`."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     steps = epochs * ((len(images) + 63) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps)
-    max_shift = max(model.image_size // 8, 1)  # one source (8 px) pixel
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=generator).split(64):
-            x = _shift(images[idx], max_shift, generator)
-            x = x + 0.05 * torch.randn(x.shape, generator=generator)
+            x = augment(images[idx], generator)
             feats = model._embed(((x + 1) / 2).clamp(0, 1))
             loss = F.cross_entropy(model.head(model.dropout(feats)), labels[idx])
             optimizer.zero_grad()
@@ -175,32 +258,41 @@ def _fit(model: DigitsCNN, images: torch.Tensor, labels: torch.Tensor, epochs: i
             schedule.step()
 
 
-def load_or_train_digits_cnn(image_size: int, channels: int = 1, cache_dir: str | Path | None = None) -> DigitsCNN:
-    """The digits classifier for this image size and channel count, trained at most once.
+def load_or_train_digits_classifier(name: str, image_size: int, channels: int = 1,
+                                    cache_dir: str | Path | None = None) -> DigitsClassifier:
+    """The digits classifier `name` ("digits_cnn" or "digits_mlp") for this image size, trained at most once.
 
     Args:
+        name: one of `CLASSIFIERS`.
         image_size: side of the images it will score.
         channels: 1 or 3.
         cache_dir: where the weights are cached (default: `default_cache_dir()`).
 
     Returns:
         The model in eval mode with `val_accuracy` set, loaded from
-        `cache_dir/digits_cnn-v{version}-{size}px-{channels}ch.pt` when that exists,
-        trained (a few seconds on CPU) and saved there otherwise.
+        `cache_dir/<name>-v{version}-{size}px-{channels}ch.pt` when that exists,
+        trained (seconds on CPU) and saved there otherwise.
     """
-    model = DigitsCNN(image_size, channels)
+    model_class, train = {"digits_cnn": (DigitsCNN, train_digits_cnn),  # looked up per call: tests patch them
+                          "digits_mlp": (DigitsMLP, train_digits_mlp)}[name]
+    model = model_class(image_size, channels)
     path = Path(cache_dir or default_cache_dir()) / f"{model.cache_tag}.pt"
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         model.val_accuracy = float(saved["val_accuracy"])
         return model.eval()
-    model = train_digits_cnn(image_size, channels)
+    model = train(image_size, channels)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # atomic: a concurrent reader never sees half a file
     torch.save({"state_dict": model.state_dict(), "val_accuracy": model.val_accuracy}, tmp)
     os.replace(tmp, path)
     return model
+
+
+def load_or_train_digits_cnn(image_size: int, channels: int = 1, cache_dir: str | Path | None = None) -> DigitsCNN:
+    """`load_or_train_digits_classifier("digits_cnn", ...)`."""
+    return load_or_train_digits_classifier("digits_cnn", image_size, channels, cache_dir)
 
 
 class InceptionFeatures(nn.Module):
@@ -238,13 +330,13 @@ class InceptionFeatures(nn.Module):
 
 def build_extractor(name: str, image_size: int, channels: int, cache_dir: str | Path | None = None,
                     inception_weights: str | None = None) -> nn.Module:
-    """The extractor called `name` ("digits_cnn" or "inception"), built on demand.
+    """The extractor called `name` ("digits_cnn", "digits_mlp" or "inception"), built on demand.
 
     Raises:
         GenlabError: an unknown name, or Inception without its weights.
     """
-    if name == "digits_cnn":
-        return load_or_train_digits_cnn(image_size, channels, cache_dir)
+    if name in CLASSIFIERS:
+        return load_or_train_digits_classifier(name, image_size, channels, cache_dir)
     if name == "inception":
         return InceptionFeatures(inception_weights)
-    raise GenlabError(f"eval.extractor={name!r} is unknown; use digits_cnn or inception.")
+    raise GenlabError(f"eval.extractor={name!r} is unknown; use digits_cnn, digits_mlp or inception.")

@@ -1,4 +1,4 @@
-"""Distribution metrics on extracted features: FID, KID, precision/recall, class coverage.
+"""Distribution metrics on extracted features: FID, KID, precision/recall, class coverage, artifact checks.
 
 Features are extracted once per image set (`extract`) and every metric reads them, so
 FID, KID and precision/recall cost one pass of the extractor. FID and KID are
@@ -168,6 +168,54 @@ def class_coverage(fake_logits: torch.Tensor, data_labels: torch.Tensor,
     return {"classes_covered": float(((fake_hist >= min_fraction) & present).sum()),
             "classes_total": float(present.sum()), "class_kl": float(kl),
             "class_confidence": float(probs.max(1).values.mean())}
+
+
+def class_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> float:
+    """Fraction of samples that two classifiers (logits (N, K) each) put in the same class."""
+    return (logits_a.argmax(1) == logits_b.argmax(1)).float().mean().item()
+
+
+def rejection_rate(fake_logits: torch.Tensor, real_logits: torch.Tensor, real_fraction: float = 0.05) -> float:
+    """Fraction of samples a classifier rejects as out of distribution (maximum-softmax OOD test).
+
+    The threshold is the top softmax probability that all but `real_fraction` of real
+    held-out images reach, so real images are rejected at about that rate: a sample below
+    it looks to the classifier like no digit it knows (broken strokes, blobs, noise).
+
+    Args:
+        fake_logits: (N, K) logits of generated images.
+        real_logits: (M, K) logits of real images the classifier was not trained on.
+    """
+    threshold = real_logits.float().softmax(1).max(1).values.quantile(real_fraction)
+    return (fake_logits.float().softmax(1).max(1).values < threshold).float().mean().item()
+
+
+def border_energy(images: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """(N, 4) mean brightness in [0, 1] of each image's top, bottom, left and right strips `width` pixels wide.
+
+    Args:
+        images: (N, C, H, W) in [-1, 1]; channels are averaged.
+    """
+    x = (images.float().mean(1) + 1) / 2  # (N, H, W)
+    strips = (x[:, :width], x[:, -width:], x[:, :, :width], x[:, :, -width:])
+    return torch.stack([s.flatten(1).mean(1) for s in strips], 1)
+
+
+def border_artifact_rate(fake: torch.Tensor, real_border: torch.Tensor, quantile: float = 0.995,
+                         width: int = 2) -> float:
+    """Fraction of samples with a border strip brighter than almost any real image has there.
+
+    Per side (top, bottom, left, right), the bound is the `quantile` of the real images'
+    strip brightness; a sample is flagged when any side exceeds its bound. Catches the
+    bright blocks a generator can leave at the image edges; real images score at most
+    about 4 x (1 - quantile).
+
+    Args:
+        fake: (N, C, H, W) in [-1, 1].
+        real_border: (M, 4) `border_energy(real_images, width)`.
+    """
+    bound = real_border.float().quantile(quantile, dim=0)  # (4,)
+    return (border_energy(fake, width) > bound).any(1).float().mean().item()
 
 
 def reference_key(dataset: str, split: str, image_size: int, extractor_tag: str, n: int) -> str:

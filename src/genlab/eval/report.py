@@ -18,7 +18,6 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
                  compare_samplers: bool = False, allow: tuple[str, ...] = (), trust_run: bool = False) -> dict[str, Any]:
     """Evaluate a run; writes RUN_DIR/eval/metrics.json (and samplers.json/.png when asked)."""
     from rich.console import Console
-    from rich.table import Table
 
     run = RunDir(run_dir)
     family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run)
@@ -29,12 +28,7 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
     out_dir = run.eval_dir
     report = {"checkpoint": checkpoint, "ema": use_ema, "seconds": time.perf_counter() - started, **metrics}
     atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
-    table = Table(title=f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in metrics.items():
-        table.add_row(key, f"{value:.4g}")
-    Console().print(table)
+    Console().print(metrics_table(metrics, f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})"))
     if compare_samplers:
         from genlab.eval.plots import plot_quality_vs_steps
 
@@ -47,3 +41,20 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
     print(f"wrote {out_dir / 'metrics.json'}")
     refresh_model_card(run)  # the card's metrics are those of eval/metrics.json
     return report
+
+
+def metrics_table(metrics: dict[str, float], title: str):
+    """A rich Table: one row per metric, one column per sampling variant (`<metric>@<variant>`,
+    e.g. a GAN's truncation), so that what a variant trades is read across a row."""
+    from rich.table import Table
+
+    variants = list(dict.fromkeys(k.split("@", 1)[1] for k in metrics if "@" in k))
+    table = Table(title=title)
+    table.add_column("metric")
+    for column in ["value", *variants]:
+        table.add_column(column, justify="right")
+    for key, value in metrics.items():
+        if "@" not in key:
+            cells = [metrics.get(f"{key}@{v}") for v in variants]
+            table.add_row(key, f"{value:.4g}", *("" if c is None else f"{c:.4g}" for c in cells))
+    return table

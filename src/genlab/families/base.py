@@ -22,7 +22,7 @@ Batches are dicts: "image" (B, C, H, W) float in [-1, 1]; optionally "label" (B,
 "caption" list[str], "sketch" (B, C, H, W) float in [0, 1] (see `genlab.data`).
 
 `Family` is what every family has. The optional capabilities are small protocols of
-their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `Diagnosed`): a family has one
+their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `EvalVariants`, `Diagnosed`): a family has one
 by having its members, and callers ask with `isinstance(family, Capability)`.
 """
 
@@ -185,6 +185,14 @@ class Autoencoder(Protocol):
 
         likelihood: "gaussian" | "laplace" | "bernoulli", the one the family's loss trains.
         """
+
+
+@runtime_checkable
+class EvalVariants(Protocol):
+    """`genlab eval` measures the sample metrics again under each of these sample options, as
+    `<metric>@<name>` (a GAN: with truncation 1.0 and 0.5), so a variety-for-quality trade shows."""
+
+    eval_variants: dict[str, dict[str, Any]]
 
 
 @runtime_checkable

@@ -62,9 +62,22 @@ def g_loss_lsgan(fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (fake - 1).pow(2).mean()
 
 
+def d_loss_rpgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Relativistic pairing GAN (RpGAN; R3GAN's loss): each real must score above its paired fake.
+
+    -log sigmoid(D(real) - D(fake)) = softplus(D(fake) - D(real)), averaged over the pairs.
+    """
+    return F.softplus(fake - real).mean()
+
+
+def g_loss_rpgan(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """RpGAN's generator side: each fake must score above its paired real."""
+    return F.softplus(real - fake).mean()
+
+
 G_LOSSES = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_hinge, "wgan_gp": g_loss_wgan,
             "lsgan": g_loss_lsgan}
-LOSSES = tuple(G_LOSSES)
+LOSSES = (*G_LOSSES, "rpgan")  # rpgan's G loss also needs the real logits (g_loss_rpgan)
 
 
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
@@ -76,10 +89,17 @@ def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch
     return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
-def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """R1: mean squared norm of dD/dx at real images (`real` must require grad). Weighted gamma/2."""
-    (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+def r1_penalty(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean squared norm of dD/dx at `images` (which must require grad); weighted gamma/2.
+
+    At real images this is R1 (Mescheder et al. 2018), at generated ones R2: R3GAN takes
+    both, so that D is smooth where either distribution lies.
+    """
+    (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
     return grad.flatten(1).pow(2).sum(1).mean()
+
+
+r2_penalty = r1_penalty  # the same formula, at fakes
 
 
 # ---- DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike ------
@@ -92,17 +112,25 @@ def _color(x: torch.Tensor, rng: StepRandom) -> torch.Tensor:
     return (x - mean) * (r() + 0.5) + mean  # contrast
 
 
-def _translation(x: torch.Tensor, rng: StepRandom, ratio: float = 0.125) -> torch.Tensor:
+def _translation(x: torch.Tensor, rng: StepRandom, ratio: float = 0.125, padding: str = "reflection") -> torch.Tensor:
+    """Shift each image by up to `ratio` of its side; `padding` fills the uncovered strip (a grid_sample mode).
+
+    "zeros" (DiffAugment's original) fills with 0, mid-grey in [-1, 1], a value no digit's
+    background has; "reflection" (as StyleGAN2-ADA pads) mirrors the image's own border. On
+    digits the padding alone did not cause the GAN's border blocks (README, GAN artifacts).
+    """
     b, _, h, w = x.shape
     most = int(h * ratio + 0.5)
     shift = torch.stack([rng.randint(2 * most + 1, b), rng.randint(2 * most + 1, b)], 1).to(x.device, x.dtype) - most
     theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = theta[:, 1, 1] = 1
     theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * 2 / w, shift[:, 1] * 2 / h  # whole-pixel shifts
-    return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode=padding, align_corners=False)
 
 
 def _cutout(x: torch.Tensor, rng: StepRandom, ratio: float = 0.5) -> torch.Tensor:
+    """Zero a random square of half the side (0: mid-grey in [-1, 1])."""
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     top = rng.randint(h + (1 - ch % 2), b).view(b, 1, 1).to(x.device) - ch // 2
@@ -115,13 +143,23 @@ def _cutout(x: torch.Tensor, rng: StepRandom, ratio: float = 0.5) -> torch.Tenso
 AUGMENTS = {"color": _color, "translation": _translation, "cutout": _cutout}
 
 
-def diff_augment(x: torch.Tensor, policy: list[str], rng: StepRandom) -> torch.Tensor:
+PADDINGS = ("reflection", "zeros", "border")
+
+
+def diff_augment(x: torch.Tensor, policy: list[str], rng: StepRandom, padding: str = "reflection") -> torch.Tensor:
+    """`policy`'s augmentations in order; `padding` is how translation fills what it uncovers."""
     for name in policy:
-        x = AUGMENTS[name](x, rng)
+        x = _translation(x, rng, padding=padding) if name == "translation" else AUGMENTS[name](x, rng)
     return x
 
 
 # ---- networks ----------------------------------------------------------------------------
+#: Residual blocks per resolution in the r3gan networks: R3GAN has 2 at CIFAR-10 size; 1 nearly halves
+#: a step on the CPU (0.28 instead of 0.49 s at width 16, batch 64, one thread).
+R3_BLOCKS = 1
+ARCHS = ("dcgan", "resnet", "r3gan")
+
+
 def _levels(image_size: int) -> int:
     """Number of 2x resolution steps between 4x4 and image_size."""
     levels = int(math.log2(image_size // 4)) if image_size >= 8 else 0
@@ -157,8 +195,58 @@ class _ResDown(nn.Module):
         return self.main(x) + self.skip(x)
 
 
+class _R3Block(nn.Module):
+    """R3GAN's residual block: 1x1 conv (widen) - grouped 3x3 conv - 1x1 conv (narrow), leaky ReLUs,
+    no normalisation. The last conv starts at zero (as in Fixup), so each block starts as the
+    identity and the network as a plain stack of transitions: stable without normalisation."""
+
+    def __init__(self, channels: int, expansion: int = 2, group_size: int = 16):
+        super().__init__()
+        hidden = channels * expansion
+        self.body = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(hidden, hidden, 3, 1, 1, groups=max(1, hidden // group_size)),
+                                  nn.LeakyReLU(0.2), nn.Conv2d(hidden, channels, 1, bias=False))
+        nn.init.zeros_(self.body[-1].weight)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class _R3Transition(nn.Module):
+    """Between resolutions: bilinear 2x resampling and a 1x1 conv to the new width (R3GAN's transition)."""
+
+    def __init__(self, cin: int, cout: int, up: bool):
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(cin, cout, 1), up
+
+    def forward(self, x):
+        if self.up:  # widths shrink going up: resample the narrower output
+            return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+        # antialias: a [1, 3, 3, 1] low-pass before taking every second pixel
+        return self.conv(F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False))
+
+
+def _r3_stages(chans: list[int], up: bool, blocks: int) -> list[nn.Module]:
+    """`blocks` residual blocks at each width of `chans`, with transitions between them."""
+    layers: list[nn.Module] = []
+    for i, c in enumerate(chans):
+        if i:
+            layers.append(_R3Transition(chans[i - 1], c, up))
+        layers += [_R3Block(c) for _ in range(blocks)]
+    return layers
+
+
+def _upsample_conv(cin: int, cout: int, upsample: str) -> list[nn.Module]:
+    """2x upsampling + conv: a strided transposed conv (DCGAN), or nearest-neighbour then a 3x3 conv,
+    which cannot make the transposed conv's uneven-overlap checkerboard (Odena et al. 2016)."""
+    if upsample == "transposed":
+        return [nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+    return [nn.Upsample(scale_factor=2, mode=upsample), nn.Conv2d(cin, cout, 3, 1, 1)]
+
+
 class Generator(nn.Module):
-    """z (B, latent_dim) [+ label] -> images (B, channels, image_size, image_size) in [-1, 1].
+    """z (B, latent_dim) [+ label] -> images (B, channels, image_size, image_size) in [-1, 1]
+    (r3gan: unbounded, as in R3GAN; `GAN.sample` clamps).
 
     Width doubles at each lower resolution (capped at 8x `width`). Conditional: a class
     embedding, times the buffer `cond_scale` (0..1, see GAN's cond_transition), is
@@ -166,7 +254,7 @@ class Generator(nn.Module):
     """
 
     def __init__(self, arch: str, latent_dim: int, image_size: int, channels: int, width: int,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, upsample: str = "transposed"):
         super().__init__()
         levels = _levels(image_size)
         chans = [width * min(2 ** (levels - i), 8) for i in range(levels + 1)]  # 4x4 ... image_size
@@ -174,14 +262,15 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(num_classes, latent_dim) if num_classes else None
         self.register_buffer("cond_scale", torch.ones(()))
         self.stem = nn.Linear(latent_dim * (2 if num_classes else 1), chans[0] * 16)
-        if arch == "resnet":
-            blocks = [_ResUp(a, b) for a, b in zip(chans, chans[1:])]
-        else:  # DCGAN (pre-activation order so both archs share the head)
-            blocks = [nn.Sequential(nn.BatchNorm2d(a), nn.ReLU(), nn.ConvTranspose2d(a, b, 4, 2, 1))
-                      for a, b in zip(chans, chans[1:])]
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.BatchNorm2d(chans[-1]), nn.ReLU(), nn.Conv2d(chans[-1], channels, 3, 1, 1),
-                                  nn.Tanh())
+        if arch == "r3gan":  # no normalisation, no tanh: a linear 1x1 conv to pixels (samples are clamped)
+            self.blocks = nn.Sequential(*_r3_stages(chans, up=True, blocks=R3_BLOCKS))
+            self.head = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(chans[-1], channels, 1))
+        else:  # pre-activation order so that DCGAN and ResNet share the head
+            self.blocks = nn.Sequential(*[_ResUp(a, b) if arch == "resnet" else
+                                          nn.Sequential(nn.BatchNorm2d(a), nn.ReLU(), *_upsample_conv(a, b, upsample))
+                                          for a, b in zip(chans, chans[1:])])
+            self.head = nn.Sequential(nn.BatchNorm2d(chans[-1]), nn.ReLU(),
+                                      nn.Conv2d(chans[-1], channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
         if self.embed is not None:
@@ -190,7 +279,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """images [+ label] -> logits (B,). Global sum pooling, then a linear head plus, when
+    """images [+ label] -> logits (B,). Global sum pooling (r3gan: a 4x4 "basis" layer), then a linear head plus, when
     conditional, the projection term <embed(y), h> (Miyato & Koyama 2018) times the buffer
     `cond_scale` (0..1, see GAN's cond_transition)."""
 
@@ -199,7 +288,14 @@ class Discriminator(nn.Module):
         super().__init__()
         levels = _levels(image_size)
         chans = [width * min(2**i, 8) for i in range(levels + 1)]  # image_size ... 4x4
-        if arch == "resnet":
+        self.flatten = arch == "r3gan"
+        if arch == "r3gan":
+            self.features = nn.Sequential(nn.Conv2d(channels, chans[0], 1),
+                                          *_r3_stages(chans, up=False, blocks=R3_BLOCKS), nn.LeakyReLU(0.2))
+            # R3GAN ends in a 4x4 "basis" layer rather than a sum over positions: D knows where
+            # things are (a blob at the border is not a stroke at the centre).
+            self.basis = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * 16, chans[-1]), nn.LeakyReLU(0.2))
+        elif arch == "resnet":
             blocks = [_ResDown(channels, chans[0], preact=False)]  # first block sees raw pixels
             blocks += [_ResDown(a, b) for a, b in zip(chans, chans[1:])]
             self.features = nn.Sequential(*blocks, nn.ReLU())  # 2x more downsampling: ends at 2x2
@@ -217,7 +313,8 @@ class Discriminator(nn.Module):
                     spectral_norm(m)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x).sum(dim=(2, 3))  # (B, C)
+        h = self.features(x)
+        h = self.basis(h) if self.flatten else h.sum(dim=(2, 3))  # (B, C)
         out = self.linear(h).squeeze(1)
         if self.embed is not None:
             out = out + self.cond_scale * (self.embed(label) * h).sum(1)
@@ -325,6 +422,20 @@ def mode_seeking_ratio(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Te
     return (fake_a - fake_b).float().abs().mean() / (z_a - z_b).float().abs().mean()
 
 
+def same_class_distance(real: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-pixel L1 distance between real images of the same class (any two when unlabelled).
+
+    The spread that pairs of fakes sharing a label should reach; inf when the batch has no
+    such pair (then nothing caps the mode-seeking term).
+    """
+    flat = real.detach().flatten(1).float()
+    dist = torch.cdist(flat, flat, p=1) / flat.shape[1]  # (B, B)
+    same = ~torch.eye(len(flat), dtype=torch.bool, device=flat.device)
+    if labels is not None:
+        same &= labels[:, None] == labels[None, :]
+    return dist[same].mean() if same.any() else torch.tensor(float("inf"), device=flat.device)
+
+
 def latent_noise(n: int, latent_dim: int, seed: int, truncation: float = 0.0) -> torch.Tensor:
     """Seeded z (n, latent_dim): standard normal, or with `truncation` > 0 the truncation trick
     (BigGAN): a normal truncated at +-truncation, trading variety for cleaner samples."""
@@ -348,12 +459,14 @@ class GAN:
             rises linearly from 0 to 1 (transitional training, Shahbazi et al. 2022): before
             `start` both train unconditionally. Conditioned from step 0 on little data, a cGAN
             tends to draw one image per class. [0, 0] = conditioned from the start.
-        arch: "dcgan" or "resnet" (SNGAN-style residual blocks).
+        arch: "dcgan", "resnet" (SNGAN-style residual blocks) or "r3gan" (R3GAN's modernised ResNet:
+            1-3-1 grouped-conv blocks, bilinear resampling, no normalisation; use spectral_norm=false).
         latent_dim: size of z.
         g_channels, d_channels: network widths at full resolution (doubling per level, capped at 8x).
-        loss: "nonsaturating" | "hinge" | "wgan_gp" | "lsgan".
+        loss: "nonsaturating" | "hinge" | "wgan_gp" | "lsgan" | "rpgan" (relativistic pairing, R3GAN's).
         spectral_norm: spectral normalisation on every discriminator layer.
         r1_gamma: R1 penalty weight on reals (loss += gamma/2 * R1); 0 = off.
+        r2_gamma: R2 penalty weight on fakes (loss += gamma/2 * R2); 0 = off. R3GAN: both, equal.
         gp_weight: WGAN-GP penalty weight (loss=wgan_gp).
         n_critic: discriminator updates per generator update.
         d_lr_scale, g_lr_scale: multiply trainer.lr per network (TTUR).
@@ -363,24 +476,34 @@ class GAN:
         label_smoothing: one-sided: the real target is 1 - this (nonsaturating and lsgan).
         diffaug: DiffAugment policies, a list ([color, translation, cutout]) or a comma-separated
             string ("color,translation"); empty = off.
+        diffaug_padding: what translation fills the uncovered strip with: "reflection" (the image's
+            own border mirrored), "border" (its edge pixels repeated) or "zeros" (DiffAugment's
+            original; mid-grey in [-1, 1], unlike any digit's background).
+        g_upsample: DCGAN generator upsampling: "transposed" (strided transposed conv), "nearest"
+            or "bilinear" (resize, then a 3x3 conv).
         truncation: sampling only: z from a normal truncated at +-truncation (BigGAN's truncation
             trick); 0 = off. `genlab sample --truncation` overrides it.
         mode_seeking: weight of MSGAN's mode-seeking term in the G loss (weight / image-over-latent
             distance of fake pairs with the same label); 0 = off. Keeps a cGAN from drawing
             one image per class.
+        mode_seeking_cap: the term stops rewarding distance once same-label fakes are as far
+            apart as same-class reals in the batch (false: MSGAN's unbounded term, which bought
+            distance with artifacts).
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
     """
 
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  arch: str = "dcgan", latent_dim: int = 64, g_channels: int = 64, d_channels: int = 64,
-                 loss: str = "hinge", spectral_norm: bool = True, r1_gamma: float = 0.0, gp_weight: float = 10.0,
+                 loss: str = "hinge", spectral_norm: bool = True, r1_gamma: float = 0.0, r2_gamma: float = 0.0,
+                 gp_weight: float = 10.0,
                  n_critic: int = 1, d_lr_scale: float = 1.0, g_lr_scale: float = 1.0,
                  betas: list[float] | None = (0.5, 0.999), instance_noise: float = 0.0,
                  instance_noise_steps: int = 1000, label_smoothing: float = 0.0, diffaug: str | list[str] = "",
                  diag_every: int = 200, diag_window: int = 100, truncation: float = 0.0,
-                 cond_transition: list[int] = (0, 0), mode_seeking: float = 0.0):
-        if arch not in ("dcgan", "resnet"):
-            raise ConfigError(f"model.arch={arch!r}: use dcgan or resnet")
+                 cond_transition: list[int] = (0, 0), mode_seeking: float = 0.0, diffaug_padding: str = "reflection",
+                 g_upsample: str = "transposed", mode_seeking_cap: bool = True):
+        if arch not in ARCHS:
+            raise ConfigError(f"model.arch={arch!r}: use one of {', '.join(ARCHS)}")
         if loss not in LOSSES:
             raise ConfigError(f"model.loss={loss!r}: use one of {', '.join(LOSSES)}")
         if conditional and not num_classes:
@@ -393,8 +516,14 @@ class GAN:
             raise ConfigError(f"model.diffaug: unknown {', '.join(unknown)}; use a list of {', '.join(AUGMENTS)}, "
                               "e.g. model.diffaug=[color,translation]")
         self.ema_network = "generator"
+        if diffaug_padding not in PADDINGS:
+            raise ConfigError(f"model.diffaug_padding={diffaug_padding!r}: use one of {', '.join(PADDINGS)}")
+        if g_upsample not in ("transposed", "nearest", "bilinear"):
+            raise ConfigError(f"model.g_upsample={g_upsample!r}: use transposed, nearest or bilinear")
+        self.diffaug_padding = diffaug_padding
         self.num_classes = num_classes if conditional else None
-        self.loss_name, self.r1_gamma, self.gp_weight, self.n_critic = loss, r1_gamma, gp_weight, n_critic
+        self.loss_name, self.r1_gamma, self.r2_gamma = loss, r1_gamma, r2_gamma
+        self.gp_weight, self.n_critic = gp_weight, n_critic
         self.lr_scales, self.betas = {"d": d_lr_scale, "g": g_lr_scale}, betas
         self.instance_noise, self.instance_noise_steps = instance_noise, instance_noise_steps
         self.real_target, self.diag_every = 1.0 - label_smoothing, diag_every
@@ -404,12 +533,19 @@ class GAN:
             raise ConfigError(f"model.cond_transition={list(cond_transition)}: use [start, end] optimizer steps "
                               "with 0 <= start <= end, e.g. [500, 1500]; [0, 0] conditions from the start")
         self.cond_transition = (start, end)
-        self.mode_seeking = mode_seeking
+        self.mode_seeking, self.mode_seeking_cap = mode_seeking, mode_seeking_cap
         self.generator_config = {"arch": arch, "latent_dim": latent_dim, "image_size": image_size,
-                                 "channels": channels, "width": g_channels, "num_classes": self.num_classes}
+                                 "channels": channels, "width": g_channels, "num_classes": self.num_classes,
+                                 "upsample": g_upsample}
         self.generator = Generator(**self.generator_config)
         self.discriminator = Discriminator(arch, image_size, channels, d_channels, self.num_classes, spectral_norm)
         self.diagnostics = GanDiagnostics(window=diag_window)
+
+    @property
+    def eval_variants(self) -> dict[str, dict[str, float]]:
+        """What `genlab eval` measures besides the default samples: truncation 1.0 and 0.5 (variety
+        traded for confidence), and no truncation when model.truncation is set."""
+        return {f"truncation_{t:g}": {"truncation": t} for t in (0.0, 1.0, 0.5) if t != self.truncation}
 
     # ---- the Family protocol ----------------------------------------------------------
     def networks(self) -> dict[str, nn.Module]:
@@ -460,12 +596,25 @@ class GAN:
                 fake_labels = labels[:half].repeat(2)  # pairs (i, i + half) share a label, differ in z
                 z = z[:2 * half]
             fake = self.generator(z, fake_labels)
-            fake_logits = self._discriminate(fake, fake_labels, step, rng)
-            loss = G_LOSSES[self.loss_name](fake_logits.float())
+            fake_logits = self._discriminate(fake, fake_labels, step, rng).float()
+            if self.loss_name == "rpgan":  # pairs each fake with a real; only the fake side trains G
+                with torch.no_grad():
+                    pairs = slice(0, len(fake))
+                    real_logits = self._discriminate(real[pairs], None if labels is None else labels[pairs], step, rng)
+                loss = g_loss_rpgan(real_logits.float(), fake_logits)
+            else:
+                loss = G_LOSSES[self.loss_name](fake_logits)
             logs = {"g_loss": loss.detach()}
             if self.mode_seeking and half:
-                ratio = mode_seeking_ratio(fake[:half], fake[half:2 * half], z[:half], z[half:2 * half])
-                loss = loss + self.mode_seeking / (ratio + 1e-5)
+                z_a, z_b = z[:half], z[half:2 * half]
+                ratio = mode_seeking_ratio(fake[:half], fake[half:2 * half], z_a, z_b)
+                # MSGAN's weight / ratio rewards ever more pixel difference between same-label fakes;
+                # past the data's own spread G bought it with bright blocks and broken strokes
+                # (README, GAN artifact ablation). Capped, the reward stops at the real spread.
+                at_data_spread = 0.0  # 1 / ratio for fakes as far apart as same-class reals
+                if self.mode_seeking_cap:
+                    at_data_spread = (z_a - z_b).float().abs().mean() / same_class_distance(real, labels)
+                loss = loss + self.mode_seeking * F.relu(1 / (ratio + 1e-5) - at_data_spread)
                 logs["ms_ratio"] = ratio.detach()
         self.diagnostics.record(logs)
         return loss, logs
@@ -524,10 +673,13 @@ class GAN:
 
     def _d_loss(self, real, fake, labels, step, rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         real = real.detach().requires_grad_(self.r1_gamma > 0)
+        fake = fake.detach().requires_grad_(self.r2_gamma > 0)
         real_logits = self._discriminate(real, labels, step, rng).float()
         fake_logits = self._discriminate(fake, labels, step, rng).float()
         logs = {}
-        if self.loss_name == "nonsaturating":
+        if self.loss_name == "rpgan":
+            loss = d_loss_rpgan(real_logits, fake_logits)
+        elif self.loss_name == "nonsaturating":
             loss = d_loss_nonsaturating(real_logits, fake_logits, self.real_target)
         elif self.loss_name == "hinge":
             loss = d_loss_hinge(real_logits, fake_logits)
@@ -541,10 +693,15 @@ class GAN:
             r1 = r1_penalty(real_logits, real)
             loss = loss + self.r1_gamma / 2 * r1
             logs["r1"] = r1.detach()
+        if self.r2_gamma > 0:
+            r2 = r2_penalty(fake_logits, fake)
+            loss = loss + self.r2_gamma / 2 * r2
+            logs["r2"] = r2.detach()
         real_logits, fake_logits = real_logits.detach(), fake_logits.detach()
         # Where D's decision boundary lies: 0 for logits, 0.5 for LSGAN's 0/1 targets, the
-        # midpoint of the batch for an (unbounded) WGAN critic.
-        threshold = {"lsgan": 0.5, "wgan_gp": (real_logits.mean() + fake_logits.mean()) / 2}.get(self.loss_name, 0.0)
+        # midpoint of the batch for an (unbounded) WGAN critic or a relativistic D.
+        midpoint = (real_logits.mean() + fake_logits.mean()) / 2  # relativistic scores drift as a whole
+        threshold = {"lsgan": 0.5, "wgan_gp": midpoint, "rpgan": midpoint}.get(self.loss_name, 0.0)
         to_score = torch.sigmoid if self.loss_name == "nonsaturating" else (lambda t: t)
         accuracy = ((real_logits > threshold).float().mean() + (fake_logits < threshold).float().mean()) / 2
         logs |= {"d_loss": loss.detach(), "d_real": to_score(real_logits).mean(),
@@ -556,7 +713,7 @@ class GAN:
     def _discriminate(self, x: torch.Tensor, labels: torch.Tensor | None, step: int, rng: StepRandom) -> torch.Tensor:
         """D on augmented, noised inputs (the same for reals and fakes, in both phases)."""
         if self.diffaug:
-            x = diff_augment(x, self.diffaug, rng)
+            x = diff_augment(x, self.diffaug, rng, self.diffaug_padding)
         std = self._noise_std(step)
         if std > 0:
             x = x + std * rng.randn_like(x)
