@@ -83,7 +83,7 @@ def test_d_loss_adds_r1_at_reals_and_r2_at_fakes():
     gan = tiny_gan(loss="rpgan", r1_gamma=0.3, r2_gamma=0.7, spectral_norm=False)
     gan.discriminator = QuadraticD(0.5)
     real, fake = digits_like(6), 0.5 * torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    loss, logs = gan._d_loss(real, fake, None, step=0)
+    loss, logs = gan._d_loss(real, fake, None, 0, rng(0))
     d_real, d_fake = 0.5 * real.pow(2).flatten(1).sum(1), 0.5 * fake.pow(2).flatten(1).sum(1)
     r1 = real.pow(2).flatten(1).sum(1).mean()  # (2 c)^2 = 1 with c = 0.5
     r2 = fake.pow(2).flatten(1).sum(1).mean()
@@ -99,10 +99,8 @@ def test_rpgan_generator_loss_pairs_each_fake_with_a_real():
     gan = tiny_gan(arch="r3gan", loss="rpgan", spectral_norm=False)
     gan.discriminator = QuadraticD(0.5)
     batch = {"image": digits_like(8)}
-    torch.manual_seed(0)
     loss, _ = gan.loss("g", batch, 0, rng(0))
-    torch.manual_seed(0)
-    fake = gan.generator(torch.randn(8, 8))  # the same z the G phase drew
+    fake = gan.generator(rng(0).randn(8, 8))  # the same z the G phase drew (its first draw)
     d_real, d_fake = gan.discriminator(batch["image"]), gan.discriminator(fake)
     assert loss.item() == pytest.approx(G.g_loss_rpgan(d_real, d_fake).item(), rel=1e-5)
     loss.backward()
@@ -151,7 +149,7 @@ def test_translation_pads_with_the_image_not_with_grey():
     seen = []  # the family pads by reflection unless told otherwise
     gan = tiny_gan(diffaug="translation")
     gan.discriminator = lambda x, labels=None: seen.append(x) or x.flatten(1).sum(1)
-    gan._discriminate(-torch.ones(32, 1, 8, 8), None, step=0)
+    gan._discriminate(-torch.ones(32, 1, 8, 8), None, 0, rng(0))
     assert torch.equal(seen[0], -torch.ones(32, 1, 8, 8))
 
 
@@ -414,8 +412,7 @@ def test_mode_seeking_stops_rewarding_spread_beyond_the_datas():
         return loss.item(), logs["ms_ratio"].item()
 
     varied = digits_like(8)
-    torch.manual_seed(0)
-    z = torch.randn(8, 8)  # the G phase's z: pairs (z_i, z_{i+4})
+    z = rng(1).randn(8, 8)  # the G phase's z (its first draw): pairs (z_i, z_{i+4})
     at_data_spread = (z[:4] - z[4:]).abs().mean() / (varied[:4] - varied[4:]).abs().mean()
     unbounded, ratio = g_loss(varied, cap=False)
     capped, _ = g_loss(varied, cap=True)

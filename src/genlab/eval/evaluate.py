@@ -7,10 +7,12 @@ provide, never by the family's name:
 
 - always: FID / KID / precision / recall on the extractor's features (`fid_digits_cnn`), and
   the border-artifact rate (bright strips at the image edges, against the data's own);
-- digits data: class coverage, class KL, confidence and out-of-distribution rejections by
-  each of two independently trained classifiers of different kinds (`CLASSIFIERS`: a CNN
-  and an 8x8 MLP), each also as a feature extractor, plus how often the two agree; the
-  unsuffixed class metrics are the worse of the two, so no target rests on one network;
+- labelled data (items declare "label"): class coverage, class KL, confidence and
+  out-of-distribution rejections by each of two independently trained classifiers of
+  different kinds (`features.KINDS`: a CNN and an 8x8 MLP, trained on the data's own train
+  split: `digits_cnn`, `digits_mlp` on the digits), each also as a feature extractor, plus
+  how often the two agree; the unsuffixed class metrics are the worse of the two, so no
+  target rests on one network;
 - an `EvalVariants` family ({name: sample options}, e.g. a GAN's truncation): the sample
   metrics again for each, as `<metric>@<name>`;
 - a `Conditioned` family (e.g. conditions ("sketch", "prompt")): images are generated from
@@ -36,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
 from genlab.eval.control_metrics import control_metrics
-from genlab.eval.features import CLASSIFIERS, build_extractor, default_cache_dir
+from genlab.eval.features import KINDS, LabelledSet, build_extractor, default_cache_dir, load_or_train_classifier
 from genlab.eval.metrics import (border_artifact_rate, border_energy, cached_reference, class_agreement,
                                  class_coverage, dataset_fingerprint, extract, feature_metrics, reference_key,
                                  rejection_rate)
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 #: Family sample() option -> dataset item key it is filled from.
 CONDITION_ITEMS = {"sketch": "sketch", "prompt": "caption"}
 #: The sampler comparison of issue 5: (sampler, steps).
+#: Labelled items the classifiers train on, at most (seconds on a CPU).
+MAX_CLASSIFIER_ITEMS = 20_000
 DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpm", 20), ("dpm", 10))
 
 
@@ -118,29 +122,41 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig, device: str | torch.device = "cpu", datasets: tuple[Any, Any] | None = None):
         from genlab.data import LOADER_KEYS, ColourCaptions, build_dataset
-        from genlab.data.digits import Digits
 
         self.cfg, self.settings, self.device = cfg, EvalConfig.from_cfg(cfg), torch.device(device)
         self.train, self.val = datasets or (build_dataset(cfg.data, "train"), build_dataset(cfg.data, "val"))
-        self.is_digits = isinstance(self.train, Digits)
         self.palette = self.val.palette if isinstance(self.val, ColourCaptions) else None
         self.cache_dir = Path(self.settings.cache_dir or default_cache_dir())
         _, self.channels, self.image_size, _ = collate_items(self.train, [0])["image"].shape
-        self.extractor = self._build_extractor().to(self.device)
-        # Every extractor whose features are measured; on digits also every classifier (class metrics).
-        self.extractors = {self.extractor.name: self.extractor}
-        self.classifiers = {}
-        if self.is_digits:
-            for name in CLASSIFIERS:
-                self.extractors.setdefault(name, build_extractor(name, self.image_size, self.channels,
-                                                                 self.cache_dir).to(self.device))
-                self.classifiers[name] = self.extractors[name]
         data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADER_KEYS}
-        self.dataset_key = dataset_fingerprint(type(self.train).__name__.lower(), data_cfg)
+        self.dataset_name = type(self.train).__name__.lower()
+        self.dataset_key = dataset_fingerprint(self.dataset_name, data_cfg)
+        # A dataset whose items declare labels gets class metrics: two classifiers of different kinds,
+        # trained on its own train split (cached), score the samples.
+        self.classifiers = self._classifiers() if "label" in getattr(self.train, "item_keys", ()) else {}
+        self.extractor = self._build_extractor().to(self.device)
+        # Every extractor whose features are measured: the chosen one and every classifier.
+        self.extractors = {self.extractor.name: self.extractor, **self.classifiers}
         self.references = {name: self._reference(extractor) for name, extractor in self.extractors.items()}
         self.reference = self.references[self.extractor.name]
         self.border_reference = self._border_reference()
         self.val_logits = self._val_logits()
+
+    def _classifiers(self) -> dict[str, torch.nn.Module]:
+        """{name: classifier} of each kind (`features.KINDS`), trained on the train split (at most
+        MAX_CLASSIFIER_ITEMS items, in the data's order) and checked on val; cached by the data's fingerprint."""
+        n = min(len(self.train), MAX_CLASSIFIER_ITEMS)
+        train = collate_items(self.train, list(range(n)) if n == len(self.train) else _subset(len(self.train), n))
+        val = collate_items(self.val, list(range(len(self.val))))
+        labels = torch.as_tensor(train["label"]).long()
+        data = LabelledSet(self.dataset_name, f"-{self.dataset_key.rsplit('-', 1)[-1]}", train["image"], labels,
+                           val["image"], torch.as_tensor(val["label"]).long(),
+                           int(self.cfg.data.get("num_classes") or labels.max() + 1))
+        models = {}
+        for kind in KINDS:
+            model = load_or_train_classifier(kind, self.image_size, self.channels, self.cache_dir, data)
+            models[model.name] = model.to(self.device)
+        return models
 
     def _build_extractor(self) -> torch.nn.Module:
         name = self.settings.extractor
@@ -148,10 +164,12 @@ class Evaluator:
         def build(name: str) -> torch.nn.Module:
             return build_extractor(name, self.image_size, self.channels, self.cache_dir, self.settings.inception_weights)
 
+        if name in self.classifiers:
+            return self.classifiers[name]
         if name != "auto":
             return build(name)
-        if self.is_digits:
-            return build("digits_cnn")
+        if self.classifiers:  # a classifier trained on this very data
+            return next(iter(self.classifiers.values()))
         try:
             return build("inception")
         except GenlabError as err:

@@ -11,11 +11,12 @@ because generated images are floats: quantizing them first would only add noise.
 [0, 255] is accepted too.
 
 Three extractors:
-- `DigitsCNN` (name "digits_cnn"): a small CNN that genlab trains itself, offline, in a
-  few seconds on scikit-learn's digits; its penultimate layer gives features and its
-  head gives class logits (class coverage, confidence).
-- `DigitsMLP` (name "digits_mlp"): a second digits classifier of another kind (an MLP on
-  8x8 pixels, other augmentation, other seed), so that class metrics never rest on one
+- `DigitsCNN` (name "<dataset>_cnn", e.g. "digits_cnn"): a small CNN that genlab trains
+  itself, offline, in a few seconds on a labelled dataset's train split (scikit-learn's
+  digits by default); its penultimate layer gives features and its head gives class
+  logits (class coverage, confidence).
+- `DigitsMLP` (name "<dataset>_mlp"): a second classifier of another kind (an MLP on 8x8
+  pixels, other augmentation, other seed), so that class metrics never rest on one
   network's blind spots.
 - `InceptionFeatures` (name "inception"): the standard 2048-d pool features through
   torchmetrics / torch-fidelity; needs those weights (downloaded on first use).
@@ -24,6 +25,7 @@ Three extractors:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,11 +82,13 @@ class DigitsCNN(_DigitsClassifier):
         num_features: width of the penultimate layer (the FID/KID feature dimension).
     """
 
-    name = "digits_cnn"
+    kind = "cnn"
 
-    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10):
+    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10,
+                 data: str = "digits", data_tag: str = ""):
         super().__init__()
         self.image_size, self.channels, self.num_features = image_size, channels, num_features
+        self.name, self.data_tag = f"{data}_cnn", data_tag
         self.work_size = min(image_size, 16)
         self.body = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (32, 8, 8) at 16 px
@@ -103,7 +107,7 @@ class DigitsCNN(_DigitsClassifier):
     @property
     def cache_tag(self) -> str:
         """Identifies these weights in cache keys (architecture version, size, channels)."""
-        return f"digits_cnn-v{DIGITS_CNN_VERSION}-{self.image_size}px-{self.channels}ch"
+        return f"{self.name}-v{DIGITS_CNN_VERSION}{self.data_tag}-{self.image_size}px-{self.channels}ch"
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         x = _as_unit_float(images) * 2 - 1  # the network was trained on [-1, 1] like genlab data
@@ -128,11 +132,13 @@ class DigitsMLP(_DigitsClassifier):
         num_features: width of the penultimate layer (the FID/KID feature dimension).
     """
 
-    name = "digits_mlp"
+    kind = "mlp"
 
-    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10):
+    def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10,
+                 data: str = "digits", data_tag: str = ""):
         super().__init__()
         self.image_size, self.channels, self.num_features = image_size, channels, num_features
+        self.name, self.data_tag = f"{data}_mlp", data_tag
         self.work_size = 8
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 256), nn.ReLU(),
                                   nn.Linear(256, num_features), nn.ReLU())
@@ -143,7 +149,7 @@ class DigitsMLP(_DigitsClassifier):
 
     @property
     def cache_tag(self) -> str:
-        return f"digits_mlp-v{DIGITS_MLP_VERSION}-{self.image_size}px-{self.channels}ch"
+        return f"{self.name}-v{DIGITS_MLP_VERSION}{self.data_tag}-{self.image_size}px-{self.channels}ch"
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         x = _as_unit_float(images).mean(1, keepdim=True) * 2 - 1  # grey, [-1, 1]
@@ -153,8 +159,39 @@ class DigitsMLP(_DigitsClassifier):
 
 
 DigitsClassifier = DigitsCNN | DigitsMLP
-#: The digits classifiers `genlab eval` scores samples with; a recipe meets a class target only if every one does.
+#: The two kinds of classifier `genlab eval` trains on a labelled dataset's train split and scores
+#: samples with (named `<dataset>_cnn`, `<dataset>_mlp`); a class target is met only if both meet it.
+KINDS = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+#: Their names on the bundled digits.
 CLASSIFIERS = ("digits_cnn", "digits_mlp")
+
+
+@dataclass
+class LabelledSet:
+    """A labelled dataset's images, as classifiers are trained on it and checked.
+
+    Args:
+        name: the dataset's name, which names the classifiers (`digits` -> `digits_cnn`).
+        tag: identifies the data in cache keys ("" for the bundled digits' default split).
+        train_images, train_labels, val_images, val_labels: (N, C, H, W) in [-1, 1] and (N,) long.
+        num_classes: the label count.
+    """
+
+    name: str
+    tag: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    num_classes: int
+
+
+def digits_set(image_size: int, channels: int) -> LabelledSet:
+    """scikit-learn's digits at `image_size` (the default split genlab trains on)."""
+    from genlab.data.digits import Digits  # the data package imports hydra; keep it off the import path
+
+    train, val = Digits("train", image_size, channels), Digits("val", image_size, channels)
+    return LabelledSet("digits", "", train.images, train.labels, val.images, val.labels, 10)
 
 
 def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -198,7 +235,8 @@ def accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor
     return (preds == labels).float().mean().item()
 
 
-def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int = 0) -> DigitsCNN:
+def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int = 0,
+                     data: LabelledSet | None = None) -> DigitsCNN:
     """Train a `DigitsCNN` on the digits train split and measure it on the val split.
 
     Uses exactly the images genlab trains on (`genlab.data.digits.Digits`, default split,
@@ -209,18 +247,21 @@ def train_digits_cnn(image_size: int, channels: int, epochs: int = 12, seed: int
         The model in eval mode, with `val_accuracy` set.
     """
     max_shift = max(image_size // 8, 1)  # one source (8 px) pixel
-    return _train(DigitsCNN, image_size, channels, epochs, seed, lambda x, g: _cnn_augment(x, g, max_shift))
+    return _train(DigitsCNN, image_size, channels, epochs, seed, lambda x, g: _cnn_augment(x, g, max_shift), data)
 
 
-def train_digits_mlp(image_size: int, channels: int, epochs: int = 40, seed: int = 1) -> DigitsMLP:
+def train_digits_mlp(image_size: int, channels: int, epochs: int = 40, seed: int = 1,
+                     data: LabelledSet | None = None) -> DigitsMLP:
     """Train a `DigitsMLP` like `train_digits_cnn` (same split), with rotation/scaling augmentation and another seed."""
-    return _train(DigitsMLP, image_size, channels, epochs, seed, _mlp_augment)
+    return _train(DigitsMLP, image_size, channels, epochs, seed, _mlp_augment, data)
 
 
-def _train(model_class: type, image_size: int, channels: int, epochs: int, seed: int, augment) -> DigitsClassifier:
-    from genlab.data.digits import Digits  # the data package imports hydra; keep it off the import path
-
-    train, val = Digits("train", image_size, channels), Digits("val", image_size, channels)
+def _train(model_class: type, image_size: int, channels: int, epochs: int, seed: int, augment,
+           data: LabelledSet | None = None) -> DigitsClassifier:
+    """Train on `data`'s train split (default: the digits), with at least ~2,000 steps' worth of epochs on small sets."""
+    data = data or digits_set(image_size, channels)
+    # Small labelled sets get more epochs, so that every set sees about as many batches as the digits do.
+    epochs = max(epochs, round(epochs * 1617 / max(1, len(data.train_images))))
     threads = torch.get_num_threads()
     # One thread: these nets are too small to gain from more, and on a busy 2-core CPU two
     # threads spun on each other and made training ~7x slower.
@@ -228,15 +269,15 @@ def _train(model_class: type, image_size: int, channels: int, epochs: int, seed:
     try:
         with torch.random.fork_rng(devices=[]):  # fixed weights and dropout, caller's RNG untouched
             torch.manual_seed(seed)
-            model = model_class(image_size, channels)
-            _fit(model, train.images, train.labels, epochs, torch.Generator().manual_seed(seed), augment)
+            model = model_class(image_size, channels, num_classes=data.num_classes, data=data.name, data_tag=data.tag)
+            _fit(model, data.train_images, data.train_labels, epochs, torch.Generator().manual_seed(seed), augment)
     finally:
         torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([model._embed((x + 1) / 2) for x in train.images.split(512)])
+        feats = torch.cat([model._embed((x + 1) / 2) for x in data.train_images.split(512)])
         model.feature_scale.fill_((model.num_features / feats.pow(2).sum(1).mean()).sqrt())
-    model.val_accuracy = accuracy(model, val.images, val.labels)
+    model.val_accuracy = accuracy(model, data.val_images, data.val_labels)
     return model
 
 
@@ -273,16 +314,29 @@ def load_or_train_digits_classifier(name: str, image_size: int, channels: int = 
         `cache_dir/<name>-v{version}-{size}px-{channels}ch.pt` when that exists,
         trained (seconds on CPU) and saved there otherwise.
     """
-    model_class, train = {"digits_cnn": (DigitsCNN, train_digits_cnn),  # looked up per call: tests patch them
-                          "digits_mlp": (DigitsMLP, train_digits_mlp)}[name]
-    model = model_class(image_size, channels)
+    return load_or_train_classifier(name.removeprefix("digits_"), image_size, channels, cache_dir)
+
+
+def load_or_train_classifier(kind: str, image_size: int, channels: int, cache_dir: str | Path | None = None,
+                             data: LabelledSet | None = None) -> DigitsClassifier:
+    """The classifier of `kind` ("cnn" or "mlp") trained on `data` (default: the digits), trained at most once.
+
+    Returns:
+        The model in eval mode with `val_accuracy` set, loaded from `cache_dir/<cache_tag>.pt`
+        when that exists (the tag names the data, its size and the architecture's version),
+        trained (seconds on CPU) and saved there otherwise.
+    """
+    train = {"cnn": train_digits_cnn, "mlp": train_digits_mlp}[kind]  # looked up per call: tests patch them
+    num_classes = data.num_classes if data else 10
+    model = KINDS[kind](image_size, channels, num_classes=num_classes, data=data.name if data else "digits",
+                        data_tag=data.tag if data else "")
     path = Path(cache_dir or default_cache_dir()) / f"{model.cache_tag}.pt"
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["state_dict"])
         model.val_accuracy = float(saved["val_accuracy"])
         return model.eval()
-    model = train(image_size, channels)
+    model = train(image_size, channels, data=data) if data else train(image_size, channels)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")  # atomic: a concurrent reader never sees half a file
     torch.save({"state_dict": model.state_dict(), "val_accuracy": model.val_accuracy}, tmp)
