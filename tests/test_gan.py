@@ -154,6 +154,12 @@ def test_translation_pads_with_the_image_not_with_grey():
 
 
 # ---- the family ----------------------------------------------------------------------------
+def test_r3gan_refuses_spectral_norm_in_one_sentence():
+    with pytest.raises(ConfigError, match="model.spectral_norm=false"):
+        tiny_gan(arch="r3gan")
+    tiny_gan(arch="r3gan", spectral_norm=False)
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="data.num_classes is null"):
         tiny_gan(conditional=True, num_classes=None)

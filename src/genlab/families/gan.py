@@ -509,6 +509,10 @@ class GAN:
         if conditional and not num_classes:
             raise ConfigError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false")
+        if arch == "r3gan" and spectral_norm:
+            # Its residual blocks start with zero-initialised convolutions: spectral norm divides by their norm, 0.
+            raise ConfigError("model.arch=r3gan with model.spectral_norm=true gives NaN at the first step (zero-initialised "
+                              "layers); R3GAN regularises with R1 and R2 instead: set model.spectral_norm=false.")
         policies = diffaug.split(",") if isinstance(diffaug, str) else list(diffaug or [])
         self.diffaug = [p.strip() for p in policies if p.strip()]
         unknown = [p for p in self.diffaug if p not in AUGMENTS]
