@@ -17,7 +17,6 @@ gives the same sketch and the cache (keyed by source file + parameters) stays va
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -30,9 +29,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from genlab.data import split_indices
+from genlab.data.file_list import folder_metadata
+from genlab.data.hf import check_columns, hf_rows
+from genlab.data.images import IMAGE_SUFFIXES, resize_crop
 from genlab.errors import ConfigError, GenlabError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_CACHE = Path.home() / ".cache" / "genlab" / "sketches"
 
 
@@ -108,16 +110,6 @@ def edges_of_image(image: torch.Tensor, method: str = "canny") -> torch.Tensor:
     pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
     edges = edge_params(method, False, 0, 0).apply(pixels)
     return torch.from_numpy(edges)[None].expand(3, -1, -1).clone()
-
-
-def resize_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
-    """Resize the shorter side to `size`, then centre-crop to size x size."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 @dataclass
@@ -201,27 +193,6 @@ class SketchPairs(Dataset):
         return np.round(sketch * 255) / 255.0  # as it will read back from the cache
 
 
-def split_indices(n: int, split: str, val_fraction: float, split_seed: int) -> list[int]:
-    """A fixed random train/val partition of range(n); val gets at least one item when n > 1."""
-    if split not in ("train", "val"):
-        raise ConfigError(f"unknown split {split!r}; use 'train' or 'val'.")
-    order = np.random.default_rng(split_seed).permutation(n)
-    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
-    chosen = order[:n_val] if split == "val" else order[n_val:]
-    return sorted(int(i) for i in chosen)
-
-
-def _folder_captions(root: Path) -> dict[str, str]:
-    """Captions from metadata.jsonl files ({"file_name": ..., "text": ...}), keyed by resolved path."""
-    captions = {}
-    for meta in root.rglob("metadata.jsonl"):
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                captions[str((meta.parent / row["file_name"]).resolve())] = row.get("text", "")
-    return captions
-
-
 def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val_fraction: float = 0.05,
                   split_seed: int = 0, **kwargs: Any) -> SketchPairs:
     """Sketch pairs from a folder of images (searched recursively).
@@ -238,7 +209,7 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"data.path={path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
-    meta = _folder_captions(root)
+    meta = {path: row.get("text", "") for path, row in folder_metadata(root).items()}
 
     def source(p: Path) -> Source:
         text = p.with_suffix(".txt")
@@ -249,23 +220,6 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
 
     sources = [source(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
     return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)
-
-
-def _load_hf(name: str, split: str, data_dir: str | None):
-    import datasets
-
-    local = Path(name).expanduser()
-    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
-        ds = datasets.load_from_disk(str(local))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ConfigError(f"data.split={split}: {name} has splits {list(ds)}.")
-            ds = ds[split]
-        return ds
-    try:
-        return datasets.load_dataset(name, data_dir=data_dir, split=split)
-    except Exception as e:  # hub/network/builder errors come in many types
-        raise GenlabError(f"cannot load dataset {name!r} (split {split}): {e}") from e
 
 
 class _HFSources(Sequence):
@@ -303,15 +257,8 @@ def sketch_hf(split: str, name: str, image_size: int, data_dir: str | None = Non
             val_fraction of hf_split, fixed by split_seed).
         kwargs: `SketchPairs` options.
     """
-    if split == "val" and val_split is not None:
-        ds = _load_hf(name, val_split, data_dir)
-        rows = list(range(len(ds)))
-    else:
-        ds = _load_hf(name, hf_split, data_dir)
-        rows = split_indices(len(ds), split, val_fraction if val_split is None else 0.0, split_seed)
-    for col in (image_column, caption_column):
-        if col is not None and col not in ds.column_names:
-            raise ConfigError(f"column {col!r} not in dataset {name} (columns: {ds.column_names}).")
+    ds, rows = hf_rows(name, split, data_dir, hf_split, val_split, val_fraction, split_seed)
+    check_columns(ds, name, image_column, caption_column)
     sketch_col = conditioning_column if conditioning_column in ds.column_names else None
     sources = _HFSources(ds, rows, image_column, caption_column, sketch_col)
     return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from genlab.data import InMemory, build_dataset
-from genlab.data.batches import BatchOrder, BatchStream, loader_options
+from genlab.data.batches import BatchStream, loader_options, make_order
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
 from genlab.run_dir import RunDir
@@ -176,7 +176,8 @@ class Trainer:
             self.ema.to(acc.device)
 
         try:
-            order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+            order = make_order(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                               cfg.data.get("num_workers", 0))
         except ValueError as error:
             raise ConfigError(f"{error} (trainer.batch_size={t.batch_size})") from None
         # The loop's settings, read once: an OmegaConf read costs ~10 us, a dozen times a step.
