@@ -57,17 +57,9 @@ class ColourCaptions(Protocol):
 
 
 def build_dataset(data_cfg: DictConfig, split: str) -> Any:
-    """Instantiate the dataset of `data_cfg` for `split` ("train" or "val").
-
-    With `data.cache_latents`, its items also name the latent cache (see data/latent_cache.py).
-    """
+    """Instantiate the dataset of `data_cfg` for `split` ("train" or "val")."""
     kwargs = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in LOADER_KEYS}
-    dataset = instantiate(kwargs, split=split, _convert_="all")
-    if data_cfg.get("cache_latents", False):
-        from genlab.data.latent_cache import WithLatentCache
-
-        dataset = WithLatentCache(dataset, data_cfg.get("latent_cache_dir"))
-    return dataset
+    return instantiate(kwargs, split=split, _convert_="all")
 
 
 def split_indices(n: int, split: str, val_fraction: float, split_seed: int,

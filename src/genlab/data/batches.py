@@ -14,6 +14,7 @@ per batch) and `ShardOrder` (shards streamed by each process and worker, data/sh
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -139,12 +140,15 @@ class BatchStream:
             (the last two apply when num_workers > 0).
         whole_batches: use the dataset's `get_batch` when it is `InMemory`.
         epoch, batch_in_epoch: where to start (from a checkpoint's `data_position`).
+        readers: the reader count a stream was read with (from the position): checked.
+        latent_cache: a folder named in every batch as "latent_cache": latent diffusion
+            families then encode each image and caption once (data/latent_cache.py).
     """
 
     def __init__(self, dataset: Dataset, order: Any, num_workers: int = 0, pin_memory: bool = False,
                  persistent_workers: bool = False, prefetch_factor: int | None = None, whole_batches: bool = True,
-                 epoch: int = 0, batch_in_epoch: int = 0, readers: int | None = None):
-        self.dataset, self.order = dataset, order
+                 epoch: int = 0, batch_in_epoch: int = 0, readers: int | None = None, latent_cache: str | None = None):
+        self.dataset, self.order, self.latent_cache = dataset, order, latent_cache
         now = order.readers if isinstance(order, StreamOrder) else None
         if readers is not None and readers != now:
             raise GenlabError(f"this run's data stream was read by {readers} readers (processes x data.num_workers), "
@@ -193,6 +197,8 @@ class BatchStream:
             self._it = self._epoch_iterator()
         batch = next(self._it)
         self.batch_in_epoch += 1
+        if self.latent_cache:
+            batch["latent_cache"] = self.latent_cache
         return batch
 
 
@@ -208,4 +214,12 @@ def loader_options(data_cfg: Any, device: torch.device) -> dict[str, Any]:
         "persistent_workers": bool(data_cfg.get("persistent_workers", True)),
         "prefetch_factor": data_cfg.get("prefetch_factor", 2),
         "whole_batches": bool(data_cfg.get("on_device", True)),
+        "latent_cache": latent_cache_dir(data_cfg.get("latent_cache_dir")) if data_cfg.get("cache_latents") else None,
     }
+
+
+def latent_cache_dir(path: str | None) -> str:
+    """`data.latent_cache_dir`, or <genlab cache>/latents."""
+    from genlab.data.file_list import cache_root
+
+    return str(Path(path).expanduser() if path else cache_root() / "latents")

@@ -62,6 +62,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.image_size, self.channels = image_size, channels
         self.random_flip = random_flip and split == "train"
         self.item_keys = ("image",)
+        self.recorded: set[Path] = set()  # bad files this process has recorded
         self.sizes = None  # (width, height) per item, with buckets
         if buckets and split == "train":
             self.sizes, self.bucket_of = assign_buckets(self.files, bucket_sizes(image_size, **buckets), cache_dir)
@@ -83,7 +84,9 @@ class ImageFolder(torch.utils.data.Dataset):
             except Exception as error:  # PIL raises many types for bad files
                 reason = f"{type(error).__name__}: {error}"
                 log.warning("skipping image %s that failed to decode (%s)", path, reason)
-                record_bad(self.root, path, reason, self.cache_dir)
+                if path not in self.recorded:  # once per process, not once per epoch
+                    self.recorded.add(path)
+                    record_bad(self.root, path, reason, self.cache_dir)
         raise GenlabError(f"no image under {self.root} could be decoded; check data.path.")
 
 
