@@ -56,7 +56,7 @@ def folder_records(root: Path) -> list[Record]:
         text = path.with_suffix(".txt")
         caption = text.read_text().strip() if text.exists() else row.get("text")
         sketch = row.get("conditioning_image")
-        records.append(Record(_file(path), caption, _file(path.parent / sketch) if sketch else None))
+        records.append(Record(_file(path), caption, (path.parent / sketch).read_bytes if sketch else None))
     return records
 
 
