@@ -316,6 +316,13 @@ def data_pack(
       genlab data pack fill50k_saved/ shards/fill50k        # image, conditioning_image, text
       genlab train model=controlnet data=shards data.path=shards/fill50k model.base=...
     """
+    from genlab.errors import ConfigError
+
+    # Checked before the heavy imports, so that a typo answers at once.
+    if not Path(src).expanduser().exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
+        _fail(ConfigError(f"{src}: no such folder; give an image folder, a save_to_disk folder or a hub name."))
+    if out.is_dir() and any(out.glob("*.json")):
+        _fail(ConfigError(f"{out} already holds a shard index; pack into a new folder."))
     from genlab.data.pack import pack
 
     try:
