@@ -101,6 +101,40 @@ def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int
     return {"images_per_s": steps * batch_size / (time.perf_counter() - t0)}
 
 
+def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
+    """Images/s of the data paths alone (no model): genlab's imagefolder stream with its default
+    2 workers, and the diffusers script's transforms in a DataLoader with its default 0 workers."""
+    import torch
+    from datasets import load_dataset
+    from torchvision import transforms
+
+    from genlab.data.batches import BatchStream, make_order
+    from genlab.data.imagefolder import ImageFolder
+
+    def rate(batches_iter) -> float:
+        next(batches_iter)  # workers started, first batch out
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(batches_iter)
+        return batches * batch_size / (time.perf_counter() - t0)
+
+    data = ImageFolder(folder, "train", image_size=16, val_fraction=0.1)
+    genlab_rate = rate(BatchStream(data, make_order(data, batch_size, 0), num_workers=2, persistent_workers=True,
+                                   prefetch_factor=2))
+    augmentations = transforms.Compose([
+        transforms.Resize(16, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(16),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    dataset = load_dataset("imagefolder", data_dir=folder, split="train")
+    dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+
+    def endless():
+        while True:
+            yield from loader
+
+    return {"imagefolder_2_workers_images_per_s": genlab_rate, "diffusers_0_workers_images_per_s": rate(endless())}
+
+
 def throughput(args, work: Path) -> dict:
     folder = write_png_folder(work / "digits_png")
     common = [*THREE_CHANNEL_DIGITS, "trainer.sample_n=0", *args.overrides]
@@ -120,8 +154,9 @@ def throughput(args, work: Path) -> dict:
             print(f"  {name}: {runs[name][-1].get('images_per_s', runs[name][-1])}", flush=True)
     best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
     ips = {k: v["images_per_s"] for k, v in best.items()}
+    loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({str(folder)!r})")
     return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
-            "folder": str(folder), "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
+            "folder": str(folder), "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
             "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
             "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"], "all_runs": runs}
 

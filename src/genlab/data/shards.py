@@ -150,7 +150,7 @@ class _ShardItems(Dataset):
         # The augmentation of a sample depends on (seed, epoch, sample), not on which worker reads it.
         sample_id = self.dataset.offsets[shard] + order[offset]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.order.seed * 1_000_003 + epoch * self.order.n + sample_id) % (2**63))
+            torch.default_generator.manual_seed((self.order.seed * 1_000_003 + epoch * self.order.n + sample_id) % (2**63))
             return self.dataset.decode_from(shard, order, offset)
 
 
