@@ -166,7 +166,7 @@ def write_tiny_pngs(folder: Path, n: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    if folder.is_dir() and (folder / "COMPLETE").exists():
+    if (folder / "COMPLETE").exists() and (folder / "COMPLETE").read_text() == str(n):
         return folder
     rng = np.random.default_rng(0)
     for i in range(n):
