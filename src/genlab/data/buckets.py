@@ -42,7 +42,7 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> int
     return min(range(len(sizes)), key=lambda i: (abs(math.log(sizes[i][0] / sizes[i][1]) - ratio), i))
 
 
-def assign_buckets(files: list[Path], sizes: list[tuple[int, int]],
+def assign_buckets(files: list[str] | list[Path], sizes: list[tuple[int, int]],
                    cache_dir: str | Path | None = None) -> tuple[list[tuple[int, int]], list[int]]:
     """(bucket size, bucket index) of each file, from its header (width, height).
 
@@ -53,7 +53,7 @@ def assign_buckets(files: list[Path], sizes: list[tuple[int, int]],
     return [sizes[b] for b in bucket_of], bucket_of
 
 
-def image_dims(files: list[Path], cache_dir: str | Path | None = None) -> list[tuple[int, int]]:
+def image_dims(files: list[str] | list[Path], cache_dir: str | Path | None = None) -> list[tuple[int, int]]:
     """(width, height) of each file, read from headers and cached in <cache>/image_dims/."""
     from genlab.data.file_list import cache_root
 

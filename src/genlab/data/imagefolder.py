@@ -62,7 +62,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.image_size, self.channels = image_size, channels
         self.random_flip = random_flip and split == "train"
         self.item_keys = ("image",)
-        self.recorded: set[Path] = set()  # bad files this process has recorded
+        self.recorded: set[str] = set()  # bad files this process has recorded
         self.sizes = None  # (width, height) per item, with buckets
         if buckets and split == "train":
             self.sizes, self.bucket_of = assign_buckets(self.files, bucket_sizes(image_size, **buckets), cache_dir)
@@ -90,7 +90,7 @@ class ImageFolder(torch.utils.data.Dataset):
         raise GenlabError(f"no image under {self.root} could be decoded; check data.path.")
 
 
-def _warn_mixed_modes(probes: list[Path], channels: int, root: Path) -> None:
+def _warn_mixed_modes(probes: list[str], channels: int, root: Path) -> None:
     """Warn when a few files' headers (cheap: no decoding) show several modes (RGB, L, RGBA...)."""
     modes = Counter()
     for path in probes:

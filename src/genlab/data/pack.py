@@ -49,7 +49,7 @@ def folder_records(root: Path) -> list[Record]:
                 for p, row in meta.items() if row.get("conditioning_image")}
     files, _ = list_images(root)
     records = []
-    for path in files:
+    for path in map(Path, files):
         if str(path.resolve()) in sketches:
             continue  # a sketch is packed with its image, not as an image of its own
         row = meta.get(str(path.resolve()), {})

@@ -225,7 +225,7 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
         # partial, not lambda: DataLoader workers may need to pickle the sources.
         return Source(f"{p.resolve()}:{stat.st_mtime_ns}:{stat.st_size}", partial(Image.open, p), cap)
 
-    chosen = [files[i] for i in split_indices(len(files), split, val_fraction, split_seed)]
+    chosen = [Path(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
     if buckets and split == "train":
         kwargs["sizes"], kwargs["bucket_of"] = assign_buckets(chosen, bucket_sizes(image_size, **buckets))
     return SketchPairs([source(p) for p in chosen], image_size, randomize=split == "train", **kwargs)
