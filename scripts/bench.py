@@ -18,6 +18,8 @@ DDPM/digits workload (interleaved repeats, best of each), into the same JSON und
     python scripts/bench.py --families ddpm --steps 200
     python scripts/bench.py --levers              # every lever; or name some: --levers compile bf16
     python scripts/bench.py --mfu                 # a GPU: CIFAR-size images/s and MFU, compile off/on
+    python scripts/bench.py --data                # data paths: PNG folder vs in-memory vs diffusers' script,
+                                                  # start-up on 100,000 files, cached latents (scripts/bench_data.py)
 """
 
 from __future__ import annotations
@@ -279,7 +281,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu", action="store_true", help="images/s and MFU at CIFAR-10 size (32 px RGB; DDPM: "
                         "the DDPM paper's 35.7M U-Net), bf16, batch 128, torch.compile off and on (a GPU)")
     parser.add_argument("--mfu-compile", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--data", nargs="*", default=None, metavar="PART",
+                        help="measure the data paths instead (all, or some of: throughput startup cache)")
+    parser.add_argument("--files", type=int, default=100_000, help="--data startup: PNG files in the folder")
+    parser.add_argument("--cache-steps", type=int, default=40, help="--data cache: measured ControlNet steps")
+    parser.add_argument("--work", default="/tmp/genlab-bench-data", help="--data: where folders and runs are made")
     args = parser.parse_args(argv)
+
+    if args.data is not None:
+        import bench_data
+
+        return bench_data.main(args)
 
     import torch
 

@@ -35,20 +35,59 @@ def _write_images(folder, n, size=12):
         Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).convert(mode).save(sub / f"{i}.png")
 
 
-def test_imagefolder_is_recursive_and_skips_bad_files(tmp_path, caplog):
-    _write_images(tmp_path, 20)
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("not an image")
+def test_imagefolder_starts_without_decoding_and_reports_a_corrupt_file_when_reached(tmp_path, caplog, monkeypatch):
+    """300 images and a corrupt one: nothing is decoded at start-up; the corrupt file is reported
+    when training reaches it, replaced by the next file, and left out of the next start."""
+    from PIL import Image as PILImage
+
+    from genlab.data import file_list, imagefolder
+
+    folder, cache = tmp_path / "images", tmp_path / "cache"
+    _write_images(folder, 300, size=6)
+    (folder / "sub0" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(200)))
+    opened = []
+    real_open = PILImage.open
+    monkeypatch.setattr(imagefolder.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
     with caplog.at_level(logging.WARNING):
-        train = ImageFolder(str(tmp_path), "train", image_size=8, val_fraction=0.1, max_bad_fraction=0.2)
-    val = ImageFolder(str(tmp_path), "val", image_size=8, val_fraction=0.1, max_bad_fraction=0.2)
-    assert len(train) + len(val) == 20 and len(val) == 2
-    assert "empty.png" in caplog.text and "text.jpg" in caplog.text
-    assert "come in 3 modes (L: 7, RGB: 7, RGBA: 6); each is converted to RGB" in caplog.text
-    item = train[0]["image"]
-    assert item.shape == (3, 8, 8) and item.min() >= -1 and item.max() <= 1
-    with pytest.raises(GenlabError, match="2 of 22 images .* cannot be read"):
-        ImageFolder(str(tmp_path), "train", image_size=8, max_bad_fraction=0.05)
+        train = ImageFolder(str(folder), "train", image_size=4, val_fraction=0.0, cache_dir=str(cache))
+    assert len(train) == 301 and len(opened) <= imagefolder.MODE_PROBES  # headers of a few files, no decoding
+    assert "corrupt.png" not in caplog.text and "several modes" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        items = [train[i]["image"] for i in range(len(train))]
+    assert caplog.text.count("skipping image") == 1 and "corrupt.png that failed to decode" in caplog.text
+    assert all(x.shape == (3, 4, 4) and x.min() >= -1 and x.max() <= 1 for x in items)
+
+    # The next start reads the cached list (no walk) and leaves the known-bad file out, saying so.
+    monkeypatch.setattr(file_list, "_walk", lambda root: pytest.fail("walked a folder that did not change"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = ImageFolder(str(folder), "train", image_size=4, val_fraction=0.0, cache_dir=str(cache))
+    assert len(again) == 300 and "leaving out 1 image" in caplog.text and "corrupt.png" in caplog.text
+    with pytest.raises(GenlabError, match="1 of 301 images .* cannot be read"):
+        ImageFolder(str(folder), "train", image_size=4, max_bad_fraction=0.0, cache_dir=str(cache))
+
+
+def test_imagefolder_file_list_follows_changes_to_the_folder(tmp_path):
+    folder, cache = tmp_path / "images", tmp_path / "cache"
+    _write_images(folder, 10)
+    assert len(ImageFolder(str(folder), "train", val_fraction=0.0, cache_dir=str(cache))) == 10
+    _write_images(folder / "sub1" / "deeper", 3)  # a new sub-folder: its parent's time changes
+    assert len(ImageFolder(str(folder), "train", val_fraction=0.0, cache_dir=str(cache))) == 13
+    next((folder / "sub0").glob("*.png")).unlink()
+    assert len(ImageFolder(str(folder), "train", val_fraction=0.0, cache_dir=str(cache))) == 12
+
+
+def test_split_indices_is_a_fixed_partition_and_can_stratify():
+    from genlab.data import split_indices
+
+    train, val = split_indices(100, "train", 0.1, 3), split_indices(100, "val", 0.1, 3)
+    assert len(val) == 10 and sorted(train + val) == list(range(100)) and train == split_indices(100, "train", 0.1, 3)
+    assert val != split_indices(100, "val", 0.1, 4)
+    labels = [i % 2 for i in range(100)]
+    strat = split_indices(100, "val", 0.2, 0, stratify=labels)
+    assert sum(labels[i] for i in strat) == 10 and len(strat) == 20  # each class in proportion
+    assert split_indices(1, "val", 0.5, 0) == [] and split_indices(2, "val", 0.0, 0) == []
 
 
 def test_imagefolder_clear_errors(tmp_path):

@@ -24,21 +24,6 @@ def check_request(run_dir: Path | None, n: int, separate: bool) -> RunDir | None
     return RunDir(run_dir).require() if run_dir is not None else None
 
 
-def _load_image(path: Path, size: int):
-    """An RGB image as (3, size, size) in [0, 1]."""
-    import torch
-    from PIL import Image, ImageOps
-
-    if not Path(path).is_file():
-        raise GenlabError(f"{path} does not exist (or is not a file)")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.fit(image.convert("RGB"), (size, size))
-    except OSError as error:  # not an image, truncated, unreadable
-        raise GenlabError(f"{path} cannot be read as an image ({error})") from None
-    return torch.from_numpy(__import__("numpy").asarray(image, dtype="float32") / 255.0).permute(2, 0, 1)
-
-
 def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, checkpoint: str, use_ema: bool,
                    separate: bool, sketch: Path | None, edges_from: Path | None, options: dict[str, Any],
                    allow: tuple[str, ...] = (), trust_run: bool = False) -> Path:
@@ -49,6 +34,7 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
     """
     import torch
 
+    from genlab.data.images import load_image
     from genlab.train.sampling import save_grid
 
     check_request(run_dir, n, separate)
@@ -61,11 +47,11 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
         run = RunDir(run_dir)
     family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run)
     if sketch is not None:
-        options["sketch"] = _load_image(sketch, cfg.data.image_size)
+        options["sketch"] = load_image(sketch, cfg.data.image_size)
     if edges_from is not None:
         from genlab.data.sketches import edges_of_image
 
-        options["sketch"] = edges_of_image(_load_image(edges_from, cfg.data.image_size))
+        options["sketch"] = edges_of_image(load_image(edges_from, cfg.data.image_size))
     if options.get("reconstruct"):
         from genlab.data import build_dataset
 

@@ -7,14 +7,18 @@ loader keys that the loop reads itself (LOADER_KEYS). Items are dicts: "image"
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 
+from genlab.errors import ConfigError
+
 # Keys of a data config that configure loading, not the dataset class.
-LOADER_KEYS = ("num_workers", "num_classes", "pin_memory", "persistent_workers", "prefetch_factor", "on_device")
+LOADER_KEYS = ("num_workers", "num_classes", "pin_memory", "persistent_workers", "prefetch_factor", "on_device",
+               "cache_latents", "latent_cache_dir")
 
 
 @runtime_checkable
@@ -57,6 +61,33 @@ def build_dataset(data_cfg: DictConfig, split: str) -> Any:
     from genlab.config import build
 
     return build("data", kwargs, split=split)
+
+
+def split_indices(n: int, split: str, val_fraction: float, split_seed: int,
+                  stratify: Sequence[int] | None = None) -> list[int]:
+    """The train/val partition every dataset uses: sorted indices of `split` among range(n).
+
+    Args:
+        n: number of items.
+        split: "train" or "val".
+        val_fraction: share held out for "val"; val gets at least one item when n > 1 and
+            val_fraction > 0, train keeps at least one.
+        split_seed: fixes the partition.
+        stratify: a class per item: each class is split in the same proportion (as
+            scikit-learn's train_test_split, which does the work then).
+    """
+    if split not in ("train", "val"):
+        raise ConfigError(f"unknown split {split!r}; use 'train' or 'val'.")
+    if stratify is not None:
+        from sklearn.model_selection import train_test_split
+
+        train, val = train_test_split(np.arange(n), test_size=val_fraction, random_state=split_seed,
+                                      stratify=np.asarray(stratify))
+        return sorted(int(i) for i in (val if split == "val" else train))
+    order = np.random.default_rng(split_seed).permutation(n)
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    return sorted(int(i) for i in chosen)
 
 
 def collate_items(dataset: Any, indices: list[int] | torch.Tensor) -> dict[str, Any]:

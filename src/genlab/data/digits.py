@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from genlab.data import split_indices
 from genlab.data.tensor_images import TensorImages
 
 
@@ -28,9 +28,7 @@ class Digits(TensorImages):
         digits = load_digits()
         images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
         labels = torch.from_numpy(digits.target.astype(np.int64))
-        train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=val_fraction,
-                                              random_state=split_seed, stratify=labels.numpy())
-        idx = torch.from_numpy(np.sort(train_idx if split == "train" else val_idx))
+        idx = torch.tensor(split_indices(len(labels), split, val_fraction, split_seed, stratify=labels.tolist()))
         images, labels = images[idx], labels[idx]
         if split == "train" and len(exclude_classes):
             keep = ~torch.isin(labels, torch.tensor(list(exclude_classes)))

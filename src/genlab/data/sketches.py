@@ -17,7 +17,6 @@ gives the same sketch and the cache (keyed by source file + parameters) stays va
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -31,9 +30,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from genlab.config import cache_root
+from genlab.data import split_indices
+from genlab.data.buckets import assign_buckets, bucket_sizes
+from genlab.data.file_list import folder_metadata, list_images
+from genlab.data.hf import check_columns, hf_rows
+from genlab.data.images import IMAGE_SUFFIXES, resize_crop, to_tensor
 from genlab.errors import ConfigError, GenlabError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -110,16 +112,6 @@ def edges_of_image(image: torch.Tensor, method: str = "canny") -> torch.Tensor:
     return torch.from_numpy(edges)[None].expand(3, -1, -1).clone()
 
 
-def resize_crop(image: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
-    """Resize the shorter side to `size`, then centre-crop to size x size."""
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 @dataclass
 class Source:
     """One raw item: `key` names it for the cache (a file path + mtime, or a dataset row)."""
@@ -142,11 +134,14 @@ class SketchPairs(Dataset):
         seed: fixes the per-item thresholds.
         cache_dir: where extracted sketches are kept (None: sketches/ in `genlab.config.cache_root()`);
             `cache=False` turns caching off.
+        sizes, bucket_of: with aspect-ratio buckets, each item's (width, height) and bucket;
+            the sketch is drawn from (or resized to) its image's bucket.
         edge_ranges: canny_low, canny_high, xdog_sigma, xdog_eps (lo, hi) ranges.
     """
 
     def __init__(self, sources: Sequence[Source], image_size: int, channels: int = 3, edges: str = "canny",
                  randomize: bool = False, seed: int = 0, cache: bool = True, cache_dir: str | None = None,
+                 sizes: list[tuple[int, int]] | None = None, bucket_of: list[int] | None = None,
                  **edge_ranges: Any):
         if channels not in (1, 3):
             raise ConfigError(f"data.channels={channels}: use 3 (RGB) or 1 (grey).")
@@ -159,36 +154,37 @@ class SketchPairs(Dataset):
         self.item_keys = ("image", "sketch", "caption")
         self.edges, self.randomize, self.seed, self.edge_ranges = edges, randomize, seed, edge_ranges
         self.cache_dir = Path(cache_dir or cache_root() / "sketches") if cache else None
+        self.sizes = sizes
+        if bucket_of is not None:  # only then: `Bucketed` datasets are those that have it
+            self.bucket_of = bucket_of
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict:
         src = self.sources[index]
-        size = self.image_size
+        size = self.image_size if self.sizes is None else tuple(self.sizes[index])
         try:
             image = resize_crop(src.image().convert("RGB"), size)
-            sketch = self._sketch(src, index, np.asarray(image))
+            sketch = self._sketch(src, index, np.asarray(image), size)
         except (OSError, ValueError) as e:
             raise GenlabError(f"cannot read image {src.key}: {e}. Remove or replace the file.") from e
-        if self.channels == 1:
-            image = image.convert("L")
-        pixels = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(size, size, -1).permute(2, 0, 1)
         return {
-            "image": pixels / 127.5 - 1.0,
+            "image": to_tensor(image, self.channels) * 2 - 1,
             "sketch": torch.from_numpy(sketch.astype(np.float32))[None].expand(3, -1, -1).clone(),
             "caption": src.caption,
         }
 
-    def _sketch(self, src: Source, index: int, image: np.ndarray) -> np.ndarray:
+    def _sketch(self, src: Source, index: int, image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         """(H, W) float sketch in [0, 1]: the source's own, or extracted edges (cached)."""
         if src.sketch is not None:
-            grey = resize_crop(src.sketch().convert("L"), self.image_size, Image.BILINEAR)
+            grey = resize_crop(src.sketch().convert("L"), size, Image.BILINEAR)
             return np.asarray(grey, dtype=np.float32) / 255.0
         params = edge_params(self.edges, self.randomize, self.seed, index, **self.edge_ranges)
         if self.cache_dir is None:
             return params.apply(image)
-        digest = hashlib.sha1(f"{src.key}|{self.image_size}|{params.key()}".encode()).hexdigest()
+        # "fit": images are cropped then resized (ImageOps.fit) since genlab 0.2; older entries differ slightly.
+        digest = hashlib.sha1(f"{src.key}|{size}|fit|{params.key()}".encode()).hexdigest()
         path = self.cache_dir / digest[:2] / f"{digest}.png"
         if path.exists():
             return np.asarray(Image.open(path), dtype=np.float32) / 255.0
@@ -201,44 +197,25 @@ class SketchPairs(Dataset):
         return np.round(sketch * 255) / 255.0  # as it will read back from the cache
 
 
-def split_indices(n: int, split: str, val_fraction: float, split_seed: int) -> list[int]:
-    """A fixed random train/val partition of range(n); val gets at least one item when n > 1."""
-    if split not in ("train", "val"):
-        raise ConfigError(f"unknown split {split!r}; use 'train' or 'val'.")
-    order = np.random.default_rng(split_seed).permutation(n)
-    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
-    chosen = order[:n_val] if split == "val" else order[n_val:]
-    return sorted(int(i) for i in chosen)
-
-
-def _folder_captions(root: Path) -> dict[str, str]:
-    """Captions from metadata.jsonl files ({"file_name": ..., "text": ...}), keyed by resolved path."""
-    captions = {}
-    for meta in root.rglob("metadata.jsonl"):
-        for line in meta.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                captions[str((meta.parent / row["file_name"]).resolve())] = row.get("text", "")
-    return captions
-
-
 def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val_fraction: float = 0.05,
-                  split_seed: int = 0, **kwargs: Any) -> SketchPairs:
+                  split_seed: int = 0, buckets: dict | None = None, **kwargs: Any) -> SketchPairs:
     """Sketch pairs from a folder of images (searched recursively).
 
     Args:
         split: "train" (thresholds randomised) or "val" (fixed thresholds).
         path: the folder.
         caption: the caption of images that have neither NAME.txt nor a metadata.jsonl row.
+        buckets: aspect-ratio buckets for the train split ({step, max_ratio}, see data/buckets.py),
+            or None for square crops of image_size.
         kwargs: `SketchPairs` options (channels, edges, seed, cache, cache_dir, edge ranges);
     """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.path={path}: not a folder. Point it at a folder of images.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files, _ = list_images(root)
     if not files:
         raise ConfigError(f"data.path={path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found.")
-    meta = _folder_captions(root)
+    meta = {path: row.get("text", "") for path, row in folder_metadata(root).items()}
 
     def source(p: Path) -> Source:
         text = p.with_suffix(".txt")
@@ -247,25 +224,10 @@ def sketch_folder(split: str, path: str, image_size: int, caption: str = "", val
         # partial, not lambda: DataLoader workers may need to pickle the sources.
         return Source(f"{p.resolve()}:{stat.st_mtime_ns}:{stat.st_size}", partial(Image.open, p), cap)
 
-    sources = [source(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
-    return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)
-
-
-def _load_hf(name: str, split: str, data_dir: str | None):
-    import datasets
-
-    local = Path(name).expanduser()
-    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
-        ds = datasets.load_from_disk(str(local))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ConfigError(f"data.split={split}: {name} has splits {list(ds)}.")
-            ds = ds[split]
-        return ds
-    try:
-        return datasets.load_dataset(name, data_dir=data_dir, split=split)
-    except Exception as e:  # hub/network/builder errors come in many types
-        raise GenlabError(f"cannot load dataset {name!r} (split {split}): {e}") from e
+    chosen = [Path(files[i]) for i in split_indices(len(files), split, val_fraction, split_seed)]
+    if buckets and split == "train":
+        kwargs["sizes"], kwargs["bucket_of"] = assign_buckets(chosen, bucket_sizes(image_size, **buckets))
+    return SketchPairs([source(p) for p in chosen], image_size, randomize=split == "train", **kwargs)
 
 
 class _HFSources(Sequence):
@@ -303,15 +265,8 @@ def sketch_hf(split: str, name: str, image_size: int, data_dir: str | None = Non
             val_fraction of hf_split, fixed by split_seed).
         kwargs: `SketchPairs` options.
     """
-    if split == "val" and val_split is not None:
-        ds = _load_hf(name, val_split, data_dir)
-        rows = list(range(len(ds)))
-    else:
-        ds = _load_hf(name, hf_split, data_dir)
-        rows = split_indices(len(ds), split, val_fraction if val_split is None else 0.0, split_seed)
-    for col in (image_column, caption_column):
-        if col is not None and col not in ds.column_names:
-            raise ConfigError(f"column {col!r} not in dataset {name} (columns: {ds.column_names}).")
+    ds, rows = hf_rows(name, split, data_dir, hf_split, val_split, val_fraction, split_seed)
+    check_columns(ds, name, image_column, caption_column)
     sketch_col = conditioning_column if conditioning_column in ds.column_names else None
     sources = _HFSources(ds, rows, image_column, caption_column, sketch_col)
     return SketchPairs(sources, image_size, randomize=split == "train", **kwargs)

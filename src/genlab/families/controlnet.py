@@ -24,6 +24,7 @@ from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
 from torch import nn
 
+from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
@@ -139,10 +140,10 @@ class ControlNet:
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = ld.encode_images(self.vae, batch["image"], rng)  # (B, c, h, w)
+        latents = cached_or_encoded_latents(batch, self.vae, rng)  # (B, c, h, w)
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
-            text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
+            text = cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)  # (B, 77, D)
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng, self.timesteps)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
         down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],

@@ -22,6 +22,7 @@ from diffusers.training_utils import cast_training_params
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
@@ -126,10 +127,10 @@ class StableDiffusion:
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents = ld.encode_images(self.vae, batch["image"], rng)  # (B, c, H/f, W/f)
+        latents = cached_or_encoded_latents(batch, self.vae, rng)  # (B, c, H/f, W/f)
         captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            text = ld.encode_captions(self.tokenizer, self.text_encoder, captions)  # (B, 77, D)
+            text = cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)  # (B, 77, D)
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from genlab.config import build
 from genlab.data import InMemory, build_dataset
-from genlab.data.batches import BatchOrder, BatchStream, loader_options
+from genlab.data.batches import BatchStream, loader_options, make_order
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
 from genlab.model_card import refresh_model_card
@@ -183,7 +183,8 @@ class Trainer:
             self.ema.to(acc.device)
 
         try:
-            order = BatchOrder(len(dataset), t.batch_size, t.seed, acc.process_index, acc.num_processes)
+            order = make_order(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                               cfg.data.get("num_workers", 0))
         except ValueError as error:
             raise ConfigError(f"{error} (trainer.batch_size={t.batch_size})") from None
         # The loop's settings, read once: an OmegaConf read costs ~10 us, a dozen times a step.

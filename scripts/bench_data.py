@@ -1,0 +1,294 @@
+"""The data paths users train on, measured: `python scripts/bench.py --data [PARTS...]`.
+
+Parts (all by default), written to the "data" section of benchmarks/bench-<machine>.json:
+
+- throughput: DDPM (the default U-Net, 3 channels, 16 px, batch 64, EMA) on the digits as
+  a folder of 32 px PNGs, decoded and resized every step (data=imagefolder, its default 2
+  workers), against genlab's in-memory digits and against diffusers' train_unconditional.py
+  on the same folder. That script is not installed here, so `measure_diffusers` is a
+  faithful minimal copy of its data path and step: `load_dataset("imagefolder")`,
+  torchvision Resize/CenterCrop/RandomHorizontalFlip/ToTensor/Normalize per image in
+  `set_transform`, a shuffled DataLoader with its default 0 workers, then noise, a random
+  timestep, MSE, Accelerate backward, gradient clipping at 1.0, AdamW, LR schedule, EMA.
+- startup: `genlab train data=imagefolder` on 100,000 tiny PNGs, command to first optimizer
+  step, with an empty file-list cache and again with it; the dataset construction alone
+  in-process; and `genlab --help` and argument errors.
+- cache: the fill_circles ControlNet recipe (experiment=controlnet_circles on a tiny SD
+  base built here from the circles_vae / circles_sd recipes, untrained: speed only),
+  optimizer steps/s without and with data.cache_latents (warm), and the time to encode the
+  whole train split into the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench
+
+THREE_CHANNEL_DIGITS = ["data.channels=3", "data.image_size=16"]
+PARTS = ("throughput", "startup", "cache")
+
+
+def write_png_folder(folder: Path, size: int = 32) -> Path:
+    """The 1,797 digits as RGB PNGs of `size` px (bicubic from 8 px), once."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == 1797:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(load_digits().images):
+        grey = Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+        grey.convert("RGB").save(folder / f"{i:04d}.png")
+    return folder
+
+
+def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """Images/s of diffusers' train_unconditional.py data path and step (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from datasets import load_dataset
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from hydra.utils import instantiate
+    from torchvision import transforms
+
+    cfg = bench._config("ddpm", overrides)
+    res, batch_size = cfg.data.image_size, cfg.trainer.batch_size
+    family = instantiate(cfg.model, _convert_="all")  # the same UNet2DModel and DDPMScheduler as genlab's
+    model, scheduler = family.unet, family.scheduler
+    augmentations = transforms.Compose([
+        transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    dataset = load_dataset("imagefolder", data_dir=folder, split="train")
+    dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=(0.95, 0.999), weight_decay=1e-6,
+                                  eps=1e-8)
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+    accelerator = Accelerator()
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    ema = EMAModel(model.parameters(), decay=cfg.trainer.ema, use_ema_warmup=True, foreach=True)
+    done, t0 = 0, None
+    while done < warmup + steps:
+        for batch in loader:
+            if done == warmup:
+                t0 = time.perf_counter()
+            clean = batch["input"]
+            noise = torch.randn_like(clean)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+            noisy = scheduler.add_noise(clean, noise, t)
+            with accelerator.accumulate(model):
+                loss = F.mse_loss(model(noisy, t).sample, noise)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            ema.step(model.parameters())
+            done += 1
+            if done == warmup + steps:
+                break
+    return {"images_per_s": steps * batch_size / (time.perf_counter() - t0)}
+
+
+def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
+    """Images/s of the data paths alone (no model): genlab's imagefolder stream with its default
+    2 workers, and the diffusers script's transforms in a DataLoader with its default 0 workers."""
+    import torch
+    from datasets import load_dataset
+    from torchvision import transforms
+
+    from genlab.data.batches import BatchStream, make_order
+    from genlab.data.imagefolder import ImageFolder
+
+    def rate(batches_iter) -> float:
+        next(batches_iter)  # workers started, first batch out
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(batches_iter)
+        return batches * batch_size / (time.perf_counter() - t0)
+
+    data = ImageFolder(folder, "train", image_size=16, val_fraction=0.1)
+    genlab_rate = rate(BatchStream(data, make_order(data, batch_size, 0), num_workers=2, persistent_workers=True,
+                                   prefetch_factor=2))
+    augmentations = transforms.Compose([
+        transforms.Resize(16, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(16),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+    dataset = load_dataset("imagefolder", data_dir=folder, split="train")
+    dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+
+    def endless():
+        while True:
+            yield from loader
+
+    return {"imagefolder_2_workers_images_per_s": genlab_rate, "diffusers_0_workers_images_per_s": rate(endless())}
+
+
+def throughput(args, work: Path) -> dict:
+    folder = write_png_folder(work / "digits_png")
+    common = [*THREE_CHANNEL_DIGITS, "trainer.sample_n=0", *args.overrides]
+    paths = {
+        "in_memory": ("genlab", ["data=digits", *common]),
+        "imagefolder": ("genlab", ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1",
+                                   f"data.cache_dir={work / 'lists'}", *common]),
+        "diffusers_train_unconditional": ("diffusers", ["data=digits", *common]),
+    }
+    runs = {name: [] for name in paths}
+    for _ in range(args.repeats):
+        for name, (kind, overrides) in paths.items():
+            call = (f"__import__('bench_data').measure_diffusers({str(folder)!r}, {overrides!r}, {args.steps}, "
+                    f"{args.warmup})" if kind == "diffusers" else
+                    f"bench.measure_genlab('ddpm', {overrides!r}, {args.steps}, {args.warmup})")
+            runs[name].append(bench.run_in_subprocess(call))
+            print(f"  {name}: {runs[name][-1].get('images_per_s', runs[name][-1])}", flush=True)
+    best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
+    ips = {k: v["images_per_s"] for k, v in best.items()}
+    loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({str(folder)!r})")
+    return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
+            "folder": str(folder), "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
+            "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
+            "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"], "all_runs": runs}
+
+
+def write_tiny_pngs(folder: Path, n: int) -> Path:
+    """`n` 8 px PNGs in folders of 1,000, once."""
+    import numpy as np
+    from PIL import Image
+
+    if (folder / "COMPLETE").exists() and (folder / "COMPLETE").read_text() == str(n):
+        return folder
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / f"{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(sub / f"{i:06d}.png")
+    (folder / "COMPLETE").write_text(str(n))
+    return folder
+
+
+def seconds(command: list[str], env: dict | None = None) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return time.perf_counter() - t0, result.returncode
+
+
+def startup(args, work: Path) -> dict:
+    folder = write_tiny_pngs(work / "pngs_100k", args.files)
+    cache = tempfile.mkdtemp(prefix="genlab-bench-cache-")
+    tiny = ["data=imagefolder", f"data.path={folder}", "data.image_size=8", "data.num_workers=0",
+            "model.unet.block_out_channels=[16,16]", "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+            "model.unet.up_block_types=[UpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4",
+            "trainer.batch_size=16", "trainer.sample_n=0"]
+    os.environ["GENLAB_CACHE"] = cache  # time_to_first_step's process inherits it: an empty file-list cache
+    first = bench.time_to_first_step("ddpm", tiny)
+    second = bench.time_to_first_step("ddpm", tiny)
+    code = (f"import time, sys; t0 = time.perf_counter(); from genlab.data.imagefolder import ImageFolder; "
+            f"t1 = time.perf_counter(); d = ImageFolder({str(folder)!r}, 'train', image_size=8); "
+            f"print(time.perf_counter() - t1, t1 - t0, len(d))")
+    fresh = tempfile.mkdtemp(prefix="genlab-bench-cache-")
+    construct = []
+    for _ in range(2):  # cold, then warm
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "GENLAB_CACHE": fresh}).stdout.split()
+        construct.append({"dataset_s": float(out[0]), "import_s": float(out[1]), "items": int(out[2])})
+    genlab = str(Path(sys.executable).parent / "genlab")
+    latency = {" ".join(c): seconds([genlab, *c]) for c in (
+        ["--help"], ["train", "--help"], ["data", "pack", "--help"], ["train", "trainer.max_stepz=3"],
+        ["train", "model=ddpn"], ["data", "pack"], ["data", "pack", "/no/such/folder", str(work / "x")])}
+    return {"files": args.files, "folder": str(folder),
+            "command": f"genlab train model=ddpm {' '.join(tiny)} trainer.max_steps=2 (tiny U-Net, 8 px)",
+            "first_start_to_first_step_s": first, "second_start_to_first_step_s": second,
+            "dataset_construction": {"cold": construct[0], "warm": construct[1]},
+            "cli_latency_s": {k: {"seconds": s, "exit_code": rc} for k, (s, rc) in latency.items()}}
+
+
+def tiny_chain(work: Path) -> Path:
+    """An untrained SD base from the circles recipes (2 steps each): the recipe's sizes, for speed only."""
+    genlab = str(Path(sys.executable).parent / "genlab")
+    vae, sd = work / "chain_vae", work / "chain_sd"
+    quick = ["trainer.max_steps=2", "trainer.sample_every=0", "trainer.checkpoint_every=0", "trainer.eval_every=0",
+             "logger=none", "trainer.sample_n=0"]
+    if not (vae / "export").is_dir():
+        subprocess.run([genlab, "train", "experiment=circles_vae", *quick, f"hydra.run.dir={vae}"], check=True,
+                       capture_output=True)
+    if not (sd / "export").is_dir():
+        subprocess.run([genlab, "train", "experiment=circles_sd", f"model.vae={vae}", *quick,
+                        f"hydra.run.dir={sd}"], check=True, capture_output=True)
+    return sd
+
+
+def build_cache(base: str, cache_dir: str, batch_size: int = 32) -> dict:
+    """Seconds to encode every train item of fill_circles (the recipe's data) into the cache."""
+    import torch
+
+    from genlab.data import build_dataset, collate_items
+    from genlab.data.latent_cache import cached_or_encoded_text, cached_posteriors
+    from genlab.families.sd import load_parts
+
+    cfg = bench._config("controlnet", ["experiment=controlnet_circles", f"model.base={base}"])
+    data = build_dataset(cfg.data, "train")
+    vae, text_encoder, tokenizer, _ = load_parts(base, None, cfg.data.image_size, {}, {}, None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = collate_items(data, list(range(start, min(start + batch_size, len(data)))))
+            cached_posteriors(vae, batch["image"], cache_dir)
+            cached_or_encoded_text({"latent_cache": cache_dir}, batch["caption"] + [""], tokenizer, text_encoder)
+    return {"items": len(data), "seconds": time.perf_counter() - t0}
+
+
+def latent_cache(args, work: Path) -> dict:
+    base = tiny_chain(work)
+    cache_dir = tempfile.mkdtemp(prefix="genlab-latents-")
+    build = bench.run_in_subprocess(f"__import__('bench_data').build_cache({str(base)!r}, {cache_dir!r})")
+    common = ["experiment=controlnet_circles", f"model.base={base}", "trainer.eval_every=0", "trainer.sample_n=0",
+              *args.overrides]
+    variants = {"encode_every_batch": common,
+                "cached": [*common, "data.cache_latents=true", f"data.latent_cache_dir={cache_dir}"]}
+    runs = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, overrides in variants.items():
+            runs[name].append(bench.in_subprocess("genlab", "controlnet", overrides, args.cache_steps, args.warmup))
+            print(f"  {name}: {runs[name][-1].get('images_per_s')}", flush=True)
+    best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
+    steps_per_s = {k: v["images_per_s"] / 32 for k, v in best.items()}  # the recipe's batch: 32
+    return {"workload": "experiment=controlnet_circles (32 px, batch 32, LoRA rank 4) on an untrained tiny SD base",
+            "build_cache": build, "steps_per_s": steps_per_s,
+            "speedup": steps_per_s["cached"] / steps_per_s["encode_every_batch"], "best": best, "all_runs": runs}
+
+
+def main(args) -> None:
+    import torch
+
+    import genlab
+
+    work = Path(args.work).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    out = args.out or bench.default_out(bench.machine_name())
+    report = json.loads(out.read_text()) if out.exists() else {
+        "machine": bench.machine_name(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "genlab": genlab.__version__}
+    section = report.setdefault("data", {})
+    for part in args.data or PARTS:
+        load = os.getloadavg()
+        print(f"{part} (load average {load[0]:.1f})", flush=True)
+        result = {"throughput": throughput, "startup": startup, "cache": latent_cache}[part](args, work)
+        result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M"),
+                      load_average_before=load, load_average_after=os.getloadavg(),
+                      torch_threads=torch.get_num_threads(), machine=bench.machine_name())
+        section[part] = result
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("all_runs", "best")}, indent=1), flush=True)
+    print(f"wrote {out} (data)")
