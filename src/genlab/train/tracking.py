@@ -25,6 +25,22 @@ WANDB_DIR_VARS = ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR")
 _USER_WANDB_DIRS = {var: os.environ.get(var) for var in WANDB_DIR_VARS}
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Logs to whatever sys.stderr is when a record is written, not when the handler was made.
+
+    Hydra builds its console handler once per job; a caller that swaps sys.stderr (a test
+    runner, a notebook) and closes it would otherwise leave a handler writing to a closed file.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def wandb_mode(requested: str) -> str:
     """"auto" means online when the user is logged in to W&B, offline otherwise."""
     if os.environ.get("WANDB_MODE"):
