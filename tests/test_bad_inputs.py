@@ -13,11 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DDPM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import TINY_DDPM
 from genlab.cli import app
 from genlab.run_dir import RunDir
 
@@ -179,12 +179,26 @@ def _yaml(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(key=st.sampled_from(TRAIN_KEYS), value=VALUES)
-def test_any_training_value_is_accepted_or_refused_in_one_sentence(key, value):
+def _check_training_value(key, value):
     """Through `genlab train --cfg job` (validation, no training): exit 0 or 2, never a traceback."""
     result = invoke("train", "--cfg", "job", *TINY_DDPM, f"{key}={_yaml(value)}")
     assert_clean(result, (0, 2))
+
+
+FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)  # ~0.5 s a case
+
+
+@settings(max_examples=40, **FUZZ)
+@given(key=st.sampled_from(TRAIN_KEYS), value=VALUES)
+def test_any_training_value_is_accepted_or_refused_in_one_sentence(key, value):
+    _check_training_value(key, value)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **FUZZ)
+@given(key=st.sampled_from(TRAIN_KEYS), value=VALUES)
+def test_many_training_values_are_accepted_or_refused_in_one_sentence(key, value):
+    _check_training_value(key, value)
 
 
 SAMPLE_OPTIONS = st.fixed_dictionaries({}, optional={

@@ -1,5 +1,6 @@
 """scripts/bench_controlnet.py on CPU with a tiny stand-in for SD 1.5 (the real run needs a GPU)."""
 
+import pytest
 import json
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_sd15_shapes_are_sd15():
         assert millions(CLIPTextModel(tiny_text_config(**shapes["text"]))) == 123
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_tiny_run_writes_every_setting(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--size", "tiny", "--image-size", "32", "--batch-sizes", "2", "--modes", "controlnet", "control_lora",

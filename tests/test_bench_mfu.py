@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -36,6 +37,7 @@ def test_flops_per_image_count_forward_and_backward():
     assert 2.7 < train / forward < 3.3
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_mfu_mode_writes_its_section(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--mfu", "--families", "ddpm", "--mfu-compile", "off", "--steps", "2", "--warmup", "1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,10 @@ def _launch(tmp_path, name, processes, batch):
     script = tmp_path / f"{name}.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, run=str(run)))
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    command = ([accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "29533",
+    with socket.socket() as probe:  # a free port: tests may run side by side (pytest -n)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ([accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(port),
                 str(script)] if processes > 1 else [sys.executable, str(script)])
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -51,6 +55,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     assert (two / "export" / "net.pt").exists()
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     """hydra/launcher=local (submitit's local executor, the SLURM launcher's twin): one process per job."""
     from conftest import TINY_DDPM, genlab
@@ -63,6 +68,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     assert steps == [1, 2]
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_genlab_train_processes_launches_accelerate(tmp_path):
     """`genlab train --processes 2` runs two gloo processes that share one run directory."""
     from conftest import TINY_DDPM, genlab

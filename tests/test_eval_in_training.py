@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import TINY_DDPM, genlab, toy_config
+from conftest import TINY_DDPM, cli, toy_config
+
 from genlab.train.best import BestTracker
 from genlab.train.job import run_training
 
@@ -34,15 +35,15 @@ def test_early_stopping_stops_the_loop(tmp_path):
 
 def test_eval_during_training_and_genlab_eval(tmp_path):
     run = tmp_path / "run"
-    genlab("train", *TINY_DDPM, "trainer.eval_every=2", "trainer.eval_samples=20", "eval.n_reference=200",
+    cli("train", *TINY_DDPM, "trainer.eval_every=2", "trainer.eval_samples=20", "eval.n_reference=200",
            f"hydra.run.dir={run}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "fid_digits_cnn" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(0 <= r["classes_covered"] <= 10 and r["fid_digits_cnn"] > 0 for r in evals)
     assert (run / "checkpoints" / "best" / "COMPLETE").exists()
-    assert "fid_digits_cnn=" in genlab("runs", str(tmp_path)).stdout  # the best metric is in the table
-    genlab("sample", str(run), "--checkpoint", "best", "--n", "4", "--out", str(tmp_path / "best.png"))
-    result = genlab("eval", str(run), "--n", "20", "--checkpoint", "best")
+    assert "fid_digits_cnn=" in cli("runs", str(tmp_path)).stdout  # the best metric is in the table
+    cli("sample", str(run), "--checkpoint", "best", "--n", "4", "--out", str(tmp_path / "best.png"))
+    result = cli("eval", str(run), "--n", "20", "--checkpoint", "best")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["eval_samples"] == 20 and "fid_digits_cnn" in metrics and "precision_digits_cnn" in result.stdout

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import TINY_DDPM, genlab
+from conftest import TINY_DDPM, cli, genlab
 from PIL import Image
 
 from genlab.train.tracking import Progress, chosen_trackers
@@ -18,7 +18,11 @@ TINY = [a for a in TINY_DDPM if not a.startswith("logger=")]
 
 def _tensorboard_events(folder):
     """TensorBoard's own reader over every event file of `folder`."""
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import (
+        IMAGES,
+        SCALARS,
+        EventAccumulator,
+    )
 
     events = EventAccumulator(str(folder), size_guidance={SCALARS: 0, IMAGES: 0})
     events.Reload()
@@ -66,11 +70,13 @@ def test_logger_choices():
     assert chosen_trackers({"name": "none"}) == {}  # a run saved before several trackers
 
 
-def test_logger_lists_are_checked_one_choice_at_a_time(tmp_path):
+def test_logger_lists_are_checked_one_choice_at_a_time(tmp_path, monkeypatch):
     from genlab.config import validate_overrides
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GENLAB_RUNS", str(tmp_path))
     assert set(validate_overrides(["logger=[wandb,tensorboard]"]).logger) == {"wandb", "tensorboard"}
-    result = genlab("train", "logger=[wandb,tensorbord]", cwd=tmp_path, env={"GENLAB_RUNS": str(tmp_path)}, check=False)
+    result = cli("train", "logger=[wandb,tensorbord]", check=False)
     assert result.returncode == 2 and "unknown choice 'tensorbord'" in result.stderr
     assert "did you mean 'tensorboard'" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was created

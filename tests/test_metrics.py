@@ -339,6 +339,12 @@ def test_eval_config_rejects_unknown_keys():
         EvalConfig.from_cfg(OmegaConf.create({"data": {}, "eval": {"n_sample": 10}}))
 
 
+def test_eval_defaults_come_from_the_yaml_alone():
+    """configs/eval/default.yaml is the one place the defaults live: every field is there, and an override wins."""
+    settings = EvalConfig.from_cfg(OmegaConf.create({"data": {}, "eval": {"n_samples": 7}}))
+    assert settings.n_samples == 7 and settings.reject_fraction == 0.05 and settings.variants is True
+
+
 class DataFamily:
     """A "generator" that returns data images: perfect, or only one class."""
 

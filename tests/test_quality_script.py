@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_quality_script_smoke_writes_report_grids_and_plot(tmp_path):
     out = tmp_path / "bench"
     # A budget far below one step: the probe must cap max_steps (3 planned under --smoke) to 1.

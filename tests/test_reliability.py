@@ -52,6 +52,7 @@ def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tmp_path):
     assert _steps(tmp_path / "run") == list(range(1, 9))
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_sigterm_exits_143_after_a_checkpoint_and_rerun_resumes(tmp_path):
     """Through the CLI: SIGTERM mid-run -> exit 143 with a checkpoint; the same command again resumes."""
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DDPM, genlab
+from conftest import TINY_DDPM, cli, genlab
 from PIL import Image
 
 from genlab.report.collect import downsample
@@ -94,7 +94,7 @@ def sweep(tmp_path_factory) -> Path:
 @needs_chromium
 def test_run_report_shows_grids_and_curves_in_chromium(tiny_ddpm_run, tmp_path):
     out = tmp_path / "run.html"
-    result = genlab("report", str(tiny_ddpm_run), "--out", str(out))
+    result = cli("report", str(tiny_ddpm_run), "--out", str(out))
     assert "wrote" in result.stdout
     html = out.read_text()
     assert_self_contained(html)
@@ -143,7 +143,7 @@ def test_run_report_shows_grids_and_curves_in_chromium(tiny_ddpm_run, tmp_path):
 
 @needs_chromium
 def test_sweep_report_ranks_trials_and_draws_parallel_coordinates_in_chromium(sweep, tmp_path):
-    genlab("report", str(sweep))
+    cli("report", str(sweep))
     out = sweep / "report.html"
     html = out.read_text()
     assert_self_contained(html)
@@ -195,7 +195,7 @@ def test_large_run_downsamples_curves_and_links_grids(tiny_ddpm_run, tmp_path):
     (big / "samples").mkdir()
     for step in range(50, 10_001, 50):
         Image.fromarray(rng.integers(0, 255, (100, 100, 3), dtype=np.uint8)).save(big / "samples" / f"step_{step:06d}.png")
-    genlab("report", str(big), "--max-embed-mb", "2")
+    cli("report", str(big), "--max-embed-mb", "2")
     html = (big / "report.html").read_text()
     assert len(html) < 6e6  # Plotly's JS (~5 MB) and little else
     grids = scripts(html, id="grid-list")[0]
@@ -224,5 +224,5 @@ def test_command_shows_overrides_and_resumes(tmp_path):
 
 
 def test_report_of_a_folder_without_runs_says_so(tmp_path):
-    result = genlab("report", str(tmp_path), check=False)
+    result = cli("report", str(tmp_path), check=False)
     assert result.returncode == 1 and "holds no genlab run" in result.stderr and "Traceback" not in result.stderr

@@ -178,7 +178,7 @@ def _kill_trials(tmp_path, trials):
 
 
 def test_kill_9_during_checkpoint_writes_quick(tmp_path):
-    _kill_trials(tmp_path, trials=2)
+    _kill_trials(tmp_path, trials=1)  # 50 more under -m slow
 
 
 @pytest.mark.slow

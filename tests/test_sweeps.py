@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
-
 from conftest import TINY_DDPM, genlab
 
 
+@pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_optuna_sweep_minimises_the_best_eval_metric_and_runs_ranks_it(tmp_path):
     sweep = tmp_path / "sweep"
     result = genlab("train", "-m", "sweep=ddpm_optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.config import config_dir
 from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
 from genlab.eval.control_metrics import control_metrics
@@ -57,25 +58,25 @@ DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("
 
 @dataclass
 class EvalConfig:
-    """The `eval:` config group (every key optional)."""
+    """The `eval:` config group. Its defaults and their meaning live in one place: configs/eval/default.yaml."""
 
-    extractor: str = "auto"          # auto | digits_cnn | inception (auto: digits_cnn on digits, else inception)
-    n_samples: int = 1000            # generated images per evaluation
-    n_reference: int = 5000          # at most this many data images for the reference statistics
-    batch_size: int = 250            # images per sample() / extractor call
-    cache_dir: str | None = None     # extractor weights + reference features (null: $GENLAB_CACHE or ~/.cache/genlab)
-    inception_weights: str | None = None  # local torch-fidelity Inception weights (null: download once)
-    pr_k: int = 3                    # k of the k-NN manifolds for precision/recall
-    kid_subset_size: int = 1000      # KID subset size (capped at the set sizes)
-    coverage_min_fraction: float = 0.01  # a class is covered when this fraction of samples falls in it
-    iwae_k: int = 16                 # importance samples of the VAE's NLL bound
-    vae_likelihood: str = "auto"     # auto | gaussian | laplace | bernoulli (auto: the one its recon_loss trains)
-    vae_decoder_scale: float | None = None  # gaussian std / laplace scale (null: the one the VAE loss implies)
-    edge_tolerance: int = 1          # pixels an edge may be off and still match (edge F1)
-    reject_fraction: float = 0.05    # OOD test: a classifier rejects what is less sure than all but this fraction of real val images
-    border_quantile: float = 0.995   # border artifacts: a strip brighter than this quantile of the data's at that side
-    variants: bool = True            # also evaluate the family's eval_variants (a GAN: with truncation 1.0 and 0.5)
-    seed: int = 0                    # seed of the generated samples
+    extractor: str
+    n_samples: int
+    n_reference: int
+    batch_size: int
+    cache_dir: str | None
+    inception_weights: str | None
+    pr_k: int
+    kid_subset_size: int
+    coverage_min_fraction: float
+    iwae_k: int
+    vae_likelihood: str
+    vae_decoder_scale: float | None
+    edge_tolerance: int
+    reject_fraction: float
+    border_quantile: float
+    variants: bool
+    seed: int
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict | None) -> "EvalConfig":
@@ -88,7 +89,8 @@ class EvalConfig:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean eval.{close[0]}?" if close else "."
                 raise ConfigError(f"eval.{key} is not a key of eval{hint}")
-        return cls(**values)
+        defaults = OmegaConf.to_container(OmegaConf.load(config_dir() / "eval" / "default.yaml"))
+        return cls(**{**defaults, **values})
 
 
 def _subset(n: int, k: int) -> list[int]:
