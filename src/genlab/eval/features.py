@@ -57,6 +57,22 @@ def _as_unit_float(images: torch.Tensor) -> torch.Tensor:
 class _DigitsClassifier(nn.Module):
     """What both digits classifiers share: `_embed` (set by each) -> scaled features, and a linear head."""
 
+    kind: str  # "cnn" or "mlp": names the classifier `<data>_<kind>`
+
+    def __init__(self, body: nn.Module, image_size: int, channels: int, num_features: int, num_classes: int,
+                 data: str, data_tag: str):
+        super().__init__()
+        self.image_size, self.channels, self.num_features = image_size, channels, num_features
+        self.name, self.data_tag = f"{data}_{self.kind}", data_tag
+        self.body = body  # built by the subclass before the head: the seeded initialisation keeps its order
+        self.dropout = nn.Dropout(0.3)
+        self.head = nn.Linear(num_features, num_classes)
+        # Fixed after training so that features have mean squared norm num_features on the
+        # train data: KID's polynomial kernel (x.y / D + 1)^3 then sees values near 1, as
+        # with Inception features, instead of hundreds (raw ReLU features are large).
+        self.register_buffer("feature_scale", torch.tensor(1.0))
+        self.val_accuracy: float | None = None  # set by training or loading
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0, 1] -> penultimate features (N, num_features), scaled."""
         return self._embed(images) * self.feature_scale
@@ -86,23 +102,14 @@ class DigitsCNN(_DigitsClassifier):
 
     def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10,
                  data: str = "digits", data_tag: str = ""):
-        super().__init__()
-        self.image_size, self.channels, self.num_features = image_size, channels, num_features
-        self.name, self.data_tag = f"{data}_cnn", data_tag
-        self.work_size = min(image_size, 16)
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (32, 8, 8) at 16 px
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(4),  # (64, 4, 4) whatever the work size
             nn.Flatten(), nn.Linear(64 * 16, num_features), nn.ReLU(),
         )
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(num_features, num_classes)
-        # Fixed after training so that features have mean squared norm num_features on the
-        # train data: KID's polynomial kernel (x.y / D + 1)^3 then sees values near 1, as
-        # with Inception features, instead of hundreds (raw ReLU features are large).
-        self.register_buffer("feature_scale", torch.tensor(1.0))
-        self.val_accuracy: float | None = None  # set by training or loading
+        super().__init__(body, image_size, channels, num_features, num_classes, data, data_tag)
+        self.work_size = min(image_size, 16)
 
     @property
     def cache_tag(self) -> str:
@@ -136,16 +143,9 @@ class DigitsMLP(_DigitsClassifier):
 
     def __init__(self, image_size: int = 16, channels: int = 1, num_features: int = 128, num_classes: int = 10,
                  data: str = "digits", data_tag: str = ""):
-        super().__init__()
-        self.image_size, self.channels, self.num_features = image_size, channels, num_features
-        self.name, self.data_tag = f"{data}_mlp", data_tag
+        body = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 256), nn.ReLU(), nn.Linear(256, num_features), nn.ReLU())
+        super().__init__(body, image_size, channels, num_features, num_classes, data, data_tag)
         self.work_size = 8
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8, 256), nn.ReLU(),
-                                  nn.Linear(256, num_features), nn.ReLU())
-        self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(num_features, num_classes)
-        self.register_buffer("feature_scale", torch.tensor(1.0))  # as in DigitsCNN
-        self.val_accuracy: float | None = None
 
     @property
     def cache_tag(self) -> str:

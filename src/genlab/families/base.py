@@ -217,6 +217,22 @@ def batch_labels(batch: dict[str, Any], num_classes: int | None) -> torch.Tensor
     return batch["label"]
 
 
+def refuse_unknown_sample_options(opts: dict[str, Any], family: str, takes: str, class_label: int | None,
+                                  num_classes: int | None) -> None:
+    """One sentence for what a guidance-free family (GAN, VAE) cannot do with `genlab sample`'s options.
+
+    `opts` holds what the family did not take; `takes` lists what it does take, for the message.
+    """
+    if opts.pop("guidance", 1.0) != 1.0:
+        raise GenlabError(f"--guidance applies to diffusion models only; the {family} has no guidance")
+    if opts:
+        raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the {family}; it takes {takes}")
+    if class_label is not None and not num_classes:
+        raise GenlabError(f"--class needs a conditional {family} (train with model.conditional=true)")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise GenlabError(f"--class {class_label} is out of range: classes are 0..{num_classes - 1}")
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """The bare model under Accelerate/DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):

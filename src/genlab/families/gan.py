@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom, batch_labels, unwrap
+from genlab.families.base import StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -630,15 +630,7 @@ class GAN:
         opts = {k: v for k, v in options.items() if v is not None and v is not False}
         class_label = opts.pop("class_label", None)
         truncation = float(opts.pop("truncation", self.truncation))
-        if opts.pop("guidance", 1.0) != 1.0:
-            raise GenlabError("--guidance applies to diffusion models only; a GAN has no guidance")
-        if opts:
-            raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the GAN; it takes --class "
-                              "and --truncation")
-        if class_label is not None and not self.num_classes:
-            raise GenlabError("--class needs a conditional GAN (train with model.conditional=true)")
-        if class_label is not None and not 0 <= class_label < self.num_classes:
-            raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
+        refuse_unknown_sample_options(opts, "GAN", "--class and --truncation", class_label, self.num_classes)
         generator = unwrap(self.generator)
         device = next(generator.parameters()).device
         z = latent_noise(n, self.generator_config["latent_dim"], seed, truncation)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import Decode, Encode, StepRandom, batch_labels, unwrap
+from genlab.families.base import Decode, Encode, StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
 
 #: `recon_loss` -> the decoder likelihood it trains (what `genlab eval` scores the VAE with).
 LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}
@@ -214,13 +214,8 @@ class VAE:
         interpolate, reconstruct = opts.pop("interpolate", False), opts.pop("reconstruct", False)
         interp_steps = opts.pop("steps", None)  # columns of an interpolation
         temperature = float(opts.pop("temperature", self.temperature))
-        if opts.pop("guidance", 1.0) != 1.0:
-            raise GenlabError("--guidance applies to diffusion models only; a VAE samples its prior directly")
-        if opts:
-            raise GenlabError(f"option(s) {', '.join(sorted(opts))} do not apply to the VAE; it takes "
-                              "--class, --interpolate, --reconstruct, --temperature")
-        if class_label is not None and not self.num_classes:
-            raise GenlabError("--class needs a conditional VAE (train with model.conditional=true)")
+        refuse_unknown_sample_options(opts, "VAE", "--class, --interpolate, --reconstruct, --temperature",
+                                      class_label, self.num_classes)
         net = unwrap(self.vae)
         device = next(net.parameters()).device
         gen = torch.Generator().manual_seed(seed)
