@@ -182,5 +182,6 @@ def test_kill_9_during_checkpoint_writes_quick(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_kill_9_during_checkpoint_writes_50_trials(tmp_path):
     _kill_trials(tmp_path, trials=50)
