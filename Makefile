@@ -29,8 +29,13 @@ demo: install  ## train a DDPM on the bundled digits (~3 min on 2 cores), then d
 	$(GENLAB) sample $(GENLAB_RUNS)/demo/ddpm_digits --n 64 --out $(GENLAB_RUNS)/demo/ddpm_digits_samples.png
 	@echo "demo grid: $(GENLAB_RUNS)/demo/ddpm_digits_samples.png"
 
-test: install  ## the default suite: CPU, no network, a few minutes
-	$(VENV)/bin/pytest -q
+# Two pytest workers (pytest-xdist) of one torch thread each: the tests are small single-threaded
+# runs and subprocess starts, so two workers use both cores where one process with two threads
+# leaves one idle. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
+test: install  ## the default suite: CPU, no network, under 5 minutes on 2 cores
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS)
 
 test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `make test`)
 	$(VENV)/bin/pytest -q -m slow
