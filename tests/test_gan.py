@@ -266,6 +266,8 @@ def test_sampling_conditional_and_export_round_trip(tmp_path):
     assert not torch.allclose(gan.discriminator(x, labels), gan.discriminator(x, labels.flip(0)))  # projection
     with pytest.raises(GenlabError, match="guidance"):
         gan.sample(2, seed=0, guidance=2.0)
+    with pytest.raises(GenlabError, match="out of range"):
+        gan.sample(2, seed=0, class_label=4)
     with pytest.raises(GenlabError, match="interpolate"):
         gan.sample(2, seed=0, interpolate=True)
 

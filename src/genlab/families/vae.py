@@ -264,9 +264,7 @@ class VAE:
         """Labels for n images: given ones, one class, or classes cycling 0..K-1; None if unconditional."""
         if not self.num_classes:
             return None
-        if class_label is not None:
-            if not 0 <= class_label < self.num_classes:
-                raise GenlabError(f"--class {class_label} is out of range: classes are 0..{self.num_classes - 1}")
+        if class_label is not None:  # in range: refuse_unknown_sample_options checked it
             return torch.full((n,), class_label, dtype=torch.long, device=device)
         if labels is not None:
             return labels[:n].to(device)
