@@ -26,6 +26,7 @@ from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
+from genlab.families import bases
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
@@ -52,7 +53,8 @@ class ControlNet:
 
     Args:
         image_size, channels: from the data.
-        base: the SD base (hub id, diffusers pipeline dir or genlab sd run). Required.
+        base: the base (hub id, diffusers pipeline dir, genlab sd run or single .safetensors file). Required.
+        base_config: for a single-file base, a diffusers directory (or hub id) with its architecture's configs.
         vae: a VAE replacing the base's own (None: the base's).
         controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
             pretrained: a ControlNetModel to start from instead of copying the U-Net}.
@@ -68,8 +70,8 @@ class ControlNet:
     #: sample() options that genlab eval fills from validation items (sketch-following metrics).
     conditions = ("sketch", "prompt")
 
-    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
-                 controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
+                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
                  gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
@@ -77,7 +79,8 @@ class ControlNet:
         if not base:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.image_size, self.base, self.vae_source = image_size, str(base), ld.plain(vae)
+        self.kind = bases.require_kind(str(base), ("sd",), "model=controlnet")
+        self.image_size, self.base, self.vae_source = image_size, bases.diffusers_dir(str(base), base_config), ld.plain(vae)
         self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
             self.base, self.vae_source, image_size, {}, {}, None)
         if channels != self.vae.config.in_channels:
