@@ -28,6 +28,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
+from genlab.families import sdxl
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
 
@@ -79,10 +80,15 @@ class ControlNet:
         if not base:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.kind = bases.require_kind(str(base), ("sd",), "model=controlnet")
+        self.kind = bases.require_kind(str(base), ("sd", "sdxl"), "model=controlnet")
         self.image_size, self.base, self.vae_source = image_size, bases.diffusers_dir(str(base), base_config), ld.plain(vae)
-        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
-            self.base, self.vae_source, image_size, {}, {}, None)
+        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
+        if self.kind == "sdxl":
+            self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
+                sdxl.load_parts(self.base, self.vae_source)
+        else:
+            self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
+                self.base, self.vae_source, image_size, {}, {}, None)
         if channels != self.vae.config.in_channels:
             raise ConfigError(f"data.channels={channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
@@ -146,19 +152,18 @@ class ControlNet:
         latents = cached_or_encoded_latents(batch, self.vae, rng)  # (B, c, h, w)
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
-            text = cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)  # (B, 77, D)
+            text = self.text_conditioning(batch, captions)  # encoder_hidden_states (B, 77, D) [+ SDXL's added]
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng, self.timesteps)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],
-                                    return_dict=False)
-        pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+        down, mid = self.controlnet(noisy, t, **text, controlnet_cond=batch["sketch"], return_dict=False)
+        pred = self.unet(noisy, t, **text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
         return loss, {"loss": loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
-        for frozen in (self.vae, self.text_encoder, self.unet):
+        for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
             ld.move(frozen, device, self.weight_dtype)
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
@@ -220,14 +225,28 @@ class ControlNet:
         controlnet.save_pretrained(out_dir / "controlnet")
         if self.lora_rank > 0:
             ld.save_unet_lora(self.unet, out_dir)
-        ld.write_export_info(out_dir, family="controlnet", base=ld.pipeline_location(self.base),
+        ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
                              vae=ld.pipeline_location(self.vae_source), lora_rank=self.lora_rank,
                              control_lora_rank=self.control_lora_rank)
 
     # --- helpers -----------------------------------------------------------------------
 
+    def text_conditioning(self, batch: dict[str, Any], captions: list[str]) -> dict[str, Any]:
+        """The U-Net's and ControlNet's text inputs: SD's hidden states (cached when the batch names a
+        cache), or SDXL's two encoders' with their added conditioning (encoded each step)."""
+        if self.kind == "sdxl":
+            return sdxl.encode_prompt([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                      captions, self.image_size)
+        return {"encoder_hidden_states": cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)}
+
     def pipeline(self, sampler: str) -> StableDiffusionControlNetPipeline:
         """A diffusers ControlNet pipeline over this family's (unwrapped) parts and the named sampler."""
+        if self.kind == "sdxl":
+            pipe = sdxl.controlnet_pipeline(
+                self.base, self.vae, [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2],
+                ld.unwrap(self.unet), ld.unwrap(self.controlnet), ld.sampler(sampler, self.noise_scheduler.config))
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         pipe = StableDiffusionControlNetPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=ld.unwrap(self.unet),
             controlnet=ld.unwrap(self.controlnet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),
