@@ -1,4 +1,9 @@
-"""ControlNet: make a frozen Stable Diffusion base follow a sketch, optionally with LoRA.
+"""ControlNet: make a frozen Stable Diffusion (1.x/2.x or SDXL) base follow a sketch, optionally with LoRA.
+
+`model.base` decides the kind (`families/bases.py`): an SDXL base conditions the U-Net and
+the ControlNet on its two text encoders and added time ids (`families/sdxl.py`). SD3.x and
+Flux bases need the flow-matching objective and are refused here; their ControlNets are
+built and exported by `families/flow_controlnet.py`.
 
 The ControlNet is `ControlNetModel.from_unet(base_unet)` (a trainable copy of the base's
 encoder with zero-initialised output convolutions), its hint encoder downsampling the
