@@ -10,28 +10,17 @@ from safetensors.torch import save_file
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families.controlnet import ControlNet
-from genlab.families.sd import StableDiffusion
 from ldm_single_file import sd_to_single_file
+from tiny_bases import tiny_sd_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-UNET = dict(block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, norm_num_groups=8,
-            attention_head_dim=8)
 
 
 @pytest.fixture(scope="module")
 def sd_export(tmp_path_factory):
     """genlab's own tiny SD export (random weights) and the same as one LDM-layout .safetensors file."""
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                  up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
-                  layers_per_block=1, sample_size=32, scaling_factor=0.5).save_pretrained(root / "vae")
-    family = StableDiffusion(32, vae=str(root / "vae"), unet=UNET, text_encoder=dict(hidden_size=32, num_layers=2),
-                             tokenizer_dir=str(root / "tok"))
-    family.export(root / "sd")
+    tiny_sd_export(root)
     return root / "sd", sd_to_single_file(root / "sd", root / "tiny-sd.safetensors")
 
 

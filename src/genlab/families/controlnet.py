@@ -33,6 +33,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
+from genlab.families import lora_variants
 from genlab.families import sdxl
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
@@ -115,7 +116,7 @@ class ControlNet:
         self.unet.requires_grad_(False)
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
-            self.unet.add_adapter(ld.lora_config(lora))
+            self.unet.add_adapter(lora_variants.adapter_config(lora))
         self.control_lora_rank = int(control_lora.get("rank", 0))
         if self.control_lora_rank > 0:
             self.controlnet.requires_grad_(False)
@@ -229,7 +230,7 @@ class ControlNet:
             controlnet = ld.merged_copy(controlnet)
         controlnet.save_pretrained(out_dir / "controlnet")
         if self.lora_rank > 0:
-            ld.save_unet_lora(self.unet, out_dir)
+            lora_variants.save(self.unet, out_dir)
         ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
                              vae=ld.pipeline_location(self.vae_source), lora_rank=self.lora_rank,
                              control_lora_rank=self.control_lora_rank)
