@@ -33,7 +33,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
-from genlab.families import lora_variants
+from genlab.families import lora_variants, memory
 from genlab.families import sdxl
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
@@ -68,6 +68,7 @@ class ControlNet:
         lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), target_modules, dropout}.
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
+        quantize_base: null | int8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
         min_snr_gamma, caption_dropout: loss weighting and CFG caption dropout.
         timesteps: "uniform" or "cubic" (mostly high noise, where the sketch decides the layout).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
@@ -79,7 +80,7 @@ class ControlNet:
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
-                 gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+                 gradient_checkpointing: bool = False, quantize_base: str | None = None, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
                  validation_data: Any = None):
@@ -114,6 +115,10 @@ class ControlNet:
                 # them see the sketch from the first step.
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
+        if quantize_base and lora.get("variant", "lora") != "lora":
+            raise ConfigError(f"model.quantize_base={quantize_base} trains LoRA on the quantised U-Net (peft's torchao "
+                              f"layers): set model.lora.variant=lora, not {lora.get('variant')}.")
+        memory.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
             self.unet.add_adapter(lora_variants.adapter_config(lora))
@@ -170,7 +175,8 @@ class ControlNet:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
-            ld.move(frozen, device, self.weight_dtype)
+            # A quantised U-Net's int8 weights dequantise to fp32: its other layers stay fp32 to match.
+            ld.move(frozen, device, torch.float32 if memory.is_quantized(frozen) else self.weight_dtype)
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
         cast_training_params([self.unet, self.controlnet], torch.float32)
