@@ -43,8 +43,14 @@ def build_controlnet(base: str, num_layers: int | None = None, num_single_layers
         num_single_layers: Flux's single-stream blocks to copy; None: 0 (the same recipe).
     """
     kind = bases.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
-    controlnet_cls, transformer_cls, _ = (_diffusers(name) for name in CLASSES[kind])
-    transformer = ld.load_pretrained(transformer_cls, bases.diffusers_dir(str(base)), "transformer")
+    transformer = ld.load_pretrained(_diffusers(CLASSES[kind][1]), bases.diffusers_dir(str(base)), "transformer")
+    return controlnet_for(kind, transformer, num_layers, num_single_layers)
+
+
+def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = None,
+                   num_single_layers: int | None = None) -> nn.Module:
+    """`build_controlnet` on a transformer in hand (also on the meta device, for sizes)."""
+    controlnet_cls = _diffusers(CLASSES[kind][0])
     if kind == "sd3":
         # Build from a copy of the config: from_transformer writes into the one it is given.
         return controlnet_cls.from_transformer(_ConfigCopy(transformer), num_extra_conditioning_channels=0,
