@@ -46,6 +46,18 @@ def test_single_file_base_loads_offline_like_its_directory(sd_export, monkeypatc
     assert torch.equal(images[0], images[1])
 
 
+def test_sd_family_takes_a_single_file_base_and_refuses_other_kinds(sd_export, tmp_path):
+    from genlab.families.sd import StableDiffusion
+
+    directory, single = sd_export
+    family = StableDiffusion(32, base=str(single), base_config=str(directory), vae=None, lora=dict(rank=4))
+    expected = StableDiffusionPipeline.from_pretrained(directory).unet.state_dict()
+    ours = {k.replace(".base_layer", ""): v for k, v in family.unet.state_dict().items() if "lora_" not in k}
+    assert ours.keys() == expected.keys() and all(torch.equal(v, expected[k]) for k, v in ours.items())
+    with pytest.raises(ConfigError, match="is an SDXL base; model=sd supports Stable Diffusion 1.x/2.x bases"):
+        StableDiffusion(32, base=_pipeline_dir(tmp_path / "xl", "StableDiffusionXLPipeline"), vae=None)
+
+
 def test_single_file_without_config_offline_says_what_to_set(sd_export, tmp_path, monkeypatch):
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path))
     with pytest.raises(GenlabError, match="model.base_config"):

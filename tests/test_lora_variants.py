@@ -122,3 +122,19 @@ def test_lora_and_dora_exports_sample_the_same_in_plain_diffusers(base, tmp_path
 def test_unknown_variant_is_one_sentence(base):
     with pytest.raises(ConfigError, match="model.lora.variant='qlora': use one of lora, dora, loha, lokr"):
         ControlNet(32, base=str(base), lora=dict(rank=4, variant="qlora"))
+
+
+def test_stacked_lora_at_sample_time_takes_the_kohya_file(base, tmp_path):
+    """`genlab sample --lora FILE:w` with the run's own adapter swapped out (own_lora=0) and its kohya export
+    loaded in its place gives the run's own images; at weight 0 the base's."""
+    family = _trained(base, "lora", steps=2)
+    family.export(tmp_path)
+    sketch, prompt = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), "a red circle"
+    ours = family.sample(1, seed=0, sketch=sketch, prompt=prompt, steps=2)
+    kohya = str(tmp_path / "lora_kohya.safetensors")
+    assert torch.allclose(ours, family.sample(1, seed=0, sketch=sketch, prompt=prompt, steps=2, own_lora=0.0,
+                                              lora=[f"{kohya}:1.0"]), atol=1e-5)
+    bare = family.sample(1, seed=0, sketch=sketch, prompt=prompt, steps=2, own_lora=0.0)
+    assert torch.allclose(bare, family.sample(1, seed=0, sketch=sketch, prompt=prompt, steps=2, own_lora=0.0,
+                                              lora=[f"{kohya}:0"]), atol=1e-6)
+    assert not torch.allclose(ours, bare, atol=1e-4)

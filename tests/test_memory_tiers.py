@@ -43,6 +43,8 @@ def test_presets_compose_and_build_on_cpu(preset, base):
     family = instantiate(OmegaConf.to_container(cfg.model, resolve=True), _convert_="all").to(CPU, torch.bfloat16)
     assert family.unet.is_gradient_checkpointing == family.controlnet.is_gradient_checkpointing == checkpointing
     assert memory.is_quantized(family.unet) == bool(quantized) and not memory.is_quantized(family.controlnet)
+    # Around int8 linear layers the frozen U-Net's convolutions and norms are bf16, as without quantisation.
+    assert family.unet.conv_in.weight.dtype == family.unet.down_blocks[0].resnets[0].norm1.weight.dtype == torch.bfloat16
     data = build_dataset(cfg.data, "train")
     family.controlnet.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):

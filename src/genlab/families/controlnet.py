@@ -175,8 +175,8 @@ class ControlNet:
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
-            # A quantised U-Net's int8 weights dequantise to fp32: its other layers stay fp32 to match.
-            ld.move(frozen, device, torch.float32 if memory.is_quantized(frozen) else self.weight_dtype)
+            ld.move(frozen, device, self.weight_dtype)
+        memory.set_dtype(self.unet, self.weight_dtype)  # a quantised U-Net's int8 layers hand on this dtype
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
         cast_training_params([self.unet, self.controlnet], torch.float32)

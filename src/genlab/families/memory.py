@@ -2,8 +2,9 @@
 
 The frozen base U-Net's linear layers (attention and feed-forward: most of its weights) are
 stored in int8 (or int4 on a GPU) by torchao's weight-only quantisation; LoRA trains on top
-in full precision through peft's `TorchaoLoraLinear`. The ControlNet is copied from the
-U-Net before it is quantised, so it starts from the full-precision weights.
+in full precision through peft's `TorchaoLoraLinear`; the other layers (convolutions, norms)
+are held in the frozen parts' dtype (bf16 under mixed precision). The ControlNet is copied
+from the U-Net before it is quantised, so it starts from the full-precision weights.
 
 Why torchao: it is maintained by the PyTorch team, its int8 weight-only layers run (and
 pass gradients to LoRA) on a CPU as on a GPU, so the path is tested here; diffusers loads
@@ -38,7 +39,21 @@ def quantize_frozen(module: nn.Module, scheme: str | None) -> nn.Module:
     except (ImportError, RuntimeError, NotImplementedError) as e:
         raise GenlabError(f"model.quantize_base={scheme}: torchao cannot quantise here ({str(e).splitlines()[0]}); "
                           "int4 needs a CUDA GPU, int8 runs anywhere.") from e
+    # A quantised layer computes in the dtype its weights were quantised from (fp32), whatever the
+    # autocast; its output is cast to the dtype the rest of the module is moved to (`set_dtype`), so a
+    # bf16 U-Net keeps its convolutions and norms in bf16 around int8 linear layers.
+    module.quantized_output_dtype = None
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear) and is_quantized(layer):
+            layer.register_forward_hook(lambda _, __, out: out if module.quantized_output_dtype is None
+                                        else out.to(module.quantized_output_dtype))
     return module
+
+
+def set_dtype(module: nn.Module, dtype) -> None:
+    """The dtype a quantised module's int8 layers hand on (the dtype its other layers were moved to)."""
+    if hasattr(module, "quantized_output_dtype"):
+        module.quantized_output_dtype = dtype
 
 
 def is_quantized(module: nn.Module) -> bool:
