@@ -31,10 +31,8 @@ from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases
+from genlab.families import bases, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
-from genlab.families import lora_variants, memory
-from genlab.families import sdxl
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
 
@@ -65,7 +63,8 @@ class ControlNet:
         vae: a VAE replacing the base's own (None: the base's).
         controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
             pretrained: a ControlNetModel to start from instead of copying the U-Net}.
-        lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), target_modules, dropout}.
+        lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), variant (lora | dora | loha | lokr),
+            target_modules, dropout}.
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
         quantize_base: null | int8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
@@ -79,8 +78,9 @@ class ControlNet:
     conditions = ("sketch", "prompt")
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
-                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
-                 gradient_checkpointing: bool = False, quantize_base: str | None = None, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
+                 control_lora: dict | None = None, gradient_checkpointing: bool = False,
+                 quantize_base: str | None = None, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
                  validation_data: Any = None):
@@ -88,7 +88,8 @@ class ControlNet:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
         self.kind = bases.require_kind(str(base), ("sd", "sdxl"), "model=controlnet")
-        self.image_size, self.base, self.vae_source = image_size, bases.diffusers_dir(str(base), base_config), ld.plain(vae)
+        self.image_size, self.vae_source = image_size, ld.plain(vae)
+        self.base = bases.diffusers_dir(str(base), base_config)  # a single file: its converted directory
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
         if self.kind == "sdxl":
             self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
