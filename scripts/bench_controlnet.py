@@ -26,6 +26,7 @@ about 38 GB at batch 4, and 16 GB with gradient checkpointing and 8-bit Adam.
     python scripts/bench_controlnet.py                          # a GPU: SD 1.5 shapes at 512 px, fp16
     python scripts/bench_controlnet.py --adam8bit               # also optimizer=adamw8bit (bitsandbytes)
     python scripts/bench_controlnet.py --kind sdxl --image-size 1024   # SDXL's shapes
+    python scripts/bench_controlnet.py --presets vram_12gb vram_24gb vram_80gb   # the README's memory table
     python scripts/bench_controlnet.py --sizes                  # CPU: sizes of every base kind, no training
     python scripts/bench_controlnet.py --size tiny --image-size 32 --batch-sizes 1 --steps 2 --warmup 1 \\
         trainer.mixed_precision=no                              # a CPU check of the script (tests)
@@ -176,6 +177,24 @@ def sizes(kind: str) -> dict:
             "export_gb": {"controlnet": round(4 * cn / 1e9, 2), "lora": round(4 * lora / 1e9, 3)}}
 
 
+# The trainer presets and the optimizer each one's command names (a trainer preset cannot pick it).
+PRESET_OPTIMIZER = {"vram_12gb": "adamw8bit", "vram_24gb": "adamw8bit", "vram_80gb": "adamw"}
+PRESET_KEYS = ("batch_size", "grad_accum", "mixed_precision", "gradient_checkpointing", "quantize_base", "sample_n")
+
+
+def preset_overrides(preset: str, last_step: int) -> list[str]:
+    """A trainer preset's settings as overrides that win over the SD 1.5 recipe's own trainer values, with
+    ControlNet + rank-16 U-Net LoRA, and a validation grid at the last step (its peak memory counts)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "trainer" / f"{preset}.yaml")
+    as_value = lambda v: "null" if v is None else str(v)  # noqa: E731
+    return [f"trainer={preset}", f"optimizer={PRESET_OPTIMIZER[preset]}", *MODES["controlnet_unet_lora"],
+            *(f"trainer.{key}={as_value(values[key])}" for key in PRESET_KEYS),
+            f"model.gradient_checkpointing={values.gradient_checkpointing}",
+            f"model.quantize_base={as_value(values.quantize_base)}", f"trainer.sample_every={last_step}"]
+
+
 def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
     """genlab's loop on `experiment=controlnet_sketch_sd15` + `overrides` in a fresh process (images/s,
     peak memory); a failure (out of memory) comes back as an error instead of stopping the sweep."""
@@ -195,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["controlnet", "control_lora"])
     parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["off", "on"])
     parser.add_argument("--adam8bit", action="store_true", help="also measure optimizer=adamw8bit (needs bitsandbytes)")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESET_OPTIMIZER), default=[],
+                        help="measure these trainer presets (ControlNet + LoRA, validation grid included) instead")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per setting")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (also the log window)")
     parser.add_argument("--base-dir", type=Path, default=None, help="where the random base is kept "
@@ -231,8 +252,16 @@ def main(argv: list[str] | None = None) -> int:
               "trainer.eval_every=0", *args.overrides]
     optimizers = ["adamw", "adamw8bit"] if args.adam8bit else ["adamw"]
     results = []
-    for mode, checkpointing, batch, optimizer in itertools.product(args.modes, args.checkpointing, args.batch_sizes,
-                                                                   optimizers):
+    for preset in args.presets:
+        result = {"preset": preset, "mode": "controlnet_unet_lora",
+                  **in_subprocess([*common, *preset_overrides(preset, args.steps + args.warmup), *args.overrides],
+                                  args.steps, args.warmup)}
+        results.append(result)
+        shown = result.get("error") or (f"{result['images_per_s']:6.2f} images/s  "
+                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
+        print(f"trainer={preset:10s} {shown}", flush=True)
+    settings = [] if args.presets else itertools.product(args.modes, args.checkpointing, args.batch_sizes, optimizers)
+    for mode, checkpointing, batch, optimizer in settings:
         setting = {"mode": mode, "gradient_checkpointing": checkpointing == "on", "micro_batch": batch,
                    "optimizer": optimizer}
         overrides = [*common, *MODES[mode], f"model.gradient_checkpointing={checkpointing == 'on'}",

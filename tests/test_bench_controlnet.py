@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -74,3 +76,21 @@ def test_int8_size_is_what_torchao_stores(tmp_path):
     expected = bench_controlnet.int8_bytes(unet, rest_bytes=4)
     memory.quantize_frozen(unet, "int8")
     assert memory.is_quantized(unet) and memory.weight_bytes(unet) == expected
+
+
+@pytest.mark.slow  # a training subprocess with a validation grid: ~30 s on 2 busy cores
+def test_preset_run_measures_the_preset(tmp_path):
+    """--presets: the 12 GB preset's levers (int8 base, checkpointing, 1 x 4 accumulation) reach the run.
+    On the CPU: 8-bit Adam and bf16 replaced (bitsandbytes and CPU autocast around accelerate's fp32
+    ControlNet outputs need a GPU)."""
+    out = tmp_path / "bench.json"
+    argv = ["--size", "tiny", "--image-size", "32", "--presets", "vram_12gb", "--steps", "1", "--warmup", "1",
+            "--base-dir", str(tmp_path / "base"), "--out", str(out), "optimizer=adamw", "trainer.mixed_precision=no",
+            "trainer.sample_n=2", "model.sample_steps=2"]
+    assert bench_controlnet.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["preset"] == "vram_12gb" and "error" not in row, row
+    assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0
+    overrides = bench_controlnet.preset_overrides("vram_12gb", 2)
+    assert {"trainer.quantize_base=int8", "model.gradient_checkpointing=True", "trainer.grad_accum=4",
+            "optimizer=adamw8bit", "trainer.sample_every=2"} <= set(overrides)
