@@ -8,11 +8,14 @@ import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
 
-from conftest import cli, compose
+from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.families import latent_diffusion as ld
-from genlab.families import stand_ins
+from genlab.families import memory, stand_ins
+from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
 
@@ -92,3 +95,24 @@ def test_sdxl_controlnet_resume_is_bitwise(tmp_path, sdxl_base):
     straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
     assert _losses(straight) == _losses(resumed)
     _assert_identical(straight, resumed)
+
+
+@pytest.mark.parametrize("options", [dict(lora=dict(rank=0), control_lora=dict(rank=4)),
+                                     dict(lora=dict(rank=4, variant="loha")),
+                                     dict(lora=dict(rank=4), quantize_base="int8")], ids=["control_lora", "loha", "int8"])
+def test_sdxl_takes_control_lora_lora_variants_and_a_quantised_base(sdxl_base, tmp_path, options):
+    family = ControlNet(32, base=str(sdxl_base), **options)
+    data = FillCircles("train", image_size=32, count=4)
+    loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0, rng(0))
+    loss.backward()
+    trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
+    assert torch.isfinite(loss) and trainable and all(p.grad is not None for p in trainable)
+    family.export(tmp_path)
+    if "control_lora" in options:
+        assert (tmp_path / "control_lora.safetensors").stat().st_size < 0.5 * sum(
+            f.stat().st_size for f in (tmp_path / "controlnet").glob("*.safetensors"))
+    else:
+        keys = load_file(tmp_path / "lora_kohya.safetensors")
+        assert keys and all(k.startswith("lora_unet_") for k in keys)
+        assert any(k.endswith(".hada_w1_a") for k in keys) == (options["lora"].get("variant") == "loha")
+    assert memory.is_quantized(family.unet) == ("quantize_base" in options)
