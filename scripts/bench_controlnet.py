@@ -1,4 +1,4 @@
-"""Peak GPU memory and speed of ControlNet training at Stable Diffusion 1.5 size (issue 4).
+"""Peak GPU memory and speed of ControlNet training at Stable Diffusion 1.5 and SDXL size (issues 4, 15).
 
 Nothing is downloaded: the base is Stable Diffusion 1.5's architecture (U-Net, VAE, CLIP
 text encoder, scheduler) with random weights, built from the published configs and saved
@@ -14,11 +14,20 @@ not fatal):
   `control_lora`: the ControlNet copy frozen with rank-16 LoRA (`model.control_lora.rank`),
   or `controlnet_unet_lora`: the whole ControlNet plus rank-16 LoRA on the base U-Net (the recipe).
 
+`--kind sdxl` trains the same settings on SDXL's architecture (two text encoders, 1024 px).
+SD3.5 and Flux ControlNets cannot train in genlab yet (the flow-matching objective): for them,
+as for every kind, `--sizes` reports what needs no GPU: each kind's parameter counts at its
+real shapes (built on the meta device), the bf16 and int8-quantised (`trainer.quantize_base=int8`)
+bytes of its denoiser, and the checkpoint and export sizes of each training mode.
+
 Writes benchmarks/controlnet-<machine>.json. Anchor: diffusers' ControlNet example needs
 about 38 GB at batch 4, and 16 GB with gradient checkpointing and 8-bit Adam.
 
     python scripts/bench_controlnet.py                          # a GPU: SD 1.5 shapes at 512 px, fp16
     python scripts/bench_controlnet.py --adam8bit               # also optimizer=adamw8bit (bitsandbytes)
+    python scripts/bench_controlnet.py --kind sdxl --image-size 1024   # SDXL's shapes
+    python scripts/bench_controlnet.py --presets vram_12gb vram_24gb vram_80gb   # the README's memory table
+    python scripts/bench_controlnet.py --sizes                  # CPU: sizes of every base kind, no training
     python scripts/bench_controlnet.py --size tiny --image-size 32 --batch-sizes 1 --steps 2 --warmup 1 \\
         trainer.mixed_precision=no                              # a CPU check of the script (tests)
 """
@@ -61,10 +70,14 @@ SIZES = {
 }
 
 
-def random_base(size: str, out_dir: Path) -> Path:
-    """A Stable Diffusion pipeline directory of `size`'s architecture with random weights (built once)."""
+def random_base(size: str, out_dir: Path, kind: str = "sd15") -> Path:
+    """A pipeline directory of `kind`'s architecture at `size` ("sd15"/"real" or "tiny"), random weights (built once)."""
     if (out_dir / "model_index.json").exists():
         return out_dir
+    if kind == "sdxl":
+        from genlab.families import stand_ins
+
+        return stand_ins.save_sdxl(out_dir, "tiny" if size == "tiny" else "real")
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -86,6 +99,102 @@ def random_base(size: str, out_dir: Path) -> Path:
     return out_dir
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def build_real(kind: str) -> dict:
+    """`kind`'s modules at real shapes on the meta device (no memory), the denoiser under "denoiser"."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from genlab.families import stand_ins
+    from genlab.text import tiny_text_config
+
+    with torch.device("meta"):
+        if kind == "sd15":
+            shapes = SIZES["sd15"]
+            parts = {"unet": UNet2DConditionModel(**shapes["unet"]), "vae": AutoencoderKL(**shapes["vae"]),
+                     "text_encoder": CLIPTextModel(tiny_text_config(**shapes["text"]))}
+        else:
+            parts = {"sdxl": stand_ins.build_sdxl, "sd3": stand_ins.build_sd3, "flux": stand_ins.build_flux}[kind]("real")
+    parts["denoiser"] = parts.get("unet") or parts["transformer"]
+    return parts
+
+
+def controlnet_of(kind: str, denoiser):
+    """The ControlNet genlab builds on `denoiser` (on the meta device when it is there)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from genlab.families.flow_controlnet import controlnet_for
+
+    with torch.device("meta"):
+        if kind in ("sd15", "sdxl"):
+            return ControlNetModel.from_unet(denoiser)
+        return controlnet_for(kind, denoiser)
+
+
+def lora_parameters(module, rank: int = LORA_RANK) -> int:
+    """Parameters of rank-`rank` LoRA on the attention projections of `module` (r x (in + out) each)."""
+    import torch
+
+    return sum(rank * (m.in_features + m.out_features) for name, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
+
+
+def int8_bytes(module, rest_bytes: int = 2) -> int:
+    """Bytes of `module` with its linear weights stored as torchao's int8 weight-only tensors (int8 values,
+    a fp32 scale and an int8 zero point per row) and everything else at `rest_bytes` (bf16)."""
+    import torch
+
+    linear = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(m.out_features * (m.in_features + 5) for m in linear)
+    rest = sum(p.numel() for p in module.parameters()) - sum(m.weight.numel() for m in linear)
+    return quantized + rest_bytes * rest
+
+
+def sizes(kind: str) -> dict:
+    """What needs no GPU: parameter counts, bf16 and int8 bytes, checkpoint and export sizes per mode.
+
+    Checkpoints hold the trainable weights in fp32 and AdamW's two fp32 moments (12 bytes each);
+    exports hold the ControlNet in fp32 and the LoRA in fp32.
+    """
+    parts = build_real(kind)
+    denoiser = parts.pop("denoiser")
+    controlnet = controlnet_of(kind, denoiser)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    cn, lora = count(controlnet), lora_parameters(denoiser)
+    modes = {"controlnet": cn, "controlnet_unet_lora": cn + lora}
+    if kind in ("sd15", "sdxl"):  # Control-LoRA: LoRA on the copy + its zero convolutions and hint encoder
+        new = sum(count(getattr(controlnet, n)) for n in ("controlnet_cond_embedding", "controlnet_down_blocks",
+                                                          "controlnet_mid_block"))
+        modes["control_lora"] = lora_parameters(controlnet) + new
+    return {"parameters_m": {name: round(count(m) / 1e6, 1) for name, m in parts.items()},
+            "controlnet_parameters_m": round(cn / 1e6, 1), f"lora{LORA_RANK}_parameters_m": round(lora / 1e6, 2),
+            "denoiser_bf16_gb": round(2 * count(denoiser) / 1e9, 2), "denoiser_int8_gb": round(int8_bytes(denoiser) / 1e9, 2),
+            "checkpoint_gb": {mode: round(12 * n / 1e9, 2) for mode, n in modes.items()},
+            "export_gb": {"controlnet": round(4 * cn / 1e9, 2), "lora": round(4 * lora / 1e9, 3)}}
+
+
+# The trainer presets and the optimizer each one's command names (a trainer preset cannot pick it).
+PRESET_OPTIMIZER = {"vram_12gb": "adamw8bit", "vram_24gb": "adamw8bit", "vram_80gb": "adamw"}
+PRESET_KEYS = ("batch_size", "grad_accum", "mixed_precision", "gradient_checkpointing", "quantize_base", "sample_n")
+
+
+def preset_overrides(preset: str, last_step: int) -> list[str]:
+    """A trainer preset's settings as overrides that win over the SD 1.5 recipe's own trainer values, with
+    ControlNet + rank-16 U-Net LoRA, and a validation grid at the last step (its peak memory counts)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "trainer" / f"{preset}.yaml")
+    as_value = lambda v: "null" if v is None else str(v)  # noqa: E731
+    return [f"trainer={preset}", f"optimizer={PRESET_OPTIMIZER[preset]}", *MODES["controlnet_unet_lora"],
+            *(f"trainer.{key}={as_value(values[key])}" for key in PRESET_KEYS),
+            f"model.gradient_checkpointing={values.gradient_checkpointing}",
+            f"model.quantize_base={as_value(values.quantize_base)}", f"trainer.sample_every={last_step}"]
+
+
 def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
     """genlab's loop on `experiment=controlnet_sketch_sd15` + `overrides` in a fresh process (images/s,
     peak memory); a failure (out of memory) comes back as an error instead of stopping the sweep."""
@@ -97,12 +206,16 @@ def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="sd15")
+    parser.add_argument("--kind", choices=["sd15", "sdxl"], default="sd15", help="the base architecture to train on")
+    parser.add_argument("--sizes", action="store_true", help="only the sizes of every base kind (CPU, no training)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="sd15", help="sd15: the kind's real shapes; tiny")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["controlnet", "control_lora"])
     parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["off", "on"])
     parser.add_argument("--adam8bit", action="store_true", help="also measure optimizer=adamw8bit (needs bitsandbytes)")
+    parser.add_argument("--presets", nargs="+", choices=sorted(PRESET_OPTIMIZER), default=[],
+                        help="measure these trainer presets (ControlNet + LoRA, validation grid included) instead")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per setting")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (also the log window)")
     parser.add_argument("--base-dir", type=Path, default=None, help="where the random base is kept "
@@ -117,9 +230,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import default_out, machine_name  # scripts/ is on sys.path when this file runs
 
+    machine = machine_name()
+    out = args.out or default_out(machine, prefix="controlnet")
+    if args.sizes:
+        report = {"machine": machine, "command": " ".join(["python", "scripts/bench_controlnet.py", *(argv or [])]),
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": {k: sizes(k) for k in ("sd15", "sdxl", "sd3", "flux")}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["sizes"], indent=1))
+        print(f"wrote {out}")
+        return 0
     cache = Path(os.environ.get("GENLAB_CACHE", Path.home() / ".cache" / "genlab"))
     start = time.perf_counter()
-    base = random_base(args.size, args.base_dir or cache / f"bench_base_{args.size}")
+    name = args.size if args.kind == "sd15" else f"{args.kind}_{args.size}"
+    base = random_base(args.size, args.base_dir or cache / f"bench_base_{name}", args.kind)
     print(f"random {args.size} base at {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     # fill_circles pairs instead of the recipe's photo folder (its edge style has no meaning there).
     # (bench.measure_genlab adds logger=none, no periodic grids or checkpoints, plain progress.)
@@ -128,8 +252,16 @@ def main(argv: list[str] | None = None) -> int:
               "trainer.eval_every=0", *args.overrides]
     optimizers = ["adamw", "adamw8bit"] if args.adam8bit else ["adamw"]
     results = []
-    for mode, checkpointing, batch, optimizer in itertools.product(args.modes, args.checkpointing, args.batch_sizes,
-                                                                   optimizers):
+    for preset in args.presets:
+        result = {"preset": preset, "mode": "controlnet_unet_lora",
+                  **in_subprocess([*common, *preset_overrides(preset, args.steps + args.warmup), *args.overrides],
+                                  args.steps, args.warmup)}
+        results.append(result)
+        shown = result.get("error") or (f"{result['images_per_s']:6.2f} images/s  "
+                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
+        print(f"trainer={preset:10s} {shown}", flush=True)
+    settings = [] if args.presets else itertools.product(args.modes, args.checkpointing, args.batch_sizes, optimizers)
+    for mode, checkpointing, batch, optimizer in settings:
         setting = {"mode": mode, "gradient_checkpointing": checkpointing == "on", "micro_batch": batch,
                    "optimizer": optimizer}
         overrides = [*common, *MODES[mode], f"model.gradient_checkpointing={checkpointing == 'on'}",
@@ -142,10 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                                         f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
         print(f"{mode:22s} checkpointing {checkpointing:3s} batch {batch}  {optimizer:9s} {shown}", flush=True)
 
-    machine = machine_name()
-    out = args.out or default_out(machine, prefix="controlnet")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine, "device": "cuda" if torch.cuda.is_available() else "cpu",
+    report = {"machine": machine, "kind": args.kind, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "python": platform.python_version(),
               "command": " ".join(["python", "scripts/bench_controlnet.py", *(argv if argv is not None else sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "size": args.size, "image_size": args.image_size,

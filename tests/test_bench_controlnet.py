@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -43,3 +45,54 @@ def test_tiny_run_writes_every_setting(tmp_path):
     # Both modes ran on the one random base built in --base-dir.
     assert {r["mode"] for r in report["results"]} == {"controlnet", "control_lora"}
     assert (tmp_path / "base" / "model_index.json").exists()
+
+
+def test_every_base_kind_at_its_real_shapes(tmp_path):
+    """--sizes: each kind's published parameter counts (meta device, no memory) and what follows from them."""
+    out = tmp_path / "sizes.json"
+    assert bench_controlnet.main(["--sizes", "--out", str(out)]) == 0
+    sizes = json.loads(out.read_text())["sizes"]
+    params = {kind: sizes[kind]["parameters_m"] for kind in sizes}
+    assert params["sd15"] == {"unet": 859.5, "vae": 83.7, "text_encoder": 123.1}
+    # SDXL base 1.0: U-Net 2.6B, CLIP ViT-L 123M, OpenCLIP bigG 695M; its ControlNet copies the encoder half.
+    assert params["sdxl"] == {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7}
+    # SD3.5 Large: the 8.1B MMDiT, CLIP-L and bigG with projections, T5-XXL's 4.76B encoder.
+    assert params["sd3"] == {"transformer": 8056.6, "vae": 83.8, "text_encoder": 123.7, "text_encoder_2": 694.7,
+                             "text_encoder_3": 4762.3}
+    assert params["flux"] == {"transformer": 11901.4, "vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.3}
+    assert sizes["sd15"]["controlnet_parameters_m"] == 361.3 and sizes["sdxl"]["controlnet_parameters_m"] == 1251.0
+    assert sizes["sd15"]["lora16_parameters_m"] == 3.19  # 12.8 MB of fp32 LoRA, as the README's checkpoint note
+    for kind in sizes:  # the int8 base is smaller; the whole-ControlNet checkpoint is 12 bytes per parameter
+        assert sizes[kind]["denoiser_int8_gb"] < sizes[kind]["denoiser_bf16_gb"]
+        assert sizes[kind]["checkpoint_gb"]["controlnet"] == round(12 * sizes[kind]["controlnet_parameters_m"] / 1e3, 2)
+
+
+def test_int8_size_is_what_torchao_stores(tmp_path):
+    """The --sizes arithmetic for a quantised denoiser against torchao quantising a tiny U-Net for real."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from genlab.families import memory
+
+    unet = UNet2DConditionModel(**bench_controlnet.SIZES["tiny"]["unet"])
+    expected = bench_controlnet.int8_bytes(unet, rest_bytes=4)
+    memory.quantize_frozen(unet, "int8")
+    assert memory.is_quantized(unet) and memory.weight_bytes(unet) == expected
+
+
+@pytest.mark.slow  # a training subprocess with a validation grid: ~30 s on 2 busy cores
+def test_preset_run_measures_the_preset(tmp_path):
+    """--presets: the 12 GB preset's levers (int8 base, checkpointing, 1 x 4 accumulation) reach the run.
+    On the CPU: 8-bit Adam and bf16 replaced (bitsandbytes and CPU autocast around accelerate's fp32
+    ControlNet outputs need a GPU)."""
+    out = tmp_path / "bench.json"
+    argv = ["--size", "tiny", "--image-size", "32", "--presets", "vram_12gb", "--steps", "1", "--warmup", "1",
+            "--base-dir", str(tmp_path / "base"), "--out", str(out), "optimizer=adamw", "trainer.mixed_precision=no",
+            "trainer.sample_n=2", "model.sample_steps=2"]
+    assert bench_controlnet.main(argv) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["preset"] == "vram_12gb" and "error" not in row, row
+    assert row["images_per_s"] > 0 and row["peak_rss_mb"] > 0
+    overrides = bench_controlnet.preset_overrides("vram_12gb", 2)
+    assert {"trainer.quantize_base=int8", "model.gradient_checkpointing=True", "trainer.grad_accum=4",
+            "optimizer=adamw8bit", "trainer.sample_every=2"} <= set(overrides)

@@ -196,7 +196,7 @@ def check_values(cfg: DictConfig) -> None:
 # work from any directory. The second kind may also be a hub id ("org/name"): it changes only
 # when it is a path that exists there, or is written as one ("./x", "a/b/c"; see resolve_pretrained).
 LOCAL_PATH_KEYS = ("model.tokenizer_dir", "data.path", "data.cache_dir", "data.data_dir", "eval.cache_dir")
-PATH_OR_HUB_KEYS = ("model.base", "model.vae", "model.controlnet.pretrained")
+PATH_OR_HUB_KEYS = ("model.base", "model.base_config", "model.vae", "model.controlnet.pretrained")
 
 
 def absolute_paths(cfg: DictConfig, cwd: Path, keys: list[str] | None = None) -> dict[str, str]:

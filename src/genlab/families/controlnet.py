@@ -1,4 +1,9 @@
-"""ControlNet: make a frozen Stable Diffusion base follow a sketch, optionally with LoRA.
+"""ControlNet: make a frozen Stable Diffusion (1.x/2.x or SDXL) base follow a sketch, optionally with LoRA.
+
+`model.base` decides the kind (`families/bases.py`): an SDXL base conditions the U-Net and
+the ControlNet on its two text encoders and added time ids (`families/sdxl.py`). SD3.x and
+Flux bases need the flow-matching objective and are refused here; their ControlNets are
+built and exported by `families/flow_controlnet.py`.
 
 The ControlNet is `ControlNetModel.from_unet(base_unet)` (a trainable copy of the base's
 encoder with zero-initialised output convolutions), its hint encoder downsampling the
@@ -26,6 +31,7 @@ from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
+from genlab.families import bases, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
 from genlab.families.sd import load_parts
@@ -52,13 +58,16 @@ class ControlNet:
 
     Args:
         image_size, channels: from the data.
-        base: the SD base (hub id, diffusers pipeline dir or genlab sd run). Required.
+        base: the base (hub id, diffusers pipeline dir, genlab sd run or single .safetensors file). Required.
+        base_config: for a single-file base, a diffusers directory (or hub id) with its architecture's configs.
         vae: a VAE replacing the base's own (None: the base's).
         controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
             pretrained: a ControlNetModel to start from instead of copying the U-Net}.
-        lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), target_modules, dropout}.
+        lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), variant (lora | dora | loha | lokr),
+            target_modules, dropout}.
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
+        quantize_base: null | int8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
         min_snr_gamma, caption_dropout: loss weighting and CFG caption dropout.
         timesteps: "uniform" or "cubic" (mostly high noise, where the sketch decides the layout).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
@@ -68,18 +77,26 @@ class ControlNet:
     #: sample() options that genlab eval fills from validation items (sketch-following metrics).
     conditions = ("sketch", "prompt")
 
-    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
-                 controlnet: dict | None = None, lora: dict | None = None, control_lora: dict | None = None,
-                 gradient_checkpointing: bool = False, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
+                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
+                 control_lora: dict | None = None, gradient_checkpointing: bool = False,
+                 quantize_base: str | None = None, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
                  timesteps: str = "uniform",
                  sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
                  validation_data: Any = None):
         if not base:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.image_size, self.base, self.vae_source = image_size, str(base), ld.plain(vae)
-        self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
-            self.base, self.vae_source, image_size, {}, {}, None)
+        self.kind = bases.require_kind(str(base), ("sd", "sdxl"), "model=controlnet")
+        self.image_size, self.vae_source = image_size, ld.plain(vae)
+        self.base = bases.diffusers_dir(str(base), base_config)  # a single file: its converted directory
+        self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
+        if self.kind == "sdxl":
+            self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
+                sdxl.load_parts(self.base, self.vae_source)
+        else:
+            self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
+                self.base, self.vae_source, image_size, {}, {}, None)
         if channels != self.vae.config.in_channels:
             raise ConfigError(f"data.channels={channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
@@ -99,9 +116,13 @@ class ControlNet:
                 # them see the sketch from the first step.
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
+        if quantize_base and lora.get("variant", "lora") != "lora":
+            raise ConfigError(f"model.quantize_base={quantize_base} trains LoRA on the quantised U-Net (peft's torchao "
+                              f"layers): set model.lora.variant=lora, not {lora.get('variant')}.")
+        memory.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
-            self.unet.add_adapter(ld.lora_config(lora))
+            self.unet.add_adapter(lora_variants.adapter_config(lora))
         self.control_lora_rank = int(control_lora.get("rank", 0))
         if self.control_lora_rank > 0:
             self.controlnet.requires_grad_(False)
@@ -143,20 +164,20 @@ class ControlNet:
         latents = cached_or_encoded_latents(batch, self.vae, rng)  # (B, c, h, w)
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
-            text = cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)  # (B, 77, D)
+            text = self.text_conditioning(batch, captions)  # encoder_hidden_states (B, 77, D) [+ SDXL's added]
         noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng, self.timesteps)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["sketch"],
-                                    return_dict=False)
-        pred = self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+        down, mid = self.controlnet(noisy, t, **text, controlnet_cond=batch["sketch"], return_dict=False)
+        pred = self.unet(noisy, t, **text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
         return loss, {"loss": loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
-        for frozen in (self.vae, self.text_encoder, self.unet):
+        for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
             ld.move(frozen, device, self.weight_dtype)
+        memory.set_dtype(self.unet, self.weight_dtype)  # a quantised U-Net's int8 layers hand on this dtype
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
         cast_training_params([self.unet, self.controlnet], torch.float32)
@@ -216,15 +237,29 @@ class ControlNet:
             controlnet = ld.merged_copy(controlnet)
         controlnet.save_pretrained(out_dir / "controlnet")
         if self.lora_rank > 0:
-            ld.save_unet_lora(self.unet, out_dir)
-        ld.write_export_info(out_dir, family="controlnet", base=ld.pipeline_location(self.base),
+            lora_variants.save(self.unet, out_dir)
+        ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
                              vae=ld.pipeline_location(self.vae_source), lora_rank=self.lora_rank,
                              control_lora_rank=self.control_lora_rank)
 
     # --- helpers -----------------------------------------------------------------------
 
+    def text_conditioning(self, batch: dict[str, Any], captions: list[str]) -> dict[str, Any]:
+        """The U-Net's and ControlNet's text inputs: SD's hidden states (cached when the batch names a
+        cache), or SDXL's two encoders' with their added conditioning (encoded each step)."""
+        if self.kind == "sdxl":
+            return sdxl.encode_prompt([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2],
+                                      captions, self.image_size)
+        return {"encoder_hidden_states": cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)}
+
     def pipeline(self, sampler: str) -> StableDiffusionControlNetPipeline:
         """A diffusers ControlNet pipeline over this family's (unwrapped) parts and the named sampler."""
+        if self.kind == "sdxl":
+            pipe = sdxl.controlnet_pipeline(
+                self.base, self.vae, [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2],
+                ld.unwrap(self.unet), ld.unwrap(self.controlnet), ld.sampler(sampler, self.noise_scheduler.config))
+            pipe.set_progress_bar_config(disable=True)
+            return pipe
         pipe = StableDiffusionControlNetPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=ld.unwrap(self.unet),
             controlnet=ld.unwrap(self.controlnet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),

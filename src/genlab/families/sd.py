@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
+from genlab.families import bases
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
 from genlab.text import clip_tokenizer, tiny_text_config
@@ -60,7 +61,8 @@ class StableDiffusion:
 
     Args:
         image_size, channels: from the data (channels must be the VAE's, normally 3).
-        base: pretrained SD pipeline (hub id, diffusers dir or genlab run), or None for tiny.
+        base: pretrained SD pipeline (hub id, diffusers dir, genlab run or single .safetensors), or None for tiny.
+        base_config: for a single-file base, a diffusers directory (or hub id) with its architecture's configs.
         vae: VAE to use (genlab VAE run, AutoencoderKL dir or hub id); None: the base's.
         tokenizer_dir: where the offline CLIP tokenizer is cached (None: ~/.cache/genlab).
         unet, text_encoder: configs of the tiny U-Net / CLIP text encoder (ignored with a base).
@@ -75,8 +77,9 @@ class StableDiffusion:
         validation_data: the data config; its val split supplies default sample prompts.
     """
 
-    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, vae: str | None = None,
-                 tokenizer_dir: str | None = None, unet: dict | None = None, text_encoder: dict | None = None,
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
+                 vae: str | None = None, tokenizer_dir: str | None = None, unet: dict | None = None,
+                 text_encoder: dict | None = None,
                  lora: dict | None = None, train_text_encoder: bool | None = None,
                  num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
                  prediction_type: str = "epsilon", min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
@@ -84,6 +87,9 @@ class StableDiffusion:
                  guidance: float = 5.0, validation_data: Any = None):
         self.image_size = image_size
         self.base = ld.plain(base)
+        if self.base is not None:  # a single file becomes a diffusers directory; SDXL and others are refused
+            bases.require_kind(str(self.base), ("sd",), "model=sd")
+            self.base = bases.diffusers_dir(str(self.base), base_config)
         if (ld.plain(lora) or {}).get("rank", 0) > 0 and self.base is None:
             # Checkpoints keep only the LoRA and rebuild the frozen U-Net from the base: a random one cannot be.
             raise ConfigError("model.lora.rank > 0 fine-tunes a pretrained base: set model.base, or train the tiny "

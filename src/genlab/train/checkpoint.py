@@ -215,7 +215,10 @@ def _probe(network: torch.nn.Module, names: list[str], per_tensor: int = 4) -> l
     params = dict(network.named_parameters(remove_duplicate=False))
     probe = []
     for name in names:
-        flat = params[name].detach().reshape(-1)
+        tensor = params[name].detach()
+        if type(tensor) is not torch.Tensor:  # a quantised frozen base (torchao's tensor subclasses): its values
+            tensor = tensor.dequantize()
+        flat = tensor.reshape(-1)
         picks = sorted({(flat.numel() - 1) * i // (per_tensor - 1) for i in range(per_tensor)}) if flat.numel() else []
         probe.append([float(f"{v:.5g}") for v in flat[torch.tensor(picks, dtype=torch.long, device=flat.device)]
                       .float().cpu().tolist()])
