@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from bench import machine_name  # scripts/ is on sys.path when this file runs
 from genlab.config import config_dir, hydra_args
-from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
+from genlab.eval.evaluate import Evaluator
 from genlab.eval.features import CLASSIFIERS
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.run_dir import RunDir, load_family
@@ -145,7 +145,7 @@ RECIPES = {
 #: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
 SMOKE = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_every=0",
          "trainer.checkpoint_every=0", "trainer.sample_n=4", "trainer.eval_every=0"]
-SMOKE_SAMPLERS = (("ddpm", 10), ("ddim", 5), ("dpm", 5))
+SMOKE_SAMPLERS = {"ddpm": (("ddpm", 10), ("ddim", 5), ("dpm", 5)), "flow": (("euler", 5), ("heun", 3))}
 #: What every run of this script gets: no tracker, plain progress lines.
 COMMON = ["logger=none", "trainer.progress=plain"]
 
@@ -249,8 +249,8 @@ def class_accuracy(family: Any, classifiers: dict[str, torch.nn.Module], seed: i
 
 
 def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str, Any]],
-             samplers: tuple | None, sampler_samples: int | None) -> dict[str, Any]:
-    """Metrics of a run's final weights; `samplers` adds the sampler comparison (DDPM)."""
+             samplers: str | None, sampler_samples: int | None) -> dict[str, Any]:
+    """Metrics of a run's final weights; `samplers` ("full" | "smoke") adds the sampler comparison (DDPM)."""
     family, cfg = load_family(run_dir, "latest", use_ema=True, device="cpu")
     start = time.perf_counter()
     evaluator = Evaluator(cfg, "cpu")
@@ -271,7 +271,8 @@ def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str
     out["data_val_metrics"] = {**evaluator.sample_metrics(val), "n": len(val)}
     if samplers:
         start = time.perf_counter()
-        out["samplers"] = evaluator.compare_samplers(family, samplers, n_samples=sampler_samples)
+        settings = SMOKE_SAMPLERS[family.diffusion.kind] if samplers == "smoke" else None  # None: the objective's
+        out["samplers"] = evaluator.compare_samplers(family, settings, n_samples=sampler_samples)
         out["samplers_seconds"] = time.perf_counter() - start
         out["sampler_samples"] = sampler_samples or evaluator.settings.n_samples
     return out
@@ -293,7 +294,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
     main = [f"experiment={name}", *filled(recipe.overrides), *extra]
     entry.update(train(main, args.runs_dir / name, budget_s, args.reuse))
     is_ddpm = compose(main).model._target_.endswith(".DDPM")
-    samplers = (SMOKE_SAMPLERS if args.smoke else DEFAULT_SAMPLERS) if is_ddpm else None
+    samplers = ("smoke" if args.smoke else "full") if is_ddpm else None
     entry.update(evaluate(args.runs_dir / name, args.eval_samples, recipe.ablations, samplers, args.sampler_samples))
     for variant, overrides in recipe.variants.items():
         run_dir = args.runs_dir / f"{name}_{variant}"
