@@ -125,8 +125,13 @@ TINY_UNET = ["data.image_size=8", "model.unet.block_out_channels=[16,16]",
              "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
              "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.attention_head_dim=8",
              "model.unet.norm_num_groups=4", "model.sample_steps=4"]
+TINY_DIT = ["data.image_size=8", "model.dit.num_layers=1", "model.dit.num_attention_heads=2",
+            "model.dit.attention_head_dim=8", "model.sample_steps=4"]
 RECIPES = {
     "ddpm_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
+    # Rectified flow and DiT: ddpm_digits' targets, evaluated at their 8 Euler steps (model.sample_steps).
+    "flow_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
+    "dit_digits": Recipe(digits_targets(0.05), smoke=TINY_DIT),
     "vae_digits": Recipe(digits_targets(0.05) + [Target("anomaly_auroc@holdout", ">=", 0.9)],
                          # Anomaly detection has no label to give: the plain VAE, one class held out.
                          variants={"holdout": ["data.exclude_classes=[0]", "model.conditional=false"]}),
