@@ -93,3 +93,20 @@ def test_train_and_sample_through_the_cli(tmp_path, name, overrides, sampler, wr
     assert out.stat().st_size > 100
     refused = cli("sample", run, "--n", "4", "--sampler", wrong, check=False)
     assert refused.returncode == 1 and f"--sampler {wrong}" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("kw", [dict(objective="flow", timesteps="logit_normal", weighting="cosmap"),
+                                dict(backbone="dit", dit=DIT, objective="flow", timesteps="mode"),
+                                dict(backbone="dit", dit=DIT, objective="v", weighting="min_snr", offset_noise=0.1)])
+def test_two_processes_draw_what_one_process_draws(kw):
+    """Every draw goes through StepRandom: 2 ranks x 4 images give the loss of 1 x 8 (DiT's own label
+    dropout, drawn from torch's global RNG, would not)."""
+    from genlab.families.base import StepRandom
+
+    family = DDPM(8, 1, UNET, num_classes=10, conditional=True, cond_dropout=0.5, **kw)
+    phase = family.phases(0)[0]
+    batch = {"image": torch.rand(8, 1, 8, 8) * 2 - 1, "label": torch.arange(8)}
+    whole = family.loss(phase, batch, 0, StepRandom(0, 0, phase, 0))[0]
+    halves = [family.loss(phase, {k: v[4 * r:4 * r + 4] for k, v in batch.items()}, 0,
+                          StepRandom(0, 0, phase, 0, rank=r, world_size=2))[0] for r in (0, 1)]
+    assert torch.allclose(whole, (halves[0] + halves[1]) / 2, atol=1e-6)
