@@ -168,3 +168,16 @@ def test_offset_noise_shifts_each_channel_as_a_whole():
     for offset, expected in ((0.0, 1 / 16), (0.5, 0.25 + 1 / 16)):
         _, _, noise, _ = Diffusion.build(offset_noise=offset).training_inputs(x0, rng())
         assert noise.mean(dim=(2, 3)).var().item() == pytest.approx(expected, rel=0.1)
+
+
+def test_runs_saved_before_the_core_still_load():
+    """Their configs say prediction_type / beta_schedule / min_snr_gamma: translated, not refused."""
+    from genlab.families.ddpm import DDPM
+
+    old = DDPM(8, 1, dict(block_out_channels=[8, 8], down_block_types=["DownBlock2D", "DownBlock2D"],
+                          up_block_types=["UpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=8),
+               prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", min_snr_gamma=5.0)
+    assert (old.diffusion.objective, old.diffusion.weighting, old.diffusion.snr_gamma) == ("v", "min_snr", 5.0)
+    assert old.diffusion.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    plain = Diffusion.build(prediction_type="epsilon", beta_schedule="linear", min_snr_gamma=None)
+    assert (plain.objective, plain.weighting) == ("epsilon", "none")

@@ -22,7 +22,7 @@ Objectives (`model.objective`):
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,13 @@ class Diffusion:
     def build(cls, scheduler=None, objective: str = "epsilon", schedule: str = "linear",
               num_train_timesteps: int = 1000, zero_terminal_snr: bool = False, shift: float = 1.0,
               clip_sample: bool = False, steps_offset: int = 0, **sampling) -> "Diffusion":
-        """A Diffusion from the model.* keys; `scheduler` (a pretrained base's) replaces the schedule keys."""
+        """A Diffusion from the model.* keys; `scheduler` (a pretrained base's) replaces the schedule keys.
+
+        Runs saved before the core (model.prediction_type, beta_schedule, min_snr_gamma) still load:
+        their keys are translated (see `upgrade_keys`).
+        """
+        sampling, old = upgrade_keys(sampling)
+        objective, schedule = old.get("objective", objective), old.get("schedule", schedule)
         scheduler = scheduler or make_scheduler(objective, schedule, num_train_timesteps, zero_terminal_snr, shift,
                                                 clip_sample, steps_offset)
         return cls(scheduler, **sampling)
@@ -158,7 +164,8 @@ class Diffusion:
         if self.offset_noise:
             noise = noise + self.offset_noise * rng.randn(n, x0.shape[1], *([1] * (x0.dim() - 2))).to(x0.device)
         if self.kind == "flow":
-            s = flow_shift(u, self.scheduler.config.shift)
+            # At least the scheduler's smallest noise level (1 / T): sigma_sqrt's 1 / s^2 stays finite.
+            s = flow_shift(u, self.scheduler.config.shift).clamp(min=1 / total)
             s_ = s.view(-1, *([1] * (x0.dim() - 1)))
             x_t = (1 - s_) * x0 + s_ * noise
             weight = compute_loss_weighting_for_sd3(self.weighting, s)
@@ -233,6 +240,22 @@ class Diffusion:
             extra = {"generator": generator} if sampler == "ddpm" else {}
             x = scheduler.step(out, t, x, **extra).prev_sample
         return x
+
+
+def upgrade_keys(keys: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(keys without the pre-core names, {objective, schedule} they meant) for runs saved before the core.
+
+    The old min_snr_gamma (null = off) becomes weighting=min_snr + snr_gamma.
+    """
+    keys, old = dict(keys), {}
+    if "prediction_type" in keys:
+        old["objective"] = {v: k for k, v in OBJECTIVES.items() if v}.get(keys.pop("prediction_type"))
+    if "beta_schedule" in keys:
+        old["schedule"] = {v: k for k, v in SCHEDULES.items()}.get(keys.pop("beta_schedule"))
+    if "min_snr_gamma" in keys:
+        gamma = keys.pop("min_snr_gamma")
+        keys.update({"weighting": "min_snr", "snr_gamma": gamma} if gamma else {})
+    return keys, {k: v for k, v in old.items() if v}
 
 
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
