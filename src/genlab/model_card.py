@@ -56,6 +56,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
            "what": "a Stable Diffusion text-to-image pipeline (U-Net, VAE, CLIP text encoder)",
            "use": 'from diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained("{where}")\n'
                   'image = pipe("a red circle on a blue background").images[0]'},
+    "sd3": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
+            "tags": ["diffusers", "sd3", "mmdit", "flow-matching", "text-to-image", "diffusers:StableDiffusion3Pipeline"],
+            "what": "an SD3-style text-to-image pipeline (MMDiT trained by rectified flow, VAE, two CLIP text encoders, no T5)",
+            "use": 'from diffusers import StableDiffusion3Pipeline\n\n'
+                   'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
+                   'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]'},
     "controlnet": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
                    "tags": ["diffusers", "controlnet", "stable-diffusion", "text-to-image"],
                    "what": "a ControlNet that makes a Stable Diffusion base follow a sketch (controlnet/, "
