@@ -65,3 +65,20 @@ def test_sd3_trains_flow_only(vae_dir, tmp_path):
         StableDiffusion3(32, vae=vae_dir, tokenizer_dir=str(tmp_path / "tok"), mmdit=MMDIT, objective="v")
     with pytest.raises(ConfigError, match="model.vae"):
         StableDiffusion3(32, vae=None)
+
+
+def test_sd3_trains_samples_and_exports_through_the_cli(vae_dir, tmp_path):
+    """The loop with three networks, EMA of the MMDiT, checkpoints, grids and the export."""
+    from conftest import cli
+
+    run = tmp_path / "run"
+    cli("train", "model=sd3", f"model.vae={vae_dir}", f"model.tokenizer_dir={tmp_path / 'tok'}", "data=fill_circles",
+        "data.count=16", "data.val_count=4", "trainer=debug", "logger=none", "trainer.max_steps=2",
+        "trainer.checkpoint_every=2", "trainer.sample_every=2", "model.mmdit.num_layers=1", "model.sample_steps=2",
+        "model.text_encoder.num_layers=1", f"hydra.run.dir={run}")
+    assert (run / "export" / "transformer" / "config.json").exists()
+    out = tmp_path / "grid.png"
+    cli("sample", run, "--n", "2", "--sampler", "heun", "--steps", "2", "--prompt", "a red circle", "--out", out)
+    assert out.stat().st_size > 100
+    refused = cli("sample", run, "--n", "2", "--sampler", "unipc", check=False)
+    assert refused.returncode == 1 and "euler, heun" in refused.stdout + refused.stderr
