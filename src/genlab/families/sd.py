@@ -62,8 +62,9 @@ def latent_diffusion_core(base: str | None, diffusion: dict[str, Any]) -> Diffus
     if core.objective == "flow":
         # StableDiffusion(ControlNet)Pipeline scale inputs by init_noise_sigma and scale_model_input,
         # which flow schedulers do not have.
-        raise ConfigError("model.objective=flow: the U-Net latent families (sd, controlnet) sample through "
-                          "diffusers' StableDiffusionPipeline, which has no flow samplers; use model=ddpm for flow.")
+        raise ConfigError("model.objective=flow (or a flow base): sd and controlnet sample their U-Net through "
+                          "diffusers' StableDiffusionPipeline, which has no flow samplers; train flow with model=sd3 "
+                          "(an MMDiT) or model=ddpm (pixels); a ControlNet on an sd3 base is not supported yet.")
     return core
 
 
