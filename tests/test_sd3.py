@@ -74,6 +74,7 @@ def test_sd3_trains_flow_only(vae_dir, tmp_path):
             objective="flow")
 
 
+@pytest.mark.slow  # ~20 s: the loop's path for sd3 (the family itself is covered above)
 def test_sd3_trains_samples_and_exports_through_the_cli(vae_dir, tmp_path):
     """The loop with three networks, EMA of the MMDiT, checkpoints, grids and the export."""
     from conftest import cli
