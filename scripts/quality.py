@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 
 from bench import machine_name  # scripts/ is on sys.path when this file runs
 from genlab.config import config_dir, hydra_args
-from genlab.eval.evaluate import DEFAULT_SAMPLERS, Evaluator
+from genlab.eval.evaluate import Evaluator
 from genlab.eval.features import CLASSIFIERS
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.run_dir import RunDir, load_family
@@ -125,8 +125,13 @@ TINY_UNET = ["data.image_size=8", "model.unet.block_out_channels=[16,16]",
              "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
              "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.attention_head_dim=8",
              "model.unet.norm_num_groups=4", "model.sample_steps=4"]
+TINY_DIT = ["data.image_size=8", "model.dit.num_layers=1", "model.dit.num_attention_heads=2",
+            "model.dit.attention_head_dim=8", "model.sample_steps=4"]
 RECIPES = {
     "ddpm_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
+    # Rectified flow and DiT: ddpm_digits' targets, evaluated at their 8 Euler steps (model.sample_steps).
+    "flow_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
+    "dit_digits": Recipe(digits_targets(0.05), smoke=TINY_DIT),
     "vae_digits": Recipe(digits_targets(0.05) + [Target("anomaly_auroc@holdout", ">=", 0.9)],
                          # Anomaly detection has no label to give: the plain VAE, one class held out.
                          variants={"holdout": ["data.exclude_classes=[0]", "model.conditional=false"]}),
@@ -145,7 +150,7 @@ RECIPES = {
 #: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
 SMOKE = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_every=0",
          "trainer.checkpoint_every=0", "trainer.sample_n=4", "trainer.eval_every=0"]
-SMOKE_SAMPLERS = (("ddpm", 10), ("ddim", 5), ("dpm", 5))
+SMOKE_SAMPLERS = {"ddpm": (("ddpm", 10), ("ddim", 5), ("dpm", 5)), "flow": (("euler", 5), ("heun", 3))}
 #: What every run of this script gets: no tracker, plain progress lines.
 COMMON = ["logger=none", "trainer.progress=plain"]
 
@@ -249,8 +254,8 @@ def class_accuracy(family: Any, classifiers: dict[str, torch.nn.Module], seed: i
 
 
 def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str, Any]],
-             samplers: tuple | None, sampler_samples: int | None) -> dict[str, Any]:
-    """Metrics of a run's final weights; `samplers` adds the sampler comparison (DDPM)."""
+             samplers: str | None, sampler_samples: int | None) -> dict[str, Any]:
+    """Metrics of a run's final weights; `samplers` ("full" | "smoke") adds the sampler comparison (DDPM)."""
     family, cfg = load_family(run_dir, "latest", use_ema=True, device="cpu")
     start = time.perf_counter()
     evaluator = Evaluator(cfg, "cpu")
@@ -271,7 +276,8 @@ def evaluate(run_dir: Path, n_samples: int | None, ablations: dict[str, dict[str
     out["data_val_metrics"] = {**evaluator.sample_metrics(val), "n": len(val)}
     if samplers:
         start = time.perf_counter()
-        out["samplers"] = evaluator.compare_samplers(family, samplers, n_samples=sampler_samples)
+        settings = SMOKE_SAMPLERS[family.diffusion.kind] if samplers == "smoke" else None  # None: the objective's
+        out["samplers"] = evaluator.compare_samplers(family, settings, n_samples=sampler_samples)
         out["samplers_seconds"] = time.perf_counter() - start
         out["sampler_samples"] = sampler_samples or evaluator.settings.n_samples
     return out
@@ -293,7 +299,7 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
     main = [f"experiment={name}", *filled(recipe.overrides), *extra]
     entry.update(train(main, args.runs_dir / name, budget_s, args.reuse))
     is_ddpm = compose(main).model._target_.endswith(".DDPM")
-    samplers = (SMOKE_SAMPLERS if args.smoke else DEFAULT_SAMPLERS) if is_ddpm else None
+    samplers = ("smoke" if args.smoke else "full") if is_ddpm else None
     entry.update(evaluate(args.runs_dir / name, args.eval_samples, recipe.ablations, samplers, args.sampler_samples))
     for variant, overrides in recipe.variants.items():
         run_dir = args.runs_dir / f"{name}_{variant}"

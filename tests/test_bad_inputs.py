@@ -170,8 +170,8 @@ TRAIN_KEYS = ["trainer.max_steps", "trainer.batch_size", "trainer.grad_accum", "
               "trainer.mixed_precision", "trainer.ema", "trainer.log_every", "trainer.sample_every",
               "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.effective_batch_size",
               "trainer.on_nonfinite", "trainer.seed", "data.image_size", "data.channels", "data.num_workers",
-              "data.val_fraction", "model.prediction_type", "model.beta_schedule", "model.sampler",
-              "model.sample_steps", "model.min_snr_gamma", "model.guidance", "model.conditional",
+              "data.val_fraction", "model.objective", "model.schedule", "model.sampler",
+              "model.sample_steps", "model.weighting", "model.snr_gamma", "model.backbone", "model.guidance", "model.conditional",
               "model.num_train_timesteps", "model.unet.layers_per_block", "eval.n_samples"]
 
 

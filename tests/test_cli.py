@@ -123,8 +123,8 @@ def test_sample_on_a_non_run_says_so(tmp_path):
 
 
 def test_cfg_job_passes_through_to_hydra(tmp_path):
-    result = genlab("train", "--cfg", "job", "model.prediction_type=v_prediction", cwd=tmp_path)
-    assert yaml.safe_load(result.stdout)["model"]["prediction_type"] == "v_prediction"
+    result = genlab("train", "--cfg", "job", "model.objective=v", cwd=tmp_path)
+    assert yaml.safe_load(result.stdout)["model"]["objective"] == "v"
     assert os.listdir(tmp_path) == []
 
 

@@ -18,11 +18,18 @@ from conftest import compose, toy_config
 from genlab.train.checkpoint import complete_checkpoints, find_checkpoint
 from genlab.train.job import run_training
 
-TINY_FAMILIES = {  # family -> overrides giving a model that trains a step in well under a second
+TINY_FAMILIES = {  # family[_variant] -> overrides giving a model that trains a step in well under a second
     "ddpm": ["model.unet.block_out_channels=[8,8]", "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
              "model.unet.up_block_types=[UpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4", "model.unet.attention_head_dim=8",
              "model.sample_steps=2"],
     "vae": ["model.block_out_channels=[8,8]", "model.norm_num_groups=4", "model.mid_block_attention=false"],
+    # The diffusion core's other paths: flow matching (logit-normal timesteps, cosmap weights) and DiT.
+    "ddpm_flow": ["model.objective=flow", "model.timesteps=logit_normal", "model.weighting=cosmap",
+                  "model.unet.block_out_channels=[8,8]", "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+                  "model.unet.up_block_types=[UpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4", "model.unet.attention_head_dim=8",
+                  "model.sample_steps=2"],
+    "ddpm_dit": ["model.backbone=dit", "model.conditional=true", "model.dit.num_layers=1",
+                 "model.dit.num_attention_heads=2", "model.dit.attention_head_dim=8", "model.sample_steps=2"],
     "gan": ["model.g_channels=8", "model.d_channels=8", "model.latent_dim=8", "model.n_critic=2",
             "model.r1_gamma=1.0", "model.diffaug=translation"],  # two optimizers, R1 and augmentation RNG
 }
@@ -123,7 +130,7 @@ def test_negative_control_without_data_position_resume_differs(tmp_path, monkeyp
 @pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_family_resume_is_bitwise(tmp_path, family):
     def cfg_for(steps):
-        cfg = compose(f"model={family}", "trainer=debug", "logger=none", "data.image_size=8", f"trainer.max_steps={steps}",
+        cfg = compose(f"model={family.split('_')[0]}", "trainer=debug", "logger=none", "data.image_size=8", f"trainer.max_steps={steps}",
                       "trainer.sample_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
                       "trainer.grad_accum=2", *TINY_FAMILIES[family])
         return cfg

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline)
+from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
+                       UniPCMultistepScheduler)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -14,6 +15,7 @@ from torch.utils.data import default_collate
 from conftest import compose, genlab, rng
 from genlab.data import build_dataset
 from genlab.data.fill_circles import FillCircles
+from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet, hint_channels
@@ -54,7 +56,7 @@ def train(family, steps, lr=1e-3, data=None):
 
 
 def pipe_images(pipe, prompts, seed=0, steps=2, **kw):
-    pipe.scheduler = ld.sampler("unipc", pipe.scheduler.config)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompts, height=32, width=32, num_inference_steps=steps, guidance_scale=5.0,
                generator=ld.generators(len(prompts), seed), output_type="pt", **kw).images
@@ -124,21 +126,22 @@ def test_hint_encoder_matches_the_vae():
 
 
 def test_min_snr_weighting_and_caption_dropout():
-    sched = ld.training_scheduler(None, 1000, "scaled_linear", "epsilon")
+    core = Diffusion.build(objective="epsilon", schedule="scaled_linear")
     torch.manual_seed(0)
     latents, pred = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
-    noisy, noise, t = ld.add_noise(sched, latents, rng())
+    noisy, t, noise, weight = core.training_inputs(latents, rng())
     plain_mse = ((pred - noise) ** 2).mean()
-    assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, None), plain_mse)
+    assert torch.allclose(core.loss(pred, noise, weight), plain_mse)
+    sched = core.scheduler
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
-    weight = torch.clamp(snr, max=5.0) / snr
-    expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight).mean()
-    assert torch.allclose(ld.diffusion_loss(sched, pred, latents, noise, t, 5.0), expected, rtol=1e-5)
-    _, _, uniform = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), rng())
-    _, _, cubic = ld.add_noise(sched, torch.randn(4000, 1, 1, 1), rng(), "cubic")  # t = (1 - u^3) T
+    weighted = Diffusion(sched, weighting="min_snr", snr_gamma=5.0)
+    expected = (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * torch.clamp(snr, max=5.0) / snr).mean()
+    assert torch.allclose(weighted.loss(pred, noise, weighted.ddpm_weight(t)), expected, rtol=1e-5)
+    _, uniform, _, _ = core.training_inputs(torch.randn(4000, 1, 1, 1), rng())
+    _, cubic, _, _ = Diffusion(sched, timesteps="cubic").training_inputs(torch.randn(4000, 1, 1, 1), rng())  # t = (1 - u^3) T
     assert 0.45 < (uniform >= 500).float().mean() < 0.55 and 0.75 < (cubic >= 500).float().mean() < 0.83  # P(u^3 <= 0.5) = 0.79
-    with pytest.raises(ConfigError, match="uniform or cubic"):
-        ld.add_noise(sched, latents, rng(), "cubc")
+    with pytest.raises(ConfigError, match="uniform, logit_normal, mode, cubic"):
+        Diffusion(sched, timesteps="cubc")
     caps = ["a", "b", "c", "d"] * 50
     assert ld.drop_captions(caps, 0.0, rng()) == caps and set(ld.drop_captions(caps, 1.0, rng())) == {""}
     assert 60 < ld.drop_captions(caps, 0.5, rng()).count("") < 140

@@ -22,7 +22,7 @@ def test_optuna_sweep_minimises_the_best_eval_metric_and_runs_ranks_it(tmp_path)
         assert state["metric"] == "fid_digits_cnn"
         fids[trial] = state["best"]
     assert best["best_value"] == min(fids.values())  # the objective is the eval metric, not the loss
-    assert set(best["best_params"]) == {"trainer.lr", "trainer.ema", "model.prediction_type"}
+    assert set(best["best_params"]) == {"trainer.lr", "trainer.ema", "model.objective"}
     assert "Best value" in result.stdout + result.stderr
 
     ranked = genlab("runs", str(sweep), "--sort", "best_fid_digits_cnn").stdout

@@ -185,7 +185,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, help="output PNG (default RUN_DIR/samples/sample_seed<seed>.png)"),
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
-    sampler: Optional[str] = typer.Option(None, help="diffusion: ddpm | ddim | dpm (ControlNet also unipc)"),
+    sampler: Optional[str] = typer.Option(None, help="diffusion: ddpm | ddim | dpm | unipc; flow-matching runs: euler | heun"),
     steps: Optional[int] = typer.Option(None, min=1, help="diffusion: denoising steps; VAE --interpolate: images per row"),
     class_label: Optional[int] = typer.Option(None, "--class", help="conditional models: the class to draw"),
     guidance: Optional[float] = typer.Option(None, help="classifier-free guidance scale"),
@@ -238,8 +238,9 @@ def evaluate(
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
     n: Optional[int] = typer.Option(None, "--n", min=1, help="generated images (default eval.n_samples)"),
-    compare_samplers: bool = typer.Option(False, help="diffusion: quality and time per image for DDPM 1000, "
-                                                      "DDIM 50/20/10, DPM-Solver++ 20/10 (JSON + PNG plot)"),
+    compare_samplers: bool = typer.Option(False, help="diffusion: quality and time per image for the objective's "
+                                                      "samplers: DDPM 1000, DDIM 50/20/10, DPM-Solver++ 20/10; flow: "
+                                                      "Euler 50/16/8/4, Heun 8/4 (JSON + PNG plot)"),
     trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
     allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP),
 ) -> None:

@@ -29,6 +29,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
              "tags": ["diffusers", "ddpm", "diffusers:DDPMPipeline"], "what": "a DDPM (diffusers UNet2DModel + DDPMScheduler)",
              "use": 'from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained("{where}")\n'
                     "images = pipe(batch_size=16).images"},
+    # diffusers' DiTPipeline decodes with a VAE and assumes ImageNet's 1,000 classes: no pipeline fits a pixel DiT.
+    "ddpm_dit": {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
+                 "tags": ["diffusers", "dit", "diffusion-transformer"],
+                 "what": "a pixel-space diffusion transformer (diffusers DiTTransformer2DModel in transformer/, "
+                         "its scheduler in scheduler/)",
+                 "use": "import torch\nfrom diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler\n\n"
+                        'transformer = DiTTransformer2DModel.from_pretrained("{where}", subfolder="transformer")\n'
+                        'scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{where}", subfolder="scheduler")'
+                        "  # flow runs; DDIMScheduler etc. otherwise\n"
+                        "scheduler.set_timesteps(8)\nlabels = torch.arange(10)  # the class of each image\n"
+                        "x = torch.randn(10, transformer.config.in_channels, transformer.config.sample_size, "
+                        "transformer.config.sample_size)\n"
+                        "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
+                        "        out = transformer(x, t.expand(len(x)), class_labels=labels).sample\n"
+                        "        x = scheduler.step(out, t, x).prev_sample\nimages = (x.clamp(-1, 1) + 1) / 2"},
     "vae": {"library_name": "diffusers", "pipeline_tag": None, "tags": ["diffusers", "vae", "autoencoder"],
             "what": "a variational autoencoder (diffusers AutoencoderKL; its config holds the measured latent scaling_factor)",
             "use": 'from diffusers import AutoencoderKL\n\nvae = AutoencoderKL.from_pretrained("{where}")\n'
@@ -41,6 +56,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
            "what": "a Stable Diffusion text-to-image pipeline (U-Net, VAE, CLIP text encoder)",
            "use": 'from diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained("{where}")\n'
                   'image = pipe("a red circle on a blue background").images[0]'},
+    "sd3": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
+            "tags": ["diffusers", "sd3", "mmdit", "flow-matching", "text-to-image", "diffusers:StableDiffusion3Pipeline"],
+            "what": "an SD3-style text-to-image pipeline (MMDiT trained by rectified flow, VAE, two CLIP text encoders, no T5)",
+            "use": 'from diffusers import StableDiffusion3Pipeline\n\n'
+                   'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
+                   'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]'},
     "controlnet": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
                    "tags": ["diffusers", "controlnet", "stable-diffusion", "text-to-image"],
                    "what": "a ControlNet that makes a Stable Diffusion base follow a sketch (controlnet/, "
@@ -63,9 +84,11 @@ def hub_id(value: Any) -> str | None:
 
 
 def family_of(config: dict[str, Any]) -> str:
-    """ddpm | vae | gan | sd | controlnet, from the model's `_target_` (genlab.families.<module>.<Class>)."""
+    """ddpm | ddpm_dit | vae | gan | sd | controlnet, from the model's `_target_` (genlab.families.<module>.<Class>)."""
     target = str(config.get("model", {}).get("_target_", ""))
     module = target.split(".")[2] if target.startswith("genlab.families.") and target.count(".") >= 3 else ""
+    if module == "ddpm" and config.get("model", {}).get("backbone") == "dit":
+        return "ddpm_dit"  # exported as transformer/ + scheduler/, not a DDPMPipeline
     return module or "unknown"
 
 

@@ -44,16 +44,14 @@ from genlab.eval.metrics import (border_artifact_rate, border_energy, cached_ref
                                  class_coverage, dataset_fingerprint, extract, feature_metrics, reference_key,
                                  rejection_rate)
 from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
-from genlab.families.base import Autoencoder, Conditioned, Decode, Encode, EvalVariants
+from genlab.families.base import Autoencoder, Conditioned, Decode, Diffused, Encode, EvalVariants
 
 log = logging.getLogger(__name__)
 
 #: Family sample() option -> dataset item key it is filled from.
 CONDITION_ITEMS = {"sketch": "sketch", "prompt": "caption"}
-#: The sampler comparison of issue 5: (sampler, steps).
 #: Labelled items the classifiers train on, at most (seconds on a CPU).
 MAX_CLASSIFIER_ITEMS = 20_000
-DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpm", 20), ("dpm", 10))
 
 
 @dataclass
@@ -330,13 +328,21 @@ class Evaluator:
         metrics["eval_samples"] = float(n)
         return metrics
 
-    def compare_samplers(self, family: Any, samplers=DEFAULT_SAMPLERS, n_samples: int | None = None,
-                         seed: int | None = None) -> list[dict[str, Any]]:
+    def compare_samplers(self, family: Any, samplers: list[tuple[str, int]] | None = None,
+                         n_samples: int | None = None, seed: int | None = None) -> list[dict[str, Any]]:
         """Quality and time per image for each (sampler, steps), e.g. for `plots.plot_quality_vs_steps`.
+
+        Args:
+            samplers: (sampler, steps) settings; None: those of the family's objective
+                (`Diffusion.comparison`: DDPM/DDIM/DPM-Solver++, or Euler/Heun for flow).
 
         Returns:
             One row per setting: {"sampler", "steps", "seconds_per_image", **sample_metrics}.
         """
+        if samplers is None:
+            if not isinstance(family, Diffused):
+                raise GenlabError("--compare-samplers applies to diffusion models (ddpm, sd, controlnet) only.")
+            samplers = family.diffusion.comparison()
         n = n_samples or self.settings.n_samples
         seed = self.settings.seed if seed is None else seed
         rows = []

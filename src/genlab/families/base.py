@@ -22,7 +22,8 @@ Batches are dicts: "image" (B, C, H, W) float in [-1, 1]; optionally "label" (B,
 "caption" list[str], "sketch" (B, C, H, W) float in [0, 1] (see `genlab.data`).
 
 `Family` is what every family has. The optional capabilities are small protocols of
-their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `EvalVariants`, `Diagnosed`): a family has one
+their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `EvalVariants`, `Diagnosed`,
+`Diffused`): a family has one
 by having its members, and callers ask with `isinstance(family, Capability)`.
 """
 
@@ -67,6 +68,13 @@ class StepRandom:
     def _local(self, values: torch.Tensor) -> torch.Tensor:
         n = len(values) // self.world_size
         return values[self.rank * n:(self.rank + 1) * n]
+
+    def draw(self, n: int, make: Callable[[int, torch.Generator], torch.Tensor]) -> torch.Tensor:
+        """This process's n of the values `make(global_n, generator)` draws for the global batch.
+
+        For samplers that take a generator (diffusers' `compute_density_for_timestep_sampling`).
+        """
+        return self._local(make(n * self.world_size, self._generator()))
 
     def randn(self, n: int, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(n, *shape) standard normal values: this process's n of the global batch."""
@@ -205,6 +213,14 @@ class Diagnosed(Protocol):
 
     def diagnose(self, batch: dict[str, Any]) -> list[str]:
         """Warnings found (also logged by the family); [] when all is well."""
+
+
+@runtime_checkable
+class Diffused(Protocol):
+    """The family is a diffusion model on the shared core (`genlab.diffusion.Diffusion`): its
+    samplers, their defaults and `genlab eval --compare-samplers` settings come from there."""
+
+    diffusion: Any  # genlab.diffusion.Diffusion (not imported here: the core imports this module)
 
 
 # ---- helpers shared by families ----------------------------------------------------------

@@ -34,7 +34,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import single_optimizer
-from genlab.families.sd import load_parts
+from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
 
@@ -68,10 +68,12 @@ class ControlNet:
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
         quantize_base: null | int8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
-        min_snr_gamma, caption_dropout: loss weighting and CFG caption dropout.
-        timesteps: "uniform" or "cubic" (mostly high noise, where the sketch decides the layout).
+        caption_dropout: the fraction of captions dropped (for classifier-free guidance).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.
+        **diffusion: the diffusion core's training keys (`genlab.diffusion.Diffusion`): timesteps
+            (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
+            offset_noise. The schedule and objective are the base's.
     """
 
     #: sample() options that genlab eval fills from validation items (sketch-following metrics).
@@ -80,10 +82,9 @@ class ControlNet:
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
                  control_lora: dict | None = None, gradient_checkpointing: bool = False,
-                 quantize_base: str | None = None, min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
-                 timesteps: str = "uniform",
-                 sampler: str = "unipc", sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
-                 validation_data: Any = None):
+                 quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
+                 sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
+                 validation_data: Any = None, **diffusion: Any):
         if not base:
             raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
                               "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
@@ -100,7 +101,7 @@ class ControlNet:
         if channels != self.vae.config.in_channels:
             raise ConfigError(f"data.channels={channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
-        self.noise_scheduler = ld.training_scheduler(self.base, 0, "", "")
+        self.diffusion = latent_diffusion_core(self.base, diffusion)
         cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
 
         # The ControlNet copies the U-Net *before* any LoRA is added to the U-Net.
@@ -137,10 +138,9 @@ class ControlNet:
             self.controlnet.enable_gradient_checkpointing()
         self.ema_network = None  # ControlNet training follows the paper: no EMA
         self.num_classes = None  # conditioned on sketches and captions, not classes
-        self.min_snr_gamma, self.caption_dropout, self.timesteps = min_snr_gamma, caption_dropout, timesteps
-        self.sampler_name, self.sample_steps = sampler, sample_steps
-        self.guidance, self.control_scale = guidance, control_scale
-        ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name
+        self.caption_dropout = caption_dropout
+        self.sampler_name = self.diffusion.check_sampler(sampler or self.diffusion.default_sampler())
+        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
         self.validation_data = validation_data
         self._val_items: list[dict] | None = None
         self.weight_dtype = torch.float32
@@ -165,12 +165,12 @@ class ControlNet:
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = self.text_conditioning(batch, captions)  # encoder_hidden_states (B, 77, D) [+ SDXL's added]
-        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng, self.timesteps)
+        noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
         # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
         down, mid = self.controlnet(noisy, t, **text, controlnet_cond=batch["sketch"], return_dict=False)
         pred = self.unet(noisy, t, **text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
-        loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
+        loss = self.diffusion.loss(pred, target, weight)
         return loss, {"loss": loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
@@ -212,7 +212,7 @@ class ControlNet:
         with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
             out = pipe(prompts, image=sketches.to(pipe.device), height=self.image_size, width=self.image_size,
-                       num_inference_steps=ld.check_steps(steps or self.sample_steps, self.noise_scheduler.config),
+                       num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        generator=ld.generators(n, seed), output_type="pt").images
@@ -257,12 +257,12 @@ class ControlNet:
         if self.kind == "sdxl":
             pipe = sdxl.controlnet_pipeline(
                 self.base, self.vae, [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2],
-                ld.unwrap(self.unet), ld.unwrap(self.controlnet), ld.sampler(sampler, self.noise_scheduler.config))
+                ld.unwrap(self.unet), ld.unwrap(self.controlnet), self.diffusion.inference_scheduler(sampler))
             pipe.set_progress_bar_config(disable=True)
             return pipe
         pipe = StableDiffusionControlNetPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=ld.unwrap(self.unet),
-            controlnet=ld.unwrap(self.controlnet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),
+            controlnet=ld.unwrap(self.controlnet), scheduler=self.diffusion.inference_scheduler(sampler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe

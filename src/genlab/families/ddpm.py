@@ -1,8 +1,9 @@
-"""DDPM: a diffusers UNet2DModel learns to undo Gaussian noise (Ho et al. 2020).
+"""DDPM: pixel-space diffusion with a U-Net (Ho et al. 2020) or a diffusion transformer (DiT, Peebles & Xie 2023).
 
-The scheduler owns the noise math (diffusers' DDPMScheduler); this file owns the
-objective (epsilon / v / x0 prediction, optional min-SNR weighting, class dropout for
-classifier-free guidance) and sampling with DDPM, DDIM or DPM-Solver++.
+The objective, noise schedule, timestep sampling, loss weighting and samplers are the shared
+diffusion core's (`genlab.diffusion`): epsilon / v / x0 on a DDPM schedule, or rectified
+flow. This file owns the denoiser (diffusers' UNet2DModel or DiTTransformer2DModel), class
+dropout for classifier-free guidance, and the export.
 """
 
 from __future__ import annotations
@@ -11,22 +12,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-from diffusers.training_utils import compute_snr
 
+from genlab.diffusion import Diffusion, guided
 from genlab.errors import GenlabError
 from genlab.families.base import StepRandom, batch_labels
-from genlab.families.latent_diffusion import check_steps
 
-SAMPLERS = ("ddpm", "ddim", "dpm")
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
 ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+#: model.backbone -> the attribute (and checkpoint file) name of the denoiser.
+BACKBONES = {"unet": "unet", "dit": "transformer"}
+
+
+def tiny_dit(dit: dict[str, Any], image_size: int, channels: int, num_classes: int) -> DiTTransformer2DModel:
+    """A class-conditional DiTTransformer2DModel on pixels (patches of `dit.patch_size`)."""
+    if image_size % dit.get("patch_size", 2):
+        raise GenlabError(f"data.image_size={image_size} is not a multiple of model.dit.patch_size "
+                          f"({dit.get('patch_size', 2)}).")
+    net = DiTTransformer2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                                num_embeds_ada_norm=num_classes, **dit)
+    # DiT drops labels itself with torch's global RNG; genlab drops them from the step's StepRandom
+    # (same draws on any number of processes, and on resume). Its table keeps the "no class" row.
+    for block in net.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return net
 
 
 class DDPM:
-    """Pixel-space denoising diffusion, unconditional or class-conditional.
+    """Pixel-space diffusion, unconditional or class-conditional.
 
     Args:
         image_size, channels: image shape (from the data config).
@@ -34,85 +48,82 @@ class DDPM:
         conditional: train with class labels; index `num_classes` means "no class" and is
             used for `cond_dropout` of the labels, so one network gives both the
             conditional and unconditional predictions that guidance mixes.
-        unet: UNet2DModel arguments (channels, block types, ...).
-        num_train_timesteps, beta_schedule, prediction_type: DDPMScheduler arguments.
-        min_snr_gamma: min-SNR-gamma loss weighting (Hang et al. 2023), None for plain MSE.
-        sampler, sample_steps, guidance: defaults for `sample`.
-        attention: sdpa | eager, the U-Net's attention implementation (see ATTENTION).
+        backbone: unet | dit.
+        unet: UNet2DModel arguments (backbone=unet).
+        dit: DiTTransformer2DModel arguments (backbone=dit).
+        attention: sdpa | eager, the denoiser's attention implementation (see ATTENTION).
+        sampler, sample_steps, guidance: defaults for `sample` (sampler None: the objective's default).
+        **diffusion: the diffusion core's keys (`Diffusion.build`): objective, schedule,
+            num_train_timesteps, zero_terminal_snr, shift, timesteps, weighting, snr_gamma, offset_noise.
     """
 
-    def __init__(self, image_size: int, channels: int, unet: dict[str, Any], num_classes: int | None = None,
-                 conditional: bool = False, cond_dropout: float = 0.1, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear", prediction_type: str = "epsilon", min_snr_gamma: float | None = None,
-                 sampler: str = "ddim", sample_steps: int | None = 50, guidance: float = 1.0,
-                 attention: str = "sdpa"):
+    def __init__(self, image_size: int, channels: int, unet: dict[str, Any] | None = None,
+                 num_classes: int | None = None, conditional: bool = False, cond_dropout: float = 0.1,
+                 backbone: str = "unet", dit: dict[str, Any] | None = None, attention: str = "sdpa",
+                 sampler: str | None = None, sample_steps: int | None = 50, guidance: float = 1.0,
+                 **diffusion: Any):
         if conditional and not num_classes:
             raise GenlabError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false.")
-        self.image_shape = (channels, image_size, image_size)
-        self.ema_network = "unet"
-        self.num_classes = num_classes if conditional else None
-        self.conditional, self.cond_dropout = conditional, cond_dropout
-        self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
-                                num_class_embeds=num_classes + 1 if conditional else None, **unet)
+        if backbone not in BACKBONES:
+            raise GenlabError(f"model.backbone={backbone!r}: use one of {', '.join(BACKBONES)}.")
         if attention not in ATTENTION:
             raise GenlabError(f"model.attention={attention!r}: use one of {', '.join(ATTENTION)}")
-        for module in self.unet.modules():
+        self.image_shape = (channels, image_size, image_size)
+        self.num_classes = num_classes if conditional else None
+        self.conditional, self.cond_dropout = conditional, cond_dropout
+        self.backbone, self.ema_network = backbone, BACKBONES[backbone]
+        if backbone == "unet":
+            self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
+                                    num_class_embeds=num_classes + 1 if conditional else None, **(unet or {}))
+        else:  # DiT always takes a label: an unconditional one sees class 0 of 1
+            self.transformer = tiny_dit(dit or {}, image_size, channels, num_classes if conditional else 1)
+        for module in self.denoiser.modules():
             if isinstance(module, Attention):
                 module.set_processor(ATTENTION[attention]())
-        self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                       prediction_type=prediction_type, clip_sample=True)
-        self.min_snr_gamma = min_snr_gamma
+        # Pixels live in [-1, 1]: DDPM-family samplers clip their x0 estimate there.
+        self.diffusion = Diffusion.build(clip_sample=True, **diffusion)
+        sampler = sampler or self.diffusion.default_sampler()
+        self.diffusion.check_sampler(sampler)  # fail now, not at the first sample grid
         self.defaults = {"sampler": sampler, "steps": sample_steps, "guidance": guidance}
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network (the loop may have replaced the attribute by its wrapped module)."""
+        return getattr(self, self.ema_network)
 
     # ---- the Family protocol -----------------------------------------------------------
     def networks(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet}
+        return {self.ema_network: self.denoiser}
 
     def param_groups(self) -> dict[str, list[dict]]:
-        return {"unet": [{"params": [p for p in self.unet.parameters() if p.requires_grad]}]}
+        return {self.ema_network: [{"params": [p for p in self.denoiser.parameters() if p.requires_grad]}]}
 
     def phases(self, step: int) -> list[str]:
-        return ["unet"]
+        return [self.ema_network]
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "DDPM":
-        self.unet.to(device)
+        self.denoiser.to(device)
         return self
+
+    def _labels(self, n: int, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """What the denoiser takes as class_labels: the labels, or class 0 for an unconditional DiT."""
+        if labels is None and self.backbone == "dit":
+            return torch.zeros(n, dtype=torch.long, device=device)
+        return labels
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = batch["image"]  # (B, C, H, W) in [-1, 1]
-        noise = rng.randn_like(x0)
-        t = rng.randint(self.scheduler.config.num_train_timesteps, len(x0)).to(x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, t)
+        x_t, t, target, weight = self.diffusion.training_inputs(x0, rng)
         labels = None
         if self.conditional:
             drop = rng.rand(len(x0)).to(x0.device) < self.cond_dropout
             labels = batch_labels(batch, self.num_classes)
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        prediction = self.unet(x_t, t, class_labels=labels).sample
-        kind = self.scheduler.config.prediction_type
-        target = {"epsilon": noise, "sample": x0}.get(kind)
-        if target is None:  # v_prediction
-            target = self.scheduler.get_velocity(x0, noise, t)
-        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if self.min_snr_gamma:
-            snr = compute_snr(self.scheduler, t)
-            weight = snr.clamp(max=self.min_snr_gamma)
-            weight = weight / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[kind]
-            loss = (per_image * weight).mean()
-        else:
-            loss = per_image.mean()
+        prediction = self.denoiser(x_t, t, class_labels=self._labels(len(x0), labels, x0.device)).sample
+        loss = self.diffusion.loss(prediction, target, weight)
         return loss, {"loss": loss.detach()}
-
-    def _scheduler_for(self, sampler: str):
-        if sampler == "ddpm":
-            return DDPMScheduler.from_config(self.scheduler.config)
-        if sampler == "ddim":
-            return DDIMScheduler.from_config(self.scheduler.config)
-        if sampler == "dpm":
-            return DPMSolverMultistepScheduler.from_config(self.scheduler.config, algorithm_type="dpmsolver++")
-        raise GenlabError(f"--sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
@@ -120,8 +131,8 @@ class DDPM:
         """Generate `n` images (n, C, H, W) in [-1, 1], deterministic in `seed`.
 
         Args:
-            sampler: ddpm | ddim | dpm (DPM-Solver++); default model.sampler.
-            steps: denoising steps; default model.sample_steps (all training steps for ddpm if null).
+            sampler: one of the objective's samplers (`Diffusion.samplers`); default model.sampler.
+            steps: denoising steps; default model.sample_steps (all training steps if null).
             class_label: for conditional models; None cycles through the classes.
             guidance: classifier-free guidance scale (1 = plain conditional).
         """
@@ -130,30 +141,32 @@ class DDPM:
         if class_label is not None and not self.conditional:
             raise GenlabError("--class needs a conditional model (train with model.conditional=true)")
         sampler = sampler or self.defaults["sampler"]
-        steps = steps or self.defaults["steps"] or self.scheduler.config.num_train_timesteps
+        steps = steps or self.defaults["steps"] or self.diffusion.num_train_timesteps
         guidance = self.defaults["guidance"] if guidance is None else guidance
-        check_steps(steps, self.scheduler.config)
-        scheduler = self._scheduler_for(sampler)
-        scheduler.set_timesteps(steps)
-        device = next(self.unet.parameters()).device
+        net = self.denoiser
+        device = next(net.parameters()).device
         generator = torch.Generator().manual_seed(seed)  # CPU generator: same noise on any device
-        x = torch.randn((n, *self.image_shape), generator=generator).to(device) * scheduler.init_noise_sigma
+        noise = torch.randn((n, *self.image_shape), generator=generator).to(device)
         labels = None
         if self.conditional:
             labels = torch.arange(n) % self.num_classes if class_label is None else torch.full((n,), class_label)
             labels = labels.to(device)
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(x, t)
-            if labels is not None and guidance != 1.0:
+        labels = self._labels(n, labels, device)
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if self.conditional and guidance != 1.0:
                 null = torch.full_like(labels, self.num_classes)
-                both = self.unet(torch.cat([model_input] * 2), t, class_labels=torch.cat([labels, null])).sample
-                cond, uncond = both.chunk(2)
-                out = uncond + guidance * (cond - uncond)
-            else:
-                out = self.unet(model_input, t, class_labels=labels).sample
-            x = scheduler.step(out, t, x, generator=generator if sampler == "ddpm" else None).prev_sample
-        return x.clamp(-1, 1)
+                both = net(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+                return guided(*both.chunk(2), guidance)
+            return net(x, t, class_labels=labels).sample
+
+        return self.diffusion.denoise(predict, noise, sampler, steps, generator).clamp(-1, 1)
 
     def export(self, out_dir: Path) -> None:
-        """A diffusers DDPMPipeline directory (`DDPMPipeline.from_pretrained(out_dir)`)."""
-        DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(out_dir)
+        """U-Net: a diffusers DDPMPipeline directory; DiT: `transformer/` and `scheduler/` (see README)."""
+        if self.backbone == "unet":
+            DDPMPipeline(unet=self.unet, scheduler=self.diffusion.scheduler).save_pretrained(out_dir)
+            return
+        # diffusers' DiTPipeline decodes with a VAE and takes 1000 classes: no pipeline fits pixel DiT.
+        self.transformer.save_pretrained(Path(out_dir) / "transformer")
+        self.diffusion.scheduler.save_pretrained(Path(out_dir) / "scheduler")

@@ -1,8 +1,9 @@
 """Pieces shared by the latent diffusion families (`sd`, `controlnet`).
 
 Small functions, no base class: loading pretrained parts from a hub id, a diffusers
-directory or a genlab run; building a tiny SD from config; encoding images and captions;
-the noise-prediction loss with min-SNR weighting; samplers; LoRA configs and exports.
+directory or a genlab run (and the base's scheduler); building a tiny SD from config;
+encoding images and captions; LoRA configs and exports. The diffusion math (objective,
+timesteps, weighting, samplers) is the core's: `genlab.diffusion`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       UNet2DConditionModel, UniPCMultistepScheduler)
-from diffusers.training_utils import compute_snr
+from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from torch import nn
@@ -27,8 +26,6 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families.base import StepRandom, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
-SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
-            "ddpm": DDPMScheduler}
 
 
 def plain(value: Any) -> Any:
@@ -102,31 +99,16 @@ def tiny_unet(unet_cfg: dict, image_size: int, vae: AutoencoderKL, cross_attenti
     )
 
 
-def training_scheduler(base: str | None, num_train_timesteps: int, beta_schedule: str,
-                       prediction_type: str) -> DDPMScheduler:
-    """The noise schedule: the base's own when fine-tuning, else from config."""
-    if base:
-        where, sub = resolve_pretrained(base, "scheduler")
-        config = DDPMScheduler.load_config(where, **({"subfolder": sub} if sub else {}))
-        return DDPMScheduler.from_config(config)
-    # steps_offset=1 and clip_sample=False: what SD pipelines expect (no FutureWarnings).
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
-
-
-def sampler(name: str, scheduler_config) -> Any:
-    """An inference scheduler of kind `name` (unipc | ddim | dpm | ddpm) on the training schedule."""
-    if name not in SAMPLERS:
-        raise GenlabError(f"sampler={name!r}: use one of {', '.join(SAMPLERS)}.")
-    return SAMPLERS[name].from_config(scheduler_config)
-
-
-def check_steps(steps: int, scheduler_config) -> int:
-    """Sampling steps between 1 and the schedule's training steps, or a GenlabError saying so."""
-    total = scheduler_config.num_train_timesteps
-    if not isinstance(steps, int) or not 1 <= steps <= total:
-        raise GenlabError(f"--steps {steps}: use 1 to {total} (the model was trained on {total} noise levels).")
-    return steps
+def base_scheduler(base: str | None):
+    """The training scheduler of a pretrained base (DDPMScheduler, or FlowMatchEulerDiscreteScheduler
+    for SD3/Flux bases), or None when training from scratch (the diffusion core builds one)."""
+    if not base:
+        return None
+    where, sub = resolve_pretrained(base, "scheduler")
+    config = DDPMScheduler.load_config(where, **({"subfolder": sub} if sub else {}))
+    if config.get("_class_name", "").startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return DDPMScheduler.from_config(config)
 
 
 @torch.no_grad()
@@ -150,47 +132,6 @@ def drop_captions(captions: list[str], p: float, rng: StepRandom) -> list[str]:
         return list(captions)
     keep = rng.rand(len(captions)).cpu() >= p
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
-
-
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, rng: StepRandom,
-              timesteps: str = "uniform") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps) at drawn timesteps.
-
-    timesteps: "uniform", or "cubic": t = (1 - u^3) T, mostly high noise, where the layout of
-    an image is decided (T2I-Adapter's sampling for structure control).
-    """
-    noise = rng.randn_like(latents)
-    n, total = latents.shape[0], scheduler.config.num_train_timesteps
-    if timesteps == "cubic":
-        u = rng.rand(n).to(latents.device)
-        t = ((1 - u ** 3) * total).long().clamp(0, total - 1)
-    elif timesteps == "uniform":
-        t = rng.randint(total, n).to(latents.device)
-    else:
-        raise ConfigError(f"model.timesteps={timesteps!r}: use uniform or cubic")
-    return scheduler.add_noise(latents, noise, t), noise, t
-
-
-def diffusion_loss(scheduler: DDPMScheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
-                   t: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
-    """MSE to the scheduler's target (epsilon / v / sample), min-SNR weighted when gamma is set."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    elif kind == "sample":
-        target = latents
-    else:
-        raise ConfigError(f"prediction_type={kind!r}: use epsilon, v_prediction or sample.")
-    if not min_snr_gamma:
-        return F.mse_loss(pred.float(), target.float())
-    # Min-SNR-gamma (Hang et al. 2023): clamp each timestep's weight at gamma / SNR.
-    snr = compute_snr(scheduler, t)
-    weight = torch.clamp(snr, max=min_snr_gamma)
-    weight = weight / snr if kind == "epsilon" else (weight / (snr + 1) if kind == "v_prediction" else weight)
-    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_item * weight).mean()
 
 
 def sample_autocast(device: torch.device, weight_dtype: torch.dtype):

@@ -22,6 +22,7 @@ from diffusers.training_utils import cast_training_params
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from genlab.diffusion import Diffusion
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
@@ -56,6 +57,18 @@ def load_parts(base: str | None, vae: str | None, image_size: int, unet_cfg: dic
     return vae_model, text_encoder, tokenizer, unet
 
 
+def latent_diffusion_core(base: str | None, diffusion: dict[str, Any]) -> Diffusion:
+    """The diffusion core on latents: the base's own scheduler when fine-tuning, else one from config."""
+    core = Diffusion.build(ld.base_scheduler(base), clip_sample=False, steps_offset=1, **diffusion)
+    if core.objective == "flow":
+        # StableDiffusion(ControlNet)Pipeline scale inputs by init_noise_sigma and scale_model_input,
+        # which flow schedulers do not have.
+        raise ConfigError("model.objective=flow (or a flow base): sd and controlnet sample their U-Net through "
+                          "diffusers' StableDiffusionPipeline, which has no flow samplers; train flow with model=sd3 "
+                          "(an MMDiT) or model=ddpm (pixels); a ControlNet on an sd3 base is not supported yet.")
+    return core
+
+
 class StableDiffusion:
     """Text-to-image latent diffusion in the SD architecture (see the module docstring).
 
@@ -69,22 +82,21 @@ class StableDiffusion:
         lora: {rank, alpha, target_modules, dropout}; rank 0 trains the whole U-Net.
         train_text_encoder: train the text encoder with the U-Net; None = only when tiny
             from scratch (a random frozen CLIP barely tells "red" from "green").
-        num_train_timesteps, beta_schedule, prediction_type: the schedule (from scratch only).
-        min_snr_gamma: min-SNR loss weighting, or None for plain MSE.
         caption_dropout: fraction of captions replaced by "" (for classifier-free guidance).
         gradient_checkpointing: trade compute for memory in the U-Net.
-        sampler, sample_steps, guidance: sampling defaults.
+        sampler, sample_steps, guidance: sampling defaults (sampler None: the objective's default).
         validation_data: the data config; its val split supplies default sample prompts.
+        **diffusion: the diffusion core's keys (`genlab.diffusion.Diffusion.build`): objective,
+            schedule, num_train_timesteps, zero_terminal_snr (from scratch only: a base brings its
+            own schedule), timesteps, weighting, snr_gamma, offset_noise.
     """
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, tokenizer_dir: str | None = None, unet: dict | None = None,
                  text_encoder: dict | None = None,
                  lora: dict | None = None, train_text_encoder: bool | None = None,
-                 num_train_timesteps: int = 1000, beta_schedule: str = "scaled_linear",
-                 prediction_type: str = "epsilon", min_snr_gamma: float | None = None, caption_dropout: float = 0.1,
-                 gradient_checkpointing: bool = False, sampler: str = "unipc", sample_steps: int = 25,
-                 guidance: float = 5.0, validation_data: Any = None):
+                 caption_dropout: float = 0.1, gradient_checkpointing: bool = False, sampler: str | None = None,
+                 sample_steps: int = 25, guidance: float = 5.0, validation_data: Any = None, **diffusion: Any):
         self.image_size = image_size
         self.base = ld.plain(base)
         if self.base is not None:  # a single file becomes a diffusers directory; SDXL and others are refused
@@ -99,7 +111,7 @@ class StableDiffusion:
         if channels != self.vae.config.in_channels:
             raise ConfigError(f"data.channels={channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
-        self.noise_scheduler = ld.training_scheduler(self.base, num_train_timesteps, beta_schedule, prediction_type)
+        self.diffusion = latent_diffusion_core(self.base, diffusion)
         lora = ld.plain(lora) or {}
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
@@ -113,9 +125,9 @@ class StableDiffusion:
         # EMA of a LoRA-adapted U-Net would copy the whole frozen base: only for full training.
         self.ema_network = "unet" if self.lora_rank == 0 else None
         self.num_classes = None  # conditioned on captions, not classes
-        self.min_snr_gamma, self.caption_dropout = min_snr_gamma, caption_dropout
-        self.sampler_name, self.sample_steps, self.guidance = sampler, sample_steps, guidance
-        ld.sampler(sampler, self.noise_scheduler.config)  # fail now on a bad sampler name, not at step 500
+        self.caption_dropout = caption_dropout
+        self.sampler_name = self.diffusion.check_sampler(sampler or self.diffusion.default_sampler())
+        self.sample_steps, self.guidance = sample_steps, guidance
         self.validation_data = validation_data
         self._val_prompts: list[str] | None = None
         self.weight_dtype = torch.float32
@@ -137,9 +149,9 @@ class StableDiffusion:
         captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             text = cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)  # (B, 77, D)
-        noisy, noise, t = ld.add_noise(self.noise_scheduler, latents, rng)
+        noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
-        loss = ld.diffusion_loss(self.noise_scheduler, pred, latents, noise, t, self.min_snr_gamma)
+        loss = self.diffusion.loss(pred, target, weight)
         return loss, {"loss": loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
@@ -171,7 +183,7 @@ class StableDiffusion:
         with ld.eval_mode(pipe.unet), ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0), \
                 ld.sample_autocast(pipe.device, self.weight_dtype):
             out = pipe(prompts, height=self.image_size, width=self.image_size,
-                       num_inference_steps=ld.check_steps(steps or self.sample_steps, self.noise_scheduler.config),
+                       num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        negative_prompt=[negative_prompt] * n if negative_prompt else None,
                        generator=ld.generators(n, seed), output_type="pt").images
@@ -192,7 +204,7 @@ class StableDiffusion:
         """A diffusers pipeline over this family's (unwrapped) parts and the named sampler."""
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=ld.unwrap(self.text_encoder), tokenizer=self.tokenizer,
-            unet=unet or ld.unwrap(self.unet), scheduler=ld.sampler(sampler, self.noise_scheduler.config),
+            unet=unet or ld.unwrap(self.unet), scheduler=self.diffusion.inference_scheduler(sampler),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
