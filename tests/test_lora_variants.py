@@ -94,7 +94,7 @@ def test_variant_trains_and_its_kohya_export_gives_the_trained_weights(base, var
 def test_lora_and_dora_exports_sample_the_same_in_plain_diffusers(base, tmp_path):
     """The diffusers-format file (and for lora the kohya one, through diffusers' kohya loader) on the
     bare base with the exported ControlNet samples what the trained family samples."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
 
     from genlab.families import latent_diffusion as ld
 
@@ -108,7 +108,7 @@ def test_lora_and_dora_exports_sample_the_same_in_plain_diffusers(base, tmp_path
             pipe = StableDiffusionControlNetPipeline.from_pretrained(
                 base, controlnet=ControlNetModel.from_pretrained(tmp_path / variant / "controlnet"), safety_checker=None)
             pipe.load_lora_weights(tmp_path / variant, weight_name=name)
-            pipe.scheduler = ld.sampler("unipc", pipe.scheduler.config)
+            pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
             theirs = pipe(prompt, image=sketch[None], height=32, width=32, num_inference_steps=2, guidance_scale=family.guidance,
                           generator=ld.generators(1, 0), output_type="pt").images * 2 - 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline, UniPCMultistepScheduler
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
@@ -71,7 +71,7 @@ def test_sdxl_export_samples_the_same_in_plain_diffusers(sdxl_run, sdxl_base, tm
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
         sdxl_base, controlnet=ControlNetModel.from_pretrained(export / "controlnet"))
     pipe.load_lora_weights(export)
-    pipe.scheduler = ld.sampler("unipc", pipe.scheduler.config)
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(caption, image=sketch[None], height=32, width=32, num_inference_steps=2,
                   guidance_scale=family.guidance, generator=ld.generators(1, 3), output_type="pt").images * 2 - 1
