@@ -35,13 +35,13 @@ demo: install  ## train a DDPM on the bundled digits (~3 min on 2 cores), then d
 TEST_WORKERS ?= 2
 
 test: install  ## the default suite: CPU, no network, under 5 minutes on 2 cores
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `make test`)
-	$(VENV)/bin/pytest -q -m slow
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow -n $(TEST_WORKERS) --dist worksteal
 
 test-full: install  ## also the @pytest.mark.slow tests
-	$(VENV)/bin/pytest -q -m ""
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist worksteal
 
 gpu-check: install  ## a GPU, one command under 8 min: GPU tests, MFU, ControlNet memory -> benchmarks/gpu-check-<gpu>.json
 	$(PY) scripts/gpu_check.py

@@ -39,6 +39,7 @@ def _launch(tmp_path, name, processes, batch):
     return run
 
 
+@pytest.mark.slow  # two accelerate launches (~45 s); `make test-slow` (CI) runs it with the CLI twins below
 def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
     one = _launch(tmp_path, "one", processes=1, batch=8)
     two = _launch(tmp_path, "two", processes=2, batch=4)

@@ -29,6 +29,7 @@ def _tensorboard_events(folder):
     return events
 
 
+@pytest.mark.slow  # a training subprocess with W&B and TensorBoard (~18 s); `make test-slow` (CI) runs it
 def test_wandb_and_tensorboard_together_get_scalars_and_images(tmp_path):
     run = tmp_path / "run"
     genlab("train", *TINY, "logger=[wandb,tensorboard]", f"hydra.run.dir={run}", env={"WANDB_MODE": "offline"})

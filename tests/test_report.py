@@ -141,6 +141,7 @@ def test_run_report_shows_grids_and_curves_in_chromium(tiny_ddpm_run, tmp_path):
     assert result["smooth"] != pytest.approx(raw) and result["axis"] == "log"
 
 
+@pytest.mark.slow  # a 2-trial sweep, then Chromium (~30 s); `make test-slow` (CI) runs it
 @needs_chromium
 def test_sweep_report_ranks_trials_and_draws_parallel_coordinates_in_chromium(sweep, tmp_path):
     cli("report", str(sweep))

@@ -184,6 +184,7 @@ def _kill_trials(tmp_path, trials):
         assert len(complete_checkpoints(run / "checkpoints")) == 2  # retention held through the kills
 
 
+@pytest.mark.slow  # one trial (~15 s) for a quick local check; the 50 trials below are the proof
 def test_kill_9_during_checkpoint_writes_quick(tmp_path):
     _kill_trials(tmp_path, trials=1)  # 50 more under -m slow
 
