@@ -1,12 +1,10 @@
 """scripts/bench_controlnet.py on CPU with a tiny stand-in for SD 1.5 (the real run needs a GPU)."""
 
-import pytest
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -69,7 +67,6 @@ def test_every_base_kind_at_its_real_shapes(tmp_path):
 
 def test_int8_size_is_what_torchao_stores(tmp_path):
     """The --sizes arithmetic for a quantised denoiser against torchao quantising a tiny U-Net for real."""
-    import torch
     from diffusers import UNet2DConditionModel
 
     from genlab.families import memory

@@ -33,6 +33,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("GENLAB_CACHE", "~/.cache/genlab")).expanduser()
 
 
+def save_to_cache(target: Path, save_pretrained) -> None:
+    """`save_pretrained(tmp)` into a temporary folder beside `target`, then rename it into place,
+    so that concurrent first calls never see half a folder; the loser of a race drops its copy."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # Groups whose configs write anywhere in the config (package _global_). Their files start
 # with the command that runs them, so they cannot carry Hydra's `# @package` header (it
 # must be the first line); train.yaml declares the package instead, and users keep typing

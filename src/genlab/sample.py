@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from genlab.errors import ConfigError, GenlabError
+from genlab.errors import ConfigError
 from genlab.run_dir import RunDir, load_family, newest_finished_run
 
 log = logging.getLogger(__name__)

@@ -9,15 +9,12 @@ SD 1.5's tokenizer, so prompts tokenize the same as with the hub's `openai/clip-
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from genlab.config import cache_root
+from genlab.config import cache_root, save_to_cache
 
 VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
@@ -64,14 +61,7 @@ def clip_tokenizer(cache_dir: str | Path | None = None) -> CLIPTokenizer:
     if not (target / "tokenizer_config.json").exists():
         vocab, merges = _vocab_and_merges()
         tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Save to a temporary dir and rename, so that concurrent first calls never see half a tokenizer.
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tok-"))
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
+        save_to_cache(target, tokenizer.save_pretrained)
     return CLIPTokenizer.from_pretrained(target)
 
 

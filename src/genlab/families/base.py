@@ -259,3 +259,14 @@ def unwrap(module: nn.Module) -> nn.Module:
 def single_optimizer(networks: dict[str, nn.Module]) -> dict[str, list[dict[str, Any]]]:
     """`param_groups()` of a one-phase family: every trainable parameter of `networks` in one group."""
     return {"main": [{"params": [p for net in networks.values() for p in net.parameters() if p.requires_grad]}]}
+
+
+class OnePhase:
+    """`param_groups` and `phases` of a family with one optimizer ("main") over every trainable
+    parameter of its `networks()`: inherit it instead of writing the two methods again."""
+
+    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
+        return single_optimizer(self.networks())
+
+    def phases(self, step: int) -> list[str]:
+        return ["main"]

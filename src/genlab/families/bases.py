@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from genlab.config import save_to_cache
 from genlab.errors import ConfigError, GenlabError
 
 KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux"}
@@ -143,10 +141,4 @@ def _convert(path: Path, kind: str, base_config: str | None, target: Path) -> No
         hint = "" if config else " (set model.base_config to a diffusers directory of the same architecture)"
         raise GenlabError(f"model.base={path}: cannot load it as an {KINDS[kind]} single file{hint}: "
                           f"{str(e).splitlines()[0]}") from e
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    pipe.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_to_cache(target, pipe.save_pretrained)  # another process may convert it at the same time

@@ -33,7 +33,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import single_optimizer
+from genlab.families.base import OnePhase
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -53,7 +53,7 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     return tuple(channels)
 
 
-class ControlNet:
+class ControlNet(OnePhase):
     """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
 
     Args:
@@ -152,12 +152,6 @@ class ControlNet:
         if self.lora_rank > 0:
             nets["unet"] = self.unet
         return nets
-
-    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return single_optimizer(self.networks())
-
-    def phases(self, step: int) -> list[str]:
-        return ["main"]
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

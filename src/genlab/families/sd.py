@@ -27,7 +27,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import single_optimizer
+from genlab.families.base import OnePhase
 from genlab.text import clip_tokenizer, tiny_text_config
 
 
@@ -69,7 +69,7 @@ def latent_diffusion_core(base: str | None, diffusion: dict[str, Any]) -> Diffus
     return core
 
 
-class StableDiffusion:
+class StableDiffusion(OnePhase):
     """Text-to-image latent diffusion in the SD architecture (see the module docstring).
 
     Args:
@@ -136,12 +136,6 @@ class StableDiffusion:
 
     def networks(self) -> dict[str, nn.Module]:
         return {"unet": self.unet, "text_encoder": self.text_encoder} if self.train_text_encoder else {"unet": self.unet}
-
-    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return single_optimizer(self.networks())
-
-    def phases(self, step: int) -> list[str]:
-        return ["main"]
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,14 +24,14 @@ from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import single_optimizer
+from genlab.families.base import OnePhase
 from genlab.text import clip_tokenizer, tiny_text_config
 
 #: T5 tokens of the pipeline's zero stand-in for the absent T5 encoder (SD3 uses 256 real ones).
 T5_TOKENS = 1
 
 
-class StableDiffusion3:
+class StableDiffusion3(OnePhase):
     """Text-to-image rectified flow with an MMDiT (see the module docstring).
 
     Args:
@@ -94,12 +94,6 @@ class StableDiffusion3:
         # Random CLIPs barely tell colours apart: the text encoders train with the MMDiT.
         return {"transformer": self.transformer, "text_encoder": self.text_encoder,
                 "text_encoder_2": self.text_encoder_2}
-
-    def param_groups(self) -> dict[str, list[dict[str, Any]]]:
-        return single_optimizer(self.networks())
-
-    def phases(self, step: int) -> list[str]:
-        return ["main"]
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
