@@ -37,9 +37,10 @@ def parts(smoke: bool, tmp: Path) -> list[dict]:
     """(name, command, time limit) of each part; --smoke shrinks the benchmarks to seconds."""
     mfu = ["--mfu", "--steps", "20", "--warmup", "5"] if not smoke else [
         "--mfu", "--families", "ddpm", "--mfu-compile", "off", "--steps", "2", "--warmup", "1"]
+    # The Hydra override comes first: after a many-valued option (--checkpointing) it would be read as one of its values.
     controlnet = ["--steps", "8", "--warmup", "3"] if not smoke else [
-        "--size", "tiny", "--image-size", "32", "--batch-sizes", "1", "--steps", "2", "--warmup", "1",
-        "--modes", "controlnet", "--checkpointing", "off", "trainer.mixed_precision=no"]
+        "trainer.mixed_precision=no", "--size", "tiny", "--image-size", "32", "--batch-sizes", "1", "--steps", "2",
+        "--warmup", "1", "--modes", "controlnet", "--checkpointing", "off"]
     return [
         {"name": "gpu_tests", "limit": 240, "command": [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                                       "tests/test_gpu.py", f"--junitxml={tmp / 'gpu_tests.xml'}"]},
