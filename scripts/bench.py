@@ -104,6 +104,10 @@ class GlobalRandom:
     def randint(self, high, n):
         return self.torch.randint(0, high, (n,), device=self.device)
 
+    def draw(self, n, make):
+        return make(n, None)  # generator None: diffusers' samplers then use the global RNG
+
+
 def train_flops_per_image(family_name: str, overrides: list[str], batch_size: int = 2) -> float:
     """FLOPs of one training step per image (every phase's forward and backward), by torch's FlopCounterMode."""
     import torch
