@@ -105,6 +105,9 @@ TINY_VAE_16 = dict(block_out_channels=[8, 8], layers_per_block=1, latent_channel
                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                    use_quant_conv=False, use_post_quant_conv=False)
 TINY_T5 = dict(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=55)
+# The latent statistics each base's VAE normalises by: the same for its real and tiny stand-in.
+SD3_LATENTS = dict(scaling_factor=1.5305, shift_factor=0.0609)
+FLUX_LATENTS = dict(scaling_factor=0.3611, shift_factor=0.1159)
 SD3 = {
     # stabilityai/stable-diffusion-3.5-large: transformer 8,057M; CLIP-L and OpenCLIP bigG with projections, T5-XXL.
     "real": {
@@ -112,7 +115,7 @@ SD3 = {
                             attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
                             caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
                             qk_norm="rms_norm"),
-        "vae": {**VAE_16, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        "vae": {**VAE_16, **SD3_LATENTS},
         "text": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, projection_dim=768),
         "text_2": dict(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, projection_dim=1280),
         "t5": T5_XXL,
@@ -121,7 +124,7 @@ SD3 = {
         "transformer": dict(sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
                             caption_projection_dim=32, pooled_projection_dim=32, pos_embed_max_size=16),
-        "vae": {**TINY_VAE_16, "scaling_factor": 1.5305, "shift_factor": 0.0609},
+        "vae": {**TINY_VAE_16, **SD3_LATENTS},
         "text": dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32),
         "text_2": dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32),
         "t5": TINY_T5,
@@ -133,7 +136,7 @@ FLUX = {
         "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                             guidance_embeds=True, axes_dims_rope=[16, 56, 56]),
-        "vae": {**VAE_16, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "vae": {**VAE_16, **FLUX_LATENTS},
         "text": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
         "t5": T5_XXL,
     },
@@ -141,7 +144,7 @@ FLUX = {
         "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
                             guidance_embeds=True, axes_dims_rope=[4, 4, 8]),
-        "vae": {**TINY_VAE_16, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+        "vae": {**TINY_VAE_16, **FLUX_LATENTS},
         "text": dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32),
         "t5": TINY_T5,
     },
