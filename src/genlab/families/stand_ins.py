@@ -130,20 +130,22 @@ SD3 = {
         "t5": TINY_T5,
     },
 }
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=[16, 56, 56])  # FLUX.1-dev's
 FLUX = {
     # black-forest-labs/FLUX.1-dev: transformer 11,902M (guidance-distilled); CLIP-L, T5-XXL.
     "real": {
-        "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                            guidance_embeds=True, axes_dims_rope=[16, 56, 56]),
+        "transformer": FLUX_TRANSFORMER,
         "vae": {**VAE_16, **FLUX_LATENTS},
         "text": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
         "t5": T5_XXL,
     },
     "tiny": {
-        "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
-                            guidance_embeds=True, axes_dims_rope=[4, 4, 8]),
+        # The real transformer with every size shrunk (patch size and guidance embedding kept).
+        "transformer": {**FLUX_TRANSFORMER, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+                        "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+                        "pooled_projection_dim": 16, "axes_dims_rope": [4, 4, 8]},
         "vae": {**TINY_VAE_16, **FLUX_LATENTS},
         "text": dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32),
         "t5": TINY_T5,
