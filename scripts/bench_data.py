@@ -64,7 +64,7 @@ def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int
     cfg = bench._config("ddpm", overrides)
     res, batch_size = cfg.data.image_size, cfg.trainer.batch_size
     family = instantiate(cfg.model, _convert_="all")  # the same UNet2DModel and DDPMScheduler as genlab's
-    model, scheduler = family.unet, family.scheduler
+    model, scheduler = family.unet, family.diffusion.scheduler
     augmentations = transforms.Compose([
         transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
