@@ -22,7 +22,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers.training_utils import EMAModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -177,6 +176,8 @@ class Trainer:
 
         self.ema = None
         if t.ema and self.family.ema_network:
+            from diffusers.training_utils import EMAModel  # here: diffusers' import costs seconds of start-up (GAN: no other use)
+
             self._ema_params = list(self._unwrapped(self.family.ema_network).parameters())
             # foreach: a few batched updates instead of several small ones per tensor (same arithmetic).
             self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from diffusers.training_utils import EMAModel
-from torchvision.utils import save_image
+
+if TYPE_CHECKING:  # only a type here; importing diffusers costs seconds of start-up
+    from diffusers.training_utils import EMAModel
 
 
 @contextlib.contextmanager
@@ -53,5 +54,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path
     """Save images (N, C, H, W) in [-1, 1] as one PNG grid (about square)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    from torchvision.utils import save_image  # here: importing torchvision takes seconds (it loads torch._dynamo)
+
     save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1, pad_value=0.5)
     return path
