@@ -177,8 +177,8 @@ def sizes(kind: str) -> dict:
             "export_gb": {"controlnet": round(4 * cn / 1e9, 2), "lora": round(4 * lora / 1e9, 3)}}
 
 
-# The trainer presets and the optimizer each one's command names (a trainer preset cannot pick it).
-PRESET_OPTIMIZER = {"vram_12gb": "adamw8bit", "vram_24gb": "adamw8bit", "vram_80gb": "adamw"}
+# The trainer presets (each picks its optimizer: 8-bit AdamW for 12 and 24 GB).
+PRESETS = ("vram_12gb", "vram_24gb", "vram_80gb")
 PRESET_KEYS = ("batch_size", "grad_accum", "mixed_precision", "gradient_checkpointing", "quantize_base", "sample_n")
 
 
@@ -189,7 +189,7 @@ def preset_overrides(preset: str, last_step: int) -> list[str]:
 
     values = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "trainer" / f"{preset}.yaml")
     as_value = lambda v: "null" if v is None else str(v)  # noqa: E731
-    return [f"trainer={preset}", f"optimizer={PRESET_OPTIMIZER[preset]}", *MODES["controlnet_unet_lora"],
+    return [f"trainer={preset}", *MODES["controlnet_unet_lora"],
             *(f"trainer.{key}={as_value(values[key])}" for key in PRESET_KEYS),
             f"model.gradient_checkpointing={values.gradient_checkpointing}",
             f"model.quantize_base={as_value(values.quantize_base)}", f"trainer.sample_every={last_step}"]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["controlnet", "control_lora"])
     parser.add_argument("--checkpointing", nargs="+", choices=["on", "off"], default=["off", "on"])
     parser.add_argument("--adam8bit", action="store_true", help="also measure optimizer=adamw8bit (needs bitsandbytes)")
-    parser.add_argument("--presets", nargs="+", choices=sorted(PRESET_OPTIMIZER), default=[],
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=[],
                         help="measure these trainer presets (ControlNet + LoRA, validation grid included) instead")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps per setting")
     parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (also the log window)")
