@@ -89,6 +89,8 @@ def family_of(config: dict[str, Any]) -> str:
     module = target.split(".")[2] if target.startswith("genlab.families.") and target.count(".") >= 3 else ""
     if module == "ddpm" and config.get("model", {}).get("backbone") == "dit":
         return "ddpm_dit"  # exported as transformer/ + scheduler/, not a DDPMPipeline
+    if module == "sd" and config.get("model", {}).get("backbone") == "mmdit":
+        return "sd3"  # model=sd on the MMDiT is the sd3 family: a StableDiffusion3Pipeline export
     return module or "unknown"
 
 
