@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import default_collate
 
 from conftest import cli, compose, rng
+from genlab.config import build
 from genlab.data.fill_circles import FillCircles
+from genlab.errors import ConfigError
 from genlab.families import latent_diffusion as ld
 from genlab.families import sd as sd_module
 from genlab.families.sd import StableDiffusion
@@ -171,21 +172,19 @@ def test_sd_on_the_mmdit_backbone_trains_and_samples(tmp_path, vae_run):
 
 
 def test_backbone_keys_say_what_to_fix_and_old_configs_still_load(tmp_path, vae_run):
-    from genlab.errors import ConfigError
-
     def model(*overrides):
         return compose("model=sd", f"model.vae={vae_run}", f"model.tokenizer_dir={tmp_path / 'tok'}", *TINY_UNET,
                        *CIRCLES, *overrides).model
 
     with pytest.raises(ConfigError, match="model.backbone=mmdit trains a tiny MMDiT"):
-        instantiate(model("model.backbone=mmdit", "model.gradient_checkpointing=true"), _convert_="all")
+        build("model", model("model.backbone=mmdit", "model.gradient_checkpointing=true"))
     with pytest.raises(ConfigError, match="use unet or mmdit"):
-        instantiate(model("model.backbone=dit"), _convert_="all")
+        build("model", model("model.backbone=dit"))
     # A run saved before model.backbone: its config targets the class, with objective written out.
     old = OmegaConf.to_container(model(), resolve=True)
     for key in ("backbone", "mmdit", "shift"):
         del old[key]
     old.update({"_target_": "genlab.families.sd.StableDiffusion", "objective": "epsilon"})
-    family = instantiate(OmegaConf.create(old), _convert_="all")
+    family = build("model", OmegaConf.create(old))
     assert isinstance(family, StableDiffusion) and family.diffusion.objective == "epsilon"
-    assert instantiate(model(), _convert_="all").diffusion.objective == "epsilon"  # null: the U-Net's own
+    assert build("model", model()).diffusion.objective == "epsilon"  # null: the U-Net's own
