@@ -38,8 +38,8 @@ def flow_config(vae, tok, steps, *extra):
 
 def readme_loading_code() -> str:
     """The README's loading code for a flow SD export, as the user copies it."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    return next(b for b in blocks if "init_noise_sigma" in b)
+    section = README.read_text().split("#### Loading a flow SD export", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def readme_pipeline(export: Path) -> StableDiffusionPipeline:
