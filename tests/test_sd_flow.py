@@ -71,6 +71,7 @@ def test_flow_sd_trains_through_the_cli_and_exports_a_plain_flow_scheduler(flow_
     index = json.loads((flow_run / "export" / "model_index.json").read_text())
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]  # diffusers' own class
     assert (flow_run / "samples" / "final.png").exists()  # the loop's final grid went through the U-Net pipeline
+    assert "pipe.scheduler.init_noise_sigma = 1.0" in (flow_run / "export" / "README.md").read_text()  # the model card
 
 
 def test_flow_target_is_the_velocity(flow_run, monkeypatch):

@@ -167,6 +167,10 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
         if family == "ddpm" and model.get("conditional"):
             lines += [f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
                       "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.", ""]
+        if family == "sd" and model.get("objective") == "flow":  # see genlab.diffusion.for_unet_pipelines
+            lines += ["Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for two things flow "
+                      "schedulers lack, so set them after loading: `pipe.scheduler.init_noise_sigma = 1.0` and "
+                      "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.", ""]
     lines += ["## Training", "", "The command that made it:", "", "```bash", *run.command(), "```", ""]
     lines += _training_facts(model, data, trainer, choice, metrics)
     lines += ["## Evaluation", "", *_eval_lines(run)]
