@@ -108,14 +108,19 @@ def _assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
 
 
+# A class-conditional pixel DiT trained by flow with SD3's logit-normal noise levels (drawn for the global batch).
+FLOW_DIT = ["model.objective=flow", "model.timesteps=logit_normal", "model.backbone=dit", "model.conditional=true",
+            "model.dit.num_layers=1", "model.dit.num_attention_heads=2", "model.dit.attention_head_dim=8"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["ddpm", "gan"])
+@pytest.mark.parametrize("family", ["ddpm", "gan", "ddpm_flow_dit"])
 def test_genlab_train_on_two_processes_is_the_run_of_one_with_the_doubled_batch(tmp_path, family):
     """Every random draw depends on (seed, step, global sample index): noise, timesteps, latents,
     augmentations, dropout of labels. So the split over processes changes nothing."""
     from conftest import TINY_DDPM, genlab
 
-    base = TINY_DDPM if family == "ddpm" else TINY_GAN
+    base = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "ddpm_flow_dit": [*TINY_DDPM, *FLOW_DIT]}[family]
     common = [*base, "trainer.max_steps=4", "trainer.sample_every=0", "trainer.checkpoint_every=2",
               "trainer.log_every=1"]
     env = {"OMP_NUM_THREADS": "1"}

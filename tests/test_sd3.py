@@ -65,13 +65,6 @@ def test_sd3_trains_flow_only(vae_dir, tmp_path):
         StableDiffusion3(32, vae=vae_dir, tokenizer_dir=str(tmp_path / "tok"), mmdit=MMDIT, objective="v")
     with pytest.raises(ConfigError, match="model.vae"):
         StableDiffusion3(32, vae=None)
-    from genlab.families.sd import StableDiffusion  # its U-Net samples through StableDiffusionPipeline: no flow
-
-    with pytest.raises(ConfigError, match="train flow with model=sd3"):
-        StableDiffusion(32, vae=vae_dir, tokenizer_dir=str(tmp_path / "tok"), unet=dict(
-            block_out_channels=[16, 32], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], norm_num_groups=8, attention_head_dim=8),
-            objective="flow")
 
 
 @pytest.mark.slow  # ~20 s: the loop's path for sd3 (the family itself is covered above)

@@ -1,4 +1,4 @@
-"""The diffusion core shared by every diffusion family (ddpm, sd, controlnet).
+"""The diffusion core shared by every diffusion family (ddpm, sd, sd3, controlnet).
 
 diffusers' schedulers own the noise math (`DDPMScheduler.add_noise`, `get_velocity`, every
 sampler's `step`) and `diffusers.training_utils` owns the timestep densities and loss
@@ -215,8 +215,9 @@ class Diffusion:
         return steps
 
     def inference_scheduler(self, name: str):
-        """A fresh sampler of kind `name` on the training schedule (and shift)."""
-        return SAMPLERS[self.kind][self.check_sampler(name)].from_config(self.scheduler.config)
+        """A fresh sampler of kind `name` on the training schedule (and shift), for any diffusers pipeline."""
+        scheduler = SAMPLERS[self.kind][self.check_sampler(name)].from_config(self.scheduler.config)
+        return for_unet_pipelines(scheduler) if self.kind == "flow" else scheduler
 
     def comparison(self) -> list[tuple[str, int]]:
         """(sampler, steps) settings for `genlab eval --compare-samplers`."""
@@ -240,6 +241,20 @@ class Diffusion:
             extra = {"generator": generator} if sampler == "ddpm" else {}
             x = scheduler.step(out, t, x, **extra).prev_sample
         return x
+
+
+def for_unet_pipelines(scheduler):
+    """`scheduler` (a flow sampler) made drivable by StableDiffusion(ControlNet)Pipeline; returned for chaining.
+
+    Those pipelines multiply the starting noise by `scheduler.init_noise_sigma` and pass each U-Net
+    input through `scheduler.scale_model_input`, which flow schedulers lack because rectified flow
+    needs neither: it starts from noise of std 1 and feeds the network x_t as it is. So 1.0 and the
+    identity are exact. They are set on the instance, not in a subclass, so an export's scheduler
+    stays a plain diffusers class; README's loading code for a flow SD export sets the same two.
+    """
+    scheduler.init_noise_sigma = 1.0
+    scheduler.scale_model_input = lambda sample, timestep=None: sample
+    return scheduler
 
 
 def upgrade_keys(keys: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

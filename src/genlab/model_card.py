@@ -89,6 +89,8 @@ def family_of(config: dict[str, Any]) -> str:
     module = target.split(".")[2] if target.startswith("genlab.families.") and target.count(".") >= 3 else ""
     if module == "ddpm" and config.get("model", {}).get("backbone") == "dit":
         return "ddpm_dit"  # exported as transformer/ + scheduler/, not a DDPMPipeline
+    if module == "sd" and config.get("model", {}).get("backbone") == "mmdit":
+        return "sd3"  # model=sd on the MMDiT is the sd3 family: a StableDiffusion3Pipeline export
     return module or "unknown"
 
 
@@ -165,6 +167,10 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
         if family == "ddpm" and model.get("conditional"):
             lines += [f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
                       "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.", ""]
+        if family == "sd" and model.get("objective") == "flow":  # see genlab.diffusion.for_unet_pipelines
+            lines += ["Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for two things flow "
+                      "schedulers lack, so set them after loading: `pipe.scheduler.init_noise_sigma = 1.0` and "
+                      "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.", ""]
     lines += ["## Training", "", "The command that made it:", "", "```bash", *run.command(), "```", ""]
     lines += _training_facts(model, data, trainer, choice, metrics)
     lines += ["## Evaluation", "", *_eval_lines(run)]

@@ -7,6 +7,10 @@ Three ways to train, one class:
   (with `model.vae=null` for the base's own VAE);
 - LoRA fine-tune of the base: `model.lora.rank > 0` (only the adapters train).
 
+Any objective of the diffusion core, rectified flow included (`model.objective=flow`: diffusers'
+`StableDiffusionPipeline` then samples with a flow scheduler, see `genlab.diffusion.for_unet_pipelines`).
+`model.backbone=mmdit` builds `families/sd3.py`'s MMDiT from the same keys instead (`stable_diffusion`).
+
 Exports a `StableDiffusionPipeline` directory (plus `pytorch_lora_weights.safetensors`
 when LoRA-trained; the pipeline's U-Net then has the LoRA merged in).
 """
@@ -28,6 +32,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import OnePhase
+from genlab.families.sd3 import StableDiffusion3
 from genlab.text import clip_tokenizer, tiny_text_config
 
 
@@ -58,15 +63,44 @@ def load_parts(base: str | None, vae: str | None, image_size: int, unet_cfg: dic
 
 
 def latent_diffusion_core(base: str | None, diffusion: dict[str, Any]) -> Diffusion:
-    """The diffusion core on latents: the base's own scheduler when fine-tuning, else one from config."""
-    core = Diffusion.build(ld.base_scheduler(base), clip_sample=False, steps_offset=1, **diffusion)
-    if core.objective == "flow":
-        # StableDiffusion(ControlNet)Pipeline scale inputs by init_noise_sigma and scale_model_input,
-        # which flow schedulers do not have.
-        raise ConfigError("model.objective=flow (or a flow base): sd and controlnet sample their U-Net through "
-                          "diffusers' StableDiffusionPipeline, which has no flow samplers; train flow with model=sd3 "
-                          "(an MMDiT) or model=ddpm (pixels); a ControlNet on an sd3 base is not supported yet.")
-    return core
+    """The diffusion core on latents: the base's own scheduler when fine-tuning, else one from config.
+
+    Any objective, flow included: the core's flow samplers carry what diffusers' U-Net pipelines
+    ask of a scheduler (`genlab.diffusion.for_unet_pipelines`).
+    """
+    return Diffusion.build(ld.base_scheduler(base), clip_sample=False, steps_offset=1, **diffusion)
+
+
+def stable_diffusion(backbone: str = "unet", mmdit: dict | None = None, **keys: Any) -> OnePhase:
+    """model=sd on its denoiser (`model.backbone`): the builder that configs/model/sd.yaml targets.
+
+    Args:
+        backbone: unet (`StableDiffusion`) or mmdit (`families/sd3.py`'s MMDiT, rectified flow).
+        mmdit: the MMDiT's shape (backbone=mmdit), as `model.unet` is the U-Net's.
+        **keys: the other model.* keys; `objective` null means the backbone's own (epsilon or flow).
+
+    Runs saved before model.backbone target `StableDiffusion` itself and load as they did.
+    """
+    if backbone == "unet":
+        return StableDiffusion(**{**keys, "objective": keys.get("objective") or "epsilon"})
+    if backbone != "mmdit":
+        raise ConfigError(f"model.backbone={backbone!r}: use unet or mmdit.")
+    return mmdit_from_sd_keys(**{**keys, "mmdit": mmdit, "objective": keys.get("objective") or "flow"})
+
+
+def mmdit_from_sd_keys(base: str | None = None, base_config: str | None = None, unet: dict | None = None,
+                       lora: dict | None = None, train_text_encoder: bool | None = None,
+                       gradient_checkpointing: bool = False, **keys: Any) -> OnePhase:
+    """`StableDiffusion3` from model=sd's keys: the shared ones pass through, the U-Net's shape is dropped.
+
+    sd3 trains a tiny MMDiT and its text encoders from scratch, so what only a base, LoRA or a
+    frozen text encoder means is refused rather than silently ignored.
+    """
+    if base or (ld.plain(lora) or {}).get("rank", 0) > 0 or train_text_encoder is False or gradient_checkpointing:
+        raise ConfigError("model.backbone=mmdit trains a tiny MMDiT and its text encoders from scratch: set "
+                          "model.base=null, model.lora.rank=0, model.train_text_encoder=null and "
+                          "model.gradient_checkpointing=false (or use model.backbone=unet).")
+    return StableDiffusion3(**keys)
 
 
 class StableDiffusion(OnePhase):
@@ -88,7 +122,7 @@ class StableDiffusion(OnePhase):
         validation_data: the data config; its val split supplies default sample prompts.
         **diffusion: the diffusion core's keys (`genlab.diffusion.Diffusion.build`): objective,
             schedule, num_train_timesteps, zero_terminal_snr (from scratch only: a base brings its
-            own schedule), timesteps, weighting, snr_gamma, offset_noise.
+            own schedule), shift (flow), timesteps, weighting, snr_gamma, offset_noise.
     """
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
