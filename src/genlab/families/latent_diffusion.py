@@ -343,3 +343,28 @@ def pipeline_location(path_or_id: str | None) -> str | None:
 def write_export_info(out_dir: Path, **info: Any) -> None:
     """`genlab_export.json`: where the base parts came from, for readers of the export."""
     (Path(out_dir) / "genlab_export.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def sketch_conditions(family: Any, n: int, sketch: Any, prompt: str | list[str] | None) -> tuple[torch.Tensor, list[str]]:
+    """A ControlNet family's `sample` inputs: (n sketches (n, 3, H, W) in [0, 1], n prompts).
+
+    With no sketch, the first val pairs' sketches and captions (`family.validation_pairs(n)`).
+    """
+    if sketch is None:
+        pairs = family.validation_pairs(n)
+        if not pairs:
+            raise GenlabError("controlnet: no sketch given and no validation data; pass --sketch PATH.")
+        sketch = torch.stack([item["sketch"] for item in pairs])
+        default_prompts = [item.get("caption", "") for item in pairs]
+    else:
+        default_prompts = [""]
+    return load_sketch(sketch, family.image_size, n), as_list(prompt, n, default_prompts)
+
+
+@torch.no_grad()
+def sketch_pairs(family: Any, n: int, seed: int, **options: Any) -> torch.Tensor:
+    """`sketch | output` side by side for a ControlNet family's first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
+    pairs = family.validation_pairs(n)
+    sketches = load_sketch(torch.stack([item["sketch"] for item in pairs]), family.image_size, n)
+    images = family.sample(n, seed, **options)
+    return torch.cat([sketches.to(images.device) * 2 - 1, images], dim=3)
