@@ -111,22 +111,30 @@ def test_export_samples_the_same_in_plain_diffusers(trained, tmp_path):
 
 
 def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(trained, monkeypatch):
-    """The family's loss equals the MSE between the velocity the diffusers pipeline's own forward pass
-    gives at the training noise level (one Euler step to sigma 0) and the flow target (x_t - x0) / sigma."""
+    """The family's prediction is the velocity the diffusers pipeline's own forward pass gives at the
+    training noise level (one Euler step to sigma 0), its target the flow velocity (x_t - x0) / sigma."""
     kind, _, run = trained
     family, _ = load_family(run, "latest")
     family.caption_dropout = 0.0
+    with torch.no_grad():  # a ControlNet far from zero, so any difference in what it is fed shows
+        for i, p in enumerate(family.controlnet.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     # Posterior means, not samples: the pipeline's and the loss's VAE draws then agree without shared RNG.
     init = DiagonalGaussianDistribution.__init__
     monkeypatch.setattr(DiagonalGaussianDistribution, "__init__", lambda self, p, deterministic=False: init(self, p, True))
     seen = {}
-    training_inputs = family.diffusion.training_inputs
+    training_inputs, flow_loss = family.diffusion.training_inputs, family.diffusion.loss
 
-    def spy(x0, step_rng):
+    def spy_inputs(x0, step_rng):
         seen["x_t"], seen["t"], _, _ = out = training_inputs(x0, step_rng)
         return out
 
-    monkeypatch.setattr(family.diffusion, "training_inputs", spy)
+    def spy_loss(pred, target, weight):
+        seen["pred"], seen["target"] = pred, target
+        return flow_loss(pred, target, weight)
+
+    monkeypatch.setattr(family.diffusion, "training_inputs", spy_inputs)
+    monkeypatch.setattr(family.diffusion, "loss", spy_loss)
     data = FillCircles("train", image_size=32, count=4)
     batch = default_collate([data[i] for i in range(2)])
     with torch.no_grad():
@@ -135,7 +143,7 @@ def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(train
         x0 = (vae.encode(batch["image"]).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
         pipe = family.pipeline("euler")
         pipe.scheduler = FlowMatchEulerDiscreteScheduler()  # no shift: the step runs at exactly the given sigma
-        errors = []
+        velocities, targets = [], []
         for i, sigma in enumerate((seen["t"] / 1000).tolist()):
             x_t = seen["x_t"][i:i + 1]
             start = flow_controlnet.pack(x_t) if kind == "flux" else x_t
@@ -143,10 +151,13 @@ def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(train
                        latents=start, sigmas=[sigma], num_inference_steps=1,
                        guidance_scale=family.guidance if kind == "flux" else 1.0,  # SD3: no CFG
                        max_sequence_length=16, output_type="latent").images
-            velocity = (start - out) / sigma  # x_0 = x_t - sigma v
+            velocities.append((start - out) / sigma)  # x_0 = x_t - sigma v
             target = (x_t - x0[i:i + 1]) / sigma  # noise - x0
-            errors.append(((velocity - (flow_controlnet.pack(target) if kind == "flux" else target)) ** 2).mean())
-    assert torch.allclose(loss, torch.stack(errors).mean(), rtol=1e-4)
+            targets.append(flow_controlnet.pack(target) if kind == "flux" else target)
+    velocity, target = torch.cat(velocities), torch.cat(targets)
+    assert torch.allclose(seen["pred"], velocity, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(seen["target"], target, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(loss, ((velocity - target) ** 2).mean(), rtol=1e-4)
 
 
 def test_training_noise_levels_are_the_samplers(base):
