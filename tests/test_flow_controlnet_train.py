@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, SD3ControlNetModel,
-                       StableDiffusion3ControlNetPipeline, FluxControlNetPipeline)
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
+                       StableDiffusion3ControlNetPipeline)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
@@ -22,7 +22,7 @@ from torch.utils.data import default_collate
 from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
-from genlab.errors import ConfigError
+from genlab.errors import ConfigError, GenlabError
 from genlab.families import flow_controlnet, stand_ins
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
@@ -56,7 +56,7 @@ def trained(base, tmp_path_factory):
 
 
 def test_trains_the_controlnet_and_the_transformer_lora_through_the_cli(trained):
-    kind, base_dir, run = trained
+    _, base_dir, run = trained
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     checkpoint = complete_checkpoints(run / "checkpoints")[-1]
@@ -187,6 +187,9 @@ def test_model_controlnet_dispatches_on_the_base_and_refuses_what_flow_bases_lac
         ControlNet(32, base=str(base_dir), control_lora=dict(rank=4))
     with pytest.raises(ConfigError, match="set model.lora.variant=lora"):
         ControlNet(32, base=str(base_dir), lora=dict(rank=4, variant="loha"))
+    if kind == "flux":
+        with pytest.raises(GenlabError, match="only euler takes"):
+            family.sample(1, seed=0, sketch=torch.zeros(3, 32, 32), sampler="heun")
 
 
 @pytest.mark.parametrize("base", ["flux"], indirect=True)  # one kind: SD3 runs the same loop and checkpoints

@@ -54,7 +54,7 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     return tuple(channels)
 
 
-class ControlNet(OnePhase):
+class ControlNet(OnePhase, ld.SketchConditioned):
     """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
 
     Args:
@@ -77,9 +77,6 @@ class ControlNet(OnePhase):
             (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
             offset_noise. The schedule and objective are the base's.
     """
-
-    #: sample() options that genlab eval fills from validation items (sketch-following metrics).
-    conditions = ("sketch", "prompt")
 
     def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
         """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""
@@ -147,10 +144,7 @@ class ControlNet(OnePhase):
         self.ema_network = None  # ControlNet training follows the paper: no EMA
         self.num_classes = None  # conditioned on sketches and captions, not classes
         self.caption_dropout = caption_dropout
-        self.sampler_name = self.diffusion.check_sampler(sampler or self.diffusion.default_sampler())
-        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
-        self.validation_data = validation_data
-        self._val_items: list[dict] | None = None
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
@@ -200,7 +194,7 @@ class ControlNet(OnePhase):
         if options:
             raise GenlabError(f"controlnet: unknown sample option(s) {sorted(options)}; it takes sketch, prompt, "
                               "sampler, steps, guidance, control_scale, lora, own_lora.")
-        sketches, prompts = ld.sketch_conditions(self, n, sketch, prompt)
+        sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
@@ -210,11 +204,6 @@ class ControlNet(OnePhase):
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
-
-    @torch.no_grad()
-    def sample_pairs(self, n: int, seed: int, **options: Any) -> torch.Tensor:
-        """`sketch | output` side by side for the first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
-        return ld.sketch_pairs(self, n, seed, **options)
 
     def export(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
@@ -256,8 +245,3 @@ class ControlNet(OnePhase):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def validation_pairs(self, n: int) -> list[dict]:
-        if self._val_items is None or len(self._val_items) < n:
-            self._val_items = ld.validation_items(self.validation_data, n)
-        return self._val_items[:n]

@@ -142,7 +142,7 @@ def save_transformer_lora(kind: str, transformer: nn.Module, out_dir: Path) -> P
     return Path(out_dir) / "pytorch_lora_weights.safetensors"
 
 
-class FlowControlNet(OnePhase):
+class FlowControlNet(OnePhase, ld.SketchConditioned):
     """A trainable ControlNet on a frozen SD3.x or Flux base, trained by flow matching (see the module docstring).
 
     Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` passes them on). What differs from
@@ -155,8 +155,6 @@ class FlowControlNet(OnePhase):
             blocks copied (None: SD3 half, Flux 4), num_single_layers: Flux single blocks copied (None: 0)}.
         max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default).
     """
-
-    conditions = ("sketch", "prompt")
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
@@ -178,10 +176,15 @@ class FlowControlNet(OnePhase):
         if int(lora.get("rank", 0)) > 0 and lora.get("variant", "lora") != "lora":
             raise ConfigError(f"model.lora.variant={lora.get('variant')}: SD3.x/Flux ControlNets train plain LoRA on "
                               "the transformer; set model.lora.variant=lora.")
-        self.image_size, self.vae_source = image_size, None
+        self.image_size = image_size
         self.base = bases.diffusers_dir(str(base), base_config)
         # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
-        parts = _diffusers(bases.PIPELINE_CLASSES[self.kind]).from_pretrained(ld.pipeline_location(self.base)).components
+        try:
+            parts = _diffusers(bases.PIPELINE_CLASSES[self.kind]).from_pretrained(ld.pipeline_location(self.base))
+        except (OSError, ValueError) as e:
+            raise GenlabError(f"model.base={base}: cannot load it as an {bases.KINDS[self.kind]} pipeline "
+                              f"({str(e).splitlines()[0]}).") from e
+        parts = parts.components
         parts.pop("scheduler")  # the core's samplers replace it
         self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
         self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
@@ -212,10 +215,8 @@ class FlowControlNet(OnePhase):
         self.num_classes = None
         self.caption_dropout = caption_dropout
         self.text_tokens = max_sequence_length or TEXT_TOKENS[self.kind]
-        self.sampler_name = self.diffusion.check_sampler(sampler or self.diffusion.default_sampler())
-        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
-        self.validation_data = validation_data
-        self._val_items: list[dict] | None = None
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
+        self.pipeline(self.sampler_name)  # refuses a sampler the pipeline cannot run, before training starts
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
@@ -268,7 +269,7 @@ class FlowControlNet(OnePhase):
         if options:
             raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) {sorted(options)}; "
                               "it takes sketch, prompt, sampler, steps, guidance, control_scale.")
-        sketches, prompts = ld.sketch_conditions(self, n, sketch, prompt)
+        sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.transformer, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 torch.random.fork_rng(devices=[]):
@@ -280,11 +281,6 @@ class FlowControlNet(OnePhase):
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
-
-    @torch.no_grad()
-    def sample_pairs(self, n: int, seed: int, **options: Any) -> torch.Tensor:
-        """`sketch | output` side by side for the first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
-        return ld.sketch_pairs(self, n, seed, **options)
 
     def export(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
@@ -298,6 +294,9 @@ class FlowControlNet(OnePhase):
 
     def pipeline(self, sampler: str):
         """The diffusers ControlNet pipeline of the base's kind over this family's (unwrapped) parts."""
+        if self.kind == "flux" and sampler != "euler":
+            raise GenlabError(f"--sampler {sampler}: FluxControlNetPipeline hands its sampler custom sigmas, which "
+                              "only euler takes; use --sampler euler.")
         pipe = _diffusers(CLASSES[self.kind][2])(
             **self.frozen, transformer=ld.unwrap(self.transformer), controlnet=ld.unwrap(self.controlnet),
             scheduler=self.diffusion.inference_scheduler(sampler))
@@ -343,10 +342,6 @@ class FlowControlNet(OnePhase):
                                 controlnet_block_samples=blocks, controlnet_single_block_samples=single,
                                 controlnet_blocks_repeat=False, return_dict=False)[0]
 
-    def validation_pairs(self, n: int) -> list[dict]:
-        if self._val_items is None or len(self._val_items) < n:
-            self._val_items = ld.validation_items(self.validation_data, n)
-        return self._val_items[:n]
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
