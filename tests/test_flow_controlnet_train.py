@@ -23,7 +23,7 @@ from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import flow_controlnet, stand_ins
+from genlab.families import flow_controlnet, memory, stand_ins
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
@@ -203,3 +203,16 @@ def test_flux_controlnet_resume_is_bitwise(tmp_path, base):
     straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
     assert _losses(straight) == _losses(resumed)
     _assert_identical(straight, resumed)
+
+
+@pytest.mark.parametrize("options", [dict(quantize_base="int8"), dict(gradient_checkpointing=True)],
+                         ids=["int8", "checkpointing"])
+def test_takes_a_quantised_base_and_gradient_checkpointing(base, options):
+    _, base_dir = base
+    family = ControlNet(32, base=str(base_dir), lora=dict(rank=4), max_sequence_length=16, **options)
+    data = FillCircles("train", image_size=32, count=4)
+    loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0, rng(0))
+    loss.backward()
+    trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert memory.is_quantized(family.transformer) == ("quantize_base" in options)
