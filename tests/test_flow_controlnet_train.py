@@ -121,7 +121,8 @@ def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(train
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     # Posterior means, not samples: the pipeline's and the loss's VAE draws then agree without shared RNG.
     init = DiagonalGaussianDistribution.__init__
-    monkeypatch.setattr(DiagonalGaussianDistribution, "__init__", lambda self, p, deterministic=False: init(self, p, True))
+    monkeypatch.setattr(DiagonalGaussianDistribution, "__init__",
+                        lambda self, p, deterministic=False: init(self, p, True))
     seen = {}
     training_inputs, flow_loss = family.diffusion.training_inputs, family.diffusion.loss
 
@@ -175,7 +176,8 @@ def test_training_noise_levels_are_the_samplers(base):
     pipe.scheduler.set_timesteps(sigmas=u, mu=mu)
     shift = family.diffusion.scheduler.config.shift
     assert shift == (3.0 if kind == "sd3" else pytest.approx(math.exp(mu)))
-    assert torch.allclose(pipe.scheduler.sigmas[:-1], flow_shift(torch.tensor(u, dtype=torch.float32), shift), atol=1e-6)
+    trained_levels = flow_shift(torch.tensor(u, dtype=torch.float32), shift)
+    assert torch.allclose(pipe.scheduler.sigmas[:-1], trained_levels, atol=1e-6)
 
 
 def test_model_controlnet_dispatches_on_the_base_and_refuses_what_flow_bases_lack(base):

@@ -189,7 +189,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
         self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
         if channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={channels}, but the VAE takes {self.vae.config.in_channels}-channel images.")
+            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+                              f"{self.vae.config.in_channels}-channel images.")
         factor = ld.vae_factor(self.vae)
         if image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
             raise ConfigError(f"data.image_size={image_size}: use a multiple of {2 * factor} for this base's VAE.")
@@ -237,7 +238,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
             text = self.encode(captions)
             # The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
             # SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift.
-            shift = 0.0 if ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection") else vae.shift_factor
+            zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
+            shift = 0.0 if zero_shift else vae.shift_factor
             control = cached_or_encoded_latents({"image": batch["sketch"] * 2 - 1}, self.vae, rng)
             control = control - shift * vae.scaling_factor
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)  # target: velocity noise - x0
@@ -253,7 +255,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         for frozen in [self.transformer, *self.frozen.values()]:
             if isinstance(frozen, nn.Module):
                 ld.move(frozen, device, self.weight_dtype)
-        memory.set_dtype(self.transformer, self.weight_dtype)  # a quantised transformer's int8 layers hand on this dtype
+        memory.set_dtype(self.transformer, self.weight_dtype)  # what a quantised transformer's int8 layers hand on
         ld.move(self.controlnet, device, torch.float32)
         cast_training_params([self.transformer, self.controlnet], torch.float32)  # LoRA stays fp32
         return self
@@ -267,8 +269,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         With no sketch: the first val pairs of the training data (sketches and captions).
         """
         if options:
-            raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) {sorted(options)}; "
-                              "it takes sketch, prompt, sampler, steps, guidance, control_scale.")
+            raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) "
+                              f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale.")
         sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.transformer, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
@@ -276,7 +278,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
             torch.manual_seed(seed)  # SD3's pipeline draws the sketch's VAE latents from the global RNG
             # A [-1, 1] tensor is what the pipelines make of a PIL control image.
             out = pipe(prompts, control_image=sketches.to(pipe.device) * 2 - 1, height=self.image_size,
-                       width=self.image_size, num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
+                       width=self.image_size,
+                       num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
@@ -314,7 +317,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         return {"encoder_hidden_states": text, "pooled_projections": pooled, "txt_ids": text_ids}
 
     def sd3_velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor) -> torch.Tensor:
-        """SD3: the transformer's velocity (B, c, h, w) with the ControlNet's block outputs added, as the pipeline calls them."""
+        """SD3: the transformer's velocity (B, c, h, w), the ControlNet's block outputs added, as in the pipeline."""
         config = ld.unwrap(self.controlnet).config
         pooled = text["pooled_projections"]
         blocks = self.controlnet(
