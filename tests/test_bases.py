@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families.controlnet import ControlNet
+from genlab.families.sd import StableDiffusion
 from ldm_single_file import sd_to_single_file
 from tiny_bases import tiny_sd_export
 
@@ -98,5 +99,9 @@ def test_unknown_or_unsupported_bases_get_one_sentence(tmp_path):
         bases.base_kind(str(tmp_path / "old.ckpt"))
     with pytest.raises(GenlabError, match="no diffusers pipeline there"):
         bases.base_kind(str(tmp_path))
-    with pytest.raises(ConfigError, match="is an SD3.x base; model=controlnet supports Stable Diffusion 1.x/2.x"):
-        ControlNet(32, base=_pipeline_dir(tmp_path / "sd3", "StableDiffusion3Pipeline"))
+    sd3 = _pipeline_dir(tmp_path / "sd3", "StableDiffusion3Pipeline")
+    with pytest.raises(ConfigError, match="is an SD3.x base; model=sd supports Stable Diffusion 1.x/2.x"):
+        StableDiffusion(32, base=sd3)
+    # model=controlnet takes SD3.x (test_flow_controlnet_train.py); a pipeline without its parts is one sentence.
+    with pytest.raises(GenlabError, match="cannot load it as an SD3.x pipeline"):
+        ControlNet(32, base=sd3)

@@ -1,7 +1,7 @@
 """SD3.x and Flux ControlNets on tiny stand-ins of their bases (the architectures' block types, text
 encoders and VAE at a few channels, random weights): built from the base's transformer, exported,
-and sampled the same by plain diffusers' ControlNet pipeline. Training them needs the flow-matching
-objective, which model=controlnet does not have yet: it refuses these bases in one sentence."""
+and sampled the same by plain diffusers' ControlNet pipeline. Their training through model=controlnet
+is tested in test_flow_controlnet_train.py."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ import pytest
 import torch
 from diffusers import FluxControlNetModel, SD3ControlNetModel
 
-from genlab.errors import ConfigError
 from genlab.families import flow_controlnet, stand_ins
-from genlab.families.controlnet import ControlNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = {"sd3": (stand_ins.save_sd3, SD3ControlNetModel), "flux": (stand_ins.save_flux, FluxControlNetModel)}
@@ -52,9 +50,3 @@ def test_controlnet_built_from_the_base_exports_and_samples_the_same_in_plain_di
     plain.set_progress_bar_config(disable=True)
     assert torch.equal(images, _images(plain, sketch))
 
-
-def test_controlnet_family_refuses_flow_bases_in_one_sentence(base):
-    kind, base_dir = base
-    with pytest.raises(ConfigError, match=f"is an {'SD3.x' if kind == 'sd3' else 'Flux'} base; model=controlnet "
-                                          "supports Stable Diffusion 1.x/2.x, SDXL bases"):
-        ControlNet(32, base=str(base_dir))

@@ -2,8 +2,9 @@
 
 `model.base` decides the kind (`families/bases.py`): an SDXL base conditions the U-Net and
 the ControlNet on its two text encoders and added time ids (`families/sdxl.py`). SD3.x and
-Flux bases need the flow-matching objective and are refused here; their ControlNets are
-built and exported by `families/flow_controlnet.py`.
+Flux bases are transformers trained with flow matching: `ControlNet(base=...)` hands them to
+`families/flow_controlnet.py`'s `FlowControlNet`, so `model=controlnet` (and the saved
+configs of old runs) reach it through the same `_target_`.
 
 The ControlNet is `ControlNetModel.from_unet(base_unet)` (a trainable copy of the base's
 encoder with zero-initialised output convolutions), its hint encoder downsampling the
@@ -31,7 +32,7 @@ from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases, lora_variants, memory, sdxl
+from genlab.families import bases, flow_controlnet, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import OnePhase
 from genlab.families.sd import latent_diffusion_core, load_parts
@@ -53,7 +54,7 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     return tuple(channels)
 
 
-class ControlNet(OnePhase):
+class ControlNet(OnePhase, ld.SketchConditioned):
     """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
 
     Args:
@@ -71,24 +72,28 @@ class ControlNet(OnePhase):
         caption_dropout: the fraction of captions dropped (for classifier-free guidance).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.
+        max_sequence_length: T5 prompt tokens, read by SD3.x/Flux bases only (SD's CLIP reads 77).
         **diffusion: the diffusion core's training keys (`genlab.diffusion.Diffusion`): timesteps
             (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
             offset_noise. The schedule and objective are the base's.
     """
 
-    #: sample() options that genlab eval fills from validation items (sketch-following metrics).
-    conditions = ("sketch", "prompt")
+    def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
+        """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""
+        if base and bases.base_kind(str(base)) in flow_controlnet.CLASSES:
+            return flow_controlnet.FlowControlNet(*args, base=base, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
                  control_lora: dict | None = None, gradient_checkpointing: bool = False,
                  quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
                  sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
-                 validation_data: Any = None, **diffusion: Any):
+                 validation_data: Any = None, max_sequence_length: int | None = None, **diffusion: Any):
         if not base:
-            raise ConfigError("model.base: ControlNet needs a Stable Diffusion base: a hub id, a diffusers directory, "
-                              "or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.kind = bases.require_kind(str(base), ("sd", "sdxl"), "model=controlnet")
+            raise ConfigError("model.base: ControlNet needs a base (SD 1.x/2.x, SDXL, SD3.x or Flux): a hub id, a "
+                              "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
+        self.kind = bases.base_kind(str(base))  # sd or sdxl: __new__ sent SD3.x and Flux to FlowControlNet
         self.image_size, self.vae_source = image_size, ld.plain(vae)
         self.base = bases.diffusers_dir(str(base), base_config)  # a single file: its converted directory
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
@@ -139,10 +144,7 @@ class ControlNet(OnePhase):
         self.ema_network = None  # ControlNet training follows the paper: no EMA
         self.num_classes = None  # conditioned on sketches and captions, not classes
         self.caption_dropout = caption_dropout
-        self.sampler_name = self.diffusion.check_sampler(sampler or self.diffusion.default_sampler())
-        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
-        self.validation_data = validation_data
-        self._val_items: list[dict] | None = None
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
@@ -192,16 +194,7 @@ class ControlNet(OnePhase):
         if options:
             raise GenlabError(f"controlnet: unknown sample option(s) {sorted(options)}; it takes sketch, prompt, "
                               "sampler, steps, guidance, control_scale, lora, own_lora.")
-        if sketch is None:
-            pairs = self.validation_pairs(n)
-            if not pairs:
-                raise GenlabError("controlnet: no sketch given and no validation data; pass --sketch PATH.")
-            sketch = torch.stack([item["sketch"] for item in pairs])
-            default_prompts = [item.get("caption", "") for item in pairs]
-        else:
-            default_prompts = [""]
-        sketches = ld.load_sketch(sketch, self.image_size, n)
-        prompts = ld.as_list(prompt, n, default_prompts)
+        sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
@@ -211,14 +204,6 @@ class ControlNet(OnePhase):
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
-
-    @torch.no_grad()
-    def sample_pairs(self, n: int, seed: int, **options: Any) -> torch.Tensor:
-        """`sketch | output` side by side for the first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
-        pairs = self.validation_pairs(n)
-        sketches = ld.load_sketch(torch.stack([item["sketch"] for item in pairs]), self.image_size, n)
-        images = self.sample(n, seed, **options)
-        return torch.cat([sketches.to(images.device) * 2 - 1, images], dim=3)
 
     def export(self, out_dir: Path) -> None:
         out_dir = Path(out_dir)
@@ -260,8 +245,3 @@ class ControlNet(OnePhase):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def validation_pairs(self, n: int) -> list[dict]:
-        if self._val_items is None or len(self._val_items) < n:
-            self._val_items = ld.validation_items(self.validation_data, n)
-        return self._val_items[:n]

@@ -1,29 +1,51 @@
 """ControlNets for the transformer bases trained with flow matching: SD3.x and Flux.
 
-What is here: the ControlNet built from the base's own transformer (diffusers'
-`SD3ControlNetModel.from_transformer`, `FluxControlNetModel.from_transformer`: a copy of its
-first blocks with zero-initialised outputs), its export as a diffusers model directory, and
-the matching diffusers pipeline over the base's parts, the one plain-diffusers users load
-the export into. Training it needs the flow-matching objective (velocity target, shifted
-timestep sampling) of the shared diffusion core (issue 14), which `model=controlnet` does
-not have yet: a SD3.x or Flux `model.base` is refused there in one sentence.
+`genlab train model=controlnet model.base=<SD3.x or Flux base>` trains `FlowControlNet`
+(`ControlNet` hands these bases over to it). The ControlNet is built from the base's own
+transformer (diffusers' `SD3ControlNetModel.from_transformer`, `FluxControlNetModel.from_transformer`:
+a copy of its first blocks with zero-initialised outputs); the VAE, text encoders and
+transformer are frozen, with optional LoRA on the transformer's attention projections. The
+objective is the core's flow matching (`genlab.diffusion`: velocity target, timesteps shifted
+by the base scheduler's shift).
 
-The sketch enters both as the VAE latents of the control image (the pipelines encode it);
-SD3's ControlNet has no extra conditioning channels, Flux's takes packed 2x2 latent patches.
+Training feeds every network what the diffusers ControlNet pipelines feed it at sample time,
+so a plain-diffusers user of the export gets the images genlab samples:
+- the sketch enters as the VAE latents of the control image (the pipelines encode it);
+  SD3's ControlNet adds them through a zero-initialised patch embedding, Flux's reads packed
+  2x2 latent patches through a zero-initialised linear layer;
+- SD3: prompts from the pipeline's `encode_prompt`, the ControlNet's block outputs go to the
+  transformer as `block_controlnet_hidden_states`;
+- Flux: packed latents, image and text position ids, timesteps in [0, 1], the guidance
+  embedding (`model.guidance`) where the base has one, and `controlnet_block_samples` /
+  `controlnet_single_block_samples`.
+
+Exports `export/controlnet/` (a diffusers model directory), the transformer's LoRA as
+`pytorch_lora_weights.safetensors` (for the pipelines' `load_lora_weights`) and
+`genlab_export.json`.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
+import torch
+from diffusers.training_utils import cast_training_params
 from torch import nn
 
-from genlab.families import bases
+from genlab.data.latent_cache import cached_or_encoded_latents
+from genlab.diffusion import Diffusion
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import bases, lora_variants, memory
 from genlab.families import latent_diffusion as ld
+from genlab.families.base import OnePhase
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
            "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline")}
+#: The pipelines' default `max_sequence_length` (T5 prompt tokens), used when model.max_sequence_length is null.
+TEXT_TOKENS = {"sd3": 256, "flux": 512}
 
 
 def _diffusers(name: str):
@@ -39,7 +61,7 @@ def build_controlnet(base: str, num_layers: int | None = None, num_single_layers
         base: the base (anything `model.base` takes).
         num_layers: joint (MMDiT) blocks to copy; None: SD3 half of them (the SD3.5 Large ControlNets
             copy 19 of 38; the last block, which reads but no longer updates the text, cannot be
-            copied), Flux 4 (as diffusers' train_controlnet_flux.py).
+            copied), Flux 4 (as diffusers' train_controlnet_flux.py; at most the base's own).
         num_single_layers: Flux's single-stream blocks to copy; None: 0 (the same recipe).
     """
     kind = bases.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
@@ -56,7 +78,8 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
         return controlnet_cls.from_transformer(_ConfigCopy(transformer), num_extra_conditioning_channels=0,
                                                num_layers=num_layers or max(1, transformer.config.num_layers // 2))
     config = transformer.config
-    return controlnet_cls.from_transformer(transformer, num_layers=num_layers or 4,
+    # More blocks than the base has would be random, not copies, and the base reads only its own count.
+    return controlnet_cls.from_transformer(transformer, num_layers=num_layers or min(4, config.num_layers),
                                            num_single_layers=num_single_layers or 0,
                                            attention_head_dim=config.attention_head_dim,
                                            num_attention_heads=config.num_attention_heads)
@@ -86,3 +109,247 @@ def pipeline(base: str, controlnet: nn.Module):
                                                          controlnet=ld.unwrap(controlnet))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def training_scheduler(base: str, latent_tokens: int):
+    """The base's flow scheduler, its shift the one its pipeline samples `latent_tokens` image tokens with.
+
+    SD3 has one fixed shift (3.0). Flux shifts by exp(mu), mu growing with the token count
+    (`use_dynamic_shifting`); its config's `shift` is then unused by sampling, so it is set to
+    exp(mu) at the training resolution, where the core's timestep sampling reads it.
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = ld.base_scheduler(base)
+    config = scheduler.config
+    if not config.get("use_dynamic_shifting"):
+        return scheduler
+    mu = calculate_shift(latent_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return type(scheduler).from_config(config, shift=math.exp(mu))
+
+
+def save_transformer_lora(kind: str, transformer: nn.Module, out_dir: Path) -> Path:
+    """`out_dir/pytorch_lora_weights.safetensors`: the transformer's LoRA for the pipelines' `load_lora_weights`."""
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = ld.unwrap(transformer)
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+    # The metadata carries lora_alpha, so loaders scale by alpha / rank as in training.
+    _diffusers(bases.PIPELINE_CLASSES[kind]).save_lora_weights(
+        out_dir, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+
+
+class FlowControlNet(OnePhase, ld.SketchConditioned):
+    """A trainable ControlNet on a frozen SD3.x or Flux base, trained by flow matching (see the module docstring).
+
+    Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` passes them on). What differs from
+    SD/SDXL: the sketch is encoded by the VAE (no hint encoder: controlnet.conditioning_channels
+    must be null), LoRA is plain LoRA on the transformer, there is no Control-LoRA and no
+    `model.vae` override, and `guidance` is Flux's guidance embedding where the base has one.
+
+    Args (beyond ControlNet's):
+        controlnet: {pretrained: a ControlNet of the base's kind to start from, num_layers: joint
+            blocks copied (None: SD3 half, Flux 4), num_single_layers: Flux single blocks copied (None: 0)}.
+        max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default).
+    """
+
+    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
+                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
+                 control_lora: dict | None = None, gradient_checkpointing: bool = False,
+                 quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
+                 sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
+                 validation_data: Any = None, max_sequence_length: int | None = None, **diffusion: Any):
+        self.kind = bases.require_kind(str(base), tuple(CLASSES), "FlowControlNet")
+        cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
+        if ld.plain(vae):
+            raise ConfigError(f"model.vae={vae}: an {bases.KINDS[self.kind]} ControlNet uses its base's own VAE; "
+                              "set model.vae=null.")
+        if int(control_lora.get("rank", 0)) > 0:
+            raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
+                              "model.control_lora.rank=0 to train the whole SD3.x/Flux ControlNet.")
+        if cfg.get("conditioning_channels"):
+            raise ConfigError("model.controlnet.conditioning_channels: SD3.x/Flux ControlNets read the sketch's VAE "
+                              "latents (no hint encoder); set it to null.")
+        if int(lora.get("rank", 0)) > 0 and lora.get("variant", "lora") != "lora":
+            raise ConfigError(f"model.lora.variant={lora.get('variant')}: SD3.x/Flux ControlNets train plain LoRA on "
+                              "the transformer; set model.lora.variant=lora.")
+        self.image_size = image_size
+        self.base = bases.diffusers_dir(str(base), base_config)
+        # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
+        try:
+            parts = _diffusers(bases.PIPELINE_CLASSES[self.kind]).from_pretrained(ld.pipeline_location(self.base))
+        except (OSError, ValueError) as e:
+            raise GenlabError(f"model.base={base}: cannot load it as an {bases.KINDS[self.kind]} pipeline "
+                              f"({str(e).splitlines()[0]}).") from e
+        parts = parts.components
+        parts.pop("scheduler")  # the core's samplers replace it
+        self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
+        self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
+        if channels != self.vae.config.in_channels:
+            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+                              f"{self.vae.config.in_channels}-channel images.")
+        factor = ld.vae_factor(self.vae)
+        if image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
+            raise ConfigError(f"data.image_size={image_size}: use a multiple of {2 * factor} for this base's VAE.")
+        for module in [self.transformer, *parts.values()]:
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False).eval()
+        # The ControlNet copies the transformer *before* any LoRA is added to it.
+        if cfg.get("pretrained"):
+            self.controlnet = ld.load_pretrained(_diffusers(CLASSES[self.kind][0]), cfg["pretrained"], "controlnet")
+        else:
+            self.controlnet = controlnet_for(self.kind, self.transformer, cfg.get("num_layers"),
+                                             cfg.get("num_single_layers"))
+        self.controlnet.requires_grad_(True).train()
+        memory.quantize_frozen(self.transformer, quantize_base)  # after the ControlNet copied full precision
+        self.lora_rank = int(lora.get("rank", 0))
+        if self.lora_rank > 0:
+            self.transformer.add_adapter(lora_variants.adapter_config(lora))  # attention projections by default
+        if gradient_checkpointing:  # the frozen transformer too: gradients flow through it to the ControlNet
+            self.transformer.enable_gradient_checkpointing()
+            self.controlnet.enable_gradient_checkpointing()
+        self.diffusion = Diffusion.build(training_scheduler(self.base, (image_size // factor // 2) ** 2), **diffusion)
+        self.ema_network = None  # as ControlNet: no EMA
+        self.num_classes = None
+        self.caption_dropout = caption_dropout
+        self.text_tokens = max_sequence_length or TEXT_TOKENS[self.kind]
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
+        self.pipeline(self.sampler_name)  # refuses a sampler the pipeline cannot run, before training starts
+        self.weight_dtype = torch.float32
+
+    # --- the Family protocol ------------------------------------------------------------
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"controlnet": self.controlnet}
+        if self.lora_rank > 0:
+            nets["transformer"] = self.transformer
+        return nets
+
+    def loss(self, phase: str, batch: dict[str, Any], step: int,
+             rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        vae = self.vae.config
+        # (z - shift) * scale: the latents the pipelines decode with `/ scale + shift`.
+        latents = cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+        with torch.no_grad():
+            captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
+            text = self.encode(captions)
+            # The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
+            # SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift.
+            zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
+            shift = 0.0 if zero_shift else vae.shift_factor
+            control = cached_or_encoded_latents({"image": batch["sketch"] * 2 - 1}, self.vae, rng)
+            control = control - shift * vae.scaling_factor
+        noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)  # target: velocity noise - x0
+        if self.kind == "sd3":
+            pred = self.sd3_velocity(noisy, t, text, control)
+        else:
+            pred, target = self.flux_velocity(noisy, t, text, control), pack(target)
+        loss = self.diffusion.loss(pred, target, weight)
+        return loss, {"loss": loss.detach()}
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "FlowControlNet":
+        self.weight_dtype = ld.weight_dtype_for(device, dtype)
+        for frozen in [self.transformer, *self.frozen.values()]:
+            if isinstance(frozen, nn.Module):
+                ld.move(frozen, device, self.weight_dtype)
+        memory.set_dtype(self.transformer, self.weight_dtype)  # what a quantised transformer's int8 layers hand on
+        ld.move(self.controlnet, device, torch.float32)
+        cast_training_params([self.transformer, self.controlnet], torch.float32)  # LoRA stays fp32
+        return self
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int, sketch: Any = None, prompt: str | list[str] | None = None,
+               sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+               control_scale: float | None = None, **options: Any) -> torch.Tensor:
+        """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
+
+        With no sketch: the first val pairs of the training data (sketches and captions).
+        """
+        if options:
+            raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) "
+                              f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale.")
+        sketches, prompts = self.sample_conditions(n, sketch, prompt)
+        pipe = self.pipeline(sampler or self.sampler_name)
+        with ld.eval_mode(pipe.transformer, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
+                torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # SD3's pipeline draws the sketch's VAE latents from the global RNG
+            # A [-1, 1] tensor is what the pipelines make of a PIL control image.
+            out = pipe(prompts, control_image=sketches.to(pipe.device) * 2 - 1, height=self.image_size,
+                       width=self.image_size,
+                       num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
+                       guidance_scale=self.guidance if guidance is None else guidance,
+                       controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
+                       max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
+        return out.float() * 2 - 1
+
+    def export(self, out_dir: Path) -> None:
+        out_dir = Path(out_dir)
+        export(self.controlnet, out_dir)
+        if self.lora_rank > 0:
+            save_transformer_lora(self.kind, self.transformer, out_dir)
+        ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
+                             lora_rank=self.lora_rank, max_sequence_length=self.text_tokens)
+
+    # --- helpers -----------------------------------------------------------------------
+
+    def pipeline(self, sampler: str):
+        """The diffusers ControlNet pipeline of the base's kind over this family's (unwrapped) parts."""
+        if self.kind == "flux" and sampler != "euler":
+            raise GenlabError(f"--sampler {sampler}: FluxControlNetPipeline hands its sampler custom sigmas, which "
+                              "only euler takes; use --sampler euler.")
+        pipe = _diffusers(CLASSES[self.kind][2])(
+            **self.frozen, transformer=ld.unwrap(self.transformer), controlnet=ld.unwrap(self.controlnet),
+            scheduler=self.diffusion.inference_scheduler(sampler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The pipeline's own prompt encoding: {"encoder_hidden_states", "pooled_projections"} (+ Flux's "txt_ids")."""
+        pipe = self.pipeline(self.sampler_name)
+        if self.kind == "sd3":
+            text, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, do_classifier_free_guidance=False,
+                                                    max_sequence_length=self.text_tokens)
+            return {"encoder_hidden_states": text, "pooled_projections": pooled}
+        text, pooled, text_ids = pipe.encode_prompt(list(captions), None, max_sequence_length=self.text_tokens)
+        return {"encoder_hidden_states": text, "pooled_projections": pooled, "txt_ids": text_ids}
+
+    def sd3_velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor) -> torch.Tensor:
+        """SD3: the transformer's velocity (B, c, h, w), the ControlNet's block outputs added, as in the pipeline."""
+        config = ld.unwrap(self.controlnet).config
+        pooled = text["pooled_projections"]
+        blocks = self.controlnet(
+            hidden_states=noisy, timestep=t, controlnet_cond=control,
+            encoder_hidden_states=text["encoder_hidden_states"] if config.joint_attention_dim is not None else None,
+            pooled_projections=torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+            return_dict=False)[0]
+        return self.transformer(hidden_states=noisy, timestep=t, **text, block_controlnet_hidden_states=blocks,
+                                return_dict=False)[0]
+
+    def flux_velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor) -> torch.Tensor:
+        """Flux: the transformer's packed velocity (B, h/2 * w/2, 4c) with the ControlNet's block samples."""
+        from diffusers import FluxPipeline
+
+        b, _, h, w = noisy.shape
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        common = dict(hidden_states=pack(noisy), timestep=t / 1000, img_ids=img_ids, **text)  # the pipeline's t / 1000
+
+        def guidance(model):  # the distilled guidance embedding, where the model has one
+            return torch.full((b,), float(self.guidance), device=noisy.device) if model.config.guidance_embeds else None
+
+        blocks, single = self.controlnet(**common, controlnet_cond=pack(control),
+                                         guidance=guidance(ld.unwrap(self.controlnet)), return_dict=False)
+        return self.transformer(**common, guidance=guidance(ld.unwrap(self.transformer)),
+                                controlnet_block_samples=blocks, controlnet_single_block_samples=single,
+                                controlnet_blocks_repeat=False, return_dict=False)[0]
+
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, c, h, w) latents as Flux's tokens of 2x2 patches, (B, h/2 * w/2, 4c) (the pipeline's `_pack_latents`)."""
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latents.shape
+    return FluxPipeline._pack_latents(latents, b, c, h, w)

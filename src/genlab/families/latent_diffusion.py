@@ -343,3 +343,50 @@ def pipeline_location(path_or_id: str | None) -> str | None:
 def write_export_info(out_dir: Path, **info: Any) -> None:
     """`genlab_export.json`: where the base parts came from, for readers of the export."""
     (Path(out_dir) / "genlab_export.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+
+class SketchConditioned:
+    """What both ControlNet families (`controlnet.ControlNet`, `flow_controlnet.FlowControlNet`) share
+    on the sketch side: sampling defaults, the fixed validation pairs and the sketch | image grids.
+
+    A family calls `init_sampling` in its constructor and has `image_size` and `sample`.
+    """
+
+    #: sample() options that genlab eval fills from validation items (sketch-following metrics).
+    conditions = ("sketch", "prompt")
+
+    def init_sampling(self, diffusion: Any, sampler: str | None, sample_steps: int, guidance: float,
+                      control_scale: float, validation_data: Any) -> None:
+        """Sampling defaults (sampler None: the objective's default) and the data of the validation pairs."""
+        self.sampler_name = diffusion.check_sampler(sampler or diffusion.default_sampler())
+        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
+        self.validation_data = validation_data
+        self._val_items: list[dict] | None = None
+
+    def validation_pairs(self, n: int) -> list[dict]:
+        """The first `n` val items of the training data (read once, then kept)."""
+        if self._val_items is None or len(self._val_items) < n:
+            self._val_items = validation_items(self.validation_data, n)
+        return self._val_items[:n]
+
+    def sample_conditions(self, n: int, sketch: Any, prompt: str | list[str] | None) -> tuple[torch.Tensor, list[str]]:
+        """`sample`'s inputs: (n sketches (n, 3, H, W) in [0, 1], n prompts); with no sketch, the first
+        val pairs' sketches and captions."""
+        if sketch is None:
+            pairs = self.validation_pairs(n)
+            if not pairs:
+                raise GenlabError("controlnet: no sketch given and no validation data; pass --sketch PATH.")
+            sketch = torch.stack([item["sketch"] for item in pairs])
+            default_prompts = [item.get("caption", "") for item in pairs]
+        else:
+            default_prompts = [""]
+        return load_sketch(sketch, self.image_size, n), as_list(prompt, n, default_prompts)
+
+    @torch.no_grad()
+    def sample_pairs(self, n: int, seed: int, **options: Any) -> torch.Tensor:
+        """`sketch | output` side by side for the first `n` val pairs: (n, 3, H, 2W) in [-1, 1]."""
+        pairs = self.validation_pairs(n)
+        sketches = load_sketch(torch.stack([item["sketch"] for item in pairs]), self.image_size, n)
+        images = self.sample(n, seed, **options)
+        return torch.cat([sketches.to(images.device) * 2 - 1, images], dim=3)

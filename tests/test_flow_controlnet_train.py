@@ -1,0 +1,220 @@
+"""ControlNets on SD3.x and Flux bases (tiny stand-ins) trained through `genlab train model=controlnet`:
+the loss is the flow-matching one on exactly what the diffusers pipelines feed the networks, the
+ControlNet and the transformer's LoRA train, the export samples the same in plain diffusers, and a
+resumed run is bitwise the straight one."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
+                       StableDiffusion3ControlNetPipeline)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
+
+from conftest import cli, compose, rng
+from genlab.data.fill_circles import FillCircles
+from genlab.diffusion import flow_shift
+from genlab.errors import ConfigError, GenlabError
+from genlab.families import flow_controlnet, memory, stand_ins
+from genlab.families import latent_diffusion as ld
+from genlab.families.controlnet import ControlNet
+from genlab.sample import load_family
+from genlab.train.checkpoint import complete_checkpoints
+from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = {"sd3": (stand_ins.save_sd3, SD3ControlNetModel, StableDiffusion3ControlNetPipeline),
+         "flux": (stand_ins.save_flux, FluxControlNetModel, FluxControlNetPipeline)}
+# 16 T5 tokens (the pipelines' 256 / 512 would be most of a tiny step); lr high enough to move in 3 steps.
+TRAIN = ["model=controlnet", "model.lora.rank=4", "model.max_sequence_length=16", "data=fill_circles", "data.count=16",
+         "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=2", "model.sample_steps=2",
+         "trainer.keep_checkpoints=null", "trainer.lr=0.01"]
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def base(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, KINDS[request.param][0](root / "base", tokenizer_dir=str(root / "tok"))
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """3 steps through the real CLI, a validation grid (sketch | image) at step 2; returns (kind, base, run)."""
+    kind, base_dir = base
+    run = tmp_path_factory.mktemp("cn") / "run"
+    cli("train", *TRAIN, f"model.base={base_dir}", "trainer.max_steps=3", "trainer.sample_every=2",
+        "trainer.sample_n=2", f"hydra.run.dir={run}")
+    return kind, base_dir, run
+
+
+def test_trains_the_controlnet_and_the_transformer_lora_through_the_cli(trained):
+    _, base_dir, run = trained
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    checkpoint = complete_checkpoints(run / "checkpoints")[-1]
+    trained_cn = load_file(checkpoint / "controlnet.safetensors")
+    fresh = flow_controlnet.build_controlnet(str(base_dir)).state_dict()
+    moved = [k for k in fresh if not torch.equal(fresh[k], trained_cn[k])]
+    # The zero-initialised outputs (and the sketch's input layer) are among what moved: the sketch now reaches the base.
+    assert any(k.startswith("controlnet_blocks.") for k in moved) and len(moved) > len(fresh) // 2
+    lora = load_file(checkpoint / "transformer.safetensors")
+    family, _ = load_family(run, "latest")
+    buffers = dict(family.transformer.named_buffers())  # checkpoints keep buffers (SD3's position table)
+    assert lora and all("lora_" in k or k in buffers for k in lora)  # of the frozen transformer, only its LoRA
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it trained
+    grid = Image.open(run / "samples" / "step_000002.png")
+    assert grid.size[0] >= 2 * 32 * 2  # sketch | image pairs
+
+
+def _pil(sketch: torch.Tensor) -> Image.Image:
+    return Image.fromarray((sketch.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def _plain(pipe, sketch, caption, guidance, seed):
+    torch.manual_seed(seed)  # SD3's pipeline draws the sketch's VAE latents from the global RNG
+    return pipe(caption, control_image=sketch, height=32, width=32, num_inference_steps=2, guidance_scale=guidance,
+                max_sequence_length=16, generator=ld.generators(1, seed), output_type="pt").images * 2 - 1
+
+
+def test_export_samples_the_same_in_plain_diffusers(trained, tmp_path):
+    kind, base_dir, run = trained
+    export = run / "export"
+    assert json.loads((export / "genlab_export.json").read_text())["base_kind"] == kind
+    val = FillCircles("val", count=16, val_count=4)
+    sketch, caption = _pil(val[0]["sketch"]), val[0]["caption"]
+    family, _ = load_family(run, "latest")
+    ours = family.sample(1, seed=3, sketch=sketch, prompt=caption, steps=2)
+
+    _, controlnet_cls, pipeline_cls = KINDS[kind]
+    pipe = pipeline_cls.from_pretrained(base_dir, controlnet=controlnet_cls.from_pretrained(export / "controlnet"))
+    pipe.set_progress_bar_config(disable=True)
+    without_lora = _plain(pipe, sketch, caption, family.guidance, 3)
+    pipe.load_lora_weights(export)
+    theirs = _plain(pipe, sketch, caption, family.guidance, 3)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (theirs - without_lora).abs().max() > 1e-4  # the transformer's LoRA was trained and is loaded
+    off = family.sample(1, seed=3, sketch=sketch, prompt=caption, steps=2, control_scale=0.0)
+    assert (ours - off).abs().max() > 1e-3  # the ControlNet steers the image
+
+    sketch.save(tmp_path / "s.png")
+    cli("sample", run, "--sketch", tmp_path / "s.png", "--prompt", caption, "--n", "2", "--steps", "2",
+        "--out", tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size[0] >= 64
+
+
+def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(trained, monkeypatch):
+    """The family's prediction is the velocity the diffusers pipeline's own forward pass gives at the
+    training noise level (one Euler step to sigma 0), its target the flow velocity (x_t - x0) / sigma."""
+    kind, _, run = trained
+    family, _ = load_family(run, "latest")
+    family.caption_dropout = 0.0
+    with torch.no_grad():  # a ControlNet far from zero, so any difference in what it is fed shows
+        for i, p in enumerate(family.controlnet.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    # Posterior means, not samples: the pipeline's and the loss's VAE draws then agree without shared RNG.
+    init = DiagonalGaussianDistribution.__init__
+    monkeypatch.setattr(DiagonalGaussianDistribution, "__init__",
+                        lambda self, p, deterministic=False: init(self, p, True))
+    seen = {}
+    training_inputs, flow_loss = family.diffusion.training_inputs, family.diffusion.loss
+
+    def spy_inputs(x0, step_rng):
+        seen["x_t"], seen["t"], _, _ = out = training_inputs(x0, step_rng)
+        return out
+
+    def spy_loss(pred, target, weight):
+        seen["pred"], seen["target"] = pred, target
+        return flow_loss(pred, target, weight)
+
+    monkeypatch.setattr(family.diffusion, "training_inputs", spy_inputs)
+    monkeypatch.setattr(family.diffusion, "loss", spy_loss)
+    data = FillCircles("train", image_size=32, count=4)
+    batch = default_collate([data[i] for i in range(2)])
+    with torch.no_grad():
+        loss, _ = family.loss("main", batch, 0, rng(0))
+        vae = family.vae
+        x0 = (vae.encode(batch["image"]).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        pipe = family.pipeline("euler")
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler()  # no shift: the step runs at exactly the given sigma
+        velocities, targets = [], []
+        for i, sigma in enumerate((seen["t"] / 1000).tolist()):
+            x_t = seen["x_t"][i:i + 1]
+            start = flow_controlnet.pack(x_t) if kind == "flux" else x_t
+            out = pipe(batch["caption"][i], control_image=batch["sketch"][i:i + 1] * 2 - 1, height=32, width=32,
+                       latents=start, sigmas=[sigma], num_inference_steps=1,
+                       guidance_scale=family.guidance if kind == "flux" else 1.0,  # SD3: no CFG
+                       max_sequence_length=16, output_type="latent").images
+            velocities.append((start - out) / sigma)  # x_0 = x_t - sigma v
+            target = (x_t - x0[i:i + 1]) / sigma  # noise - x0
+            targets.append(flow_controlnet.pack(target) if kind == "flux" else target)
+    velocity, target = torch.cat(velocities), torch.cat(targets)
+    assert torch.allclose(seen["pred"], velocity, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(seen["target"], target, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(loss, ((velocity - target) ** 2).mean(), rtol=1e-4)
+
+
+def test_training_noise_levels_are_the_samplers(base):
+    """The core shifts training noise levels as the base's pipeline shifts its sampling sigmas at this resolution."""
+    kind, base_dir = base
+    family = ControlNet(32, base=str(base_dir), lora=dict(rank=0), max_sequence_length=16)
+    pipe = family.pipeline("euler")
+    u = np.linspace(1.0, 0.05, 20)
+    mu = None
+    if kind == "flux":  # the pipeline's mu for its token count at 32 px (FLUX.1-dev's resolution rule)
+        latents, _ = pipe.prepare_latents(1, 4, 32, 32, torch.float32, "cpu", None)
+        config = pipe.scheduler.config
+        mu = calculate_shift(latents.shape[1], config.base_image_seq_len, config.max_image_seq_len,
+                             config.base_shift, config.max_shift)
+    pipe.scheduler.set_timesteps(sigmas=u, mu=mu)
+    shift = family.diffusion.scheduler.config.shift
+    assert shift == (3.0 if kind == "sd3" else pytest.approx(math.exp(mu)))
+    trained_levels = flow_shift(torch.tensor(u, dtype=torch.float32), shift)
+    assert torch.allclose(pipe.scheduler.sigmas[:-1], trained_levels, atol=1e-6)
+
+
+def test_model_controlnet_dispatches_on_the_base_and_refuses_what_flow_bases_lack(base):
+    kind, base_dir = base
+    family = ControlNet(32, base=str(base_dir), lora=dict(rank=0))
+    assert type(family) is flow_controlnet.FlowControlNet and family.kind == kind
+    assert family.diffusion.objective == "flow" and set(family.networks()) == {"controlnet"}
+    with pytest.raises(ConfigError, match="Control-LoRA is for SD and SDXL bases"):
+        ControlNet(32, base=str(base_dir), control_lora=dict(rank=4))
+    with pytest.raises(ConfigError, match="set model.lora.variant=lora"):
+        ControlNet(32, base=str(base_dir), lora=dict(rank=4, variant="loha"))
+    if kind == "flux":
+        with pytest.raises(GenlabError, match="only euler takes"):
+            family.sample(1, seed=0, sketch=torch.zeros(3, 32, 32), sampler="heun")
+
+
+@pytest.mark.parametrize("base", ["flux"], indirect=True)  # one kind: SD3 runs the same loop and checkpoints
+def test_flux_controlnet_resume_is_bitwise(tmp_path, base):
+    _, base_dir = base
+
+    def cfg_for(steps):
+        return compose(*TRAIN, f"model.base={base_dir}", f"trainer.max_steps={steps}", "trainer.checkpoint_every=1",
+                       "trainer.sample_every=0", "model.caption_dropout=0.5")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+@pytest.mark.parametrize("options", [dict(quantize_base="int8"), dict(gradient_checkpointing=True)],
+                         ids=["int8", "checkpointing"])
+def test_takes_a_quantised_base_and_gradient_checkpointing(base, options):
+    _, base_dir = base
+    family = ControlNet(32, base=str(base_dir), lora=dict(rank=4), max_sequence_length=16, **options)
+    data = FillCircles("train", image_size=32, count=4)
+    loss, _ = family.loss("main", default_collate([data[i] for i in range(2)]), 0, rng(0))
+    loss.backward()
+    trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert memory.is_quantized(family.transformer) == ("quantize_base" in options)
