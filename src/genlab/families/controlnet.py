@@ -28,7 +28,6 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
-from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
@@ -141,19 +140,11 @@ class ControlNet(OnePhase, ld.SketchConditioned):
             # The frozen U-Net too: gradients flow through it to the ControlNet's residuals.
             self.unet.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
-        self.ema_network = None  # ControlNet training follows the paper: no EMA
-        self.num_classes = None  # conditioned on sketches and captions, not classes
-        self.caption_dropout = caption_dropout
-        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
+                           caption_dropout)
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
-
-    def networks(self) -> dict[str, nn.Module]:
-        nets = {"controlnet": self.controlnet}
-        if self.lora_rank > 0:
-            nets["unet"] = self.unet
-        return nets
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -156,6 +156,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default).
     """
 
+    denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
+
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
                  control_lora: dict | None = None, gradient_checkpointing: bool = False,
@@ -212,21 +214,13 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
             self.transformer.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
         self.diffusion = Diffusion.build(training_scheduler(self.base, (image_size // factor // 2) ** 2), **diffusion)
-        self.ema_network = None  # as ControlNet: no EMA
-        self.num_classes = None
-        self.caption_dropout = caption_dropout
         self.text_tokens = max_sequence_length or TEXT_TOKENS[self.kind]
-        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data)
+        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
+                           caption_dropout)
         self.pipeline(self.sampler_name)  # refuses a sampler the pipeline cannot run, before training starts
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
-
-    def networks(self) -> dict[str, nn.Module]:
-        nets = {"controlnet": self.controlnet}
-        if self.lora_rank > 0:
-            nets["transformer"] = self.transformer
-        return nets
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

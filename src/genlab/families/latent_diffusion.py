@@ -350,15 +350,26 @@ class SketchConditioned:
     """What both ControlNet families (`controlnet.ControlNet`, `flow_controlnet.FlowControlNet`) share
     on the sketch side: sampling defaults, the fixed validation pairs and the sketch | image grids.
 
-    A family calls `init_sampling` in its constructor and has `image_size` and `sample`.
+    A family calls `init_sampling` in its constructor and has `image_size`, `controlnet`, `lora_rank`,
+    `sample`, and its frozen denoiser under the attribute named by `denoiser`.
     """
 
     #: sample() options that genlab eval fills from validation items (sketch-following metrics).
     conditions = ("sketch", "prompt")
+    #: the attribute holding the base's denoiser ("unet" or "transformer"): trained when it has LoRA.
+    denoiser = "unet"
+
+    def networks(self) -> dict[str, nn.Module]:
+        nets = {"controlnet": self.controlnet}
+        if self.lora_rank > 0:
+            nets[self.denoiser] = getattr(self, self.denoiser)
+        return nets
 
     def init_sampling(self, diffusion: Any, sampler: str | None, sample_steps: int, guidance: float,
-                      control_scale: float, validation_data: Any) -> None:
-        """Sampling defaults (sampler None: the objective's default) and the data of the validation pairs."""
+                      control_scale: float, validation_data: Any, caption_dropout: float) -> None:
+        """Sampling defaults (sampler None: the objective's default), the data of the validation pairs,
+        and what every ControlNet shares: no EMA (as in the paper), no classes, caption dropout."""
+        self.ema_network, self.num_classes, self.caption_dropout = None, None, caption_dropout
         self.sampler_name = diffusion.check_sampler(sampler or diffusion.default_sampler())
         self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
         self.validation_data = validation_data
