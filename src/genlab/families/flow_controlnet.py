@@ -48,6 +48,20 @@ CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusi
 TEXT_TOKENS = {"sd3": 256, "flux": 512}
 
 
+def text_tokens(kind: str, parts: dict[str, Any]) -> int:
+    """The T5 prompt tokens a base was trained with, when model.max_sequence_length does not say.
+
+    An SD3 base without T5 (a genlab `model=sd3` run) sees the pipeline's zero stand-in for the T5
+    tokens, as many as max_sequence_length asks for; the MMDiT attends to them, so the ControlNet
+    must use the count the base was trained with (`sd3.T5_TOKENS`), not the pipeline's 256.
+    """
+    from genlab.families.sd3 import T5_TOKENS
+
+    if kind == "sd3" and parts.get("text_encoder_3") is None:
+        return T5_TOKENS
+    return TEXT_TOKENS[kind]
+
+
 def _diffusers(name: str):
     import diffusers
 
@@ -74,9 +88,14 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
     """`build_controlnet` on a transformer in hand (also on the meta device, for sizes)."""
     controlnet_cls = _diffusers(CLASSES[kind][0])
     if kind == "sd3":
+        num_layers = num_layers or max(1, transformer.config.num_layers // 2)
+        if num_layers >= transformer.config.num_layers:  # its last block no longer updates the text: no copy
+            raise ConfigError(f"model.controlnet.num_layers={num_layers}: an SD3 ControlNet copies blocks before the "
+                              f"base's last, and this base has {transformer.config.num_layers}; copy fewer, or "
+                              "use a base with at least 2 blocks.")
         # Build from a copy of the config: from_transformer writes into the one it is given.
         return controlnet_cls.from_transformer(_ConfigCopy(transformer), num_extra_conditioning_channels=0,
-                                               num_layers=num_layers or max(1, transformer.config.num_layers // 2))
+                                               num_layers=num_layers)
     config = transformer.config
     # More blocks than the base has would be random, not copies, and the base reads only its own count.
     return controlnet_cls.from_transformer(transformer, num_layers=num_layers or min(4, config.num_layers),
@@ -102,11 +121,22 @@ def export(controlnet: nn.Module, out_dir: Path) -> Path:
     return target
 
 
+def from_pretrained(cls_name: str, location: str, **parts: Any):
+    """`<cls_name>.from_pretrained(location, **parts)`, also for an SD3 base without T5.
+
+    A genlab `model=sd3` export lists text_encoder_3 / tokenizer_3 as null in its model_index.json,
+    and diffusers refuses to load a pipeline with a required part null unless it is passed as None.
+    """
+    cls = _diffusers(cls_name)
+    absent = {name: None for name, entry in cls.load_config(location).items() if entry == [None, None]}
+    return cls.from_pretrained(location, **{**absent, **parts})
+
+
 def pipeline(base: str, controlnet: nn.Module):
     """The diffusers ControlNet pipeline of the base's kind over the base's parts and `controlnet`."""
     kind = bases.base_kind(str(base))
-    pipe = _diffusers(CLASSES[kind][2]).from_pretrained(ld.pipeline_location(bases.diffusers_dir(str(base))),
-                                                         controlnet=ld.unwrap(controlnet))
+    pipe = from_pretrained(CLASSES[kind][2], ld.pipeline_location(bases.diffusers_dir(str(base))),
+                           controlnet=ld.unwrap(controlnet))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -153,7 +183,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
     Args (beyond ControlNet's):
         controlnet: {pretrained: a ControlNet of the base's kind to start from, num_layers: joint
             blocks copied (None: SD3 half, Flux 4), num_single_layers: Flux single blocks copied (None: 0)}.
-        max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default).
+        max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default, or for
+            an SD3 base without T5, such as a genlab model=sd3 run, the count it was trained with: 1).
     """
 
     denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
@@ -182,7 +213,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         self.base = bases.diffusers_dir(str(base), base_config)
         # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
         try:
-            parts = _diffusers(bases.PIPELINE_CLASSES[self.kind]).from_pretrained(ld.pipeline_location(self.base))
+            parts = from_pretrained(bases.PIPELINE_CLASSES[self.kind], ld.pipeline_location(self.base))
         except (OSError, ValueError) as e:
             raise GenlabError(f"model.base={base}: cannot load it as an {bases.KINDS[self.kind]} pipeline "
                               f"({str(e).splitlines()[0]}).") from e
@@ -214,7 +245,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
             self.transformer.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
         self.diffusion = Diffusion.build(training_scheduler(self.base, (image_size // factor // 2) ** 2), **diffusion)
-        self.text_tokens = max_sequence_length or TEXT_TOKENS[self.kind]
+        self.text_tokens = max_sequence_length or text_tokens(self.kind, parts)
         self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
                            caption_dropout)
         self.pipeline(self.sampler_name)  # refuses a sampler the pipeline cannot run, before training starts
@@ -257,17 +288,20 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
     @torch.no_grad()
     def sample(self, n: int, seed: int, sketch: Any = None, prompt: str | list[str] | None = None,
                sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-               control_scale: float | None = None, **options: Any) -> torch.Tensor:
+               control_scale: float | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
         """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
 
-        With no sketch: the first val pairs of the training data (sketches and captions).
+        With no sketch: the first val pairs of the training data (sketches and captions). `own_lora`
+        weights the transformer's trained LoRA (0: the base as it was, for ablations).
         """
         if options:
             raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) "
-                              f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale.")
+                              f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale, "
+                              "own_lora.")
         sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.transformer, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
+                ld.stacked_loras(pipe, [], own_lora, self.lora_rank > 0, denoiser="transformer"), \
                 torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # SD3's pipeline draws the sketch's VAE latents from the global RNG
             # A [-1, 1] tensor is what the pipelines make of a PIL control image.

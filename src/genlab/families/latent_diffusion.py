@@ -285,14 +285,15 @@ def quiet_lora_loading():
 
 
 @contextlib.contextmanager
-def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_own: bool):
+def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_own: bool, denoiser: str = "unet"):
     """Within the block, extra U-Net LoRAs [(path, weight)] mixed with the trained one ("default").
 
     Args:
-        pipe: a diffusers SD pipeline whose U-Net may carry the run's own adapter.
+        pipe: a diffusers pipeline whose denoiser may carry the run's own adapter.
         loras: extra adapters to load and their weights.
         own_weight: weight of the run's own adapter (0 swaps it out).
-        has_own: whether the U-Net has the run's own adapter.
+        has_own: whether the denoiser has the run's own adapter.
+        denoiser: the pipeline's attribute holding the adapted network ("unet", or an SD3 pipeline's "transformer").
     """
     if not loras and (own_weight == 1.0 or not has_own):
         yield
@@ -313,9 +314,9 @@ def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_o
         yield
     finally:
         if loaded:
-            pipe.unet.delete_adapters(loaded)
+            getattr(pipe, denoiser).delete_adapters(loaded)
         if has_own:
-            pipe.unet.set_adapters(["default"], [1.0])
+            getattr(pipe, denoiser).set_adapters(["default"], [1.0])
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
