@@ -145,3 +145,22 @@ def test_card_needs_an_export(tmp_path):
     (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"model": {}, "trainer": {}}))
     with pytest.raises(GenlabError, match="has no export/ yet"):
         write_model_card(run)
+
+
+@pytest.mark.parametrize("scheduler", ["FlowMatchEulerDiscreteScheduler", "DDPMScheduler"])
+def test_controlnet_card_on_a_flow_sd_base_sets_the_scheduler_lines(tmp_path, scheduler):
+    """A ControlNet on a `model=sd model.objective=flow` base: its snippet sets what the flow SD card sets."""
+    base = tmp_path / "base"  # what a flow SD export has that the card reads: the pipeline class and scheduler
+    (base / "scheduler").mkdir(parents=True)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": scheduler}))
+    run = RunDir(tmp_path / "run")
+    (run.path / ".hydra").mkdir(parents=True)
+    (run.path / "export").mkdir()
+    (run.path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"_target_": "genlab.families.controlnet.ControlNet", "base": str(base)}, "trainer": {}}))
+    text = write_model_card(run).read_text()
+    snippet = text.split("```python")[1].split("```")[0]
+    assert "StableDiffusionControlNetPipeline.from_pretrained" in snippet
+    lines = ["pipe.scheduler.init_noise_sigma = 1.0", "pipe.scheduler.scale_model_input = lambda sample, timestep: sample"]
+    assert all((line in snippet) == scheduler.startswith("FlowMatch") for line in lines)
