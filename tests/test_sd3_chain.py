@@ -79,3 +79,9 @@ def test_the_export_samples_the_same_in_plain_diffusers(chain):
     assert (ours - off).abs().max() > 1e-3  # the ControlNet steers the image
     bare = family.sample(1, seed=3, sketch=sketch, prompt=val["caption"], steps=2, control_scale=0.0, own_lora=0.0)
     assert (off - bare).abs().max() > 1e-4  # own_lora=0: the base alone, as the quality script's ablation draws it
+
+
+def test_the_model_card_loads_it_the_way_this_test_does(chain):
+    text = (chain["cn"] / "export" / "README.md").read_text()
+    assert "StableDiffusion3ControlNetPipeline.from_pretrained(" in text and "SD3ControlNetModel.from_pretrained(" in text
+    assert "text_encoder_3=None, tokenizer_3=None" in text and "max_sequence_length=1)" in text

@@ -182,7 +182,9 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
     if spec.get("use"):
         base = model.get("base") or "BASE"
         use = spec["use"].format(where=where, base=base)
-        if family == "controlnet" and flow_unet_base(model.get("base")):
+        if family == "controlnet" and _export_info(run).get("base_kind") in ("sd3", "flux"):
+            use = _flow_controlnet_use(_export_info(run), where)
+        elif family == "controlnet" and flow_unet_base(model.get("base")):
             use += "\n" + FLOW_UNET_LINES  # the same two as for the flow SD base itself (below)
         lines += ["## How to use", "", "```python", use, "```", ""]
         if family == "ddpm" and model.get("conditional"):
@@ -198,6 +200,37 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
     lines += ["## Config", "", "<details><summary>The run's config (.hydra/config.yaml)</summary>", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120).rstrip(), "```", "", "</details>", ""]
     return "\n".join(lines)
+
+
+def _export_info(run: RunDir) -> dict[str, Any]:
+    """export/genlab_export.json (what a ControlNet export was trained on), {} when absent or unreadable."""
+    import json
+
+    try:
+        return json.loads((run.export / "genlab_export.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _flow_controlnet_use(info: dict[str, Any], where: str) -> str:
+    """The loading code of a ControlNet on an SD3.x or Flux base, with the T5 tokens it was trained with."""
+    from diffusers import DiffusionPipeline
+
+    from genlab.families.flow_controlnet import CLASSES
+
+    controlnet, _, pipeline = CLASSES[info["base_kind"]]
+    base = info.get("base") or "BASE"
+    try:  # a base without T5 (a genlab sd3 run) lists it as null; diffusers then wants it passed as None
+        no_t5 = DiffusionPipeline.load_config(base).get("text_encoder_3") == [None, None]
+    except (OSError, ValueError):
+        no_t5 = False
+    return (f"from diffusers import {controlnet}, {pipeline}\n\n"
+            f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")\n'
+            f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
+            f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})\n'
+            f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors\n'
+            f'image = pipe("a red circle on a blue background", control_image=sketch, '
+            f'max_sequence_length={info.get("max_sequence_length")}).images[0]')
 
 
 def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics: list[dict]) -> list[str]:
