@@ -182,8 +182,9 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
     if spec.get("use"):
         base = model.get("base") or "BASE"
         use = spec["use"].format(where=where, base=base)
-        if family == "controlnet" and _export_info(run).get("base_kind") in ("sd3", "flux"):
-            use = _flow_controlnet_use(_export_info(run), where)
+        info = _export_info(run) if family == "controlnet" else {}
+        if info.get("base_kind") in ("sd3", "flux"):
+            use = _flow_controlnet_use(info, where)
         elif family == "controlnet" and flow_unet_base(model.get("base")):
             use += "\n" + FLOW_UNET_LINES  # the same two as for the flow SD base itself (below)
         lines += ["## How to use", "", "```python", use, "```", ""]
