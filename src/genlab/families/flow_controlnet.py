@@ -248,7 +248,9 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         self.text_tokens = max_sequence_length or text_tokens(self.kind, parts)
         self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
                            caption_dropout)
-        self.pipeline(self.sampler_name)  # refuses a sampler the pipeline cannot run, before training starts
+        # Built once: it refuses a sampler the pipeline cannot run before training starts, and `encode` reuses it
+        # every step (its text encoders and tokenizers are frozen, moved in place by `to`).
+        self.prompt_pipe = self.pipeline(self.sampler_name)
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
@@ -336,7 +338,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own prompt encoding: {"encoder_hidden_states", "pooled_projections"} (+ Flux's "txt_ids")."""
-        pipe = self.pipeline(self.sampler_name)
+        pipe = self.prompt_pipe
         if self.kind == "sd3":
             text, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, do_classifier_free_guidance=False,
                                                     max_sequence_length=self.text_tokens)
@@ -372,7 +374,6 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         return self.transformer(**common, guidance=guidance(ld.unwrap(self.transformer)),
                                 controlnet_block_samples=blocks, controlnet_single_block_samples=single,
                                 controlnet_blocks_repeat=False, return_dict=False)[0]
-
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

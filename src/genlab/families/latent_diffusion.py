@@ -346,7 +346,6 @@ def write_export_info(out_dir: Path, **info: Any) -> None:
     (Path(out_dir) / "genlab_export.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-
 class SketchConditioned:
     """What both ControlNet families (`controlnet.ControlNet`, `flow_controlnet.FlowControlNet`) share
     on the sketch side: sampling defaults, the fixed validation pairs and the sketch | image grids.
