@@ -110,6 +110,17 @@ def test_export_samples_the_same_in_plain_diffusers(trained, tmp_path):
     assert Image.open(tmp_path / "grid.png").size[0] >= 64
 
 
+def test_the_model_card_names_the_flow_base(trained):
+    from huggingface_hub import ModelCard
+
+    kind, _, run = trained
+    _, controlnet_cls, pipeline_cls = KINDS[kind]
+    card = ModelCard.load(run / "export" / "README.md")
+    assert kind in card.data.tags and f"diffusers:{pipeline_cls.__name__}" in card.data.tags
+    assert "stable-diffusion" not in card.data.tags and "base transformer's LoRA" in card.text
+    assert f"{controlnet_cls.__name__}.from_pretrained(" in card.text and "max_sequence_length=16)" in card.text
+
+
 def test_sample_stacks_extra_loras_on_the_transformer(trained, tmp_path):
     """`genlab sample RUN --lora PATH[:weight]` on a flow base: extra transformer adapters beside the run's own."""
     _, _, run = trained
