@@ -16,7 +16,7 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, Flu
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
 from conftest import cli, compose, rng
@@ -108,6 +108,43 @@ def test_export_samples_the_same_in_plain_diffusers(trained, tmp_path):
     cli("sample", run, "--sketch", tmp_path / "s.png", "--prompt", caption, "--n", "2", "--steps", "2",
         "--out", tmp_path / "grid.png")
     assert Image.open(tmp_path / "grid.png").size[0] >= 64
+
+
+def test_the_model_card_names_the_flow_base(trained):
+    from huggingface_hub import ModelCard
+
+    kind, _, run = trained
+    _, controlnet_cls, pipeline_cls = KINDS[kind]
+    card = ModelCard.load(run / "export" / "README.md")
+    assert kind in card.data.tags and f"diffusers:{pipeline_cls.__name__}" in card.data.tags
+    assert "stable-diffusion" not in card.data.tags and "base transformer's LoRA" in card.text
+    assert f"{controlnet_cls.__name__}.from_pretrained(" in card.text and "max_sequence_length=16)" in card.text
+
+
+def test_sample_stacks_extra_loras_on_the_transformer(trained, tmp_path):
+    """`genlab sample RUN --lora PATH[:weight]` on a flow base: extra transformer adapters beside the run's own."""
+    _, _, run = trained
+    family, _ = load_family(run, "latest")
+    export = run / "export"
+    own = family.sample(1, seed=3, steps=2)
+    assert torch.equal(family.sample(1, seed=3, steps=2, lora=[f"{export}:0"]), own)  # weight 0: nothing added
+    doubled = family.sample(1, seed=3, steps=2, lora=[f"{export}:1"])
+    assert (doubled - own).abs().max() > 1e-4  # the run's own LoRA once more: another image
+    # Its own LoRA swapped out and the same file stacked instead: the same image (the file keeps alpha / rank).
+    swapped = family.sample(1, seed=3, steps=2, lora=[str(export / "pytorch_lora_weights.safetensors")], own_lora=0.0)
+    assert torch.allclose(swapped, own, atol=1e-5)
+    assert torch.equal(family.sample(1, seed=3, steps=2), own)  # the extra adapters are gone afterwards
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a LoRA")
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # an SD U-Net layer
+    unet_lora = {f"{key}.lora_A.weight": torch.ones(4, 32), f"{key}.lora_B.weight": torch.zeros(32, 4)}
+    save_file(unet_lora, tmp_path / "unet.safetensors")
+    for bad, says in [(tmp_path / "bad.safetensors", "cannot load it onto this base"),
+                      (tmp_path / "missing.safetensors", "no such file or folder"),
+                      (tmp_path / "unet.safetensors", "none of its layers is in this base's transformer")]:
+        result = cli("sample", run, "--n", "1", "--steps", "2", "--out", tmp_path / "x.png", "--lora", bad, check=False)
+        assert result.returncode == 1 and says in result.stderr and "Traceback" not in result.stderr
+    assert torch.equal(family.sample(1, seed=3, steps=2), own)
 
 
 def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(trained, monkeypatch):

@@ -77,7 +77,7 @@ def test_metadata_per_family():
     assert metadata(cn, "fill_circles") == {
         "library_name": "diffusers", "pipeline_tag": "text-to-image", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "license": "creativeml-openrail-m", "tags": ["genlab", "diffusers", "controlnet", "stable-diffusion", "text-to-image",
-                                                     "lora", "sketch"]}
+                                                     "diffusers:StableDiffusionControlNetPipeline", "lora", "sketch"]}
     local_sd = {"model": {"_target_": "genlab.families.sd.StableDiffusion", "base": "/nonexistent/runs/sd", "lora": {"rank": 0}},
                 "data": {"name": "user/captions"}}
     meta = metadata(local_sd, "hf")
@@ -164,3 +164,47 @@ def test_controlnet_card_on_a_flow_sd_base_sets_the_scheduler_lines(tmp_path, sc
     assert "StableDiffusionControlNetPipeline.from_pretrained" in snippet
     lines = ["pipe.scheduler.init_noise_sigma = 1.0", "pipe.scheduler.scale_model_input = lambda sample, timestep: sample"]
     assert all((line in snippet) == scheduler.startswith("FlowMatch") for line in lines)
+
+
+# Per base kind: the Hub tag of the base, the pipeline and ControlNet classes, the base's name, its denoiser.
+CONTROLNET_CARDS = {
+    "sd": ("stable-diffusion", "StableDiffusionControlNetPipeline", "ControlNetModel", "Stable Diffusion 1.x/2.x", "U-Net"),
+    "sdxl": ("stable-diffusion-xl", "StableDiffusionXLControlNetPipeline", "ControlNetModel", "SDXL", "U-Net"),
+    "sd3": ("sd3", "StableDiffusion3ControlNetPipeline", "SD3ControlNetModel", "SD3.x", "transformer"),
+    "flux": ("flux", "FluxControlNetPipeline", "FluxControlNetModel", "Flux", "transformer"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONTROLNET_CARDS))
+def test_controlnet_card_is_tagged_by_its_base_kind(tmp_path, kind):
+    """A ControlNet's card names the base kind it was trained on: Hub tags, pipeline tag, what it is, how to load it."""
+    from huggingface_hub import ModelCard
+
+    from genlab.families import stand_ins
+    from tiny_bases import tiny_sd_export
+
+    tag, pipeline, controlnet, name, denoiser = CONTROLNET_CARDS[kind]
+    if kind == "sd":
+        base = tiny_sd_export(tmp_path)
+    else:
+        base = getattr(stand_ins, f"save_{kind}")(tmp_path / "base", tokenizer_dir=str(tmp_path / "tok"))
+    run = RunDir(tmp_path / "run")
+    (run.path / ".hydra").mkdir(parents=True)
+    (run.path / "export").mkdir()
+    config = {"model": {"_target_": "genlab.families.controlnet.ControlNet", "base": str(base), "lora": {"rank": 4}},
+              "trainer": {}}
+    (run.path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    card = ModelCard.load(write_model_card(run))  # no genlab_export.json: the kind is read from model.base
+    assert card.data.tags == ["genlab", "diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}", "lora"]
+    assert card.data.pipeline_tag == "text-to-image" and card.data.base_model is None  # a local base is no Hub id
+    assert f"This is a ControlNet that makes its {name} base follow a sketch" in card.text
+    assert f"plus the base {denoiser}'s LoRA" in card.text
+    snippet = card.text.split("```python")[1].split("```")[0]
+    assert f"from diffusers import {controlnet}, {pipeline}\n" in snippet
+    assert f'{pipeline}.from_pretrained("{base}", controlnet=controlnet' in snippet
+    assert ("control_image=sketch" in snippet) == (denoiser == "transformer")  # the flow pipelines' argument name
+
+    # On a Hub base, what training exported (genlab_export.json) says which kind it is: nothing is downloaded.
+    hub = {"model": {**config["model"], "base": "someone/a-base"}}
+    meta = metadata(hub, "fill_circles", {"base_kind": kind, "base": "someone/a-base"})
+    assert meta["base_model"] == "someone/a-base" and f"diffusers:{pipeline}" in meta["tags"] and tag in meta["tags"]

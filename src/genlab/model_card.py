@@ -62,15 +62,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "use": 'from diffusers import StableDiffusion3Pipeline\n\n'
                    'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
                    'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]'},
-    "controlnet": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
-                   "tags": ["diffusers", "controlnet", "stable-diffusion", "text-to-image"],
-                   "what": "a ControlNet that makes a Stable Diffusion base follow a sketch (controlnet/, "
-                           "plus the base U-Net's LoRA in pytorch_lora_weights.safetensors when trained with one)",
-                   "use": "from diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n\n"
-                          'controlnet = ControlNetModel.from_pretrained("{where}", subfolder="controlnet")\n'
-                          'pipe = StableDiffusionControlNetPipeline.from_pretrained("{base}", controlnet=controlnet)\n'
-                          'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors'},
+    # "controlnet": by the base kind it was trained on, see CONTROLNET_BASES and controlnet_spec.
 }
+# A ControlNet by its base's kind (genlab.families.bases): the Hub's tag for the base, diffusers' ControlNet
+# model and pipeline classes (the Hub derives a pipeline tag from model_index.json, which a ControlNet export lacks).
+CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusionControlNetPipeline"),
+                    "sdxl": ("stable-diffusion-xl", "ControlNetModel", "StableDiffusionXLControlNetPipeline"),
+                    "sd3": ("sd3", "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline"),
+                    "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline")}
 # What diffusers' U-Net pipelines ask of a scheduler and flow schedulers lack (genlab.diffusion.for_unet_pipelines).
 FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was trained by rectified flow\n"
                    "pipe.scheduler.scale_model_input = lambda sample, timestep: sample")
@@ -112,10 +111,42 @@ def flow_unet_base(base: Any) -> bool:
     return kind in ("sd", "sdxl") and type(scheduler).__name__.startswith("FlowMatch")
 
 
-def metadata(config: dict[str, Any], data_choice: str | None) -> dict[str, Any]:
-    """The card's YAML header fields for this run's config."""
+def controlnet_base_kind(config: dict[str, Any], info: dict[str, Any] | None = None) -> str:
+    """sd | sdxl | sd3 | flux: the base a ControlNet run was trained on, as its export says (genlab_export.json),
+    else as model.base reads; "sd" when neither can be read (a hub id offline)."""
+    from genlab.families import bases
+
+    if (info or {}).get("base_kind") in CONTROLNET_BASES:
+        return info["base_kind"]
+    try:
+        return bases.base_kind(str(config.get("model", {}).get("base")))
+    except (GenlabError, OSError, ValueError):
+        return "sd"
+
+
+def controlnet_spec(kind: str) -> dict[str, Any]:
+    """FAMILIES' entry for a ControlNet on a base of `kind` (its "use" is _controlnet_use's)."""
+    from genlab.families.bases import KINDS
+
+    tag, _, pipeline = CONTROLNET_BASES[kind]
+    denoiser = "transformer" if kind in ("sd3", "flux") else "U-Net"
+    return {"library_name": "diffusers", "pipeline_tag": "text-to-image",
+            "tags": ["diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"],
+            "what": f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/, plus the base "
+                    f"{denoiser}'s LoRA in pytorch_lora_weights.safetensors when trained with one)"}
+
+
+def spec_of(family: str, config: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The family's FAMILIES entry (a ControlNet's by its base kind); None for a family without one."""
+    if family == "controlnet":
+        return controlnet_spec(controlnet_base_kind(config, info))
+    return FAMILIES.get(family)
+
+
+def metadata(config: dict[str, Any], data_choice: str | None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The card's YAML header fields for this run's config (`info`: a ControlNet export's genlab_export.json)."""
     family = family_of(config)
-    spec = FAMILIES.get(family, {"library_name": None, "pipeline_tag": None, "tags": []})
+    spec = spec_of(family, config, info) or {"library_name": None, "pipeline_tag": None, "tags": []}
     model, data, card = config.get("model", {}), config.get("data", {}), config.get("card") or {}
     base = hub_id(model.get("base"))
     built_on = model.get("base") is not None
@@ -147,7 +178,7 @@ def write_model_card(run: RunDir, repo_id: str | None = None) -> Path:
     grids = run.sample_grids()
     if grids:
         shutil.copyfile(grids[-1][1], run.export / "samples.png")
-    header = ModelCardData(**metadata(config, run.choices().get("data"))).to_yaml()
+    header = ModelCardData(**metadata(config, run.choices().get("data"), _export_info(run))).to_yaml()
     body = _body(run, config, repo_id or str(run.export.resolve()), has_grid=bool(grids))
     card = ModelCard(f"---\n{header}\n---\n\n{body}")
     atomic_write(run.export / "README.md", str(card))
@@ -168,7 +199,8 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
     import yaml
 
     family = family_of(config)
-    spec = FAMILIES.get(family, {"what": f"a genlab {family} model", "use": ""})
+    info = _export_info(run) if family == "controlnet" else {}
+    spec = spec_of(family, config, info) or {"what": f"a genlab {family} model", "use": ""}
     model, data, trainer = config.get("model", {}), config.get("data", {}), config.get("trainer", {})
     choice = run.choices().get("data") or str(data.get("_target_", "?")).rsplit(".", 1)[-1].lower()
     status, metrics = run.read_status(), run.read_metrics()
@@ -179,14 +211,8 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
              f"{DATA.get(choice, choice)} at {data.get('image_size', '?')} px.", ""]
     if has_grid:
         lines += ["![Samples from the final weights, fixed noise](samples.png)", ""]
-    if spec.get("use"):
-        base = model.get("base") or "BASE"
-        use = spec["use"].format(where=where, base=base)
-        info = _export_info(run) if family == "controlnet" else {}
-        if info.get("base_kind") in ("sd3", "flux"):
-            use = _flow_controlnet_use(info, where)
-        elif family == "controlnet" and flow_unet_base(model.get("base")):
-            use += "\n" + FLOW_UNET_LINES  # the same two as for the flow SD base itself (below)
+    if family == "controlnet" or spec.get("use"):
+        use = _controlnet_use(config, info, where) if family == "controlnet" else spec["use"].format(where=where)
         lines += ["## How to use", "", "```python", use, "```", ""]
         if family == "ddpm" and model.get("conditional"):
             lines += [f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
@@ -213,25 +239,32 @@ def _export_info(run: RunDir) -> dict[str, Any]:
         return {}
 
 
-def _flow_controlnet_use(info: dict[str, Any], where: str) -> str:
-    """The loading code of a ControlNet on an SD3.x or Flux base, with the T5 tokens it was trained with."""
-    from diffusers import DiffusionPipeline
+def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) -> str:
+    """The loading code of a ControlNet export in the ControlNet pipeline of its base's kind."""
+    kind = controlnet_base_kind(config, info)
+    _, controlnet, pipeline = CONTROLNET_BASES[kind]
+    base = info.get("base") or config.get("model", {}).get("base") or "BASE"
+    lines = [f"from diffusers import {controlnet}, {pipeline}", "",
+             f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")']
+    if kind in ("sd3", "flux"):
+        from diffusers import DiffusionPipeline
 
-    from genlab.families.flow_controlnet import CLASSES
-
-    controlnet, _, pipeline = CLASSES[info["base_kind"]]
-    base = info.get("base") or "BASE"
-    try:  # a base without T5 (a genlab sd3 run) lists it as null; diffusers then wants it passed as None
-        no_t5 = DiffusionPipeline.load_config(base).get("text_encoder_3") == [None, None]
-    except (OSError, ValueError):
-        no_t5 = False
-    return (f"from diffusers import {controlnet}, {pipeline}\n\n"
-            f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")\n'
-            f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
-            f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})\n'
-            f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors\n'
-            f'image = pipe("a red circle on a blue background", control_image=sketch, '
-            f'max_sequence_length={info.get("max_sequence_length")}).images[0]')
+        try:  # a base without T5 (a genlab sd3 run) lists it as null; diffusers then wants it passed as None
+            no_t5 = DiffusionPipeline.load_config(base).get("text_encoder_3") == [None, None]
+        except (OSError, ValueError):
+            no_t5 = False
+        lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
+                  f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
+                  f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors',
+                  f'image = pipe("a red circle on a blue background", control_image=sketch, '
+                  f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
+        return "\n".join(lines)
+    lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
+              f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors']
+    if flow_unet_base(base):
+        lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
+    lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')
+    return "\n".join(lines)
 
 
 def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics: list[dict]) -> list[str]:

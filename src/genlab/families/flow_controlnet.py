@@ -290,20 +290,22 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
     @torch.no_grad()
     def sample(self, n: int, seed: int, sketch: Any = None, prompt: str | list[str] | None = None,
                sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-               control_scale: float | None = None, own_lora: float = 1.0, **options: Any) -> torch.Tensor:
+               control_scale: float | None = None, lora: list[str | tuple[str, float]] | None = None,
+               own_lora: float = 1.0, **options: Any) -> torch.Tensor:
         """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
 
-        With no sketch: the first val pairs of the training data (sketches and captions). `own_lora`
+        With no sketch: the first val pairs of the training data (sketches and captions). `lora` stacks
+        extra transformer LoRAs of the base's kind ("PATH[:weight]" or (path, weight)); `own_lora`
         weights the transformer's trained LoRA (0: the base as it was, for ablations).
         """
         if options:
             raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) "
                               f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale, "
-                              "own_lora.")
+                              "lora, own_lora.")
         sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
         with ld.eval_mode(pipe.transformer, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
-                ld.stacked_loras(pipe, [], own_lora, self.lora_rank > 0, denoiser="transformer"), \
+                ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0, denoiser="transformer"), \
                 torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # SD3's pipeline draws the sketch's VAE latents from the global RNG
             # A [-1, 1] tensor is what the pipelines make of a PIL control image.

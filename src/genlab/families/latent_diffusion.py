@@ -258,6 +258,8 @@ def resolve_lora(path: str | Path) -> dict[str, str]:
     """`load_lora_weights` arguments for a LoRA file, a folder holding one, a genlab run or a hub id."""
     p = Path(str(path)).expanduser()
     if not p.exists():
+        if p.suffix == ".safetensors" or not _is_hub_id(str(path)):
+            raise GenlabError(f"--lora {path}: no such file or folder.")
         return {"pretrained_model_name_or_path_or_dict": str(path)}
     if p.is_file():
         return {"pretrained_model_name_or_path_or_dict": str(p.parent), "weight_name": p.name}
@@ -267,6 +269,16 @@ def resolve_lora(path: str | Path) -> dict[str, str]:
         raise GenlabError(f"--lora {path}: no pytorch_lora_weights.safetensors there "
                           "(was the run trained with model.lora.rank > 0?).")
     return {"pretrained_model_name_or_path_or_dict": str(p)}
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -306,7 +318,12 @@ def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_o
                 with quiet_lora_loading():
                     pipe.load_lora_weights(**resolve_lora(path), adapter_name=f"extra_{i}")
             except (OSError, ValueError, KeyError, RuntimeError) as e:
-                raise GenlabError(f"--lora {path}: cannot load it onto this base ({e})".split("\n")[0]) from e
+                # Two lines: a state_dict error's heading says little without its first mismatch.
+                reason = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
+                raise GenlabError(f"--lora {path}: cannot load it onto this base ({reason})") from e
+            if f"extra_{i}" not in pipe.get_list_adapters().get(denoiser, []):  # diffusers loads no keys with a warning
+                raise GenlabError(f"--lora {path}: none of its layers is in this base's {denoiser}; is it a LoRA for "
+                                  "another kind of base?")
             loaded.append(f"extra_{i}")
             names.append(f"extra_{i}")
             weights.append(float(weight))
