@@ -121,6 +121,21 @@ def plot(out: Path) -> Path:
     return path
 
 
+def table(out: Path) -> str:
+    """The README's markdown table: FID and confidence (CNN / MLP) per sampling-step count, per arm and budget."""
+    runs = json.loads(out.read_text())["runs"]
+    head = "| arm | budget (steps) | " + " | ".join(f"{s} steps" for s in SAMPLING_STEPS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(SAMPLING_STEPS))]
+    for name in sorted(runs, key=lambda n: (list(ARMS).index(n.split("@")[0]), runs[n]["budget_minutes"])):
+        run = runs[name]
+        cells = [f"{'**' if r['targets_met'] else ''}{r['fid_digits_cnn']:.2f}{'**' if r['targets_met'] else ''}"
+                 f" ({r['class_confidence_digits_cnn']:.2f} / {r['class_confidence_digits_mlp']:.2f})"
+                 for r in run["rows"]]
+        lines.append(f"| {name.split('@')[0]} ({run['sampler']}) | {run['budget_minutes']:g} min ({run['steps']}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         print(f"wrote {plot(args.out)}")
+        print(table(args.out))
         return 0
     env = environment(argparse.Namespace(smoke=False))
     env["command"] = " ".join(["python", "scripts/budget_compare.py", *(argv if argv is not None else sys.argv[1:])])

@@ -217,6 +217,10 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None, reuse: bo
         info = json.loads(record.read_text())
         if info["overrides"][:len(overrides)] == overrides:  # (+ the max_steps a budget added)
             log.info("reusing the finished run %s", run_dir)
+            # `genlab resume RUN trainer.max_steps=N` may have continued it since: say how far it went.
+            last = max((row["step"] for row in RunDir(run_dir).read_metrics()), default=info["steps"])
+            if last != info["steps"]:
+                info.update(steps=last, resumed_from_steps=info["steps"])
             return {**info, "reused": True}
     planned = compose(overrides).trainer.max_steps
     info: dict[str, Any] = {"run_dir": str(run_dir), "planned_max_steps": planned}
