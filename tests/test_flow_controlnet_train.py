@@ -1,10 +1,11 @@
 """ControlNets on SD3.x and Flux bases (tiny stand-ins) trained through `genlab train model=controlnet`:
 the loss is the flow-matching one on exactly what the diffusers pipelines feed the networks, the
-ControlNet and the transformer's LoRA train, the export samples the same in plain diffusers, and a
-resumed run is bitwise the straight one."""
+ControlNet and the transformer's LoRA (or DoRA, LoHa, LoKr) train, the export samples the same in plain
+diffusers, and a resumed run (grad_accum=2) is bitwise the straight one."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -15,6 +16,8 @@ from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, Flu
                        StableDiffusion3ControlNetPipeline)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
@@ -23,11 +26,12 @@ from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import flow_controlnet, memory, stand_ins
+from genlab.families import flow_controlnet, lora_variants, memory, stand_ins
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
+from test_lora_variants import _kohya_delta, _trained
 from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -224,24 +228,68 @@ def test_model_controlnet_dispatches_on_the_base_and_refuses_what_flow_bases_lac
     assert family.diffusion.objective == "flow" and set(family.networks()) == {"controlnet"}
     with pytest.raises(ConfigError, match="Control-LoRA is for SD and SDXL bases"):
         ControlNet(32, base=str(base_dir), control_lora=dict(rank=4))
-    with pytest.raises(ConfigError, match="set model.lora.variant=lora"):
-        ControlNet(32, base=str(base_dir), lora=dict(rank=4, variant="loha"))
+    with pytest.raises(ConfigError, match="model.lora.variant='qlora': use one of lora, dora, loha, lokr."):
+        ControlNet(32, base=str(base_dir), lora=dict(rank=4, variant="qlora"))
+    with pytest.raises(ConfigError, match="quantised transformer .* set model.lora.variant=lora, not loha."):
+        ControlNet(32, base=str(base_dir), lora=dict(rank=4, variant="loha"), quantize_base="int8")
     if kind == "flux":
         with pytest.raises(GenlabError, match="only euler takes"):
             family.sample(1, seed=0, sketch=torch.zeros(3, 32, 32), sampler="heun")
 
 
-@pytest.mark.parametrize("base", ["flux"], indirect=True)  # one kind: SD3 runs the same loop and checkpoints
-def test_flux_controlnet_resume_is_bitwise(tmp_path, base):
+# ~10 s a run on 2 busy cores: the default suite resumes plain LoRA on each kind, the full one every variant.
+@pytest.mark.parametrize("variant", ["lora", *(pytest.param(v, marks=pytest.mark.slow) for v in ("dora", "loha", "lokr"))])
+def test_controlnet_resume_is_bitwise(tmp_path, base, variant):
+    """Each base kind (and each variant of the transformer's LoRA): 1 step, checkpoint, resume, 1 more step ==
+    2 straight steps, of 2 micro-batches each."""
     _, base_dir = base
 
     def cfg_for(steps):
-        return compose(*TRAIN, f"model.base={base_dir}", f"trainer.max_steps={steps}", "trainer.checkpoint_every=1",
+        return compose(*TRAIN, f"model.base={base_dir}", f"model.lora.variant={variant}", "model.lora.alpha=8",
+                       f"trainer.max_steps={steps}", "trainer.grad_accum=2", "trainer.checkpoint_every=1",
                        "trainer.sample_every=0", "model.caption_dropout=0.5")
 
     straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
     assert _losses(straight) == _losses(resumed)
     _assert_identical(straight, resumed)
+
+
+@pytest.mark.parametrize("variant", lora_variants.VARIANTS)
+def test_transformer_lora_variant_exports_sample_the_same_in_plain_diffusers(base, variant, tmp_path):
+    """Each variant trains on the transformer; its export loaded into the plain diffusers pipeline (lora, dora:
+    `load_lora_weights`; loha, lokr: peft's `PeftModel.from_pretrained`) samples genlab's images, and its
+    ComfyUI file (`lora_kohya.safetensors`) gives the trained weights with ComfyUI's formulas."""
+    kind, base_dir = base
+    family = _trained(base_dir, variant, steps=2, max_sequence_length=16)
+    assert lora_variants.variant_of(family.transformer) == variant
+    family.export(tmp_path)
+    val = FillCircles("val", count=16, val_count=4)
+    sketch, caption = _pil(val[0]["sketch"]), val[0]["caption"]
+    ours = family.sample(1, seed=3, sketch=sketch, prompt=caption, steps=2)
+
+    _, controlnet_cls, pipeline_cls = KINDS[kind]
+    pipe = pipeline_cls.from_pretrained(base_dir, controlnet=controlnet_cls.from_pretrained(tmp_path / "controlnet"))
+    pipe.set_progress_bar_config(disable=True)
+    bare = _plain(pipe, sketch, caption, family.guidance, 3)
+    if variant in ("lora", "dora"):
+        pipe.load_lora_weights(tmp_path)
+    else:
+        PeftModel.from_pretrained(pipe.transformer, tmp_path / "transformer_adapter")  # adapts it in place
+    assert torch.allclose(ours, _plain(pipe, sketch, caption, family.guidance, 3), atol=1e-5)
+    assert (ours - bare).abs().max() > 1e-4  # the adapter trained and was read
+
+    kohya = load_file(tmp_path / "lora_kohya.safetensors")
+    layers = {n: m for n, m in family.transformer.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert {k.split(".", 1)[0] for k in kohya} == {"lora_transformer_" + n.replace(".", "_") for n in layers}
+    for name, layer in layers.items():
+        merged = copy.deepcopy(layer)
+        merged.merge()
+        theirs = _kohya_delta(kohya, "lora_transformer_" + name.replace(".", "_"), layer.base_layer.weight.detach())
+        assert torch.allclose(theirs, merged.base_layer.weight, atol=1e-6), name
+    if kind == "flux" and variant == "lora":  # diffusers' Flux loader reads this layout too
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(tmp_path, weight_name="lora_kohya.safetensors")
+        assert torch.allclose(ours, _plain(pipe, sketch, caption, family.guidance, 3), atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [dict(quantize_base="int8"), dict(gradient_checkpointing=True)],

@@ -32,9 +32,10 @@ def base(tmp_path_factory):
     return tiny_sd_export(tmp_path_factory.mktemp("base"))
 
 
-def _trained(base, variant, steps=1):
+def _trained(base, variant, steps=1, **options):
+    """A model=controlnet family on `base` after `steps` AdamW steps, its denoiser under a rank-4 `variant`."""
     torch.manual_seed(0)
-    family = ControlNet(32, base=str(base), lora=dict(rank=4, alpha=8, variant=variant))
+    family = ControlNet(32, base=str(base), lora=dict(rank=4, alpha=8, variant=variant), **options)
     params = [p for g in family.param_groups()["main"] for p in g["params"]]
     opt = torch.optim.AdamW(params, lr=1e-2)
     data = FillCircles("train", image_size=32, count=8)

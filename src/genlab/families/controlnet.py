@@ -121,9 +121,7 @@ class ControlNet(OnePhase, ld.SketchConditioned):
                 # them see the sketch from the first step.
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
-        if quantize_base and lora.get("variant", "lora") != "lora":
-            raise ConfigError(f"model.quantize_base={quantize_base} trains LoRA on the quantised U-Net (peft's torchao "
-                              f"layers): set model.lora.variant=lora, not {lora.get('variant')}.")
+        lora_variants.refuse_on_quantized(lora, quantize_base)
         memory.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:

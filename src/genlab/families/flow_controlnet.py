@@ -4,9 +4,9 @@
 (`ControlNet` hands these bases over to it). The ControlNet is built from the base's own
 transformer (diffusers' `SD3ControlNetModel.from_transformer`, `FluxControlNetModel.from_transformer`:
 a copy of its first blocks with zero-initialised outputs); the VAE, text encoders and
-transformer are frozen, with optional LoRA on the transformer's attention projections. The
-objective is the core's flow matching (`genlab.diffusion`: velocity target, timesteps shifted
-by the base scheduler's shift).
+transformer are frozen, with optional LoRA (or DoRA, LoHa, LoKr: `model.lora.variant`) on the
+transformer's attention projections. The objective is the core's flow matching
+(`genlab.diffusion`: velocity target, timesteps shifted by the base scheduler's shift).
 
 Training feeds every network what the diffusers ControlNet pipelines feed it at sample time,
 so a plain-diffusers user of the export gets the images genlab samples:
@@ -19,9 +19,8 @@ so a plain-diffusers user of the export gets the images genlab samples:
   embedding (`model.guidance`) where the base has one, and `controlnet_block_samples` /
   `controlnet_single_block_samples`.
 
-Exports `export/controlnet/` (a diffusers model directory), the transformer's LoRA as
-`pytorch_lora_weights.safetensors` (for the pipelines' `load_lora_weights`) and
-`genlab_export.json`.
+Exports `export/controlnet/` (a diffusers model directory), the transformer's adapter (see
+`save_transformer_adapter`) and `genlab_export.json`.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from typing import Any
 
 import torch
 from diffusers.training_utils import cast_training_params
+from safetensors.torch import save_file
 from torch import nn
 
 from genlab.data.latent_cache import cached_or_encoded_latents
@@ -159,17 +159,30 @@ def training_scheduler(base: str, latent_tokens: int):
     return type(scheduler).from_config(config, shift=math.exp(mu))
 
 
-def save_transformer_lora(kind: str, transformer: nn.Module, out_dir: Path) -> Path:
-    """`out_dir/pytorch_lora_weights.safetensors`: the transformer's LoRA for the pipelines' `load_lora_weights`."""
+def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -> None:
+    """The transformer's adapter, in every format its variant has a loader for.
+
+    - lora, dora: `pytorch_lora_weights.safetensors`, for the pipelines' `load_lora_weights`;
+    - loha, lokr (which those loaders refuse): `transformer_adapter/`, peft's adapter directory, for
+      `PeftModel.from_pretrained(pipe.transformer, "<export>/transformer_adapter")` (it adapts the
+      pipeline's transformer in place);
+    - all: `lora_kohya.safetensors`, ComfyUI's keys (`lora_variants`).
+    """
     from peft.utils import get_peft_model_state_dict
 
     transformer = ld.unwrap(transformer)
+    config = transformer.peft_config["default"]
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-    # The metadata carries lora_alpha, so loaders scale by alpha / rank as in training.
-    _diffusers(bases.PIPELINE_CLASSES[kind]).save_lora_weights(
-        out_dir, transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
-    return Path(out_dir) / "pytorch_lora_weights.safetensors"
+    if lora_variants.variant_of(transformer) in ("lora", "dora"):
+        # The metadata carries lora_alpha (and use_dora), so loaders scale by alpha / rank as in training.
+        _diffusers(bases.PIPELINE_CLASSES[kind]).save_lora_weights(
+            out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict())
+    else:
+        adapter = Path(out_dir) / "transformer_adapter"
+        config.save_pretrained(adapter)
+        # PeftModel's own key prefix: its from_pretrained reads keys as PeftModel.save_pretrained writes them.
+        save_file({f"base_model.model.{k}": v for k, v in layers.items()}, adapter / "adapter_model.safetensors")
+    lora_variants.save_kohya(transformer, out_dir, prefix="lora_transformer_")
 
 
 class FlowControlNet(OnePhase, ld.SketchConditioned):
@@ -177,7 +190,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
 
     Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` passes them on). What differs from
     SD/SDXL: the sketch is encoded by the VAE (no hint encoder: controlnet.conditioning_channels
-    must be null), LoRA is plain LoRA on the transformer, there is no Control-LoRA and no
+    must be null), LoRA and its variants are on the transformer, there is no Control-LoRA and no
     `model.vae` override, and `guidance` is Flux's guidance embedding where the base has one.
 
     Args (beyond ControlNet's):
@@ -206,9 +219,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         if cfg.get("conditioning_channels"):
             raise ConfigError("model.controlnet.conditioning_channels: SD3.x/Flux ControlNets read the sketch's VAE "
                               "latents (no hint encoder); set it to null.")
-        if int(lora.get("rank", 0)) > 0 and lora.get("variant", "lora") != "lora":
-            raise ConfigError(f"model.lora.variant={lora.get('variant')}: SD3.x/Flux ControlNets train plain LoRA on "
-                              "the transformer; set model.lora.variant=lora.")
+        lora_variants.refuse_on_quantized(lora, quantize_base, "transformer")
         self.image_size = image_size
         self.base = bases.diffusers_dir(str(base), base_config)
         # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
@@ -240,7 +251,8 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         memory.quantize_frozen(self.transformer, quantize_base)  # after the ControlNet copied full precision
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
-            self.transformer.add_adapter(lora_variants.adapter_config(lora))  # attention projections by default
+            # lora, dora, loha or lokr on the attention projections by default.
+            self.transformer.add_adapter(lora_variants.adapter_config(lora))
         if gradient_checkpointing:  # the frozen transformer too: gradients flow through it to the ControlNet
             self.transformer.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
@@ -321,7 +333,7 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         out_dir = Path(out_dir)
         export(self.controlnet, out_dir)
         if self.lora_rank > 0:
-            save_transformer_lora(self.kind, self.transformer, out_dir)
+            save_transformer_adapter(self.kind, self.transformer, out_dir)
         ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
                              lora_rank=self.lora_rank, max_sequence_length=self.text_tokens)
 

@@ -1,4 +1,5 @@
-"""LoRA variants on the base U-Net through peft, and their export in the key format of A1111/ComfyUI.
+"""LoRA variants on the base's denoiser (U-Net, or SD3.x/Flux transformer) through peft, and their
+export in the key format of A1111/ComfyUI.
 
 `model.lora.variant`:
 - `lora`: W + (alpha / r) B A (peft `LoraConfig`);
@@ -12,6 +13,9 @@ Exports (beside the ControlNet): `pytorch_lora_weights.safetensors`, diffusers' 
 `.hada_w1_a`, `.lokr_w1`, `.alpha`, DoRA's `.dora_scale`) that A1111, ComfyUI, InvokeAI and
 diffusers' own kohya loader read (DoRA: ComfyUI's output-axis formula; A1111 decomposes along
 the input axis only, so a peft DoRA, decomposed per output row, does not carry over there).
+An SD3.x/Flux transformer's file has the same suffixes under `lora_transformer_<module>`, the
+diffusers-layout names ComfyUI maps for both (OneTrainer's layout; diffusers' Flux loader reads
+its LoRA too).
 """
 
 from __future__ import annotations
@@ -46,15 +50,25 @@ def adapter_config(lora: dict, default_targets: list[str] = ATTENTION):
                       use_dora=variant == "dora")
 
 
+def refuse_on_quantized(lora: dict, quantize_base: str | None, denoiser: str = "U-Net") -> None:
+    """Only LoRA trains on a quantised base: peft's torchao layers (`TorchaoLoraLinear`) are LoRA's alone."""
+    variant = lora.get("variant") or "lora"
+    if quantize_base and int(lora.get("rank", 0)) > 0 and variant != "lora":
+        raise ConfigError(f"model.quantize_base={quantize_base} trains LoRA on the quantised {denoiser} (peft's "
+                          f"torchao layers): set model.lora.variant=lora, not {variant}.")
+
+
 def variant_of(unet: nn.Module) -> str:
-    """Which variant the U-Net's "default" adapter is."""
+    """Which variant the U-Net's (or transformer's) "default" adapter is."""
     config = unet.peft_config["default"]
     kind = type(config).__name__
     return {"LoHaConfig": "loha", "LoKrConfig": "lokr"}.get(kind, "dora" if getattr(config, "use_dora", False) else "lora")
 
 
-def kohya_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+def kohya_state_dict(unet: nn.Module, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """The U-Net's adapter in kohya/LyCORIS keys, scaled so that ComfyUI's formulas give the trained weights.
+
+    `prefix` starts every module's name (`lora_transformer_` for an SD3.x/Flux transformer).
 
     lora: `lora_down`/`lora_up` + `alpha` (diffusers' `convert_state_dict_to_kohya`, with the real
     alpha: diffusers writes alpha = rank). dora: the same + `dora_scale` (out, 1); ComfyUI divides
@@ -70,17 +84,18 @@ def kohya_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
     variant = variant_of(unet)
     if variant in ("lora", "dora"):
-        out = convert_state_dict_to_kohya({"unet." + k: v for k, v in state.items() if "magnitude" not in k})
+        kohya = convert_state_dict_to_kohya({"unet." + k: v for k, v in state.items() if "magnitude" not in k})
+        out = {prefix + k.removeprefix("lora_unet_"): v for k, v in kohya.items()}
         for key in [k for k in out if k.endswith(".alpha")]:
             out[key] = torch.tensor(float(config.lora_alpha))
         for key in [k for k in state if "lora_magnitude_vector" in k]:
             module = key.split(".lora_magnitude_vector")[0]
-            out[f"lora_unet_{module.replace('.', '_')}.dora_scale"] = _comfy_dora_scale(unet.get_submodule(module))
+            out[f"{prefix}{module.replace('.', '_')}.dora_scale"] = _comfy_dora_scale(unet.get_submodule(module))
         return out
     out = {}
     for key, value in state.items():
         module, _, param = key.rpartition(".")  # e.g. down_blocks.1.attentions.0...to_q, hada_w1_a
-        name = f"lora_unet_{module.replace('.', '_')}"
+        name = f"{prefix}{module.replace('.', '_')}"
         out[f"{name}.{param}"] = value
         if param in ("hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
             out[f"{name}.alpha"] = torch.tensor(float(config.alpha))
@@ -99,14 +114,15 @@ def _comfy_dora_scale(layer: nn.Module) -> torch.Tensor:
     return (magnitude * weight.norm(dim=1) / (weight + delta).norm(dim=1))[:, None].cpu().contiguous()
 
 
-def save_kohya(unet: nn.Module, out_dir: Path) -> Path:
+def save_kohya(unet: nn.Module, out_dir: Path, prefix: str = "lora_unet_") -> Path:
     """`out_dir/lora_kohya.safetensors`: the adapter for A1111 / ComfyUI (metadata: variant, rank, alpha)."""
     config = unet.peft_config["default"]
     alpha = getattr(config, "lora_alpha", None) or getattr(config, "alpha", None)
     path = Path(out_dir) / "lora_kohya.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_state_dict(unet), path, metadata={"genlab_variant": variant_of(unet), "ss_network_dim": str(config.r),
-                                                      "ss_network_alpha": str(alpha)})
+    save_file(kohya_state_dict(unet, prefix), path, metadata={"genlab_variant": variant_of(unet),
+                                                              "ss_network_dim": str(config.r),
+                                                              "ss_network_alpha": str(alpha)})
     return path
 
 
