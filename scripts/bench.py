@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mfu-compile", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--data", nargs="*", default=None, metavar="PART",
                         help="measure the data paths instead (all, or some of: throughput startup cache)")
+    parser.add_argument("--folder-workers", nargs="*", type=int, default=[], metavar="N",
+                        help="--data throughput: also the folder path with data.num_workers=N (default config: 2)")
     parser.add_argument("--files", type=int, default=100_000, help="--data startup: PNG files in the folder")
     parser.add_argument("--cache-steps", type=int, default=40, help="--data cache: measured ControlNet steps")
     parser.add_argument("--work", default="/tmp/genlab-bench-data", help="--data: where folders and runs are made")

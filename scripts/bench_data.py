@@ -144,6 +144,9 @@ def throughput(args, work: Path) -> dict:
                                    f"data.cache_dir={work / 'lists'}", *common]),
         "diffusers_train_unconditional": ("diffusers", ["data=digits", *common]),
     }
+    # The worker count matters on a small machine: each worker's decoding competes with torch's threads.
+    for workers in args.folder_workers:
+        paths[f"imagefolder_{workers}_workers"] = ("genlab", [*paths["imagefolder"][1], f"data.num_workers={workers}"])
     runs = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (kind, overrides) in paths.items():
@@ -158,7 +161,9 @@ def throughput(args, work: Path) -> dict:
     return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
             "folder": str(folder), "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
             "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
-            "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"], "all_runs": runs}
+            "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"],
+            "folder_workers_vs_diffusers": {k: v / ips["diffusers_train_unconditional"] for k, v in ips.items()
+                                            if k.startswith("imagefolder_")}, "all_runs": runs}
 
 
 def write_tiny_pngs(folder: Path, n: int) -> Path:

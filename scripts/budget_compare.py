@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quality import COMMON, ROOT, compose, environment, steps_per_second, train  # scripts/ is on sys.path
+from quality import COMMON, ROOT, environment, steps_per_second, train  # scripts/ is on sys.path
 from genlab.eval.evaluate import Evaluator
 from genlab.run_dir import load_family
 
