@@ -188,7 +188,7 @@ def _check_training_value(key, value):
 FUZZ = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)  # ~0.5 s a case
 
 
-@settings(max_examples=30, **FUZZ)
+@settings(max_examples=15, **FUZZ)  # the slow suite tries 300
 @given(key=st.sampled_from(TRAIN_KEYS), value=VALUES)
 def test_any_training_value_is_accepted_or_refused_in_one_sentence(key, value):
     _check_training_value(key, value)
@@ -219,9 +219,20 @@ def fuzz_run(tmp_path_factory, tiny_ddpm_run):
     return copy
 
 
-@settings(max_examples=200, **FUZZ)  # ~0.06 s a case: most options are refused before a model is built
+@settings(max_examples=100, **FUZZ)  # ~0.06 s a case: most options are refused before a model is built
 @given(options=SAMPLE_OPTIONS)
 def test_any_sample_options_give_images_or_one_sentence(fuzz_run, tmp_path_factory, options):
+    _check_sample_options(fuzz_run, tmp_path_factory, options)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, **FUZZ)
+@given(options=SAMPLE_OPTIONS)
+def test_many_sample_options_give_images_or_one_sentence(fuzz_run, tmp_path_factory, options):
+    _check_sample_options(fuzz_run, tmp_path_factory, options)
+
+
+def _check_sample_options(fuzz_run, tmp_path_factory, options):
     out = tmp_path_factory.mktemp("out") / "g.png"
     before = snapshot(fuzz_run)
     args = [a for k, v in options.items() for a in ([k] if v is None else [k, str(v)])]

@@ -254,7 +254,9 @@ def test_controlnet_resume_is_bitwise(tmp_path, base, variant):
     _assert_identical(straight, resumed)
 
 
-@pytest.mark.parametrize("variant", lora_variants.VARIANTS)
+# lora in the default suite; the other variants (a few seconds each) under -m slow, which CI also runs.
+@pytest.mark.parametrize("variant", [v if v == "lora" else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in lora_variants.VARIANTS])
 def test_transformer_lora_variant_exports_sample_the_same_in_plain_diffusers(base, variant, tmp_path):
     """Each variant trains on the transformer; its export loaded into the plain diffusers pipeline (lora, dora:
     `load_lora_weights`; loha, lokr: peft's `PeftModel.from_pretrained`) samples genlab's images, and its
