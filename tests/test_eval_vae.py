@@ -83,6 +83,7 @@ def test_evaluator_adds_vae_metrics_and_anomaly_auroc(cache_dir, conditional):
     assert metrics["iwae_k"] == 4 and metrics["classes_total"] == 9  # class 0 is not in the train data
 
 
+@pytest.mark.slow  # 15 s: trains a VAE without one digit (test_evaluator_adds_vae_metrics... checks the metric is there)
 def test_anomaly_auroc_ranks_the_held_out_kind_as_anomalous(cache_dir):
     """A VAE trained on blobs: val noise images (the excluded class 0) score as anomalies (AUROC ~1, not ~0)."""
     from genlab.data.tensor_images import TensorImages
