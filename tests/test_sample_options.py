@@ -52,6 +52,7 @@ def test_truncation_reaches_the_gan(tmp_path):
     assert result.exit_code == 1 and "truncation=-1" in result.output
 
 
+@pytest.mark.slow  # ~19 s on a fresh clone (DDPM 1000 steps among the settings); CI runs it under -m slow
 def test_eval_compare_samplers_writes_a_row_per_setting(tiny_ddpm_run, tmp_path):
     import shutil
 
