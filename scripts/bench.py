@@ -5,9 +5,12 @@ For each family, on the same model, data (digits in memory), batch and optimizer
   (the same EMA as genlab's: foreach updates);
 - genlab: the real Trainer (Accelerate, accumulation bookkeeping, gradient clipping at the
   config's trainer.grad_clip, NaN checks, logging).
-Each measurement runs in its own process (fair peak memory), alternating bare and genlab
-`--repeats` times; the best images/s of each is kept (the least disturbed run). Also
-times `genlab --help` and time-to-first-step of `genlab train`.
+The ratio comes from both loops in one process taking turns every `--window` steps
+(`measure_paired`): separate processes on a shared 2-core VM differ by 15-25% in speed from
+one to the next, more than the runner costs (issue 14: a flow DDPM's 0.816 was that).
+Each loop also runs alone in its own process (peak memory, images/s), alternating bare and
+genlab `--repeats` times, the best of each kept. Also times `genlab --help` and
+time-to-first-step of `genlab train`.
 
 With `--levers`, measures instead the speed switches (channels_last, torch.compile, bf16,
 TF32, fused/foreach optimizers, SDPA attention, on-device data, DataLoader workers, pinned
@@ -177,45 +180,104 @@ def _config(family: str, overrides: list[str]):
         return compose(config_name="train", overrides=hydra_args([f"model={family}", *COMMON, *overrides]))
 
 
+class BareLoop:
+    """The bare loop on a family of the config: `loss = family.loss(...); loss.backward(); opt.step();
+    ema.step()` per phase and step, nothing else."""
+
+    def __init__(self, family_name: str, overrides: list[str]):
+        import torch
+        from diffusers.training_utils import EMAModel
+        from hydra.utils import instantiate
+
+        from genlab.data import build_dataset
+
+        cfg = _config(family_name, overrides)
+        torch.manual_seed(cfg.trainer.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.data = build_dataset(cfg.data, "train").to(self.device)
+        self.family = instantiate(cfg.model, _convert_="all").to(self.device)
+        self.optimizers = {p: instantiate(cfg.optimizer)(g) for p, g in self.family.param_groups().items()}
+        family = self.family
+        self.ema_net = getattr(family, family.ema_network) if family.ema_network and cfg.trainer.ema else None
+        # The same EMA as genlab's (foreach updates), so that the ratio measures the runner, not the EMA.
+        self.ema = (EMAModel(self.ema_net.parameters(), decay=cfg.trainer.ema, use_ema_warmup=cfg.trainer.ema_warmup,
+                             foreach=True) if self.ema_net is not None else None)
+        if self.ema:
+            self.ema.to(self.device)
+        self.batch_size, self.step = cfg.trainer.batch_size, 0
+
+    def run(self, steps: int) -> float:
+        """Seconds that the next `steps` optimizer steps take."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for phase in self.family.phases(self.step):
+                batch = self.data.get_batch(torch.randint(0, len(self.data), (self.batch_size,)))
+                loss, _ = self.family.loss(phase, batch, self.step, GlobalRandom(self.device))
+                loss.backward()
+                self.optimizers[phase].step()
+                self.optimizers[phase].zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.step(self.ema_net.parameters())
+            self.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
 def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Images/s of the bare loop over `steps` after `warmup` steps (runs in this process)."""
-    import torch
-    from diffusers.training_utils import EMAModel
-    from hydra.utils import instantiate
+    loop = BareLoop(family_name, overrides)
+    loop.run(warmup)
+    return {"images_per_s": steps * loop.batch_size / loop.run(steps)}
 
-    from genlab.data import build_dataset
 
-    cfg = _config(family_name, overrides)
-    torch.manual_seed(cfg.trainer.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = build_dataset(cfg.data, "train").to(device)
-    family = instantiate(cfg.model, _convert_="all").to(device)
-    optimizers = {p: instantiate(cfg.optimizer)(g) for p, g in family.param_groups().items()}
-    ema_net = getattr(family, family.ema_network) if family.ema_network and cfg.trainer.ema else None
-    # The same EMA as genlab's (foreach updates), so that the ratio measures the runner, not the EMA.
-    ema = (EMAModel(ema_net.parameters(), decay=cfg.trainer.ema, use_ema_warmup=cfg.trainer.ema_warmup, foreach=True)
-           if ema_net is not None else None)
-    if ema:
-        ema.to(device)
-    batch_size, n = cfg.trainer.batch_size, len(data)
-    t0 = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        for phase in family.phases(step):
-            batch = data.get_batch(torch.randint(0, n, (batch_size,)))
-            loss, _ = family.loss(phase, batch, step, GlobalRandom(device))
-            loss.backward()
-            optimizers[phase].step()
-            optimizers[phase].zero_grad(set_to_none=True)
-        if ema:
-            ema.step(ema_net.parameters())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {"images_per_s": steps * batch_size / elapsed}
+def measure_paired(family_name: str, overrides: list[str], steps: int, warmup: int, window: int) -> dict:
+    """Both loops in this one process, taking turns every `window` optimizer steps.
+
+    genlab's real Trainer trains (`run_training`); each of its log lines closes a window of its
+    own, and right then, outside genlab's timing, the bare loop runs the next `window` steps. The
+    two loops so share the process (threads, allocator, imports) and the moment: on a shared
+    2-core VM the speed of one process differs from the next's by 15-25% (`all_runs`), which
+    best-of-2 separate processes cannot tell from a cost of genlab's. The first windows up to
+    `warmup` steps are not counted.
+
+    Returns:
+        images_per_s of each loop over all counted windows, their ratio, and each window's rates.
+    """
+    from genlab.train import tracking
+    from genlab.train.job import run_training
+
+    bare = BareLoop(family_name, overrides)
+    skip, counted = -(-warmup // window), -(-steps // window)
+    cfg = _config(family_name, [*overrides, f"trainer.max_steps={(skip + counted) * window}",
+                                f"trainer.log_every={window}", "trainer.sample_n=0"])
+    rates = {"genlab": [], "bare": []}
+    log = tracking.Tracker.log
+
+    def log_then_bare_window(tracker, step, scalars):
+        log(tracker, step, scalars)
+        if "images_per_s" in scalars:  # a training log line (the loop reads its clock before logging)
+            rates["genlab"].append(scalars["images_per_s"])
+            rates["bare"].append(window * bare.batch_size / bare.run(window))
+
+    tracking.Tracker.log = log_then_bare_window  # this process runs nothing else
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            run_training(cfg, Path(run_dir))
+    finally:
+        tracking.Tracker.log = log
+    genlab, bare_rates = rates["genlab"][skip:], rates["bare"][skip:]
+    # Every window holds the same images, so a loop's images/s over all of them is the harmonic mean.
+    genlab_rate, bare_rate = (len(r) / sum(1 / x for x in r) for r in (genlab, bare_rates))
+    return {"window": window, "windows": len(genlab), "images_per_s_genlab": genlab_rate,
+            "images_per_s_bare": bare_rate, "ratio": genlab_rate / bare_rate,
+            "window_ratios": [g / b for g, b in zip(genlab, bare_rates)],
+            "windows_genlab": genlab, "windows_bare": bare_rates}
 
 
 def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -278,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="measured optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=30, help="steps before measuring")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop; the best is kept")
+    parser.add_argument("--window", type=int, default=10,
+                        help="optimizer steps per turn when both loops take turns in one process (the ratio)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.batch_size=128")
     parser.add_argument("--levers", nargs="*", default=None, metavar="LEVER",
@@ -319,18 +383,28 @@ def main(argv: list[str] | None = None) -> None:
     for family in args.families:
         if not (ROOT / "configs" / "model" / f"{family}.yaml").exists():
             continue
-        runs = {"bare": [], "genlab": []}
+        runs, paired = {"bare": [], "genlab": []}, []
         for _ in range(args.repeats):
             for kind in ("bare", "genlab"):
                 runs[kind].append(in_subprocess(kind, family, args.overrides, args.steps, args.warmup))
+            paired.append(run_in_subprocess(f"bench.measure_paired({family!r}, {args.overrides!r}, {args.steps}, "
+                                             f"{args.warmup}, {args.window})"))
         best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+        separate = best["genlab"]["images_per_s"] / best["bare"]["images_per_s"]
+        # The ratio: every paired window of every repeat (all hold the same images), genlab's time over bare's.
+        time_of = {k: sum(1 / x for run in paired for x in run[f"windows_{k}"]) for k in ("bare", "genlab")}
+        window_ratios = sorted(x for run in paired for x in run["window_ratios"])
+        quartiles = [window_ratios[round(q * (len(window_ratios) - 1))] for q in (0.25, 0.5, 0.75)]
         results[family] = {
             "bare": best["bare"], "genlab": best["genlab"],
-            "ratio": best["genlab"]["images_per_s"] / best["bare"]["images_per_s"],
+            "ratio": time_of["bare"] / time_of["genlab"], "window_ratio_quartiles": quartiles,
+            "ratio_separate_processes": separate, "paired_runs": paired,
             "all_runs": runs, "time_to_first_step_s": time_to_first_step(family, args.overrides),
         }
-        print(f"{family}: bare {best['bare']['images_per_s']:.0f} img/s, genlab {best['genlab']['images_per_s']:.0f} "
-              f"img/s, ratio {results[family]['ratio']:.3f}", flush=True)
+        print(f"{family}: ratio {results[family]['ratio']:.3f} in one process, windows of {args.window} steps taking "
+              f"turns (quartiles of the windows' ratios {', '.join(f'{q:.3f}' for q in quartiles)}); separate "
+              f"processes, best of {args.repeats}: bare {best['bare']['images_per_s']:.0f} img/s, genlab "
+              f"{best['genlab']['images_per_s']:.0f} img/s, ratio {separate:.3f}", flush=True)
     t0 = time.perf_counter()
     subprocess.run([GENLAB, "--help"], capture_output=True, check=True)
     help_s = time.perf_counter() - t0

@@ -1,0 +1,29 @@
+"""scripts/bench.py's ratio: genlab's Trainer and the bare loop taking turns in one process (issue 14)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench  # noqa: E402
+from genlab.train import tracking  # noqa: E402
+
+TINY = ["model.unet.block_out_channels=[16,16,16]", "model.unet.attention_head_dim=8", "trainer.batch_size=8"]
+
+
+@pytest.mark.slow  # two real loops of a few steps each, ~20-60 s on 2 cores; `make test-slow` (CI) runs it
+def test_paired_windows_take_turns_and_leave_the_tracker_as_it_was():
+    log = tracking.Tracker.log
+    result = bench.measure_paired("ddpm", ["model.objective=flow", *TINY], steps=4, warmup=2, window=2)
+    assert tracking.Tracker.log is log  # the bare loop's hook is gone again
+    # warmup 2 = the first window, not counted; steps 4 = two counted windows of each loop
+    assert result["windows"] == 2 and len(result["windows_bare"]) == len(result["windows_genlab"]) == 2
+    assert all(r > 0 for r in result["windows_bare"] + result["windows_genlab"])
+    assert result["window_ratios"] == [g / b for g, b in zip(result["windows_genlab"], result["windows_bare"])]
+    # images/s over both windows: each holds 2 steps x 8 images, so the total is the harmonic mean
+    genlab = result["windows_genlab"]
+    assert result["images_per_s_genlab"] == pytest.approx(32 / (16 / genlab[0] + 16 / genlab[1]))
+    assert result["ratio"] == pytest.approx(result["images_per_s_genlab"] / result["images_per_s_bare"])
