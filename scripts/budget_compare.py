@@ -97,9 +97,10 @@ def plot(out: Path) -> Path:
                ("class_confidence_digits_mlp", "confidence (digits MLP)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4))
     colours = {"ddpm_unet": "tab:blue", "flow_unet": "tab:orange", "flow_dit": "tab:green"}
+    longest = max(run["budget_minutes"] for run in runs.values())
     for name, run in sorted(runs.items()):
         arm = name.split("@")[0]
-        style = "-" if run["budget_minutes"] >= 8 else "--"
+        style = "-" if run["budget_minutes"] == longest else "--"  # the longest budget solid, shorter ones dashed
         steps = [r["steps"] for r in run["rows"]]
         for ax, (metric, _) in zip(axes, metrics):
             ax.plot(steps, [r[metric] for r in run["rows"]], style, marker="o", color=colours[arm],
