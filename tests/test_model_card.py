@@ -198,7 +198,7 @@ def test_controlnet_card_is_tagged_by_its_base_kind(tmp_path, kind):
     assert card.data.tags == ["genlab", "diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}", "lora"]
     assert card.data.pipeline_tag == "text-to-image" and card.data.base_model is None  # a local base is no Hub id
     assert f"This is a ControlNet that makes its {name} base follow a sketch" in card.text
-    assert f"plus the base {denoiser}'s LoRA" in card.text
+    assert f"plus the base {denoiser}'s LoRA in pytorch_lora_weights.safetensors" in card.text
     snippet = card.text.split("```python")[1].split("```")[0]
     assert f"from diffusers import {controlnet}, {pipeline}\n" in snippet
     assert f'{pipeline}.from_pretrained("{base}", controlnet=controlnet' in snippet
@@ -208,3 +208,31 @@ def test_controlnet_card_is_tagged_by_its_base_kind(tmp_path, kind):
     hub = {"model": {**config["model"], "base": "someone/a-base"}}
     meta = metadata(hub, "fill_circles", {"base_kind": kind, "base": "someone/a-base"})
     assert meta["base_model"] == "someone/a-base" and f"diffusers:{pipeline}" in meta["tags"] and tag in meta["tags"]
+
+
+@pytest.mark.parametrize("kind, variant, file, loader", [
+    ("sd3", "lora", "pytorch_lora_weights.safetensors", "pipe.load_lora_weights("),
+    ("sd3", "dora", "pytorch_lora_weights.safetensors", "pipe.load_lora_weights("),
+    ("sd3", "loha", "transformer_adapter/", "PeftModel.from_pretrained(pipe.transformer,"),
+    ("flux", "lokr", "transformer_adapter/", "PeftModel.from_pretrained(pipe.transformer,"),
+    ("sd", "lokr", "lora_kohya.safetensors", "diffusers cannot load it"),
+    ("sd", "lora", None, None),  # rank 0: no adapter was trained, none is named or loaded
+])
+def test_controlnet_card_names_the_adapter_file_its_variant_exports(kind, variant, file, loader):
+    """The card says where the base's adapter is and loads it the way its variant can be loaded (issue 15):
+    LoHa/LoKr have no pytorch_lora_weights.safetensors, so load_lora_weights would fail on them."""
+    from genlab.model_card import _controlnet_use, controlnet_spec
+
+    lora = {"rank": 4 if file else 0, "variant": variant}
+    config = {"model": {"base": "someone/a-base", "lora": lora}}
+    what = controlnet_spec(kind, lora)["what"]
+    snippet = _controlnet_use(config, {"base_kind": kind, "base": "someone/a-base"}, "EXPORT")
+    if file is None:
+        assert "plus" not in what and "load_lora_weights" not in snippet and "PeftModel" not in snippet
+        return
+    assert file in what and ADAPTER_NAMES[variant] in what
+    assert loader in snippet
+    assert ("load_lora_weights" in snippet) == (variant in ("lora", "dora"))
+
+
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}

@@ -124,22 +124,40 @@ def controlnet_base_kind(config: dict[str, Any], info: dict[str, Any] | None = N
         return "sd"
 
 
-def controlnet_spec(kind: str) -> dict[str, Any]:
-    """FAMILIES' entry for a ControlNet on a base of `kind` (its "use" is _controlnet_use's)."""
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def adapter_files(kind: str, lora: dict[str, Any] | None) -> str:
+    """Where a ControlNet export keeps its base's adapter, by variant: what diffusers loads and what it cannot."""
+    lora = lora or {}
+    if not lora.get("rank"):
+        return ""
+    denoiser = "transformer" if kind in ("sd3", "flux") else "U-Net"
+    variant = lora.get("variant") or "lora"
+    name = ADAPTER_NAMES.get(variant, variant)
+    if variant in ("lora", "dora"):  # what the pipelines' load_lora_weights reads
+        return f"the base {denoiser}'s {name} in pytorch_lora_weights.safetensors"
+    if denoiser == "transformer":  # diffusers' loaders refuse LoHa/LoKr: peft's own directory
+        return f"the base transformer's {name} in transformer_adapter/ (peft)"
+    return f"the base U-Net's {name} in lora_kohya.safetensors (kohya/ComfyUI; diffusers has no loader)"
+
+
+def controlnet_spec(kind: str, lora: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FAMILIES' entry for a ControlNet on a base of `kind` (its "use" is _controlnet_use's); `lora`: model.lora."""
     from genlab.families.bases import KINDS
 
     tag, _, pipeline = CONTROLNET_BASES[kind]
-    denoiser = "transformer" if kind in ("sd3", "flux") else "U-Net"
+    adapter = adapter_files(kind, lora)
     return {"library_name": "diffusers", "pipeline_tag": "text-to-image",
             "tags": ["diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"],
-            "what": f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/, plus the base "
-                    f"{denoiser}'s LoRA in pytorch_lora_weights.safetensors when trained with one)"}
+            "what": f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/"
+                    f"{', plus ' + adapter if adapter else ''})"}
 
 
 def spec_of(family: str, config: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The family's FAMILIES entry (a ControlNet's by its base kind); None for a family without one."""
     if family == "controlnet":
-        return controlnet_spec(controlnet_base_kind(config, info))
+        return controlnet_spec(controlnet_base_kind(config, info), config.get("model", {}).get("lora"))
     return FAMILIES.get(family)
 
 
@@ -239,11 +257,24 @@ def _export_info(run: RunDir) -> dict[str, Any]:
         return {}
 
 
+def _adapter_lines(kind: str, lora: dict[str, Any] | None, where: str) -> list[str]:
+    """How the pipeline `pipe` takes a ControlNet export's base adapter (none when trained without one)."""
+    lora = lora or {}
+    if not lora.get("rank"):
+        return []
+    if (lora.get("variant") or "lora") in ("lora", "dora"):
+        return [f'pipe.load_lora_weights("{where}")']
+    if kind in ("sd3", "flux"):  # PeftModel adapts pipe.transformer in place
+        return ["from peft import PeftModel", f'PeftModel.from_pretrained(pipe.transformer, "{where}/transformer_adapter")']
+    return ["# the U-Net's LoHa/LoKr is in lora_kohya.safetensors, for kohya/ComfyUI: diffusers cannot load it"]
+
+
 def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) -> str:
     """The loading code of a ControlNet export in the ControlNet pipeline of its base's kind."""
     kind = controlnet_base_kind(config, info)
     _, controlnet, pipeline = CONTROLNET_BASES[kind]
-    base = info.get("base") or config.get("model", {}).get("base") or "BASE"
+    model = config.get("model", {})
+    base = info.get("base") or model.get("base") or "BASE"
     lines = [f"from diffusers import {controlnet}, {pipeline}", "",
              f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")']
     if kind in ("sd3", "flux"):
@@ -255,12 +286,12 @@ def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) ->
             no_t5 = False
         lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
                   f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
-                  f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors',
+                  *_adapter_lines(kind, model.get("lora"), where),
                   f'image = pipe("a red circle on a blue background", control_image=sketch, '
                   f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
         return "\n".join(lines)
     lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
-              f'pipe.load_lora_weights("{where}")  # when the export has pytorch_lora_weights.safetensors']
+              *_adapter_lines(kind, model.get("lora"), where)]
     if flow_unet_base(base):
         lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
     lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')
