@@ -305,3 +305,24 @@ def test_takes_a_quantised_base_and_gradient_checkpointing(base, options):
     trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert memory.is_quantized(family.transformer) == ("quantize_base" in options)
+
+
+@pytest.mark.slow  # two trainings and a few samples per base kind
+@pytest.mark.parametrize("variant", ["loha", "lokr"])
+def test_sample_stacks_a_plain_lora_on_a_loha_or_lokr_run(base, variant, tmp_path):
+    """`--lora FILE` on a run whose own transformer adapter is LoHa/LoKr: the diffusers LoRA goes on beside it
+    (weight 0 changes nothing, weight 1 changes the image) and is gone again afterwards."""
+    kind, base_dir = base
+    plain = _trained(base_dir, "lora", steps=2, max_sequence_length=16)
+    plain.export(tmp_path / "plain")
+    family = _trained(base_dir, variant, steps=2, max_sequence_length=16)
+    val = FillCircles("val", count=16, val_count=4)
+    conditions = dict(sketch=_pil(val[0]["sketch"]), prompt=val[0]["caption"], steps=2)
+    own = family.sample(1, seed=3, **conditions)
+    assert torch.equal(family.sample(1, seed=3, lora=[f"{tmp_path / 'plain'}:0"], **conditions), own)
+    stacked = family.sample(1, seed=3, lora=[f"{tmp_path / 'plain'}:1"], **conditions)
+    assert (stacked - own).abs().max() > 1e-3
+    assert lora_variants.variant_of(family.transformer) == variant  # its own adapter is still the LoHa/LoKr
+    # No layer is left wrapped in the emptied LoRA layer that stacking put around it (the next load broke on Flux).
+    assert not any(isinstance(getattr(m, "base_layer", None), BaseTunerLayer) for m in family.transformer.modules())
+    assert torch.equal(family.sample(1, seed=3, **conditions), own)

@@ -332,8 +332,26 @@ def stacked_loras(pipe, loras: list[tuple[str, float]], own_weight: float, has_o
     finally:
         if loaded:
             getattr(pipe, denoiser).delete_adapters(loaded)
+            unnest_emptied_layers(getattr(pipe, denoiser))
         if has_own:
             getattr(pipe, denoiser).set_adapters(["default"], [1.0])
+
+
+def unnest_emptied_layers(model: nn.Module) -> None:
+    """Put back layers that peft wrapped to stack an adapter of another type, once that adapter is deleted.
+
+    A LoRA loaded onto a layer that already holds a LoHa/LoKr wraps it (LoraLayer(base_layer=LoHaLayer));
+    `delete_adapters` empties the wrapper but keeps it, and the next `load_lora_weights` then looks for the
+    base weight one `base_layer.` too shallow (a KeyError on Flux). Layers of a single type are left alone.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        inner = getattr(module, "base_layer", None)
+        emptied = not any(len(getattr(module, n)) for n in getattr(module, "adapter_layer_names", ()))
+        if isinstance(module, BaseTunerLayer) and isinstance(inner, BaseTunerLayer) and emptied:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, inner)
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
