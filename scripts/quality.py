@@ -220,7 +220,8 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None, reuse: bo
             # `genlab resume RUN trainer.max_steps=N` may have continued it since: say how far it went.
             last = max((row["step"] for row in RunDir(run_dir).read_metrics()), default=info["steps"])
             if last != info["steps"]:
-                info.update(steps=last, resumed_from_steps=info["steps"])
+                info.update(steps=last, resumed_from_steps=info["steps"],  # the resume was not timed here
+                            train_seconds_covers=f"the first {info['steps']} steps only (then resumed outside this script)")
             return {**info, "reused": True}
     planned = compose(overrides).trainer.max_steps
     info: dict[str, Any] = {"run_dir": str(run_dir), "planned_max_steps": planned}
