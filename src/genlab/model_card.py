@@ -127,19 +127,25 @@ def controlnet_base_kind(config: dict[str, Any], info: dict[str, Any] | None = N
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
-def adapter_files(kind: str, lora: dict[str, Any] | None) -> str:
-    """Where a ControlNet export keeps its base's adapter, by variant: what diffusers loads and what it cannot."""
+def controlnet_adapter(kind: str, lora: dict[str, Any] | None, where: str = "EXPORT") -> tuple[str, list[str]]:
+    """A ControlNet export's base adapter: where it is (for "what") and the lines that load it into `pipe`
+    (for "use"), by variant; ("", []) when trained without one."""
+    from genlab.families.lora_variants import DIFFUSERS_LOADABLE
+
     lora = lora or {}
     if not lora.get("rank"):
-        return ""
-    denoiser = "transformer" if kind in ("sd3", "flux") else "U-Net"
+        return "", []
     variant = lora.get("variant") or "lora"
     name = ADAPTER_NAMES.get(variant, variant)
-    if variant in ("lora", "dora"):  # what the pipelines' load_lora_weights reads
-        return f"the base {denoiser}'s {name} in pytorch_lora_weights.safetensors"
-    if denoiser == "transformer":  # diffusers' loaders refuse LoHa/LoKr: peft's own directory
-        return f"the base transformer's {name} in transformer_adapter/ (peft)"
-    return f"the base U-Net's {name} in lora_kohya.safetensors (kohya/ComfyUI; diffusers has no loader)"
+    transformer = kind in ("sd3", "flux")
+    if variant in DIFFUSERS_LOADABLE:
+        return (f"the base {'transformer' if transformer else 'U-Net'}'s {name} in pytorch_lora_weights.safetensors",
+                [f'pipe.load_lora_weights("{where}")'])
+    if transformer:  # diffusers' loaders refuse LoHa/LoKr: peft's own directory, which adapts pipe.transformer in place
+        return (f"the base transformer's {name} in transformer_adapter/ (peft)",
+                ["from peft import PeftModel", f'PeftModel.from_pretrained(pipe.transformer, "{where}/transformer_adapter")'])
+    return (f"the base U-Net's {name} in lora_kohya.safetensors (kohya/ComfyUI; diffusers has no loader)",
+            ["# the U-Net's LoHa/LoKr is in lora_kohya.safetensors, for kohya/ComfyUI: diffusers cannot load it"])
 
 
 def controlnet_spec(kind: str, lora: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -147,7 +153,7 @@ def controlnet_spec(kind: str, lora: dict[str, Any] | None = None) -> dict[str, 
     from genlab.families.bases import KINDS
 
     tag, _, pipeline = CONTROLNET_BASES[kind]
-    adapter = adapter_files(kind, lora)
+    adapter, _ = controlnet_adapter(kind, lora)
     return {"library_name": "diffusers", "pipeline_tag": "text-to-image",
             "tags": ["diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"],
             "what": f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/"
@@ -257,24 +263,13 @@ def _export_info(run: RunDir) -> dict[str, Any]:
         return {}
 
 
-def _adapter_lines(kind: str, lora: dict[str, Any] | None, where: str) -> list[str]:
-    """How the pipeline `pipe` takes a ControlNet export's base adapter (none when trained without one)."""
-    lora = lora or {}
-    if not lora.get("rank"):
-        return []
-    if (lora.get("variant") or "lora") in ("lora", "dora"):
-        return [f'pipe.load_lora_weights("{where}")']
-    if kind in ("sd3", "flux"):  # PeftModel adapts pipe.transformer in place
-        return ["from peft import PeftModel", f'PeftModel.from_pretrained(pipe.transformer, "{where}/transformer_adapter")']
-    return ["# the U-Net's LoHa/LoKr is in lora_kohya.safetensors, for kohya/ComfyUI: diffusers cannot load it"]
-
-
 def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) -> str:
     """The loading code of a ControlNet export in the ControlNet pipeline of its base's kind."""
     kind = controlnet_base_kind(config, info)
     _, controlnet, pipeline = CONTROLNET_BASES[kind]
     model = config.get("model", {})
     base = info.get("base") or model.get("base") or "BASE"
+    _, adapter_lines = controlnet_adapter(kind, model.get("lora"), where)
     lines = [f"from diffusers import {controlnet}, {pipeline}", "",
              f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")']
     if kind in ("sd3", "flux"):
@@ -286,12 +281,12 @@ def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) ->
             no_t5 = False
         lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
                   f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
-                  *_adapter_lines(kind, model.get("lora"), where),
+                  *adapter_lines,
                   f'image = pipe("a red circle on a blue background", control_image=sketch, '
                   f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
         return "\n".join(lines)
     lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
-              *_adapter_lines(kind, model.get("lora"), where)]
+              *adapter_lines]
     if flow_unet_base(base):
         lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
     lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')

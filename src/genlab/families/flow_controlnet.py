@@ -173,7 +173,7 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
     transformer = ld.unwrap(transformer)
     config = transformer.peft_config["default"]
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
-    if lora_variants.variant_of(transformer) in ("lora", "dora"):
+    if lora_variants.variant_of(transformer) in lora_variants.DIFFUSERS_LOADABLE:
         # The metadata carries lora_alpha (and use_dora), so loaders scale by alpha / rank as in training.
         _diffusers(bases.PIPELINE_CLASSES[kind]).save_lora_weights(
             out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict())

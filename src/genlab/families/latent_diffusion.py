@@ -348,8 +348,9 @@ def unnest_emptied_layers(model: nn.Module) -> None:
 
     for name, module in list(model.named_modules()):
         inner = getattr(module, "base_layer", None)
-        emptied = not any(len(getattr(module, n)) for n in getattr(module, "adapter_layer_names", ()))
-        if isinstance(module, BaseTunerLayer) and isinstance(inner, BaseTunerLayer) and emptied:
+        if not (isinstance(module, BaseTunerLayer) and isinstance(inner, BaseTunerLayer)):
+            continue
+        if not any(len(getattr(module, n)) for n in module.adapter_layer_names):  # the wrapper holds nothing
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, inner)
 

@@ -29,6 +29,7 @@ from torch import nn
 from genlab.errors import ConfigError
 
 VARIANTS = ("lora", "dora", "loha", "lokr")
+DIFFUSERS_LOADABLE = ("lora", "dora")  # the variants the pipelines' load_lora_weights reads
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -131,6 +132,6 @@ def save(unet: nn.Module, out_dir: Path) -> None:
     from genlab.families.latent_diffusion import save_unet_lora, unwrap
 
     unet = unwrap(unet)
-    if variant_of(unet) in ("lora", "dora"):
+    if variant_of(unet) in DIFFUSERS_LOADABLE:
         save_unet_lora(unet, out_dir)
     save_kohya(unet, out_dir)
