@@ -323,14 +323,18 @@ def time_to_first_step(family: str, overrides: list[str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         t0 = time.perf_counter()
-        process = subprocess.Popen([GENLAB, "train", f"model={family}", *COMMON, *overrides, "trainer.max_steps=2",
-                                    "trainer.log_every=1", f"hydra.run.dir={tmp}/run"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "WANDB_MODE": "disabled"})
-        while not metrics.exists() and process.poll() is None:
-            time.sleep(0.02)
-        elapsed = time.perf_counter() - t0
-        process.wait()
+        with open(Path(tmp) / "stderr.txt", "w") as stderr:
+            process = subprocess.Popen([GENLAB, "train", f"model={family}", *COMMON, *overrides,
+                                        "trainer.max_steps=2", "trainer.log_every=1", f"hydra.run.dir={tmp}/run"],
+                                       stdout=subprocess.DEVNULL, stderr=stderr,
+                                       env={**os.environ, "WANDB_MODE": "disabled"})
+            while not metrics.exists() and process.poll() is None:
+                time.sleep(0.02)
+            elapsed = time.perf_counter() - t0
+            process.wait()
+        if not metrics.exists():  # a run that fails before its first step measures nothing
+            tail = (Path(tmp) / "stderr.txt").read_text().strip().splitlines()[-2:]
+            raise RuntimeError(f"genlab train exited {process.returncode} before its first step: {' | '.join(tail)}")
     return elapsed
 
 

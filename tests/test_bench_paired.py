@@ -27,3 +27,9 @@ def test_paired_windows_take_turns_and_leave_the_tracker_as_it_was():
     genlab = result["windows_genlab"]
     assert result["images_per_s_genlab"] == pytest.approx(32 / (16 / genlab[0] + 16 / genlab[1]))
     assert result["ratio"] == pytest.approx(result["images_per_s_genlab"] / result["images_per_s_bare"])
+
+
+def test_time_to_first_step_refuses_a_run_that_never_steps():
+    """A start that fails (here at composition, as a model that cannot train fails at build) times nothing."""
+    with pytest.raises(RuntimeError, match="exited 2 before its first step: .*did you mean 'ddpm'"):
+        bench.time_to_first_step("ddpn", [])

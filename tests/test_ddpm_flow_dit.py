@@ -13,6 +13,7 @@ import torch
 from diffusers import DDPMPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
 from conftest import TINY_DDPM, cli
+from genlab.errors import GenlabError
 from genlab.families.ddpm import DDPM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +111,12 @@ def test_two_processes_draw_what_one_process_draws(kw):
     halves = [family.loss(phase, {k: v[4 * r:4 * r + 4] for k, v in batch.items()}, 0,
                           StepRandom(0, 0, phase, 0, rank=r, world_size=2))[0] for r in (0, 1)]
     assert torch.allclose(whole, (halves[0] + halves[1]) / 2, atol=1e-6)
+
+
+def test_a_unet_whose_attention_gets_no_head_is_refused_when_built():
+    """attention_head_dim wider than an attention layer's channels: 0 heads, a ZeroDivisionError at step 1 in diffusers."""
+    unet = {"block_out_channels": [16, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "layers_per_block": 1}
+    with pytest.raises(GenlabError, match="attention_head_dim=32 is wider than an attention layer of 16 channels"):
+        DDPM(image_size=8, channels=1, unet={**unet, "attention_head_dim": 32})
+    DDPM(image_size=8, channels=1, unet={**unet, "attention_head_dim": 16})  # one head of 16: trains
