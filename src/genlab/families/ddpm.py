@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from genlab.diffusion import Diffusion, guided
@@ -176,6 +176,8 @@ class DDPM:
     def export(self, out_dir: Path) -> None:
         """U-Net: a diffusers DDPMPipeline directory; DiT: `transformer/` and `scheduler/` (see README)."""
         if self.backbone == "unet":
+            from diffusers import DDPMPipeline  # here: diffusers' pipelines cost every start ~0.4 s
+
             DDPMPipeline(unet=self.unet, scheduler=self.diffusion.scheduler).save_pretrained(out_dir)
             return
         # diffusers' DiTPipeline decodes with a VAE and takes 1000 classes: no pipeline fits pixel DiT.
