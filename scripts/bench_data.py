@@ -198,6 +198,15 @@ def startup(args, work: Path) -> dict:
     os.environ["GENLAB_CACHE"] = cache  # time_to_first_step's process inherits it: an empty file-list cache
     first = bench.time_to_first_step("ddpm", tiny)
     second = bench.time_to_first_step("ddpm", tiny)
+    gan = [*tiny[:4], "trainer.batch_size=16", "trainer.sample_n=0"]  # the same folder, a default-size GAN
+    gan_starts = [bench.time_to_first_step("gan", gan) for _ in range(2)]
+    # What any start costs before genlab's own work: the interpreter, torch, torch's first optimizer
+    # step (it imports torch._dynamo), and diffusers' import (it imports torch._dynamo, peft, transformers).
+    floor_code = {"python": "pass", "import torch": "import torch",
+                  "torch + one Adam step": "import torch; m = torch.nn.Linear(4, 4); o = torch.optim.Adam("
+                                           "m.parameters()); m(torch.randn(2, 4)).sum().backward(); o.step()",
+                  "import diffusers' UNet2DModel": "from diffusers import UNet2DModel"}
+    floor = {name: min(seconds([sys.executable, "-c", code])[0] for _ in range(2)) for name, code in floor_code.items()}
     code = (f"import time, sys; t0 = time.perf_counter(); from genlab.data.imagefolder import ImageFolder; "
             f"t1 = time.perf_counter(); d = ImageFolder({str(folder)!r}, 'train', image_size=8); "
             f"print(time.perf_counter() - t1, t1 - t0, len(d))")
@@ -214,6 +223,9 @@ def startup(args, work: Path) -> dict:
     return {"files": args.files, "folder": str(folder),
             "command": f"genlab train model=ddpm {' '.join(tiny)} trainer.max_steps=2 (tiny U-Net, 8 px)",
             "first_start_to_first_step_s": first, "second_start_to_first_step_s": second,
+            "gan": {"command": f"genlab train model=gan {' '.join(gan)} trainer.max_steps=2",
+                    "starts_to_first_step_s": gan_starts, "note": "file list already cached by the DDPM starts"},
+            "floor_best_of_2_s": floor,
             "dataset_construction": {"cold": construct[0], "warm": construct[1]},
             "cli_latency_s": {k: {"seconds": s, "exit_code": rc} for k, (s, rc) in latency.items()}}
 
