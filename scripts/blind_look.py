@@ -9,7 +9,8 @@ unseals the key and compares the two halves.
     python scripts/blind_look.py make RUN_DIR --out blind/ --seed 0
     python scripts/blind_look.py score blind/ --doubtful 2,1 6,9 --generated 0,3 4,4
 
-Cells are row,col from 0 at the top left, as numbered on the grid's margins.
+Cells are row,col from 0 at the top left, as numbered on the grid's margins. Give every grid you
+judge a seed of its own: a seed puts the same real images in the same cells whatever the run.
 """
 
 from __future__ import annotations
