@@ -4,7 +4,7 @@
 half the run's samples of that class, shuffled per column. The key (which cell is real) goes to
 key.json; do not open it before judging. Look at blind.png, list the cells that do not read as
 their column's digit (and, if you like, the cells you think are generated), then `score`
-unseals the key and compares the two halves.
+unseals the key, compares the two halves and writes revealed.png (generated cells framed in red).
 
     python scripts/blind_look.py make RUN_DIR --out blind/ --seed 0
     python scripts/blind_look.py score blind/ --doubtful 2,1 6,9 --generated 0,3 4,4
@@ -84,9 +84,25 @@ def score(out: Path, doubtful: list[str], generated: list[str]) -> dict:
         result["guessed_generated"] = {"guesses": len(generated), "correct": hits,
                                        "chance": sum(k == "generated" for k in cells.values()) / len(cells)}
     result["run"], result["seed"] = key["run"], key["seed"]
+    result["judged"] = {"doubtful": doubtful, "generated": generated}
     (out / "score.json").write_text(json.dumps(result, indent=1))
+    reveal(out, cells)
     print(json.dumps(result, indent=1))
     return result
+
+
+def reveal(out: Path, cells: dict[str, str]) -> None:
+    """revealed.png: blind.png with a red frame round every generated cell."""
+    from PIL import Image, ImageDraw
+
+    image = Image.open(out / "blind.png").convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for name, kind in cells.items():
+        if kind == "generated":
+            row, col = map(int, name.split(","))
+            left, top = MARGIN + col * CELL, MARGIN + row * CELL
+            draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), outline=(255, 40, 40), width=2)
+    image.save(out / "revealed.png")
 
 
 def main() -> None:

@@ -48,9 +48,16 @@ def test_the_key_names_exactly_the_generated_cells(tmp_path, monkeypatch):
 def test_score_counts_doubtful_cells_per_kind_and_guesses(tmp_path):
     cells = {"0,0": "real", "1,0": "generated", "0,1": "generated", "1,1": "real"}
     (tmp_path / "key.json").write_text(json.dumps({"run": "r", "seed": 0, "per_class": 2, "cells": cells}))
+    side = blind_look.MARGIN + 2 * blind_look.CELL
+    Image.new("L", (side, side), 0).save(tmp_path / "blind.png")
     result = blind_look.score(tmp_path, doubtful=["0,0", "1,0", "0,1"], generated=["1,0", "1,1"])
     assert result["real"]["doubtful"] == 1 and result["real"]["doubtful_rate"] == 0.5
     assert result["generated"]["doubtful"] == 2 and result["generated"]["doubtful_cells"] == ["0,1", "1,0"]
     assert result["guessed_generated"] == {"guesses": 2, "correct": 1, "chance": 0.5}
+    revealed = np.asarray(Image.open(tmp_path / "revealed.png"))
+    for name, kind in cells.items():  # a red frame round the generated cells only
+        row, col = map(int, name.split(","))
+        corner = revealed[blind_look.MARGIN + row * blind_look.CELL, blind_look.MARGIN + col * blind_look.CELL]
+        assert (corner[0] > 200 and corner[1] < 100) == (kind == "generated"), name
     with pytest.raises(SystemExit, match="not on the grid"):
         blind_look.score(tmp_path, doubtful=["9,9"], generated=[])
