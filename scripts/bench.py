@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 GENLAB = str(Path(sys.executable).parent / "genlab")
@@ -236,7 +237,8 @@ def measure_bare(family_name: str, overrides: list[str], steps: int, warmup: int
     return {"images_per_s": steps * loop.batch_size / loop.run(steps)}
 
 
-def measure_paired(family_name: str, overrides: list[str], steps: int, warmup: int, window: int) -> dict:
+def measure_paired(family_name: str, overrides: list[str], steps: int, warmup: int, window: int,
+                   bare: Any = None) -> dict:
     """Both loops in this one process, taking turns every `window` optimizer steps.
 
     genlab's real Trainer trains (`run_training`); each of its log lines closes a window of its
@@ -246,13 +248,16 @@ def measure_paired(family_name: str, overrides: list[str], steps: int, warmup: i
     best-of-2 separate processes cannot tell from a cost of genlab's. The first windows up to
     `warmup` steps are not counted.
 
+    `bare` is the other loop (anything with `batch_size` and `run(steps) -> seconds`); by default
+    the bare PyTorch loop on the same config.
+
     Returns:
         images_per_s of each loop over all counted windows, their ratio, and each window's rates.
     """
     from genlab.train import tracking
     from genlab.train.job import run_training
 
-    bare = BareLoop(family_name, overrides)
+    bare = bare or BareLoop(family_name, overrides)
     skip, counted = -(-warmup // window), -(-steps // window)
     cfg = _config(family_name, [*overrides, f"trainer.max_steps={(skip + counted) * window}",
                                 f"trainer.log_every={window}", "trainer.sample_n=0"])
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                         "the DDPM paper's 35.7M U-Net), bf16, batch 128, torch.compile off and on (a GPU)")
     parser.add_argument("--mfu-compile", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--data", nargs="*", default=None, metavar="PART",
-                        help="measure the data paths instead (all, or some of: throughput startup cache)")
+                        help="measure the data paths instead (all, or some of: throughput paired startup cache)")
     parser.add_argument("--folder-workers", nargs="*", type=int, default=[], metavar="N",
                         help="--data throughput: also the folder path with data.num_workers=N (default config: 2)")
     parser.add_argument("--files", type=int, default=100_000, help="--data startup: PNG files in the folder")

@@ -10,6 +10,9 @@ Parts (all by default), written to the "data" section of benchmarks/bench-<machi
   torchvision Resize/CenterCrop/RandomHorizontalFlip/ToTensor/Normalize per image in
   `set_transform`, a shuffled DataLoader with its default 0 workers, then noise, a random
   timestep, MSE, Accelerate backward, gradient clipping at 1.0, AdamW, LR schedule, EMA.
+- paired: the same two paths (genlab's folder path and the script's) in one process, taking
+  turns every `--window` optimizer steps (`bench.measure_paired`), so that the machine's
+  drift between processes (15-30% here) does not decide which is faster.
 - startup: `genlab train data=imagefolder` on 100,000 tiny PNGs, command to first optimizer
   step, with an empty file-list cache and again with it; the dataset construction alone
   in-process; and `genlab --help` and argument errors.
@@ -32,7 +35,7 @@ from pathlib import Path
 import bench
 
 THREE_CHANNEL_DIGITS = ["data.channels=3", "data.image_size=16"]
-PARTS = ("throughput", "startup", "cache")
+PARTS = ("throughput", "paired", "startup", "cache")
 
 
 def write_png_folder(folder: Path, size: int = 32) -> Path:
@@ -50,55 +53,77 @@ def write_png_folder(folder: Path, size: int = 32) -> Path:
     return folder
 
 
-def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int) -> dict:
-    """Images/s of diffusers' train_unconditional.py data path and step (see the module docstring)."""
-    import torch
-    import torch.nn.functional as F
-    from accelerate import Accelerator
-    from datasets import load_dataset
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from hydra.utils import instantiate
-    from torchvision import transforms
+class DiffusersScript:
+    """diffusers' train_unconditional.py data path and step (see the module docstring), run
+    `steps` at a time: `run(steps)` returns its seconds, as `bench.BareLoop.run` does."""
 
-    cfg = bench._config("ddpm", overrides)
-    res, batch_size = cfg.data.image_size, cfg.trainer.batch_size
-    family = instantiate(cfg.model, _convert_="all")  # the same UNet2DModel and DDPMScheduler as genlab's
-    model, scheduler = family.unet, family.diffusion.scheduler
-    augmentations = transforms.Compose([
-        transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
-    dataset = load_dataset("imagefolder", data_dir=folder, split="train")
-    dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=(0.95, 0.999), weight_decay=1e-6,
-                                  eps=1e-8)
-    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
-    accelerator = Accelerator()
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    ema = EMAModel(model.parameters(), decay=cfg.trainer.ema, use_ema_warmup=True, foreach=True)
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for batch in loader:
-            if done == warmup:
-                t0 = time.perf_counter()
-            clean = batch["input"]
+    def __init__(self, folder: str, overrides: list[str]):
+        import torch
+        from accelerate import Accelerator
+        from datasets import load_dataset
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+        from hydra.utils import instantiate
+        from torchvision import transforms
+
+        cfg = bench._config("ddpm", overrides)
+        res, self.batch_size = cfg.data.image_size, cfg.trainer.batch_size
+        family = instantiate(cfg.model, _convert_="all")  # the same UNet2DModel and DDPMScheduler as genlab's
+        model, self.scheduler = family.unet, family.diffusion.scheduler
+        augmentations = transforms.Compose([
+            transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR), transforms.CenterCrop(res),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+        dataset = load_dataset("imagefolder", data_dir=folder, split="train")
+        dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=(0.95, 0.999), weight_decay=1e-6,
+                                      eps=1e-8)
+        lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
+        self.accelerator = Accelerator()
+        self.model, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
+            model, optimizer, loader, lr_scheduler)
+        self.ema = EMAModel(self.model.parameters(), decay=cfg.trainer.ema, use_ema_warmup=True, foreach=True)
+        self.batches = self._endless()
+
+    def _endless(self):
+        while True:  # the script's epochs: a new shuffle each time through the folder
+            yield from self.loader
+
+    def run(self, steps: int) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            clean = next(self.batches)["input"]
             noise = torch.randn_like(clean)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
-            noisy = scheduler.add_noise(clean, noise, t)
-            with accelerator.accumulate(model):
-                loss = F.mse_loss(model(noisy, t).sample, noise)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            ema.step(model.parameters())
-            done += 1
-            if done == warmup + steps:
-                break
-    return {"images_per_s": steps * batch_size / (time.perf_counter() - t0)}
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+            noisy = self.scheduler.add_noise(clean, noise, t)
+            with self.accelerator.accumulate(self.model):
+                loss = F.mse_loss(self.model(noisy, t).sample, noise)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad()
+            self.ema.step(self.model.parameters())
+        return time.perf_counter() - t0
+
+
+def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    """Images/s of diffusers' train_unconditional.py data path and step, after `warmup` steps."""
+    script = DiffusersScript(folder, overrides)
+    script.run(warmup)
+    return {"images_per_s": steps * script.batch_size / script.run(steps)}
+
+
+def measure_paired_with_diffusers(folder: str, genlab_overrides: list[str], script_overrides: list[str], steps: int,
+                                  warmup: int, window: int) -> dict:
+    """genlab's folder path and the script's, in one process, taking turns every `window` steps
+    (`bench.measure_paired`): the machine's drift from minute to minute falls on both alike."""
+    return bench.measure_paired("ddpm", genlab_overrides, steps, warmup, window,
+                                bare=DiffusersScript(folder, script_overrides))
 
 
 def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
@@ -164,6 +189,30 @@ def throughput(args, work: Path) -> dict:
             "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"],
             "folder_workers_vs_diffusers": {k: v / ips["diffusers_train_unconditional"] for k, v in ips.items()
                                             if k.startswith("imagefolder_")}, "all_runs": runs}
+
+
+def paired(args, work: Path) -> dict:
+    """genlab's folder path against the script's, taking turns in one process (`--window` steps each)."""
+    folder = write_png_folder(work / "digits_png")
+    common = [*THREE_CHANNEL_DIGITS, "trainer.sample_n=0", *args.overrides]
+    genlab_overrides = ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1",
+                        f"data.cache_dir={work / 'lists'}", *common]
+    runs = []
+    for _ in range(args.repeats):
+        runs.append(bench.run_in_subprocess(
+            f"__import__('bench_data').measure_paired_with_diffusers({str(folder)!r}, {genlab_overrides!r}, "
+            f"{['data=digits', *common]!r}, {args.steps}, {args.warmup}, {args.window})"))
+        print(f"  ratio {runs[-1].get('ratio', runs[-1])}", flush=True)
+    # Every window of every repeat holds the same images: total time of each loop over all of them.
+    time_of = {k: sum(1 / x for run in runs for x in run[f"windows_{k}"]) for k in ("bare", "genlab")}
+    ratios = sorted(x for run in runs for x in run["window_ratios"])
+    quartiles = [ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
+    return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
+            "genlab": "data=imagefolder, its default workers", "other": "diffusers train_unconditional.py's data "
+            "path and step (DiffusersScript), 0 workers", "window": args.window,
+            "ratio_genlab_over_script": time_of["bare"] / time_of["genlab"],
+            "window_ratio_quartiles": quartiles, "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios),
+            "runs": runs}
 
 
 def write_tiny_pngs(folder: Path, n: int) -> Path:
@@ -300,7 +349,7 @@ def main(args) -> None:
     for part in args.data or PARTS:
         load = os.getloadavg()
         print(f"{part} (load average {load[0]:.1f})", flush=True)
-        result = {"throughput": throughput, "startup": startup, "cache": latent_cache}[part](args, work)
+        result = {"throughput": throughput, "paired": paired, "startup": startup, "cache": latent_cache}[part](args, work)
         result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M"),
                       load_average_before=load, load_average_after=os.getloadavg(),
                       torch_threads=torch.get_num_threads(), machine=bench.machine_name())
