@@ -33,3 +33,26 @@ def test_time_to_first_step_refuses_a_run_that_never_steps():
     """A start that fails (here at composition, as a model that cannot train fails at build) times nothing."""
     with pytest.raises(RuntimeError, match="exited 2 before its first step: .*did you mean 'ddpm'"):
         bench.time_to_first_step("ddpn", [])
+
+
+@pytest.mark.slow  # two real loops of a few steps; ~20 s on 2 cores
+def test_folder_path_and_the_diffusers_script_take_turns_on_the_same_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import bench_data
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    common = ["data.channels=3", "data.image_size=8", "trainer.sample_n=0", *TINY]
+    genlab = ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1",
+              f"data.cache_dir={tmp_path / 'lists'}", "data.num_workers=0", *common]
+    result = bench_data.measure_paired_with_diffusers(str(folder), genlab, ["data=digits", *common], steps=4,
+                                                      warmup=2, window=2)
+    assert result["windows"] == 2 and len(result["windows_bare"]) == 2
+    assert all(r > 0 for r in result["windows_bare"] + result["windows_genlab"])
+    script = bench_data.DiffusersScript(str(folder), ["data=digits", *common])
+    assert script.batch_size == 8 and script.run(6) > 0  # six steps: past the end of an epoch (36 images, batch 8)
