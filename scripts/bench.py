@@ -285,6 +285,15 @@ def measure_paired(family_name: str, overrides: list[str], steps: int, warmup: i
             "windows_genlab": genlab, "windows_bare": bare_rates}
 
 
+def pooled(paired_runs: list[dict]) -> tuple[float, list[float], list[float]]:
+    """Over every window of `measure_paired` runs (all hold the same images): the other loop's time
+    over genlab's (> 1: genlab is faster), the quartiles of the windows' ratios, and those ratios sorted."""
+    time_of = {k: sum(1 / x for run in paired_runs for x in run[f"windows_{k}"]) for k in ("bare", "genlab")}
+    ratios = sorted(x for run in paired_runs for x in run["window_ratios"])
+    quartiles = [ratios[round(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
+    return time_of["bare"] / time_of["genlab"], quartiles, ratios
+
+
 def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:
     """Images/s of genlab's Trainer, read from its own metrics after the warm-up window."""
     from genlab.run_dir import RunDir
@@ -400,13 +409,10 @@ def main(argv: list[str] | None = None) -> None:
                                              f"{args.warmup}, {args.window})"))
         best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
         separate = best["genlab"]["images_per_s"] / best["bare"]["images_per_s"]
-        # The ratio: every paired window of every repeat (all hold the same images), genlab's time over bare's.
-        time_of = {k: sum(1 / x for run in paired for x in run[f"windows_{k}"]) for k in ("bare", "genlab")}
-        window_ratios = sorted(x for run in paired for x in run["window_ratios"])
-        quartiles = [window_ratios[round(q * (len(window_ratios) - 1))] for q in (0.25, 0.5, 0.75)]
+        ratio, quartiles, _ = pooled(paired)
         results[family] = {
             "bare": best["bare"], "genlab": best["genlab"],
-            "ratio": time_of["bare"] / time_of["genlab"], "window_ratio_quartiles": quartiles,
+            "ratio": ratio, "window_ratio_quartiles": quartiles,
             "ratio_separate_processes": separate, "paired_runs": paired,
             "all_runs": runs, "time_to_first_step_s": time_to_first_step(family, args.overrides),
         }

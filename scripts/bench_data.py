@@ -203,14 +203,11 @@ def paired(args, work: Path) -> dict:
             f"__import__('bench_data').measure_paired_with_diffusers({str(folder)!r}, {genlab_overrides!r}, "
             f"{['data=digits', *common]!r}, {args.steps}, {args.warmup}, {args.window})"))
         print(f"  ratio {runs[-1].get('ratio', runs[-1])}", flush=True)
-    # Every window of every repeat holds the same images: total time of each loop over all of them.
-    time_of = {k: sum(1 / x for run in runs for x in run[f"windows_{k}"]) for k in ("bare", "genlab")}
-    ratios = sorted(x for run in runs for x in run["window_ratios"])
-    quartiles = [ratios[int(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
+    ratio, quartiles, ratios = bench.pooled(runs)
     return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
             "genlab": "data=imagefolder, its default workers", "other": "diffusers train_unconditional.py's data "
             "path and step (DiffusersScript), 0 workers", "window": args.window,
-            "ratio_genlab_over_script": time_of["bare"] / time_of["genlab"],
+            "ratio_genlab_over_script": ratio,
             "window_ratio_quartiles": quartiles, "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios),
             "runs": runs}
 

@@ -56,3 +56,13 @@ def test_folder_path_and_the_diffusers_script_take_turns_on_the_same_folder(tmp_
     assert all(r > 0 for r in result["windows_bare"] + result["windows_genlab"])
     script = bench_data.DiffusersScript(str(folder), ["data=digits", *common])
     assert script.batch_size == 8 and script.run(6) > 0  # six steps: past the end of an epoch (36 images, batch 8)
+
+
+def test_pooled_ratio_is_over_the_total_time_of_every_window():
+    """Windows hold the same images: the ratio is one loop's total time over the other's, not a mean of ratios."""
+    runs = [{"windows_genlab": [100.0, 50.0], "windows_bare": [100.0, 100.0], "window_ratios": [1.0, 0.5]},
+            {"windows_genlab": [200.0], "windows_bare": [100.0], "window_ratios": [2.0]}]
+    ratio, quartiles, ratios = bench.pooled(runs)
+    # time per image: genlab 1/100 + 1/50 + 1/200 = 0.035, bare 0.03
+    assert ratio == pytest.approx(0.03 / 0.035)
+    assert ratios == [0.5, 1.0, 2.0] and quartiles == [0.5, 1.0, 2.0]

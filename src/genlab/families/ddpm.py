@@ -39,12 +39,12 @@ def tiny_dit(dit: dict[str, Any], image_size: int, channels: int, num_classes: i
     return net
 
 
-def refuse_headless_attention(unet: UNet2DModel, head_dim: int | None) -> None:
+def refuse_headless_attention(unet: UNet2DModel) -> None:
     """UNet2DModel gives an attention layer channels // attention_head_dim heads; with 0 heads it
     builds, then fails at the first step with a ZeroDivisionError. Say so before training."""
     narrow = sorted({m.query_dim for m in unet.modules() if isinstance(m, Attention) and m.heads == 0})
     if narrow:
-        raise GenlabError(f"model.unet.attention_head_dim={head_dim} is wider than an attention layer of {narrow[0]} "
+        raise GenlabError(f"model.unet.attention_head_dim={unet.config.attention_head_dim} is wider than an attention layer of {narrow[0]} "
                           f"channels (the middle block and every Attn* block attend): set it to at most {narrow[0]} "
                           f"or widen model.unet.block_out_channels.")
 
@@ -86,7 +86,7 @@ class DDPM:
         if backbone == "unet":
             self.unet = UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels,
                                     num_class_embeds=num_classes + 1 if conditional else None, **(unet or {}))
-            refuse_headless_attention(self.unet, (unet or {}).get("attention_head_dim"))
+            refuse_headless_attention(self.unet)
         else:  # DiT always takes a label: an unconditional one sees class 0 of 1
             self.transformer = tiny_dit(dit or {}, image_size, channels, num_classes if conditional else 1)
         for module in self.denoiser.modules():
