@@ -160,14 +160,25 @@ def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
     return {"imagefolder_2_workers_images_per_s": genlab_rate, "diffusers_0_workers_images_per_s": rate(endless())}
 
 
-def throughput(args, work: Path) -> dict:
+WORKLOAD = "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px"
+
+
+def workload_overrides(args, work: Path) -> tuple[str, list[str], list[str]]:
+    """The PNG folder of WORKLOAD, genlab's overrides to train on it, and the overrides of the
+    same model on the in-memory digits (the diffusers script reads only the model from them)."""
     folder = write_png_folder(work / "digits_png")
     common = [*THREE_CHANNEL_DIGITS, "trainer.sample_n=0", *args.overrides]
+    on_folder = ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1", f"data.cache_dir={work / 'lists'}",
+                 *common]
+    return str(folder), on_folder, ["data=digits", *common]
+
+
+def throughput(args, work: Path) -> dict:
+    folder, on_folder, in_memory = workload_overrides(args, work)
     paths = {
-        "in_memory": ("genlab", ["data=digits", *common]),
-        "imagefolder": ("genlab", ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1",
-                                   f"data.cache_dir={work / 'lists'}", *common]),
-        "diffusers_train_unconditional": ("diffusers", ["data=digits", *common]),
+        "in_memory": ("genlab", in_memory),
+        "imagefolder": ("genlab", on_folder),
+        "diffusers_train_unconditional": ("diffusers", in_memory),
     }
     # The worker count matters on a small machine: each worker's decoding competes with torch's threads.
     for workers in args.folder_workers:
@@ -175,16 +186,16 @@ def throughput(args, work: Path) -> dict:
     runs = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (kind, overrides) in paths.items():
-            call = (f"__import__('bench_data').measure_diffusers({str(folder)!r}, {overrides!r}, {args.steps}, "
+            call = (f"__import__('bench_data').measure_diffusers({folder!r}, {overrides!r}, {args.steps}, "
                     f"{args.warmup})" if kind == "diffusers" else
                     f"bench.measure_genlab('ddpm', {overrides!r}, {args.steps}, {args.warmup})")
             runs[name].append(bench.run_in_subprocess(call))
             print(f"  {name}: {runs[name][-1].get('images_per_s', runs[name][-1])}", flush=True)
     best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
     ips = {k: v["images_per_s"] for k, v in best.items()}
-    loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({str(folder)!r})")
-    return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
-            "folder": str(folder), "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
+    loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({folder!r})")
+    return {"workload": WORKLOAD,
+            "folder": folder, "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
             "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
             "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"],
             "folder_workers_vs_diffusers": {k: v / ips["diffusers_train_unconditional"] for k, v in ips.items()
@@ -193,18 +204,15 @@ def throughput(args, work: Path) -> dict:
 
 def paired(args, work: Path) -> dict:
     """genlab's folder path against the script's, taking turns in one process (`--window` steps each)."""
-    folder = write_png_folder(work / "digits_png")
-    common = [*THREE_CHANNEL_DIGITS, "trainer.sample_n=0", *args.overrides]
-    genlab_overrides = ["data=imagefolder", f"data.path={folder}", "data.val_fraction=0.1",
-                        f"data.cache_dir={work / 'lists'}", *common]
+    folder, on_folder, in_memory = workload_overrides(args, work)
     runs = []
     for _ in range(args.repeats):
         runs.append(bench.run_in_subprocess(
-            f"__import__('bench_data').measure_paired_with_diffusers({str(folder)!r}, {genlab_overrides!r}, "
-            f"{['data=digits', *common]!r}, {args.steps}, {args.warmup}, {args.window})"))
+            f"__import__('bench_data').measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
+            f"{args.steps}, {args.warmup}, {args.window})"))
         print(f"  ratio {runs[-1].get('ratio', runs[-1])}", flush=True)
     ratio, quartiles, ratios = bench.pooled(runs)
-    return {"workload": "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px",
+    return {"workload": WORKLOAD,
             "genlab": "data=imagefolder, its default workers", "other": "diffusers train_unconditional.py's data "
             "path and step (DiffusersScript), 0 workers", "window": args.window,
             "ratio_genlab_over_script": ratio,
