@@ -52,9 +52,10 @@ LEVERS = {
     "bf16": (["trainer.mixed_precision=bf16"], ["trainer.mixed_precision=no"], [], None,
              "bf16 autocast (GPU-only effect on a CPU without bf16 units)"),
     "tf32": (["trainer.tf32=true"], ["trainer.tf32=false"], [], True, "TF32 matmuls/convolutions (Ampere+ GPUs)"),
-    "fused_optimizer": (["optimizer.fused=true"], ["optimizer.fused=null"], [], True, "one fused AdamW kernel"),
+    "fused_optimizer": (["optimizer.fused=true"], ["optimizer.fused=null"], [], False,
+                        "one fused AdamW kernel (CPU and CUDA) instead of the default foreach updates"),
     "foreach_optimizer": (["optimizer.foreach=true"], ["optimizer.foreach=false"], [], False,
-                          "multi-tensor AdamW updates"),
+                          "multi-tensor AdamW updates (the default) instead of torch's per-tensor loop"),
     "sdpa_attention": (["model.attention=sdpa"], ["model.attention=eager"], [], False,
                        "torch's scaled_dot_product_attention instead of matmul-softmax-matmul"),
     "on_device_data": (["data.on_device=true"], ["data.on_device=false"], [], False,
@@ -191,13 +192,14 @@ class BareLoop:
         from hydra.utils import instantiate
 
         from genlab.data import build_dataset
+        from genlab.train.optimizers import from_config
 
         cfg = _config(family_name, overrides)
         torch.manual_seed(cfg.trainer.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data = build_dataset(cfg.data, "train").to(self.device)
         self.family = instantiate(cfg.model, _convert_="all").to(self.device)
-        self.optimizers = {p: instantiate(cfg.optimizer)(g) for p, g in self.family.param_groups().items()}
+        self.optimizers = {p: from_config(cfg.optimizer)(g) for p, g in self.family.param_groups().items()}
         family = self.family
         self.ema_net = getattr(family, family.ema_network) if family.ema_network and cfg.trainer.ema else None
         # The same EMA as genlab's (foreach updates), so that the ratio measures the runner, not the EMA.
@@ -449,6 +451,34 @@ def cpu_has_bf16_units() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def optimizer_step_ms(family_name: str, overrides: list[str], steps: int = 30) -> dict:
+    """Milliseconds of one optimizer step alone (gradients in place), per setting of the config's
+    optimizer: torch's per-tensor loop, foreach (genlab's default) and fused. The optimizer is a
+    few percent of a step, below what whole-run images/s can tell apart on a shared VM."""
+    import torch
+    from hydra.utils import instantiate
+
+    from genlab.train.optimizers import from_config
+
+    cfg = _config(family_name, overrides)
+    family = instantiate(cfg.model, _convert_="all")
+    params = [p for groups in family.param_groups().values() for g in groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    settings = {"per_tensor_loop": ["optimizer.foreach=false"], "foreach": [], "fused": ["optimizer.fused=true"]}
+    result = {"tensors": len(params), "parameters": sum(p.numel() for p in params), "ms": {}}
+    for name, setting in settings.items():
+        optimizer = from_config(_config(family_name, [*overrides, *setting]).optimizer)(params)
+        optimizer.step()  # the first step makes the state
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            optimizer.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        result["ms"][name] = sorted(times)[len(times) // 2]  # the median step
+    return result
+
+
 def measure_levers(args: argparse.Namespace) -> None:
     """Images/s of genlab's loop with each lever on and off -> the JSON's "levers" section."""
     import torch
@@ -461,6 +491,9 @@ def measure_levers(args: argparse.Namespace) -> None:
     on_gpu = torch.cuda.is_available()
     family = args.families[0]
     results = {}
+    if not args.levers or {"foreach_optimizer", "fused_optimizer"} & set(args.levers):
+        step = optimizer_step_ms(family, args.overrides)
+        print(f"optimizer step alone, ms: {step['ms']}", flush=True)
     for name in args.levers or LEVERS:
         on, off, both, gpu_only, what = LEVERS[name]
         gpu_only = (not cpu_has_bf16_units()) if gpu_only is None else gpu_only
@@ -492,7 +525,8 @@ def measure_levers(args: argparse.Namespace) -> None:
     command, date = " ".join(["python", *sys.argv]), time.strftime("%Y-%m-%d %H:%M")
     for result in results.values():
         result.update(command=command, date=date)
-    earlier = report.get("levers", {}).get("results", {}) if report.get("levers", {}).get("machine") == machine else {}
+    earlier_levers = report.get("levers", {}) if report.get("levers", {}).get("machine") == machine else {}
+    earlier = earlier_levers.get("results", {})
     report["levers"] = {
         "machine": machine, "device": "cuda" if on_gpu else "cpu", "torch": torch.__version__,
         "command": command, "date": date,
@@ -501,6 +535,10 @@ def measure_levers(args: argparse.Namespace) -> None:
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(),
         "results": {**earlier, **results},
     }
+    if not args.levers or {"foreach_optimizer", "fused_optimizer"} & set(args.levers):
+        report["levers"]["optimizer_step_alone"] = {**step, "command": command, "date": date}
+    elif "optimizer_step_alone" in earlier_levers:
+        report["levers"]["optimizer_step_alone"] = earlier_levers["optimizer_step_alone"]
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out} (levers)")

@@ -9,10 +9,12 @@ Parts (all by default), written to the "data" section of benchmarks/bench-<machi
   faithful minimal copy of its data path and step: `load_dataset("imagefolder")`,
   torchvision Resize/CenterCrop/RandomHorizontalFlip/ToTensor/Normalize per image in
   `set_transform`, a shuffled DataLoader with its default 0 workers, then noise, a random
-  timestep, MSE, Accelerate backward, gradient clipping at 1.0, AdamW, LR schedule, EMA.
+  timestep, MSE, Accelerate backward, gradient clipping at 1.0, AdamW, LR schedule, EMA
+  (AdamW and EMAModel at their defaults, as the script leaves them), the loss read every step.
 - paired: the same two paths (genlab's folder path and the script's) in one process, taking
   turns every `--window` optimizer steps (`bench.measure_paired`), so that the machine's
-  drift between processes (15-30% here) does not decide which is faster.
+  drift between processes (15-30% here) does not decide which is faster; once with the script
+  as it is, once with the script given genlab's foreach AdamW and EMA updates.
 - startup: `genlab train data=imagefolder` on 100,000 tiny PNGs, command to first optimizer
   step, with an empty file-list cache and again with it; the dataset construction alone
   in-process; and `genlab --help` and argument errors.
@@ -57,7 +59,7 @@ class DiffusersScript:
     """diffusers' train_unconditional.py data path and step (see the module docstring), run
     `steps` at a time: `run(steps)` returns its seconds, as `bench.BareLoop.run` does."""
 
-    def __init__(self, folder: str, overrides: list[str]):
+    def __init__(self, folder: str, overrides: list[str], same_updates: bool = False):
         import torch
         from accelerate import Accelerator
         from datasets import load_dataset
@@ -76,13 +78,16 @@ class DiffusersScript:
         dataset = load_dataset("imagefolder", data_dir=folder, split="train")
         dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("RGB")) for im in examples["image"]]})
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=0)
+        # The script leaves AdamW and EMAModel at their defaults: per-tensor updates on a CPU (torch
+        # picks foreach on CUDA only). same_updates=True gives it genlab's foreach updates instead,
+        # so that the two differ only in the runner and the data path.
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=(0.95, 0.999), weight_decay=1e-6,
-                                      eps=1e-8)
+                                      eps=1e-8, foreach=True if same_updates else None)
         lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500, num_training_steps=10**6)
         self.accelerator = Accelerator()
         self.model, self.optimizer, self.loader, self.lr_scheduler = self.accelerator.prepare(
             model, optimizer, loader, lr_scheduler)
-        self.ema = EMAModel(self.model.parameters(), decay=cfg.trainer.ema, use_ema_warmup=True, foreach=True)
+        self.ema = EMAModel(self.model.parameters(), decay=cfg.trainer.ema, use_ema_warmup=True, foreach=same_updates)
         self.batches = self._endless()
 
     def _endless(self):
@@ -108,6 +113,7 @@ class DiffusersScript:
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad()
             self.ema.step(self.model.parameters())
+            self.last_loss = loss.detach().item()  # the script logs it every step (progress bar, trackers)
         return time.perf_counter() - t0
 
 
@@ -119,11 +125,11 @@ def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int
 
 
 def measure_paired_with_diffusers(folder: str, genlab_overrides: list[str], script_overrides: list[str], steps: int,
-                                  warmup: int, window: int) -> dict:
+                                  warmup: int, window: int, same_updates: bool = False) -> dict:
     """genlab's folder path and the script's, in one process, taking turns every `window` steps
     (`bench.measure_paired`): the machine's drift from minute to minute falls on both alike."""
     return bench.measure_paired("ddpm", genlab_overrides, steps, warmup, window,
-                                bare=DiffusersScript(folder, script_overrides))
+                                bare=DiffusersScript(folder, script_overrides, same_updates))
 
 
 def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
@@ -203,21 +209,26 @@ def throughput(args, work: Path) -> dict:
 
 
 def paired(args, work: Path) -> dict:
-    """genlab's folder path against the script's, taking turns in one process (`--window` steps each)."""
+    """genlab's folder path against the script's, taking turns in one process (`--window` steps
+    each): the script as it is, and the script given genlab's foreach AdamW and EMA updates."""
     folder, on_folder, in_memory = workload_overrides(args, work)
-    runs = []
+    runs = {"as_is": [], "same_updates": []}
     for _ in range(args.repeats):
-        runs.append(bench.run_in_subprocess(
-            f"__import__('bench_data').measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
-            f"{args.steps}, {args.warmup}, {args.window})"))
-        print(f"  ratio {runs[-1].get('ratio', runs[-1])}", flush=True)
-    ratio, quartiles, ratios = bench.pooled(runs)
-    return {"workload": WORKLOAD,
-            "genlab": "data=imagefolder, its default workers", "other": "diffusers train_unconditional.py's data "
-            "path and step (DiffusersScript), 0 workers", "window": args.window,
-            "ratio_genlab_over_script": ratio,
-            "window_ratio_quartiles": quartiles, "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios),
-            "runs": runs}
+        for variant in runs:
+            runs[variant].append(bench.run_in_subprocess(
+                f"__import__('bench_data').measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
+                f"{args.steps}, {args.warmup}, {args.window}, {variant == 'same_updates'})"))
+            print(f"  {variant}: ratio {runs[variant][-1].get('ratio', runs[variant][-1])}", flush=True)
+    result = {"workload": WORKLOAD, "genlab": "data=imagefolder, its default workers",
+              "other": "diffusers train_unconditional.py's data path and step (DiffusersScript), 0 workers",
+              "window": args.window}
+    for variant, variant_runs in runs.items():
+        ratio, quartiles, ratios = bench.pooled(variant_runs)
+        result[variant] = {"ratio_genlab_over_script": ratio, "window_ratio_quartiles": quartiles,
+                           "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios), "runs": variant_runs}
+    result["as_is"]["script"] = "AdamW and EMAModel at their defaults, as the script leaves them (per-tensor on a CPU)"
+    result["same_updates"]["script"] = "given genlab's foreach AdamW and EMA updates: the runner and data path alone"
+    return result
 
 
 def write_tiny_pngs(folder: Path, n: int) -> Path:

@@ -75,8 +75,8 @@ def tiny_ddpm_run(tmp_path_factory) -> Path:
     """One tiny DDPM run through the CLI, shared by the tests that only read it.
 
     Trained in this process (`cli`): a process of its own would import torch and diffusers again,
-    about 8 s per test worker. test_resume_continues_steps_and_wandb_run checks it bitwise against
-    a run trained and resumed in processes of their own."""
+    about 8 s per test worker. test_resume_continues_steps_and_wandb_run (slow) checks it bitwise
+    against a run trained and resumed in processes of their own."""
     run = tmp_path_factory.mktemp("runs") / "ddpm_tiny"
     cli("train", *TINY_DDPM, f"hydra.run.dir={run}")
     return run

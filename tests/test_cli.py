@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -65,6 +66,7 @@ def test_runs_table_lists_the_run(tiny_ddpm_run):
     assert "ddpm_tiny" in result.stdout and "4/4" in result.stdout and "finished" in result.stdout
 
 
+@pytest.mark.slow  # ~35 s: two processes of their own, each starting W&B's offline service
 def test_resume_continues_steps_and_wandb_run(tmp_path, tiny_ddpm_run):
     """Train 2 steps, then `genlab resume` to 4 in a new process: the run of 4 straight steps, bitwise."""
     run = tmp_path / "run"

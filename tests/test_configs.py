@@ -12,6 +12,7 @@ from conftest import compose
 from test_optimizers import HAVE_8BIT
 from genlab.config import check_values, config_dir
 from genlab.data import build_dataset
+from genlab.train.optimizers import from_config
 
 CONFIGS = config_dir()
 
@@ -41,7 +42,7 @@ def test_optimizers_and_schedules_instantiate(optimizer, schedule):
         pytest.skip("needs bitsandbytes and a CUDA GPU (its error path: test_optimizers.py)")
     cfg = compose(f"optimizer={optimizer}", f"lr_schedule={schedule}")
     params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = instantiate(cfg.optimizer)([{"params": params, "lr": cfg.trainer.lr}])  # as the loop builds it
+    opt = from_config(cfg.optimizer)([{"params": params, "lr": cfg.trainer.lr}])  # as the loop builds it
     instantiate(cfg.lr_schedule)(opt)
     assert opt.param_groups[0]["lr"] <= cfg.trainer.lr + 1e-12
 

@@ -1,4 +1,5 @@
-"""Optional optimizers: 8-bit AdamW (bitsandbytes, CUDA only) composes, builds, or says what is missing."""
+"""The optimizer configs: Adam(W) default to foreach updates (bitwise the per-tensor loop's result),
+`fused=true` is one override; 8-bit AdamW (bitsandbytes, CUDA only) composes, builds, or says what is missing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hydra.utils import instantiate
 from conftest import compose, toy_config
 from genlab.errors import GenlabError
 from genlab.train.job import run_training
+from genlab.train.optimizers import from_config
 
 HAVE_8BIT = importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available()
 
@@ -50,3 +52,39 @@ def test_adamw8bit_hands_its_config_to_bitsandbytes(monkeypatch):
     optimizer = instantiate(cfg.optimizer)([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": cfg.trainer.lr}])
     assert isinstance(optimizer, AdamW8bit) and optimizer.param_groups[0]["lr"] == 3e-4
     assert built == {"betas": (0.9, 0.999), "min_8bit_size": 16, "is_paged": False}
+
+
+def _train_three_steps(make) -> torch.Tensor:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    optimizer = make([{"params": net.parameters(), "lr": 1e-2}])
+    for _ in range(3):
+        optimizer.zero_grad()
+        net(torch.randn(5, 8)).pow(2).mean().backward()
+        optimizer.step()
+    return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_configs_use_foreach_updates_with_the_per_tensor_loops_result(name):
+    """foreach is genlab's default (torch's own default on a CPU is the slower per-tensor loop)."""
+    cfg = compose(f"optimizer={name}", "optimizer.weight_decay=0.01")
+    make = from_config(cfg.optimizer)
+    assert make([torch.nn.Parameter(torch.zeros(2))]).defaults["foreach"] is True
+    per_tensor = from_config(compose(f"optimizer={name}", "optimizer.weight_decay=0.01", "optimizer.foreach=false").optimizer)
+    assert torch.equal(_train_three_steps(make), _train_three_steps(per_tensor))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_is_one_override_and_replaces_foreach(name):
+    """torch refuses fused and foreach together; `optimizer.fused=true` alone must build and train."""
+    make = from_config(compose(f"optimizer={name}", "optimizer.fused=true").optimizer)
+    optimizer = make([torch.nn.Parameter(torch.zeros(2))])
+    assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+    assert torch.isfinite(_train_three_steps(make)).all()
+
+
+def test_the_loop_builds_its_optimizer_through_from_config(tmp_path):
+    """`genlab train optimizer.fused=true` trains: the loop takes the same path as the test above."""
+    run_training(toy_config("optimizer.fused=true", "trainer.max_steps=2"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "finished"

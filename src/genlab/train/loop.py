@@ -33,7 +33,7 @@ from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
 from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
-from genlab.train import micro_batch
+from genlab.train import micro_batch, optimizers
 from genlab.train.best import BestTracker
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.tracking import Progress, Tracker
@@ -238,7 +238,7 @@ class Trainer:
 
     def _new_optimizers(self, family: Family) -> dict[str, torch.optim.Optimizer]:
         """One optimizer per phase; each param group's lr is trainer.lr x its optional lr_scale."""
-        make = instantiate(self.cfg.optimizer)
+        make = optimizers.from_config(self.cfg.optimizer)
         return {phase: make([{k: v for k, v in g.items() if k != "lr_scale"} | {"lr": self.t.lr * g.get("lr_scale", 1.0)}
                              for g in groups])
                 for phase, groups in family.param_groups().items()}

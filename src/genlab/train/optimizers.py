@@ -1,4 +1,4 @@
-"""Optimizers beyond torch.optim, built by `configs/optimizer/*.yaml` like the torch ones.
+"""The optimizer of a run, from its `optimizer` config group; and optimizers beyond torch.optim.
 
 `adamw8bit` wraps bitsandbytes' AdamW8bit, an optional dependency
 (`pip install bitsandbytes`, or genlab's `8bit` extra) that runs on CUDA GPUs only.
@@ -6,12 +6,26 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from hydra.utils import instantiate
 
 from genlab.errors import GenlabError
+
+
+def from_config(optimizer_cfg: Any) -> Callable[[list], torch.optim.Optimizer]:
+    """The optimizer factory of `configs/optimizer/<name>.yaml`: call it with param groups.
+
+    `fused: true` replaces the default `foreach: true` (torch refuses the two together), so
+    asking for the fused kernel is one override.
+    """
+    make = instantiate(optimizer_cfg)
+    if optimizer_cfg.get("fused") and optimizer_cfg.get("foreach"):
+        make = functools.partial(make, foreach=None)
+    return make
 
 
 def adamw8bit(params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
