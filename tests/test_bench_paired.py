@@ -56,6 +56,10 @@ def test_folder_path_and_the_diffusers_script_take_turns_on_the_same_folder(tmp_
     assert all(r > 0 for r in result["windows_bare"] + result["windows_genlab"])
     script = bench_data.DiffusersScript(str(folder), ["data=digits", *common])
     assert script.batch_size == 8 and script.run(6) > 0  # six steps: past the end of an epoch (36 images, batch 8)
+    # As the script leaves them: AdamW and EMAModel at their defaults; same_updates gives it genlab's.
+    assert not script.optimizer.optimizer.defaults["foreach"] and not script.ema.foreach
+    same = bench_data.DiffusersScript(str(folder), ["data=digits", *common], same_updates=True)
+    assert same.optimizer.optimizer.defaults["foreach"] and same.ema.foreach
 
 
 def test_pooled_ratio_is_over_the_total_time_of_every_window():
