@@ -38,6 +38,7 @@ def user_configs(tmp_path):
     return tmp_path / "configs"
 
 
+@pytest.mark.slow  # ~19 s: trains, samples, resumes and evaluates through the CLI in processes of their own
 def test_a_family_and_dataset_from_the_contract_alone(tmp_path, user_configs):
     run = tmp_path / "run"
     common = ["--config-dir", str(user_configs), "model=templates", "data=stripes", "trainer=debug", "logger=none",
