@@ -491,6 +491,7 @@ def measure_levers(args: argparse.Namespace) -> None:
     on_gpu = torch.cuda.is_available()
     family = args.families[0]
     results = {}
+    step = None  # the optimizer step alone, when an optimizer lever is measured
     if not args.levers or {"foreach_optimizer", "fused_optimizer"} & set(args.levers):
         step = optimizer_step_ms(family, args.overrides)
         print(f"optimizer step alone, ms: {step['ms']}", flush=True)
@@ -535,7 +536,7 @@ def measure_levers(args: argparse.Namespace) -> None:
         "torch_threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads(),
         "results": {**earlier, **results},
     }
-    if not args.levers or {"foreach_optimizer", "fused_optimizer"} & set(args.levers):
+    if step:
         report["levers"]["optimizer_step_alone"] = {**step, "command": command, "date": date}
     elif "optimizer_step_alone" in earlier_levers:
         report["levers"]["optimizer_step_alone"] = earlier_levers["optimizer_step_alone"]
