@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -294,6 +296,14 @@ def pooled(paired_runs: list[dict]) -> tuple[float, list[float], list[float]]:
     ratios = sorted(x for run in paired_runs for x in run["window_ratios"])
     quartiles = [ratios[round(q * (len(ratios) - 1))] for q in (0.25, 0.5, 0.75)]
     return time_of["bare"] / time_of["genlab"], quartiles, ratios
+
+
+def interval_95(ratios: list[float]) -> list[float]:
+    """The geometric mean of the windows' ratios, +-2 standard errors (on the log scale): where
+    the true ratio lies, about 95% of the time, if windows were independent draws."""
+    logs = [math.log(r) for r in ratios]
+    mean, error = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(len(logs))
+    return [math.exp(mean - 2 * error), math.exp(mean + 2 * error)]
 
 
 def measure_genlab(family_name: str, overrides: list[str], steps: int, warmup: int) -> dict:

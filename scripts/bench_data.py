@@ -169,6 +169,11 @@ def loader_only(folder: str, batches: int = 40, batch_size: int = 64) -> dict:
 WORKLOAD = "DDPM, U-Net (32, 64, 64), 3 channels, 16 px, batch 64, EMA; digits as 1,797 PNGs of 32 px"
 
 
+def workload(args) -> str:
+    """WORKLOAD as this command changed it (extra Hydra overrides, e.g. a smaller U-Net)."""
+    return WORKLOAD + (f"; with {' '.join(args.overrides)}" if args.overrides else "")
+
+
 def workload_overrides(args, work: Path) -> tuple[str, list[str], list[str]]:
     """The PNG folder of WORKLOAD, genlab's overrides to train on it, and the overrides of the
     same model on the in-memory digits (the diffusers script reads only the model from them)."""
@@ -200,7 +205,7 @@ def throughput(args, work: Path) -> dict:
     best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
     ips = {k: v["images_per_s"] for k, v in best.items()}
     loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({folder!r})")
-    return {"workload": WORKLOAD,
+    return {"workload": workload(args),
             "folder": folder, "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
             "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
             "folder_vs_diffusers": ips["imagefolder"] / ips["diffusers_train_unconditional"],
@@ -219,12 +224,13 @@ def paired(args, work: Path) -> dict:
                 f"__import__('bench_data').measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
                 f"{args.steps}, {args.warmup}, {args.window}, {variant == 'same_updates'})"))
             print(f"  {variant}: ratio {runs[variant][-1].get('ratio', runs[variant][-1])}", flush=True)
-    result = {"workload": WORKLOAD, "genlab": "data=imagefolder, its default workers",
+    result = {"workload": workload(args), "genlab": "data=imagefolder, its default workers",
               "other": "diffusers train_unconditional.py's data path and step (DiffusersScript), 0 workers",
               "window": args.window}
     for variant, variant_runs in runs.items():
         ratio, quartiles, ratios = bench.pooled(variant_runs)
         result[variant] = {"ratio_genlab_over_script": ratio, "window_ratio_quartiles": quartiles,
+                           "interval_95": bench.interval_95(ratios) if len(ratios) > 1 else None,
                            "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios), "runs": variant_runs}
     result["as_is"]["script"] = "AdamW and EMAModel at their defaults, as the script leaves them (per-tensor on a CPU)"
     result["same_updates"]["script"] = "given genlab's foreach AdamW and EMA updates: the runner and data path alone"

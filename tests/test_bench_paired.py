@@ -70,3 +70,10 @@ def test_pooled_ratio_is_over_the_total_time_of_every_window():
     # time per image: genlab 1/100 + 1/50 + 1/200 = 0.035, bare 0.03
     assert ratio == pytest.approx(0.03 / 0.035)
     assert ratios == [0.5, 1.0, 2.0] and quartiles == [0.5, 1.0, 2.0]
+
+
+def test_interval_is_the_geometric_mean_of_the_ratios_plus_minus_two_standard_errors():
+    # logs -1, 0, 1 (times ln 2): mean 0, standard deviation ln 2, standard error ln 2 / sqrt 3
+    low, high = bench.interval_95([0.5, 1.0, 2.0])
+    assert low == pytest.approx(2 ** (-2 / 3 ** 0.5)) and high == pytest.approx(2 ** (2 / 3 ** 0.5))
+    assert bench.interval_95([1.1, 1.1]) == pytest.approx([1.1, 1.1])
