@@ -14,7 +14,9 @@ Parts (all by default), written to the "data" section of benchmarks/bench-<machi
 - paired: the same two paths (genlab's folder path and the script's) in one process, taking
   turns every `--window` optimizer steps (`bench.measure_paired`), so that the machine's
   drift between processes (15-30% here) does not decide which is faster; once with the script
-  as it is, once with the script given genlab's foreach AdamW and EMA updates.
+  as it is, once with the script given genlab's foreach AdamW and EMA updates. Each variant gets
+  its pooled ratio, the windows' quartiles and a 95% interval (`bench.interval_95`). Extra Hydra
+  overrides change the model of both (e.g. a smaller U-Net, where the data path decides the speed).
 - startup: `genlab train data=imagefolder` on 100,000 tiny PNGs, command to first optimizer
   step, with an empty file-list cache and again with it; the dataset construction alone
   in-process; and `genlab --help` and argument errors.
