@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-slow test-full gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
+.PHONY: install demo test test-portable test-slow test-full gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,14 @@ TEST_WORKERS ?= 2
 
 test: install  ## the default suite: CPU, no network, under 5 minutes on 2 cores
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# The same suite computing like another CPU: ATEN_CPU_CAPABILITY makes PyTorch use its generic (or AVX2)
+# kernels on any machine, so a test that holds only on this CPU's rounding fails here too.
+PORTABLE_CAPABILITY ?= default
+PORTABLE_THREADS ?= 1
+
+test-portable: install  ## the default suite with PyTorch's generic CPU kernels (CI runs it after `make test`)
+	ATEN_CPU_CAPABILITY=$(PORTABLE_CAPABILITY) OMP_NUM_THREADS=$(PORTABLE_THREADS) $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `make test`)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow -n $(TEST_WORKERS) --dist worksteal

@@ -22,6 +22,53 @@ sys.path.insert(0, str(Path(__file__).parent))  # so configs can target tests' t
 
 GENLAB = str(Path(sys.executable).parent / "genlab")
 
+# PyTorch's CPU flash attention checks the real CPU for AMX/AVX-512 but its bf16 packing checks
+# ATEN_CPU_CAPABILITY: with the switch set below such a CPU's level, bf16 attention raises
+# "pack_vnni2 is only supported when avx512 is supported" (torch 2.14). No real CPU of that lower
+# level takes this path, so the portable run (`make test-portable`) uses the math kernel instead.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    import torch
+
+    torch.backends.cuda.enable_flash_sdp(False)  # the flag is global: it also turns off the CPU kernel
+
+# Bitwise equality is promised only where the same operations run in the same order (a resume, a
+# cold vs warm cache, 1 vs N processes as README says). Two different code paths that compute the
+# same thing (genlab's sampler vs a plain diffusers pipeline, a model vs its reloaded export, foreach
+# vs per-tensor Adam) round differently on different CPUs: the vectorised kernels torch picks for a
+# CPU (AVX-512, AVX2, none) sum in different orders. float32 has an epsilon of 1.2e-7; across kernel
+# sets (ATEN_CPU_CAPABILITY default / avx2 / avx512) the tiny pipelines of these tests differ by at
+# most 4.8e-7 on images in [0, 1] (measured on a Xeon with AMX). 1e-4 leaves a 200x margin for other
+# CPUs and stays 10x below the smallest effect these tests look for (a ControlNet steering its image
+# moves it by more than 1e-3).
+ACROSS_PATHS_ATOL = 1e-4
+
+
+def assert_same_up_to_rounding(actual, expected, atol: float = ACROSS_PATHS_ATOL) -> None:
+    """Two code paths' float results agree to `atol` (absolute, on values of order 1)."""
+    import torch
+
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+def assert_same_png_pixels(a: Path, b: Path) -> None:
+    """Two PNG files of float images from different code paths: each pixel within one 8-bit level.
+
+    A float difference of 1e-7 can move a value across a rounding boundary, so the files' bytes may
+    differ while the images are the same.
+    """
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(p), dtype=np.int16) for p in (a, b))
+    assert x.shape == y.shape and np.abs(x - y).max() <= 1, f"{a.name} and {b.name} differ by more than one level"
+
+
+def other_cpu_capability() -> dict[str, str]:
+    """An environment that makes a child process compute like another CPU (other vectorised kernels)."""
+    here = os.environ.get("ATEN_CPU_CAPABILITY", "")
+    return {"ATEN_CPU_CAPABILITY": "avx2" if here == "default" else "default"}
+
+
 # A DDPM small enough to train a few steps in a second or two on 2 CPU cores.
 TINY_DDPM = [
     "trainer=debug", "logger=none", "data.image_size=8",

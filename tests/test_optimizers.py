@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose, toy_config
+from conftest import assert_same_up_to_rounding, compose, toy_config
 from genlab.errors import GenlabError
 from genlab.train.job import run_training
 from genlab.train.optimizers import from_config
@@ -72,7 +72,10 @@ def test_adam_configs_use_foreach_updates_with_the_per_tensor_loops_result(name)
     make = from_config(cfg.optimizer)
     assert make([torch.nn.Parameter(torch.zeros(2))]).defaults["foreach"] is True
     per_tensor = from_config(compose(f"optimizer={name}", "optimizer.weight_decay=0.01", "optimizer.foreach=false").optimizer)
-    assert torch.equal(_train_three_steps(make), _train_three_steps(per_tensor))
+    # Two implementations (torch's _multi_tensor_adam and _single_tensor_adam) with their own op
+    # sequences: the same update up to float rounding. Weights are of order 0.3 and move by about 3e-2
+    # in three steps; 1e-6 is 20 float32 epsilons of that and 1000x below one step's update.
+    assert_same_up_to_rounding(_train_three_steps(make), _train_three_steps(per_tensor), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
