@@ -52,6 +52,33 @@ def test_preemption_signal_checkpoints_then_hands_over_to_submitit(tmp_path):
     assert _steps(tmp_path / "run") == list(range(1, 9))
 
 
+def _metrics(run_dir):
+    """metrics.jsonl without the wall-clock speed (the only value a restart changes)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "images_per_s"} for line in lines]
+
+
+def test_a_preempted_run_logs_the_window_that_straddles_the_preemption_like_the_straight_run(tmp_path):
+    """Logged every 4 steps, stopped at step 6: the line of step 8 is the mean of steps 5-8, not of 7-8."""
+    overrides = ("trainer.max_steps=12", "trainer.log_every=4", "trainer.checkpoint_every=100")
+    cfg = toy_config(*overrides)
+    cfg.model = OmegaConf.create({"_target_": "toy_family.SignalAtStep", "image_size": 8, "channels": 1,
+                                  "at_step": 5, "signum": int(signal.SIGTERM)})
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(StopRequested):
+            run_training(cfg, tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step_000006"]
+    cfg.model.at_step = -1
+    run_training(cfg, tmp_path / "run", resume=True)
+    run_training(toy_config(*overrides, noise=True), tmp_path / "straight")
+    straight = _metrics(tmp_path / "straight")
+    assert [m["step"] for m in straight] == [4, 8, 12] and straight[0]["loss"] != straight[1]["loss"]
+    assert _metrics(tmp_path / "run") == straight  # bitwise, the straddling window included
+
+
 @pytest.mark.slow  # a real subprocess run of ~10-25 s; `make test-slow` (CI) runs it
 def test_sigterm_exits_143_after_a_checkpoint_and_rerun_resumes(tmp_path):
     """Through the CLI: SIGTERM mid-run -> exit 143 with a checkpoint; the same command again resumes."""

@@ -115,11 +115,29 @@ class LogWindow:
         keys = sorted(self.values)
         if not keys:
             return {}
-        totals = torch.stack([torch.stack(self.values[k]).float().sum().to(accelerator.device) / self.divisors[k]
+        totals = torch.stack([torch.stack([v.float() for v in self.values[k]]).sum().to(accelerator.device) / self.divisors[k]
                               for k in keys])
         # Every process reaches this line; the logged numbers are means over all of them.
         totals = accelerator.reduce(totals, "mean")
         return {k: v / self.steps for k, v in zip(keys, totals.tolist())}
+
+    def state_dict(self, accelerator: Accelerator) -> dict[str, Any]:
+        """The window so far, for a checkpoint: a run resumed mid-window logs what the straight run logs.
+
+        Every process calls this (one reduce). The values are kept one per step, not summed, so that
+        the resumed window sums them in the same order: bitwise the straight run's means on one
+        process; on N processes the per-step means over processes are stored (equal to rounding).
+        """
+        values = {k: accelerator.reduce(torch.stack(v).float(), "mean").cpu() for k, v in sorted(self.values.items())}
+        return {"values": values, "divisors": dict(self.divisors), "steps": self.steps}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None, device: torch.device) -> LogWindow:
+        window = cls()
+        if state:  # checkpoints written before the window was saved have none: a window starts afresh
+            window.values = {k: list(v.to(device).unbind()) for k, v in state["values"].items()}
+            window.divisors, window.steps = dict(state["divisors"]), int(state["steps"])
+        return window
 
 
 class Trainer:
@@ -192,6 +210,7 @@ class Trainer:
         self.grad_accum, self.grad_clip = t.grad_accum, t.grad_clip
         self._autocast = acc.autocast if acc.native_amp else contextlib.nullcontext
         self.nonfinite_in_a_row, self._resume_rng, self.last_batch = 0, None, None
+        self.window = LogWindow()  # the steps since the last log line (restored by a resume)
         self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
         self.best = BestTracker(t.best_metric, t.early_stop_patience)
         if resume:
@@ -271,9 +290,10 @@ class Trainer:
     def save_checkpoint(self, name: str | None = None) -> Path | None:
         """Save the full training state to checkpoints/step_N (or checkpoints/<name>)."""
         self.accelerator.wait_for_everyone()
-        path = None
+        path, log_window = None, self.window.state_dict(self.accelerator)
         if self.accelerator.is_main_process:
             training_state = {
+                "log_window": log_window,
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "lr_schedules": {k: s.state_dict() for k, s in self.lr_schedules.items()},
                 "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
@@ -317,6 +337,7 @@ class Trainer:
             self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt", self.trust_run))
             self.ema.to(self.accelerator.device)
         self._resume_rng = training_state["rng"]
+        self.window = LogWindow.from_state(training_state.get("log_window"), self.accelerator.device)
         if self.accelerator.is_main_process:
             self.logged_until = self.run.truncate_metrics(state["step"])
         self.step, self.wandb_id = state["step"], state["wandb_id"]
@@ -449,7 +470,7 @@ class Trainer:
         if self._resume_rng:
             _set_rng_state(self._resume_rng)
         progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
-        window, logged = LogWindow(), {}
+        logged = {}
         images_per_step = t.batch_size * t.grad_accum * acc.num_processes
         # Plain values for the hot loop: reading an OmegaConf node costs ~10 us, a dozen times a step.
         max_steps, log_every, sample_every = t.max_steps, t.log_every, t.sample_every
@@ -464,25 +485,25 @@ class Trainer:
                             signal.Signals(self.stop_signal).name, self.step)
                 self.save_checkpoint()
                 raise StopRequested(self.stop_signal, self.previous_handlers.get(self.stop_signal))
-            stepped = [self._optimizer_step(phase, window) for phase in self.family.phases(self.step)]
+            stepped = [self._optimizer_step(phase, self.window) for phase in self.family.phases(self.step)]
             if not all(stepped):
                 continue  # a skipped non-finite step: same step number, next batches
             self.nonfinite_in_a_row = 0
             self.step += 1
-            window.steps += 1
+            self.window.steps += 1
             if self.ema is not None:
                 self.ema.step(self._ema_params)
             if self.step % log_every == 0 or self.step == max_steps:
                 elapsed = time.perf_counter() - window_start
-                logged = window.means(acc)
+                logged = self.window.means(acc)
                 for phase, opt in self.optimizers.items():
                     logged[f"lr_{phase}"] = opt.param_groups[0]["lr"]
                     if isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
                         self.lr_schedules[phase].step(logged.get("loss", sum(v for k, v in logged.items() if "loss" in k)))
-                logged["images_per_s"] = images_per_step * window.steps / elapsed
+                logged["images_per_s"] = images_per_step * self.window.steps / elapsed
                 self.tracker.log(self.step, logged)
                 progress.update(self.step, logged)
-                window, window_start = LogWindow(), time.perf_counter()
+                self.window, window_start = LogWindow(), time.perf_counter()
             else:
                 progress.update(self.step)
             if diag_every and self.step % diag_every == 0:
