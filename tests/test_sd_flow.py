@@ -27,7 +27,7 @@ from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
 from test_resume_sd import CIRCLES, COMMON, TINY_UNET, cn_config, train, vae_run  # noqa: F401 (vae_run: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-README = Path(__file__).parents[1] / "README.md"
+GUIDE = Path(__file__).parents[1] / "docs" / "guide" / "text-to-image.md"  # the user guide page with the loading code
 PROMPT = "a red circle on a blue background"
 
 
@@ -36,21 +36,21 @@ def flow_config(vae, tok, steps, *extra):
                    *COMMON, *CIRCLES, f"trainer.max_steps={steps}", *extra)
 
 
-def readme_loading_code() -> str:
-    """The README's loading code for a flow SD export, as the user copies it."""
-    section = README.read_text().split("#### Loading a flow SD export", 1)[1]
+def guide_loading_code() -> str:
+    """The user guide's loading code for a flow SD export, as the user copies it."""
+    section = GUIDE.read_text().split("## Loading a flow SD export", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def readme_pipeline(export: Path) -> StableDiffusionPipeline:
+def guide_pipeline(export: Path) -> StableDiffusionPipeline:
     namespace: dict = {}
-    exec(readme_loading_code().replace("RUN/export", str(export)), namespace)
+    exec(guide_loading_code().replace("RUN/export", str(export)), namespace)
     return namespace["pipe"]
 
 
-def readme_adapter(pipe):
-    """Only the README's `pipe.scheduler...` lines, run on another pipeline (a ControlNet one)."""
-    lines = [line for line in readme_loading_code().splitlines() if line.startswith("pipe.scheduler.")]
+def guide_adapter(pipe):
+    """Only the guide's `pipe.scheduler...` lines, run on another pipeline (a ControlNet one)."""
+    lines = [line for line in guide_loading_code().splitlines() if line.startswith("pipe.scheduler.")]
     exec("\n".join(lines), {"pipe": pipe})
     return pipe
 
@@ -101,11 +101,11 @@ def test_flow_target_is_the_velocity(flow_run, monkeypatch):
     assert exact < 1e-8 and flipped > 0.5
 
 
-def test_readme_loading_code_gives_genlabs_samples(flow_run, tmp_path):
-    """`genlab sample` and plain diffusers with the README's three lines: the same images for the same seed
+def test_guide_loading_code_gives_genlabs_samples(flow_run, tmp_path):
+    """`genlab sample` and plain diffusers with the guide's three lines: the same images for the same seed
     (up to float rounding: two code paths)."""
     cli("sample", flow_run, "--n", "2", "--seed", "5", "--steps", "3", "--prompt", PROMPT, "--out", tmp_path / "genlab.png")
-    pipe = readme_pipeline(flow_run / "export")
+    pipe = guide_pipeline(flow_run / "export")
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe([PROMPT] * 2, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
                   generator=ld.generators(2, 5), output_type="pt").images * 2 - 1
@@ -141,7 +141,7 @@ def test_controlnet_on_a_flow_base_trains_flow_and_its_export_matches_in_plain_d
     export = flow_cn_run / "export"
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         flow_run / "export", controlnet=ControlNetModel.from_pretrained(export / "controlnet"), safety_checker=None)
-    readme_adapter(pipe).load_lora_weights(export)
+    guide_adapter(pipe).load_lora_weights(export)
     pipe.set_progress_bar_config(disable=True)
     theirs = pipe(prompts, image=sketches, height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
                   generator=ld.generators(2, 3), output_type="pt").images * 2 - 1
