@@ -26,7 +26,7 @@ about 38 GB at batch 4, and 16 GB with gradient checkpointing and 8-bit Adam.
     python scripts/bench_controlnet.py                          # a GPU: SD 1.5 shapes at 512 px, fp16
     python scripts/bench_controlnet.py --adam8bit               # also optimizer=adamw8bit (bitsandbytes)
     python scripts/bench_controlnet.py --kind sdxl --image-size 1024   # SDXL's shapes
-    python scripts/bench_controlnet.py --presets vram_12gb vram_24gb vram_80gb   # the README's memory table
+    python scripts/bench_controlnet.py --presets vram_12gb vram_24gb vram_80gb   # the memory table of docs/benchmarks.md
     python scripts/bench_controlnet.py --sizes                  # CPU: sizes of every base kind, no training
     python scripts/bench_controlnet.py --size tiny --image-size 32 --batch-sizes 1 --steps 2 --warmup 1 \\
         trainer.mixed_precision=no                              # a CPU check of the script (tests)

@@ -123,7 +123,7 @@ def plot(out: Path) -> Path:
 
 
 def table(out: Path) -> str:
-    """The README's markdown table: FID and confidence (CNN / MLP) per sampling-step count, per arm and budget."""
+    """The markdown table of docs/evaluation.md: FID and confidence (CNN / MLP) per sampling-step count, per arm and budget."""
     runs = json.loads(out.read_text())["runs"]
     head = "| arm | budget (steps) | " + " | ".join(f"{s} steps" for s in SAMPLING_STEPS) + " |"
     lines = [head, "|" + "---|" * (2 + len(SAMPLING_STEPS))]

@@ -32,7 +32,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY"):
     torch.backends.cuda.enable_flash_sdp(False)  # the flag is global: it also turns off the CPU kernel
 
 # Bitwise equality is promised only where the same operations run in the same order (a resume, a
-# cold vs warm cache, 1 vs N processes as README says). Two different code paths that compute the
+# cold vs warm cache, 1 vs N processes as docs/reliability.md says). Two different code paths that compute the
 # same thing (genlab's sampler vs a plain diffusers pipeline, a model vs its reloaded export, foreach
 # vs per-tensor Adam) round differently on different CPUs: the vectorised kernels torch picks for a
 # CPU (AVX-512, AVX2, none) sum in different orders. float32 has an epsilon of 1.2e-7; across kernel

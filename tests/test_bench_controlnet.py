@@ -59,7 +59,7 @@ def test_every_base_kind_at_its_real_shapes(tmp_path):
                              "text_encoder_3": 4762.3}
     assert params["flux"] == {"transformer": 11901.4, "vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.3}
     assert sizes["sd15"]["controlnet_parameters_m"] == 361.3 and sizes["sdxl"]["controlnet_parameters_m"] == 1251.0
-    assert sizes["sd15"]["lora16_parameters_m"] == 3.19  # 12.8 MB of fp32 LoRA, as the README's checkpoint note
+    assert sizes["sd15"]["lora16_parameters_m"] == 3.19  # 12.8 MB of fp32 LoRA, as docs/guide/controlnet.md's checkpoint note
     for kind in sizes:  # the int8 base is smaller; the whole-ControlNet checkpoint is 12 bytes per parameter
         assert sizes[kind]["denoiser_int8_gb"] < sizes[kind]["denoiser_bf16_gb"]
         assert sizes[kind]["checkpoint_gb"]["controlnet"] == round(12 * sizes[kind]["controlnet_parameters_m"] / 1e3, 2)

@@ -1,4 +1,4 @@
-"""scripts/budget_compare.py's rules: a budget is met on both classifiers or not at all; the README table."""
+"""scripts/budget_compare.py's rules: a budget is met on both classifiers or not at all; the table of docs/evaluation.md."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_unet_export_is_a_ddpm_pipeline_with_the_same_images(tmp_path, objective
 
 
 def test_dit_export_loads_in_plain_diffusers_with_the_same_images(tmp_path):
-    """The loading code of the README's "Loading a pixel DiT export" section, verbatim in spirit."""
+    """The loading code of docs/guide/diffusion.md's "Loading a pixel DiT export" section, verbatim in spirit."""
     family = perturbed(DDPM(8, 1, num_classes=10, conditional=True, backbone="dit", dit=DIT, objective="flow",
                             guidance=2.0))
     family.export(tmp_path / "export")

@@ -1,4 +1,4 @@
-"""Pre-emption, disk full, read-only output, resumed metrics: the promises of README's Reliability section."""
+"""Pre-emption, disk full, read-only output, resumed metrics: promises of docs/reliability.md."""
 
 from __future__ import annotations
 

@@ -250,7 +250,7 @@ def for_unet_pipelines(scheduler):
     input through `scheduler.scale_model_input`, which flow schedulers lack because rectified flow
     needs neither: it starts from noise of std 1 and feeds the network x_t as it is. So 1.0 and the
     identity are exact. They are set on the instance, not in a subclass, so an export's scheduler
-    stays a plain diffusers class; README's loading code for a flow SD export sets the same two.
+    stays a plain diffusers class; the loading code for a flow SD export (docs/guide/text-to-image.md) sets the same two.
     """
     scheduler.init_noise_sigma = 1.0
     scheduler.scale_model_input = lambda sample, timestep=None: sample

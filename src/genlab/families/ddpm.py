@@ -174,7 +174,7 @@ class DDPM:
         return self.diffusion.denoise(predict, noise, sampler, steps, generator).clamp(-1, 1)
 
     def export(self, out_dir: Path) -> None:
-        """U-Net: a diffusers DDPMPipeline directory; DiT: `transformer/` and `scheduler/` (see README)."""
+        """U-Net: a diffusers DDPMPipeline directory; DiT: `transformer/` and `scheduler/` (see docs/guide/diffusion.md)."""
         if self.backbone == "unet":
             from diffusers import DDPMPipeline  # here: diffusers' pipelines cost every start ~0.4 s
 

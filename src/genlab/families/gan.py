@@ -117,7 +117,7 @@ def _translation(x: torch.Tensor, rng: StepRandom, ratio: float = 0.125, padding
 
     "zeros" (DiffAugment's original) fills with 0, mid-grey in [-1, 1], a value no digit's
     background has; "reflection" (as StyleGAN2-ADA pads) mirrors the image's own border. On
-    digits the padding alone did not cause the GAN's border blocks (README, GAN artifacts).
+    digits the padding alone did not cause the GAN's border blocks (docs/evaluation.md, GAN artifacts).
     """
     b, _, h, w = x.shape
     most = int(h * ratio + 0.5)
@@ -614,7 +614,7 @@ class GAN:
                 ratio = mode_seeking_ratio(fake[:half], fake[half:2 * half], z_a, z_b)
                 # MSGAN's weight / ratio rewards ever more pixel difference between same-label fakes;
                 # past the data's own spread G bought it with bright blocks and broken strokes
-                # (README, GAN artifact ablation). Capped, the reward stops at the real spread.
+                # (docs/evaluation.md, GAN artifacts). Capped, the reward stops at the real spread.
                 at_data_spread = 0.0  # 1 / ratio for fakes as far apart as same-class reals
                 if self.mode_seeking_cap:
                     at_data_spread = (z_a - z_b).float().abs().mean() / same_class_distance(real, labels)
