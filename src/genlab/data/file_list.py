@@ -71,7 +71,7 @@ def list_images(root: str | Path, cache_dir: str | Path | None = None) -> tuple[
         try:
             saved = json.loads(cache.read_text())
             if saved.get("version") == VERSION and saved.get("root") == str(root) and _unchanged(root, saved["dirs"]):
-                listing = saved
+                listing = saved if _inside(saved["files"]) else None
         except (OSError, ValueError, KeyError):
             listing = None  # a damaged cache is rebuilt
     if listing is None:
@@ -82,6 +82,12 @@ def list_images(root: str | Path, cache_dir: str | Path | None = None) -> tuple[
     prefix = str(root) + os.sep
     files = [prefix + f for f in listing["files"]]
     return ([f for f in files if f not in bad] if bad else files), bad
+
+
+def _inside(files: list) -> bool:
+    """Whether every cached name lies under the folder: a cache file is data anyone could have
+    written (a shared run's `data.cache_dir`), so a name that leaves the folder rebuilds the list."""
+    return all(isinstance(f, str) and f and not f.startswith(("/", "~")) and ".." not in f.split("/") for f in files)
 
 
 def _known_bad(root: Path, log_file: Path) -> dict[str, str]:
