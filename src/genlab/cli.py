@@ -52,8 +52,10 @@ def _require_run(run_dir: Path) -> None:
         _fail(error)
 
 
-TRUST_HELP = ("load a run written before genlab 0.2 (its training state holds numpy arrays, which safe "
-              "loading refuses; only numpy arrays are allowed, never arbitrary objects)")
+TRUST_HELP = ("trust this run's files on purpose: load a run written before genlab 0.2 (its training state holds "
+              "numpy arrays, which safe loading refuses; only numpy arrays, never arbitrary objects), and run the "
+              "pipe: shell commands its saved config names as data paths (refused otherwise)")
+TRUST_COMMANDS = "pass --trust-run"  # what a refused pipe: command in a run's saved config says
 ALLOW_HELP = ("trust _target_ classes under this prefix in the run's config (repeatable), e.g. your own "
               "family package; by default only genlab's and torch.optim's are instantiated")
 
@@ -132,9 +134,15 @@ def train(ctx: typer.Context,
     if processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
         _launch_processes(processes, ["train", *ctx.args])
     from genlab.train.entry import hydra_train
+    from genlab.urls import command_line_values, environment_commands, passed_on
 
-    sys.argv = ["genlab train", *args]
-    hydra_train()
+    try:
+        environment_commands()  # $GENLAB_ALLOW_COMMANDS that is not a JSON list: one sentence now
+    except GenlabError as error:
+        _fail(error)
+    with passed_on(command_line_values(args)):  # the only pipe: commands the job may run
+        sys.argv = ["genlab train", *args]
+        hydra_train()
 
 
 def _target_directory(args: list[str]) -> list[str]:
@@ -223,10 +231,14 @@ def sample(
                "prompt": prompt, "control_scale": control_scale, "lora": lora or None,
                "interpolate": interpolate or None, "reconstruct": reconstruct or None, "temperature": temperature,
                "truncation": truncation}
+    from genlab.urls import commands_allowed
+
     try:
-        sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
-                       sketch=sketch, edges_from=edges_from, options={k: v for k, v in options.items() if v is not None},
-                       allow=tuple(allow_target or ()), trust_run=trust_run)
+        with commands_allowed(trust_all=trust_run, how=TRUST_COMMANDS):
+            sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
+                           sketch=sketch, edges_from=edges_from,
+                           options={k: v for k, v in options.items() if v is not None},
+                           allow=tuple(allow_target or ()), trust_run=trust_run)
     except GenlabError as error:
         _fail(error)
 
@@ -260,10 +272,12 @@ def evaluate(
     _no_stray_words(run_dir, list(ctx.args))
     _require_run(run_dir)
     from genlab.eval.report import eval_command
+    from genlab.urls import commands_allowed
 
     try:
-        eval_command(run_dir, checkpoint, ema, n, compare_samplers, allow=tuple(allow_target or ()),
-                     trust_run=trust_run)
+        with commands_allowed(trust_all=trust_run, how=TRUST_COMMANDS):
+            eval_command(run_dir, checkpoint, ema, n, compare_samplers, allow=tuple(allow_target or ()),
+                         trust_run=trust_run)
     except GenlabError as error:
         _fail(error)
 

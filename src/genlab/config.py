@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from genlab.errors import ConfigError
+from genlab.urls import is_url
 
 
 def config_dir() -> Path:
@@ -231,6 +232,8 @@ def absolute_paths(cfg: DictConfig, cwd: Path, keys: list[str] | None = None) ->
             continue
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute():
+            continue
+        if is_url(value):  # s3://..., https://..., a typed pipe: command: not a path under cwd
             continue
         local = Path(cwd) / value
         if key in PATH_OR_HUB_KEYS and not (local.exists() or value.startswith(".") or value.count("/") > 1):

@@ -11,6 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.config import absolute_paths, check_values, closest, dotted_keys
 from genlab.errors import ConfigError
 from genlab.run_dir import RunDir
+from genlab.urls import check_config_commands, commands_allowed
+
+#: How a saved config's pipe: command is trusted on purpose (the refusal says it).
+TRUST_IT = "pass --trust-run (or give it again as an override on this command line)"
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -32,13 +36,24 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def resume_run(run_dir: Path, overrides: list[str], allow: tuple[str, ...] = (), trust_run: bool = False) -> dict:
-    """Continue `run_dir` from its newest complete checkpoint; overrides are saved into its config."""
+    """Continue `run_dir` from its newest complete checkpoint; overrides are saved into its config.
+
+    A `pipe:` command in the saved config runs only with `trust_run`; one typed as an override
+    here runs (urls.commands_allowed).
+    """
+    run = RunDir(run_dir).require()
+    cfg = apply_overrides(run.read_config(allow), overrides)
+    typed = [OmegaConf.select(cfg, o.partition("=")[0]) for o in overrides]
+    with commands_allowed(typed=[v for v in typed if isinstance(v, str)], trust_all=trust_run, how=TRUST_IT):
+        check_config_commands(cfg, str(run.config_file))
+        return _resume(run, cfg, overrides, trust_run)
+
+
+def _resume(run: RunDir, cfg: DictConfig, overrides: list[str], trust_run: bool) -> dict:
     import logging
 
     from genlab.train.job import check_resumable, is_main_process, run_job
 
-    run = RunDir(run_dir).require()
-    cfg = apply_overrides(run.read_config(allow), overrides)
     check_resumable(run, cfg)
     main = is_main_process()
     handler = logging.FileHandler(run.log_file)

@@ -4,8 +4,9 @@ Layout (what `genlab data pack` writes): `PATH/train.json` and `PATH/val.json`, 
 wids shard index ({"shardlist": [{"url": "train-000000.tar", "nsamples": 1000}, ...]},
 URLs relative to the index), and the tar shards, whose samples hold `KEY.<image ext>`,
 and where they exist `KEY.txt` (caption), `KEY.sketch.png` (sketch) and `KEY.cls` (label).
-PATH is a folder or a URL that webdataset's `gopen` opens (https://, gs://, hf://,
-pipe:...); s3://bucket/prefix is read through `aws s3 cp`.
+PATH is a folder, s3:// or gs:// (fsspec), https:// or hf:// (curl), or a `pipe:` command
+typed on the command line; an index names only shards inside its own folder. What may
+open and how is genlab/urls.py's business: no string from a file ever reaches a shell.
 
 The order (`ShardOrder`) keeps the loop's promise of exact resume: epoch e shuffles the
 shards by (seed, e) and deals them round-robin to the readers (processes x DataLoader
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from genlab import urls
 from genlab.data.images import IMAGE_SUFFIXES, load_image
 from genlab.errors import ConfigError, GenlabError
 
@@ -35,43 +37,42 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
 
-def _open(url: str):
-    """A readable binary stream for a local path or any URL webdataset's gopen knows."""
-    from webdataset.gopen import gopen
-
-    if url.startswith("s3://"):
-        url = f"pipe:aws s3 cp {url} -"
-    return gopen(url)
-
-
-def _join(base: str, name: str) -> str:
-    if "://" in name or name.startswith(("/", "pipe:")):
-        return name
-    return str(Path(base) / name) if "://" not in base else base.rstrip("/") + "/" + name
-
-
 def read_index(path: str, split: str) -> tuple[list[str], list[int], dict]:
-    """(shard URLs, samples per shard, genlab metadata) of `split` under `path`."""
-    where = _join(str(Path(path).expanduser()) if "://" not in path else path, f"{split}.json")
+    """(shard URLs, samples per shard, genlab metadata) of `split` under `path`.
+
+    A `pipe:` path must be allowed (urls.check_command) and every shard name must lie inside
+    the index's folder (urls.shard_url): both are checked before anything is opened or run.
+    """
+    urls.check_command(path, "data.path")
+    where = urls.join(path, f"{split}.json")
     try:
-        with _open(where) as f:
+        with urls.open_url(where, command_ok=urls.is_command(path)) as f:
             index = json.load(f)
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read the shard index {where} ({error}); data.path must hold train.json and "
                           "val.json as `genlab data pack SRC OUT` writes them.") from None
-    shards = index.get("shardlist", [])
-    base = where.rsplit("/", 1)[0]
-    return [_join(base, s["url"]) for s in shards], [int(s["nsamples"]) for s in shards], index.get("genlab", {})
+    shards = index.get("shardlist", []) if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        raise ConfigError(f"{where} is not a shard index (a 'shardlist' of {{url, nsamples}}); pack the data again.")
+    base = path.rstrip("/") if urls.is_url(path) else str(Path(path).expanduser())
+    found = [urls.shard_url(where, base, s.get("url"), i) for i, s in enumerate(shards)]
+    return found, [int(s["nsamples"]) for s in shards], index.get("genlab", {})
 
 
 @lru_cache(maxsize=2)  # the shard each reader of this process is in, and the next one
-def _shard_samples(url: str) -> list[dict[str, Any]]:
-    """Every sample of one shard, as webdataset groups them ({"__key__", "png": bytes, "txt": ...})."""
+def _shard_samples(url: str, command_ok: bool = False) -> list[dict[str, Any]]:
+    """Every sample of one shard, as webdataset groups them ({"__key__", "png": bytes, "txt": ...}).
+
+    Args:
+        command_ok: `url` extends a `pipe:` data.path that read_index allowed.
+    """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     try:
-        with _open(url) as stream:
+        with urls.open_url(url, command_ok=command_ok) as stream:
             return list(group_by_keys(tar_file_expander([{"url": url, "stream": stream}])))
+    except GenlabError:  # a refused URL, a missing fsspec package: already one sentence
+        raise
     except Exception as error:  # tar, network and pipe errors come in many types
         raise GenlabError(f"cannot read the shard {url} ({type(error).__name__}: {error}); check that it exists "
                           "and is a complete tar file (`genlab data pack` writes them).") from None
@@ -177,6 +178,7 @@ class Shards(Dataset):
     def __init__(self, path: str, split: str = "train", image_size: int = 64, channels: int = 3,
                  random_flip: bool = True):
         self.urls, self.counts, meta = read_index(str(path), split)
+        self.command_ok = urls.is_command(str(path))  # allowed by read_index, or it would have raised
         if not self.urls:
             raise ConfigError(f"{path}/{split}.json lists no shards; pack some data with `genlab data pack SRC OUT`.")
         self.offsets = [0, *_cumulative(self.counts)[:-1]]
@@ -198,7 +200,7 @@ class Shards(Dataset):
     def decode_from(self, shard: int, order: list[int], offset: int) -> dict:
         """The item at `order[offset]` of `shard`; a sample that does not decode is logged, counted
         and replaced by the next one in `order`."""
-        samples = _shard_samples(self.urls[shard])
+        samples = _shard_samples(self.urls[shard], self.command_ok)
         if len(samples) != self.counts[shard]:
             raise GenlabError(f"the shard {self.urls[shard]} holds {len(samples)} samples, its index says "
                               f"{self.counts[shard]}; pack the data again.")

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir.directory import RunDir
+from genlab.urls import check_config_commands
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
                 allow: tuple[str, ...] = (), trust_run: bool = False) -> tuple[Any, DictConfig]:
     """(family, cfg) rebuilt from a run's saved config, with the weights of `checkpoint`.
 
-    Nothing in the run runs code: the config's `_target_`s pass the allowlist first, weights
-    are safetensors and the EMA state loads with weights_only=True. A damaged newest
-    checkpoint falls back to the previous complete one, with a warning.
+    Nothing in the run runs code: the config's `_target_`s pass the allowlist first, a `pipe:`
+    command in it is refused unless the caller allowed it (urls.commands_allowed, which
+    `--trust-run` sets), weights are safetensors and the EMA state loads with
+    weights_only=True. A damaged newest checkpoint falls back to the previous complete one,
+    with a warning.
 
     Args:
         checkpoint: latest | best | step_N.
@@ -53,6 +56,7 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
 
     run = run if isinstance(run, RunDir) else RunDir(run)
     cfg = run.require().read_config(allow)
+    check_config_commands(cfg, str(run.config_file))  # before anything of it is built or opened
     if checkpoint == "latest":
         candidates = ckpt.complete_checkpoints(run.checkpoints, warn=True)
     else:

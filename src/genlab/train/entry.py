@@ -18,8 +18,10 @@ from genlab.config import absolute_paths, config_dir
 from genlab.errors import GenlabError
 from genlab.run_dir import RunDir, claim_new_dir
 from genlab.train.job import is_main_process, run_job
+from genlab.urls import check_config_commands, commands_allowed
 
 log = logging.getLogger("genlab")
+TYPE_IT = "give it as an override on this command line, e.g. data.path='pipe:...'"
 
 # ${genlab_new_dir:PARENT}: a new run directory under PARENT, named by the start time and
 # unique among simultaneous starts (see run_dir.claim_new_dir).
@@ -39,7 +41,9 @@ def hydra_train(cfg: DictConfig) -> float | None:
     if absolute_paths(cfg, Path(hydra_cfg.runtime.cwd)) and is_main_process() and hydra_cfg.output_subdir:
         RunDir(run_dir).write_config(cfg)
     try:
-        summary = run_job(cfg, run_dir, resume=None)
+        with commands_allowed(how=TYPE_IT):  # the pipe: commands `genlab train` was typed with ($GENLAB_ALLOW_COMMANDS)
+            check_config_commands(cfg, "the composed config")
+            summary = run_job(cfg, run_dir, resume=None)
     except GenlabError as error:
         log.error("%s", error)
         if hydra_cfg.mode.name == "MULTIRUN":
