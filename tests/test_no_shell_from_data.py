@@ -258,3 +258,17 @@ def test_a_cached_file_list_naming_files_outside_its_folder_is_rebuilt(tmp_path)
     listing.write_text(json.dumps(saved))
     again, _ = list_images(folder, cache)
     assert again == files and all(Path(f).parent == folder.resolve() for f in again)
+
+
+@pytest.mark.slow  # submitit starts a process per job: ~15-30 s
+def test_a_typed_pipe_reaches_a_job_that_a_launcher_runs_in_another_process(packed, tmp_path):
+    """hydra/launcher=local (submitit, the SLURM launcher's twin): the job's process has submitit's argv,
+    so the typed command reaches it through $GENLAB_ALLOW_COMMANDS, which a requeue inherits too."""
+    from conftest import genlab
+
+    marker = tmp_path / "MARKER"
+    sweep = tmp_path / "sweep"
+    genlab("train", "-m", "hydra/launcher=local", *SHARD_TRAIN, f"data.path='pipe:touch {marker}; cat {packed}'",
+           f"hydra.sweep.dir={sweep}", env={"OMP_NUM_THREADS": "1"})
+    assert (sweep / ".submitit").is_dir() and marker.exists()
+    assert json.loads((sweep / "0_ddpm" / "status.json").read_text())["step"] == 2
