@@ -23,7 +23,7 @@ Batches are dicts: "image" (B, C, H, W) float in [-1, 1]; optionally "label" (B,
 
 `Family` is what every family has. The optional capabilities are small protocols of
 their own (`PairedSamples`, `Conditioned`, `Autoencoder`, `EvalVariants`, `Diagnosed`,
-`Diffused`): a family has one
+`Diffused`, `Sharded`): a family has one
 by having its members, and callers ask with `isinstance(family, Capability)`.
 """
 
@@ -216,6 +216,20 @@ class Diagnosed(Protocol):
 
 
 @runtime_checkable
+class Sharded(Protocol):
+    """What `strategy=fsdp` shards block by block (FSDP2 "wrap units"). Without it, each network is
+    sharded as one unit: every forward then gathers the whole network at once, so memory falls only
+    between steps, not during them."""
+
+    def shard_units(self) -> dict[str, list[nn.Module]]:
+        """Blocks of each network to shard separately, by attribute name, innermost first.
+
+        Trainable networks (keys of `networks()`) and frozen ones (a VAE, a text encoder, the base
+        U-Net under a ControlNet) alike: a frozen base is split over the processes too.
+        """
+
+
+@runtime_checkable
 class Diffused(Protocol):
     """The family is a diffusion model on the shared core (`genlab.diffusion.Diffusion`): its
     samplers, their defaults and `genlab eval --compare-samplers` settings come from there."""
@@ -254,6 +268,22 @@ def unwrap(module: nn.Module) -> nn.Module:
     while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
         module = inner
     return module
+
+
+#: diffusers' block lists: U-Nets' and ControlNets' down/mid/up blocks, DiT/MMDiT/Flux transformer blocks.
+BLOCK_LISTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+
+
+def diffusers_blocks(module: nn.Module | None) -> list[nn.Module]:
+    """The blocks of a diffusers model that `strategy=fsdp` shards one at a time (see `Sharded`)."""
+    blocks: list[nn.Module] = []
+    for name in BLOCK_LISTS:
+        found = getattr(unwrap(module), name, None) if module is not None else None
+        if isinstance(found, nn.ModuleList):
+            blocks.extend(found)
+        elif isinstance(found, nn.Module):
+            blocks.append(found)
+    return blocks
 
 
 def single_optimizer(networks: dict[str, nn.Module]) -> dict[str, list[dict[str, Any]]]:

@@ -17,7 +17,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from genlab.diffusion import Diffusion, guided
 from genlab.errors import GenlabError
-from genlab.families.base import StepRandom, batch_labels
+from genlab.families.base import StepRandom, batch_labels, diffusers_blocks
 
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
 ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
@@ -109,6 +109,10 @@ class DDPM:
 
     def param_groups(self) -> dict[str, list[dict]]:
         return {self.ema_network: [{"params": [p for p in self.denoiser.parameters() if p.requires_grad]}]}
+
+    def shard_units(self) -> dict[str, list[torch.nn.Module]]:
+        """strategy=fsdp: the U-Net's down, middle and up blocks, or the DiT's transformer blocks."""
+        return {self.ema_network: diffusers_blocks(self.denoiser)}
 
     def phases(self, step: int) -> list[str]:
         return [self.ema_network]

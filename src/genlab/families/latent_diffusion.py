@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
+from genlab.families.base import StepRandom, diffusers_blocks, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
 
@@ -400,6 +400,16 @@ class SketchConditioned:
         if self.lora_rank > 0:
             nets[self.denoiser] = getattr(self, self.denoiser)
         return nets
+
+    def shard_units(self) -> dict[str, list[nn.Module]]:
+        """strategy=fsdp: the ControlNet's blocks and the frozen base denoiser's (U-Net down/mid/up,
+        SD3/Flux transformer blocks); the VAE and text encoders are sharded as one unit each."""
+        units = {"controlnet": diffusers_blocks(self.controlnet),
+                 self.denoiser: diffusers_blocks(getattr(self, self.denoiser))}
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if isinstance(getattr(self, name, None), nn.Module):
+                units[name] = []
+        return units
 
     def init_sampling(self, diffusion: Any, sampler: str | None, sample_steps: int, guidance: float,
                       control_scale: float, validation_data: Any, caption_dropout: float) -> None:

@@ -88,16 +88,21 @@ def save_checkpoint(ckpt_root: Path, step: int, networks: dict[str, torch.nn.Mod
     try:
         _write(ckpt_root, final, tmp, step, networks, files, state)
     except (OSError, RuntimeError) as error:  # disk full, quota, read-only; torch.save says RuntimeError
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-        free_kib = shutil.disk_usage(ckpt_root).free // 1024 if ckpt_root.exists() else 0
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(ckpt_root)
-        raise CheckpointWriteError(
-            f"could not write checkpoint {final}: {reason} ({free_kib} KiB left on that disk). "
-            f"The previous checkpoint {previous[-1] if previous else '(none)'} is intact; free space or "
-            "move the run, then `genlab resume`.") from None
+        raise write_failed(ckpt_root, final, tmp, error) from None
     prune(ckpt_root, keep)
     return final
+
+
+def write_failed(ckpt_root: Path, final: Path, tmp: Path, error: BaseException) -> CheckpointWriteError:
+    """Remove the half-written `tmp` and say what failed, how much disk is left and which checkpoint is intact."""
+    reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+    free_kib = shutil.disk_usage(ckpt_root).free // 1024 if ckpt_root.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    previous = complete_checkpoints(ckpt_root)
+    return CheckpointWriteError(
+        f"could not write checkpoint {final}: {reason} ({free_kib} KiB left on that disk). "
+        f"The previous checkpoint {previous[-1] if previous else '(none)'} is intact; free space or "
+        "move the run, then `genlab resume`.")
 
 
 def prune(ckpt_root: Path, keep: int | None) -> None:
@@ -134,6 +139,14 @@ def _write(ckpt_root: Path, final: Path, tmp: Path, step: int, networks: dict[st
         if obj is not None:
             torch.save(obj, tmp / filename)
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    seal(ckpt_root, final, tmp, step)
+
+
+def seal(ckpt_root: Path, final: Path, tmp: Path, step: int) -> None:
+    """Make the written folder `tmp` the checkpoint `final`: fsync its files, write COMPLETE last, rename.
+
+    Also the last step of a sharded save (train/sharded_checkpoint.py), once every process's shards are in `tmp`.
+    """
     for f in tmp.iterdir():
         _fsync(f)
     (tmp / MARKER).write_text(f"step {step}\n")

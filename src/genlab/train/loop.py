@@ -36,6 +36,7 @@ from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch, optimizers
 from genlab.train.best import BestTracker
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
+from genlab.train.strategy import build_strategy, shard_units
 from genlab.train.tracking import Progress, Tracker
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,8 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    if max_norm:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm(grads)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm else torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # strategy=fsdp: a sum over the shards
 
 
 class LogWindow:
@@ -162,6 +162,8 @@ class Trainer:
         AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu)
         acc = self.accelerator
+        self.strategy = build_strategy(cfg)  # ddp or fsdp: how the networks are spread over the processes
+        self.strategy.setup(acc, t.mixed_precision)
         if resume is None:
             resume = self._decide_resume()
         self.trust_run = trust_run
@@ -176,11 +178,13 @@ class Trainer:
         if t.get("effective_batch_size"):
             self._choose_micro_batch(dataset, resume)  # sets t.batch_size and t.grad_accum
         self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
+        self.strategy.wrap_frozen(self.family)
+        units = shard_units(self.family)
         for name, network in self.family.networks().items():
             if t.channels_last:
                 network.to(memory_format=torch.channels_last)
             network = self._sync_batch_norm(name, network)
-            network = acc.prepare(network)
+            network = self.strategy.wrap(network, units.get(name, []))
             setattr(self.family, name, torch.compile(network) if t.compile else network)
 
         self.optimizers, self.lr_schedules = {}, {}
@@ -198,7 +202,9 @@ class Trainer:
 
             self._ema_params = list(self._unwrapped(self.family.ema_network).parameters())
             # foreach: a few batched updates instead of several small ones per tensor (same arithmetic).
-            self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=True)
+            # Not on fsdp's sharded parameters: DTensor has no _foreach_copy_ (torch 2.14), which copy_to needs.
+            self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup,
+                                foreach=not self.strategy.sharded)
             self.ema.to(acc.device)
 
         try:
@@ -219,6 +225,10 @@ class Trainer:
         self.tracker = Tracker(run, cfg, self.wandb_id, enabled=acc.is_main_process, logged_until=self.logged_until)
         self.stop_signal: int | None = None
         self.evaluator = None
+        if t.eval_every and self.strategy.sharded:
+            raise ConfigError("trainer.eval_every evaluates on the main process alone, which strategy=fsdp cannot (each "
+                              "process holds a slice of the weights): set trainer.eval_every=0 and run `genlab eval` "
+                              "on the finished run.")
         if t.eval_every and acc.is_main_process:
             from genlab.eval.evaluate import Evaluator
 
@@ -290,22 +300,20 @@ class Trainer:
     def save_checkpoint(self, name: str | None = None) -> Path | None:
         """Save the full training state to checkpoints/step_N (or checkpoints/<name>)."""
         self.accelerator.wait_for_everyone()
-        path, log_window = None, self.window.state_dict(self.accelerator)
-        if self.accelerator.is_main_process:
-            training_state = {
-                "log_window": log_window,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "lr_schedules": {k: s.state_dict() for k, s in self.lr_schedules.items()},
-                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                "rng": _rng_state(),
-            }
-            files = {"training_state.pt": training_state, "ema.pt": self.ema.state_dict() if self.ema else None}
-            state = {"step": self.step, "data_position": self.batches.position, "wandb_id": self.tracker.run_id,
-                     "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
-                     "num_processes": self.accelerator.num_processes, "best": self.best.state_dict()}
-            networks = {n: self._unwrapped(n) for n in self.family.networks()}
-            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, networks, files, state,
-                                        self.t.keep_checkpoints, name=name)
+        extra = {  # the strategy adds the weights, optimizer and EMA states (whole, or each process's shards)
+            "log_window": self.window.state_dict(self.accelerator),
+            "lr_schedules": {k: s.state_dict() for k, s in self.lr_schedules.items()},
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+            "rng": _rng_state(),
+        }
+        state = {"step": self.step, "data_position": self.batches.position, "wandb_id": self.tracker.run_id,
+                 "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
+                 "num_processes": self.accelerator.num_processes, "best": self.best.state_dict()}
+        networks = {n: self._unwrapped(n) for n in self.family.networks()}
+        path = self.strategy.save_checkpoint(self.run_dir / "checkpoints", self.step, networks, self.optimizers,
+                                             self.ema, self.family.ema_network, extra, state,
+                                             self.t.keep_checkpoints, name=name)
+        if path is not None:
             log.info("checkpoint %s", path)
         self.accelerator.wait_for_everyone()
         return path
@@ -327,14 +335,11 @@ class Trainer:
         if state["grad_accum"] != self.t.grad_accum:
             log.warning("grad_accum changed from %d to %d: the LR schedule (counted in optimizer steps) is unchanged, "
                         "the effective batch is not.", state["grad_accum"], self.t.grad_accum)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(training_state["optimizers"][k])
         for k, s in self.lr_schedules.items():
             s.load_state_dict(training_state["lr_schedules"][k])
         if self.accelerator.scaler and training_state["scaler"]:
             self.accelerator.scaler.load_state_dict(training_state["scaler"])
         if self.ema:
-            self.ema.load_state_dict(ckpt.load_file_of(path, "ema.pt", self.trust_run))
             self.ema.to(self.accelerator.device)
         self._resume_rng = training_state["rng"]
         self.window = LogWindow.from_state(training_state.get("log_window"), self.accelerator.device)
@@ -347,11 +352,11 @@ class Trainer:
         return state["data_position"]
 
     def _read_checkpoint(self, path) -> tuple[dict, dict]:
-        """(training state, state.json) of `path`, its network weights loaded; CheckpointCorrupt if damaged."""
-        training_state, state = ckpt.load_file_of(path, "training_state.pt", self.trust_run), ckpt.load_state(path)
-        if training_state is None:
-            raise ckpt.CheckpointCorrupt(f"{path} has no training_state.pt")
-        ckpt.load_networks(path, {n: self._unwrapped(n) for n in self.family.networks()})
+        """(training state, state.json) of `path`, its weights, optimizer and EMA states loaded; CheckpointCorrupt if damaged."""
+        state = ckpt.load_state(path)
+        networks = {n: self._unwrapped(n) for n in self.family.networks()}
+        training_state = self.strategy.load_checkpoint(path, networks, self.optimizers, self.ema,
+                                                       self.family.ema_network, self.trust_run)
         return training_state, state
 
     # ---- the loop ----------------------------------------------------------------------
@@ -374,7 +379,7 @@ class Trainer:
             with contextlib.ExitStack() as stack:
                 if micro < accum - 1:  # gradients are all-reduced only on the last micro-step
                     for network in self.family.networks().values():
-                        stack.enter_context(acc.no_sync(network))
+                        stack.enter_context(self.strategy.no_sync(network))
                 rng = StepRandom(self.t.seed, self.step, phase, micro, acc.process_index, acc.num_processes, acc.device)
                 self.last_batch = self._next_batch()
                 with self._autocast():
@@ -417,8 +422,8 @@ class Trainer:
 
     def sample_grid(self, name: str) -> Path | None:
         """Fixed-noise samples (EMA weights if any) to samples/<name>.png; main process only."""
-        if not self.accelerator.is_main_process or not self.t.sample_n:
-            return None
+        if not self.t.sample_n or not (self.accelerator.is_main_process or self.strategy.sharded):
+            return None  # strategy=fsdp: every process takes part in each forward (it all-gathers the weights)
         path = self.run_dir / "samples" / f"{name}.png"
         # fork_rng: sampling must not move the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
@@ -426,13 +431,16 @@ class Trainer:
             # Conditioned families can show their input beside the output (sketch | image).
             draw = self.family.sample_pairs if isinstance(self.family, PairedSamples) else self.family.sample
             images = draw(self.t.sample_n, seed=self.t.seed)
+        if not self.accelerator.is_main_process:
+            return None
         save_grid(images, path)
         self.tracker.log_image(self.step, "samples", path)
         return path
 
     def diagnose(self) -> None:
-        """The family's own checks (Diagnosed), on the main process, away from the training RNG."""
-        if not self.accelerator.is_main_process:
+        """The family's own checks (Diagnosed), on the main process (every process under strategy=fsdp),
+        away from the training RNG."""
+        if not (self.accelerator.is_main_process or self.strategy.sharded):
             return
         with torch.no_grad(), torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
                 swapped_in_ema(self.family, None):
@@ -524,9 +532,10 @@ class Trainer:
         if self.run.checkpoint(f"step_{self.step}") is None:
             self.save_checkpoint()
         self.sample_grid("final")
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.strategy.sharded:  # fsdp: gathering the weights is a collective
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
-                self.family.export(self.run_dir / "export")
+                self.strategy.export(self.family, lambda: build("model", self.cfg.model), self.run_dir / "export")
+        if self.accelerator.is_main_process:
             refresh_model_card(self.run)  # export/README.md: the Hub's model card (never fatal)
         self.accelerator.wait_for_everyone()
         best = {f"best_{self.best.metric}": self.best.best} if self.best.best is not None else {}
