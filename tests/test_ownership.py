@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -71,7 +73,8 @@ def test_a_second_process_on_a_live_run_is_refused(tiny_ddpm_run, tmp_path):
     shutil.copytree(tiny_ddpm_run, run)
     before = snapshot(run)
     with RunDir(run).locked():
-        (run / "status.json").write_text('{"status": "running", "pid": 1, "time": 0}')
+        (run / "status.json").write_text(json.dumps({"status": "running", "pid": os.getpid(), "time": 0,
+                                                     "host": socket.gethostname()}))
         before = snapshot(run)
         resumed = genlab("resume", str(run), "trainer.max_steps=6", check=False)
         trained = genlab("train", *TINY_DDPM, f"hydra.run.dir={run}", check=False)
@@ -154,3 +157,15 @@ def test_a_complete_re_save_replaces_and_leaves_no_leftovers(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step_000004"]
     ckpt.load_networks(root / "step_000004", {"net": (net := torch.nn.Linear(2, 2))})
     assert torch.all(net.weight == 5.0)
+
+
+def test_a_run_whose_lock_this_process_took_over_reads_as_interrupted(tmp_path):
+    """A job rerun after kill -9 takes the lock, then asks whether the old run is alive: it is not."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.status_file.write_text(json.dumps({"status": "running", "pid": 999999, "time": 0,
+                                           "host": socket.gethostname()}))
+    with run.locked():
+        assert run.read_status()["status"] == "interrupted"
+        run.write_status("running")
+        assert run.read_status()["status"] == "running"  # this process's own run is alive

@@ -150,10 +150,12 @@ def _target_directory(args: list[str]) -> list[str]:
 
     Hydra writes .hydra/ into the run directory before genlab's code runs, so an explicit
     `hydra.run.dir` / `hydra.sweep.dir` holding a run is refused here (exit 2, nothing
-    touched), except the same job rerun after an interruption, which resumes. A multirun
+    touched), except the same job rerun after an interruption, which resumes, and a sweep
+    folder holding an Optuna study, whose rerun continues the study. A multirun
     without an explicit sweep folder gets one claimed now, so that jobs running in other
     processes (submitit) all land in it.
     """
+    from genlab.cluster.study import STUDY_FILE
     from genlab.errors import ConfigError
     from genlab.run_dir import RunDir, claim_new_dir
     from genlab.train.job import resume_decision
@@ -166,6 +168,8 @@ def _target_directory(args: list[str]) -> list[str]:
             root = explicit.get("runs_root") or os.environ.get("GENLAB_RUNS", "runs")
             return [*args, f"hydra.sweep.dir={claim_new_dir(Path(root) / 'multirun')}"]
         taken = [p.parent.parent.name for p in Path(sweep).glob("*/.hydra/config.yaml") if RunDir(p.parent.parent).holds_run()]
+        if taken and (Path(sweep) / STUDY_FILE).exists():
+            return args  # an Optuna study's folder: the rerun continues the study (genlab.cluster.study)
         if taken:
             raise ConfigError(f"hydra.sweep.dir={sweep} already holds runs ({', '.join(sorted(taken)[:3])}); "
                               "nothing was changed. Choose another sweep folder.")

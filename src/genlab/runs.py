@@ -40,8 +40,9 @@ def run_info(run: RunDir) -> dict[str, Any]:
             tracked = {}
         if tracked.get("best") is not None:
             best = {tracked["metric"]: tracked["best"], "step": tracked["best_step"]}
+    status = run.read_status()
     return {"run": run.path, "family": family, "data": data, "step": latest.get("step", 0),
-            "max_steps": cfg["trainer"]["max_steps"], "status": run.read_status()["status"],
+            "max_steps": cfg["trainer"]["max_steps"], "status": status["status"], "error": status.get("error", ""),
             "losses": {k: v for k, v in last.items() if "loss" in k},
             # --sort takes a latest value (fid_digits_cnn), an eval/metrics.json one, or the best (best_fid_digits_cnn)
             "metrics": {**latest, **run.read_eval(), **{f"best_{k}": v for k, v in best.items() if k != "step"}},
@@ -66,6 +67,12 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def status_cell(row: dict[str, Any]) -> str:
+    """The status, and for a failed run the first line of its error (a sweep's failed jobs say why)."""
+    error = (row.get("error") or "").strip().splitlines()
+    return f"{row['status']}: {error[0][:90]}" if row["status"] == "failed" and error else row["status"]
+
+
 def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
     from rich.console import Console
     from rich.table import Table
@@ -88,7 +95,7 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
         if sort and isinstance(r["metrics"].get(sort), (int, float)) and not sort.startswith("best_"):
             best = f"{sort}={r['metrics'][sort]:.4g} " + best
         table.add_row(str(Path(r["run"]).relative_to(root)), r["family"], r["data"],
-                      f"{r['step']}/{r['max_steps']}", losses, best, r["status"])
+                      f"{r['step']}/{r['max_steps']}", losses, best, status_cell(r))
     Console(width=200).print(table)
     return rows
 

@@ -206,6 +206,10 @@ class RunDir:
 
     def _alive(self, status: dict[str, Any]) -> bool:
         """Is the run that wrote `status` still going? The lock says so across hosts; the pid on this one."""
+        if str(self.path.resolve()) in _held:
+            # This process holds the lock, so the lock says nothing about the process that wrote
+            # `status`: a job rerun after a kill -9 takes the lock over, then asks about the old run.
+            return status.get("pid") == os.getpid() and status.get("host") == socket.gethostname()
         if self.lock_file.exists():
             return held_by_a_live_process(self.lock_file)
         pid = status.get("pid")

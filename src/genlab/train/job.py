@@ -60,6 +60,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = Fal
         StopRequested: a stop signal arrived; a complete checkpoint was written first.
         GenlabError: a problem the message explains (status.json says "failed" once training began).
     """
+    from genlab.config import check_values
     from genlab.train.loop import StopRequested, Trainer
 
     run = RunDir(run_dir)
@@ -68,6 +69,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = Fal
     with run.locked() if main else contextlib.nullcontext():
         trainer, fresh = None, not run.holds_run()
         try:
+            # `genlab train` checks one representative job before Hydra starts; each job of a sweep
+            # (`trainer.lr=1e-4,-1`) is checked here, so a bad value fails its own job only.
+            check_values(cfg)
             trainer = Trainer(cfg, run, resume=resume, trust_run=trust_run)
             if main:
                 run.write_status("running", max_steps=cfg.trainer.max_steps, step=trainer.step)
