@@ -182,3 +182,46 @@ def test_family_wrap_units_are_sharded_one_by_one(group_of_one):
     strategy.setup(Acc(), "no")
     strategy.wrap(family.unet, units)
     assert all(isinstance(u, FSDPModule) for u in units) and isinstance(family.unet, FSDPModule)
+
+
+@pytest.mark.slow  # four launches of the bench script (80 s on 2 shared cores)
+def test_fsdp_halves_what_a_process_holds_and_ddp_does_not(tmp_path):
+    """Parameters + gradients + optimizer states per process, measured at a step (scripts/bench_fsdp.py)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fsdp.json"
+    script = Path(__file__).parents[1] / "scripts" / "bench_fsdp.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--out", str(out)], check=True, timeout=900)
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["fall_1_to_2_processes"]["fsdp"] >= 1.8
+    assert summary["fall_1_to_2_processes"]["ddp"] < 1.05
+    assert all(diff <= 1e-5 for diff in summary["max_loss_rel_diff_vs_ddp_1"].values()), summary
+
+
+@pytest.mark.slow  # seven CLI runs on 1 and 2 gloo processes (200 s on 2 shared cores)
+def test_genlab_train_processes_2_fsdp_is_the_run_of_ddp_and_resumes_on_2_and_on_1(tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    common = [*TINY_DDPM, *STEPS]
+    genlab("train", *common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
+    genlab("train", "--processes", "2", *common, "strategy=fsdp", "trainer.batch_size=4",
+           f"hydra.run.dir={tmp_path / 'fsdp2'}", env=env)
+    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp1")
+    a, b = _exported(tmp_path / "fsdp2"), _exported(tmp_path / "ddp1")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    ckpt = tmp_path / "fsdp2" / "checkpoints" / "step_000004"
+    assert {p.name for p in ckpt.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "COMPLETE"}
+    # Stopped at step 2 on 2 processes, resumed on 2: the same operations, bitwise.
+    moved = [a for a in common if not a.startswith("trainer.max_steps")]
+    genlab("train", "--processes", "2", *moved, "trainer.max_steps=2", "strategy=fsdp", "trainer.batch_size=4",
+           f"hydra.run.dir={tmp_path / 'again'}", env=env)
+    genlab("resume", str(tmp_path / "again"), "--processes", "2", "trainer.max_steps=4", env=env)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path / "again")) == strip(_rows(tmp_path / "fsdp2"))
+    # The same 2-process checkpoint resumed on 1 process with the doubled batch: DCP reshards.
+    genlab("train", "--processes", "2", *moved, "trainer.max_steps=2", "strategy=fsdp", "trainer.batch_size=4",
+           f"hydra.run.dir={tmp_path / 'to_one'}", env=env)
+    genlab("resume", str(tmp_path / "to_one"), "trainer.max_steps=4", "trainer.batch_size=8", env=env)
+    _same_losses(tmp_path / "to_one", tmp_path / "ddp1")
