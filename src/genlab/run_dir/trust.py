@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from types import ModuleType
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
-from genlab.errors import GenlabError
+from genlab.errors import ConfigError
 
 #: `_target_` prefixes a saved config may name: genlab's own classes and the library
 #: classes genlab's configs use. Anything else needs the user's explicit `--allow-target`.
@@ -16,8 +18,8 @@ ALLOWED_TARGETS = ("genlab.", "torch.optim.", "bitsandbytes.optim.")
 ALLOWED_TARGETS_ENV = "GENLAB_ALLOW_TARGETS"
 
 
-class UntrustedConfig(GenlabError):
-    """A saved config names a `_target_` outside the allowlist."""
+class UntrustedConfig(ConfigError):
+    """A saved config names a `_target_` outside the allowlist (exit 2: nothing was loaded)."""
 
 
 def allowed_targets(extra: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
@@ -26,12 +28,52 @@ def allowed_targets(extra: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
     return (*ALLOWED_TARGETS, *from_env, *extra)
 
 
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def _what_it_really_is(target: str, prefixes: tuple[str, ...]) -> str | None:
+    """None when `target` names a class or function defined under an allowed module; else what it is.
+
+    Hydra's `_locate` follows attributes as well as imports, so `torch.optim.optimizer.torch.load`
+    is `torch.load`: a string prefix proves nothing. This walks the path the way `_locate` does
+    (attribute first, then import) without calling anything, and refuses a module met under a
+    name that is not its own (`checkpoint.torch` is the module `torch`), and an end that is not
+    a class or function whose `__module__` is allowed. A path that cannot be located passes:
+    `build` says it cannot be imported, and nothing is called.
+    """
+    from importlib import import_module
+
+    parts = target.split(".")
+    try:
+        obj: Any = import_module(parts[0])
+        for m, part in enumerate(parts[1:], start=1):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                if not isinstance(obj, ModuleType):
+                    return None
+                obj = import_module(".".join(parts[: m + 1]))
+            if isinstance(obj, ModuleType) and obj.__name__ != ".".join(parts[: m + 1]):
+                return f"the module {obj.__name__} reached through {'.'.join(parts[: m + 1])}"
+    except Exception:  # noqa: BLE001  (not locatable: build() refuses it in its own sentence)
+        return None
+    module = str(getattr(obj, "__module__", None) or "")
+    if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismethod(obj)):
+        return f"a {type(obj).__name__}, not a class or function"
+    if not _under(module, prefixes):
+        return f"{module}.{getattr(obj, '__qualname__', parts[-1])}, defined outside the allowed modules"
+    return None
+
+
 def check_targets(cfg: DictConfig | ListConfig | dict | list, source: str, allow: tuple[str, ...] = ()) -> None:
     """Refuse a config naming any `_target_` outside the allowlist, before anything is instantiated.
 
     Hydra's instantiate imports and calls whatever `_target_` names; its own blocklist stops
     `os.system` but not, e.g., a pickle loader. A config read from a run directory may have
-    been written by anyone, so only known prefixes pass.
+    been written by anyone, so only known prefixes pass, and only when the name is the
+    object's own: a class or function defined in an allowed module, not one of the modules
+    or functions such a module imports (`genlab.train.checkpoint.torch.load`).
 
     Raises:
         UntrustedConfig: naming the key, the target and how to trust a prefix on purpose.
@@ -45,7 +87,13 @@ def check_targets(cfg: DictConfig | ListConfig | dict | list, source: str, allow
                 where = f"{path}.{key}" if path else str(key)
                 if key == "_target_":
                     target = str(value)
-                    if not any(target == p or target.startswith(p if p.endswith(".") else p + ".") for p in prefixes):
+                    really = _what_it_really_is(target, prefixes) if _under(target, prefixes) else None
+                    if really:
+                        hint = ("" if really.startswith("the module") else
+                                ", or trust its package on purpose with --allow-target")
+                        raise UntrustedConfig(f"{source}: {where}={target!r} is {really}, so nothing was loaded; "
+                                              f"name a class by the module that defines it{hint}.")
+                    if not _under(target, prefixes):
                         raise UntrustedConfig(
                             f"{source}: {where}={target!r} is not a class genlab trusts, so nothing was loaded. "
                             f"If you trust this run, allow that prefix on purpose: --allow-target {target.rsplit('.', 1)[0]} "
