@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-portable test-slow test-full docs gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
+.PHONY: install demo test test-portable test-slow test-full lint docs gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `mak
 test-full: install  ## also the @pytest.mark.slow tests
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist worksteal
 
+# ruff with the rules of pyproject.toml ([tool.ruff]): unused and undefined names, syntax, long lines. It only reads.
+lint: install  ## ruff check over src/, tests/ and scripts/ (CI runs it first)
+	$(VENV)/bin/ruff check src tests scripts
+
 # The documentation site (mkdocs.yml, docs/): --strict fails on a broken link or anchor and on a page
 # left out of the nav. Offline: the theme's fonts are the system's (theme.font: false). The end-of-life banner is muted:
 # Material for MkDocs gets fixes until May 2027; Zensical, its successor, reads the same mkdocs.yml.
@@ -62,19 +66,19 @@ gpu-check: install  ## a GPU, one command under 8 min: GPU tests, MFU, ControlNe
 	$(PY) scripts/gpu_check.py
 
 bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchmarks/bench-<machine>.json
-	$(PY) scripts/bench.py
+	$(PY) -m scripts.bench
 
 bench-levers: install  ## each speed lever on and off -> "levers" in benchmarks/bench-<machine>.json
-	$(PY) scripts/bench.py --levers
+	$(PY) -m scripts.bench --levers
 
 bench-mfu: install  ## GPU: images/s and MFU at CIFAR-10 size, bf16, compile off/on -> "mfu" in benchmarks/bench-<gpu>.json
-	$(PY) scripts/bench.py --mfu
+	$(PY) -m scripts.bench --mfu
 
 bench-controlnet: install  ## GPU: memory and it/s of SD-1.5-size ControlNet training -> benchmarks/controlnet-<gpu>.json
-	$(PY) scripts/bench_controlnet.py
+	$(PY) -m scripts.bench_controlnet
 
 quality: install  ## CPU quality recipes -> benchmarks/quality.json
-	$(PY) scripts/quality.py
+	$(PY) -m scripts.quality
 
 clean:
 	rm -rf $(VENV) runs outputs multirun site

@@ -23,12 +23,12 @@ bytes of its denoiser, and the checkpoint and export sizes of each training mode
 Writes benchmarks/controlnet-<machine>.json. Anchor: diffusers' ControlNet example needs
 about 38 GB at batch 4, and 16 GB with gradient checkpointing and 8-bit Adam.
 
-    python scripts/bench_controlnet.py                          # a GPU: SD 1.5 shapes at 512 px, fp16
-    python scripts/bench_controlnet.py --adam8bit               # also optimizer=adamw8bit (bitsandbytes)
-    python scripts/bench_controlnet.py --kind sdxl --image-size 1024   # SDXL's shapes
-    python scripts/bench_controlnet.py --presets vram_12gb vram_24gb vram_80gb   # the memory table of docs/benchmarks.md
-    python scripts/bench_controlnet.py --sizes                  # CPU: sizes of every base kind, no training
-    python scripts/bench_controlnet.py --size tiny --image-size 32 --batch-sizes 1 --steps 2 --warmup 1 \\
+    python -m scripts.bench_controlnet                          # a GPU: SD 1.5 shapes at 512 px, fp16
+    python -m scripts.bench_controlnet --adam8bit               # also optimizer=adamw8bit (bitsandbytes)
+    python -m scripts.bench_controlnet --kind sdxl --image-size 1024   # SDXL's shapes
+    python -m scripts.bench_controlnet --presets vram_12gb vram_24gb vram_80gb   # the memory table of docs/benchmarks.md
+    python -m scripts.bench_controlnet --sizes                  # CPU: sizes of every base kind, no training
+    python -m scripts.bench_controlnet --size tiny --image-size 32 --batch-sizes 1 --steps 2 --warmup 1 \\
         trainer.mixed_precision=no                              # a CPU check of the script (tests)
 """
 
@@ -198,10 +198,10 @@ def preset_overrides(preset: str, last_step: int) -> list[str]:
 def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
     """genlab's loop on `experiment=controlnet_sketch_sd15` + `overrides` in a fresh process (images/s,
     peak memory); a failure (out of memory) comes back as an error instead of stopping the sweep."""
-    from bench import run_in_subprocess  # scripts/ is on sys.path when this file runs
+    from scripts.bench_loop import run_in_subprocess
 
     overrides = ["experiment=controlnet_sketch_sd15", *overrides]
-    return run_in_subprocess(f"bench.measure_genlab('controlnet', {overrides!r}, {steps}, {warmup})", check=False)
+    return run_in_subprocess(f"scripts.bench_loop.measure_genlab('controlnet', {overrides!r}, {steps}, {warmup})", check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,12 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from bench import default_out, machine_name  # scripts/ is on sys.path when this file runs
+    from scripts.bench_loop import default_out, machine_name
 
     machine = machine_name()
     out = args.out or default_out(machine, prefix="controlnet")
     if args.sizes:
-        report = {"machine": machine, "command": " ".join(["python", "scripts/bench_controlnet.py", *(argv or [])]),
+        report = {"machine": machine, "command": " ".join(["python", "-m", "scripts.bench_controlnet", *(argv or [])]),
                   "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": {k: sizes(k) for k in ("sd15", "sdxl", "sd3", "flux")}}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     base = random_base(args.size, args.base_dir or cache / f"bench_base_{name}", args.kind)
     print(f"random {args.size} base at {base} ({time.perf_counter() - start:.0f} s)", flush=True)
     # fill_circles pairs instead of the recipe's photo folder (its edge style has no meaning there).
-    # (bench.measure_genlab adds logger=none, no periodic grids or checkpoints, plain progress.)
+    # (bench_loop.measure_genlab adds logger=none, no periodic grids or checkpoints, plain progress.)
     common = [f"model.base={base}", "data=fill_circles", "~data.edges", f"data.image_size={args.image_size}",
               "data.count=256", "data.val_count=8", "trainer.grad_accum=1", "trainer.sample_n=0",
               "trainer.eval_every=0", *args.overrides]
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "kind": args.kind, "device": "cuda" if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "python": platform.python_version(),
-              "command": " ".join(["python", "scripts/bench_controlnet.py", *(argv if argv is not None else sys.argv[1:])]),
+              "command": " ".join(["python", "-m", "scripts.bench_controlnet", *(argv if argv is not None else sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M"), "size": args.size, "image_size": args.image_size,
               "steps": args.steps, "warmup": args.warmup, "common_overrides": common,
               "peak_memory": "torch.cuda.max_memory_allocated on a GPU; peak RSS of the process on a CPU",

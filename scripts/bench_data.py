@@ -1,4 +1,4 @@
-"""The data paths users train on, measured: `python scripts/bench.py --data [PARTS...]`.
+"""The data paths users train on, measured: `python -m scripts.bench --data [PARTS...]`.
 
 Parts (all by default), written to the "data" section of benchmarks/bench-<machine>.json:
 
@@ -12,10 +12,10 @@ Parts (all by default), written to the "data" section of benchmarks/bench-<machi
   timestep, MSE, Accelerate backward, gradient clipping at 1.0, AdamW, LR schedule, EMA
   (AdamW and EMAModel at their defaults, as the script leaves them), the loss read every step.
 - paired: the same two paths (genlab's folder path and the script's) in one process, taking
-  turns every `--window` optimizer steps (`bench.measure_paired`), so that the machine's
+  turns every `--window` optimizer steps (`bench_loop.measure_paired`), so that the machine's
   drift between processes (15-30% here) does not decide which is faster; once with the script
   as it is, once with the script given genlab's foreach AdamW and EMA updates. Each variant gets
-  its pooled ratio, the windows' quartiles and a 95% interval (`bench.interval_95`). Extra Hydra
+  its pooled ratio, the windows' quartiles and a 95% interval (`bench_loop.interval_95`). Extra Hydra
   overrides change the model of both (e.g. a smaller U-Net, where the data path decides the speed).
 - startup: `genlab train data=imagefolder` on 100,000 tiny PNGs, command to first optimizer
   step, with an empty file-list cache and again with it; the dataset construction alone
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import bench
+from scripts import bench_loop
 
 THREE_CHANNEL_DIGITS = ["data.channels=3", "data.image_size=16"]
 PARTS = ("throughput", "paired", "startup", "cache")
@@ -59,7 +59,7 @@ def write_png_folder(folder: Path, size: int = 32) -> Path:
 
 class DiffusersScript:
     """diffusers' train_unconditional.py data path and step (see the module docstring), run
-    `steps` at a time: `run(steps)` returns its seconds, as `bench.BareLoop.run` does."""
+    `steps` at a time: `run(steps)` returns its seconds, as `bench_loop.BareLoop.run` does."""
 
     def __init__(self, folder: str, overrides: list[str], same_updates: bool = False):
         import torch
@@ -70,7 +70,7 @@ class DiffusersScript:
         from hydra.utils import instantiate
         from torchvision import transforms
 
-        cfg = bench._config("ddpm", overrides)
+        cfg = bench_loop.compose_config("ddpm", overrides)
         res, self.batch_size = cfg.data.image_size, cfg.trainer.batch_size
         family = instantiate(cfg.model, _convert_="all")  # the same UNet2DModel and DDPMScheduler as genlab's
         model, self.scheduler = family.unet, family.diffusion.scheduler
@@ -129,8 +129,8 @@ def measure_diffusers(folder: str, overrides: list[str], steps: int, warmup: int
 def measure_paired_with_diffusers(folder: str, genlab_overrides: list[str], script_overrides: list[str], steps: int,
                                   warmup: int, window: int, same_updates: bool = False) -> dict:
     """genlab's folder path and the script's, in one process, taking turns every `window` steps
-    (`bench.measure_paired`): the machine's drift from minute to minute falls on both alike."""
-    return bench.measure_paired("ddpm", genlab_overrides, steps, warmup, window,
+    (`bench_loop.measure_paired`): the machine's drift from minute to minute falls on both alike."""
+    return bench_loop.measure_paired("ddpm", genlab_overrides, steps, warmup, window,
                                 bare=DiffusersScript(folder, script_overrides, same_updates))
 
 
@@ -199,14 +199,14 @@ def throughput(args, work: Path) -> dict:
     runs = {name: [] for name in paths}
     for _ in range(args.repeats):
         for name, (kind, overrides) in paths.items():
-            call = (f"__import__('bench_data').measure_diffusers({folder!r}, {overrides!r}, {args.steps}, "
+            call = (f"scripts.bench_data.measure_diffusers({folder!r}, {overrides!r}, {args.steps}, "
                     f"{args.warmup})" if kind == "diffusers" else
-                    f"bench.measure_genlab('ddpm', {overrides!r}, {args.steps}, {args.warmup})")
-            runs[name].append(bench.run_in_subprocess(call))
+                    f"scripts.bench_loop.measure_genlab('ddpm', {overrides!r}, {args.steps}, {args.warmup})")
+            runs[name].append(bench_loop.run_in_subprocess(call))
             print(f"  {name}: {runs[name][-1].get('images_per_s', runs[name][-1])}", flush=True)
     best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
     ips = {k: v["images_per_s"] for k, v in best.items()}
-    loader = bench.run_in_subprocess(f"__import__('bench_data').loader_only({folder!r})")
+    loader = bench_loop.run_in_subprocess(f"scripts.bench_data.loader_only({folder!r})")
     return {"workload": workload(args),
             "folder": folder, "loader_only": loader, "paths": {k: {"overrides": v[1]} for k, v in paths.items()}, "best": best,
             "folder_vs_in_memory": ips["imagefolder"] / ips["in_memory"],
@@ -222,17 +222,17 @@ def paired(args, work: Path) -> dict:
     runs = {"as_is": [], "same_updates": []}
     for _ in range(args.repeats):
         for variant in runs:
-            runs[variant].append(bench.run_in_subprocess(
-                f"__import__('bench_data').measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
+            runs[variant].append(bench_loop.run_in_subprocess(
+                f"scripts.bench_data.measure_paired_with_diffusers({folder!r}, {on_folder!r}, {in_memory!r}, "
                 f"{args.steps}, {args.warmup}, {args.window}, {variant == 'same_updates'})"))
             print(f"  {variant}: ratio {runs[variant][-1].get('ratio', runs[variant][-1])}", flush=True)
     result = {"workload": workload(args), "genlab": "data=imagefolder, its default workers",
               "other": "diffusers train_unconditional.py's data path and step (DiffusersScript), 0 workers",
               "window": args.window}
     for variant, variant_runs in runs.items():
-        ratio, quartiles, ratios = bench.pooled(variant_runs)
+        ratio, quartiles, ratios = bench_loop.pooled(variant_runs)
         result[variant] = {"ratio_genlab_over_script": ratio, "window_ratio_quartiles": quartiles,
-                           "interval_95": bench.interval_95(ratios) if len(ratios) > 1 else None,
+                           "interval_95": bench_loop.interval_95(ratios) if len(ratios) > 1 else None,
                            "windows_faster": sum(r > 1 for r in ratios), "windows": len(ratios), "runs": variant_runs}
     result["as_is"]["script"] = "AdamW and EMAModel at their defaults, as the script leaves them (per-tensor on a CPU)"
     result["same_updates"]["script"] = "given genlab's foreach AdamW and EMA updates: the runner and data path alone"
@@ -269,10 +269,10 @@ def startup(args, work: Path) -> dict:
             "model.unet.up_block_types=[UpBlock2D,UpBlock2D]", "model.unet.norm_num_groups=4",
             "model.unet.attention_head_dim=8", "trainer.batch_size=16", "trainer.sample_n=0"]
     os.environ["GENLAB_CACHE"] = cache  # time_to_first_step's process inherits it: an empty file-list cache
-    first = bench.time_to_first_step("ddpm", tiny)
-    second = bench.time_to_first_step("ddpm", tiny)
+    first = bench_loop.time_to_first_step("ddpm", tiny)
+    second = bench_loop.time_to_first_step("ddpm", tiny)
     gan = [*tiny[:4], "trainer.batch_size=16", "trainer.sample_n=0"]  # the same folder, a default-size GAN
-    gan_starts = [bench.time_to_first_step("gan", gan) for _ in range(2)]
+    gan_starts = [bench_loop.time_to_first_step("gan", gan) for _ in range(2)]
     # What any start costs before genlab's own work: the interpreter, torch, torch's first optimizer
     # step (it imports torch._dynamo), and diffusers' import (it imports torch._dynamo, peft, transformers).
     floor_code = {"python": "pass", "import torch": "import torch",
@@ -326,7 +326,7 @@ def build_cache(base: str, cache_dir: str, batch_size: int = 32) -> dict:
     from genlab.data.latent_cache import cached_or_encoded_text, cached_posteriors
     from genlab.families.sd import load_parts
 
-    cfg = bench._config("controlnet", ["experiment=controlnet_circles", f"model.base={base}"])
+    cfg = bench_loop.compose_config("controlnet", ["experiment=controlnet_circles", f"model.base={base}"])
     data = build_dataset(cfg.data, "train")
     vae, text_encoder, tokenizer, _ = load_parts(base, None, cfg.data.image_size, {}, {}, None)
     t0 = time.perf_counter()
@@ -341,7 +341,7 @@ def build_cache(base: str, cache_dir: str, batch_size: int = 32) -> dict:
 def latent_cache(args, work: Path) -> dict:
     base = tiny_chain(work)
     cache_dir = tempfile.mkdtemp(prefix="genlab-latents-")
-    build = bench.run_in_subprocess(f"__import__('bench_data').build_cache({str(base)!r}, {cache_dir!r})")
+    build = bench_loop.run_in_subprocess(f"scripts.bench_data.build_cache({str(base)!r}, {cache_dir!r})")
     common = ["experiment=controlnet_circles", f"model.base={base}", "trainer.eval_every=0", "trainer.sample_n=0",
               *args.overrides]
     variants = {"encode_every_batch": common,
@@ -349,7 +349,7 @@ def latent_cache(args, work: Path) -> dict:
     runs = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, overrides in variants.items():
-            runs[name].append(bench.in_subprocess("genlab", "controlnet", overrides, args.cache_steps, args.warmup))
+            runs[name].append(bench_loop.in_subprocess("genlab", "controlnet", overrides, args.cache_steps, args.warmup))
             print(f"  {name}: {runs[name][-1].get('images_per_s')}", flush=True)
     best = {k: max(v, key=lambda r: r.get("images_per_s", 0)) for k, v in runs.items()}
     steps_per_s = {k: v["images_per_s"] / 32 for k, v in best.items()}  # the recipe's batch: 32
@@ -365,9 +365,9 @@ def main(args) -> None:
 
     work = Path(args.work).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    out = args.out or bench.default_out(bench.machine_name())
+    out = args.out or bench_loop.default_out(bench_loop.machine_name())
     report = json.loads(out.read_text()) if out.exists() else {
-        "machine": bench.machine_name(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "machine": bench_loop.machine_name(), "python": sys.version.split()[0], "torch": torch.__version__,
         "genlab": genlab.__version__}
     section = report.setdefault("data", {})
     for part in args.data or PARTS:
@@ -376,7 +376,7 @@ def main(args) -> None:
         result = {"throughput": throughput, "paired": paired, "startup": startup, "cache": latent_cache}[part](args, work)
         result.update(command=" ".join(["python", *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M"),
                       load_average_before=load, load_average_after=os.getloadavg(),
-                      torch_threads=torch.get_num_threads(), machine=bench.machine_name())
+                      torch_threads=torch.get_num_threads(), machine=bench_loop.machine_name())
         section[part] = result
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

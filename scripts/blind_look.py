@@ -6,8 +6,8 @@ key.json; do not open it before judging. Look at blind.png, list the cells that 
 their column's digit (and, if you like, the cells you think are generated), then `score`
 unseals the key, compares the two halves and writes revealed.png (generated cells framed in red).
 
-    python scripts/blind_look.py make RUN_DIR --out blind/ --seed 0
-    python scripts/blind_look.py score blind/ --doubtful 2,1 6,9 --generated 0,3 4,4
+    python -m scripts.blind_look make RUN_DIR --out blind/ --seed 0
+    python -m scripts.blind_look score blind/ --doubtful 2,1 6,9 --generated 0,3 4,4
 
 Cells are row,col from 0 at the top left, as numbered on the grid's margins. Give every grid you
 judge a seed of its own: a seed puts the same real images in the same cells whatever the run.

@@ -10,9 +10,9 @@ A budget is turned into optimizer steps with each arm's steps/s measured by a pr
 machine (`--probe-only`, all cores, nothing else running), so the training runs themselves can
 then share the machine (one thread each, in parallel) without changing what they are given:
 
-    python scripts/budget_compare.py --probe-only                      # quiet machine, ~3 min
-    OMP_NUM_THREADS=1 python scripts/budget_compare.py --arms flow_unet  # one process per arm
-    python scripts/budget_compare.py --plot-only                       # the figure from the JSON
+    python -m scripts.budget_compare --probe-only                      # quiet machine, ~3 min
+    OMP_NUM_THREADS=1 python -m scripts.budget_compare --arms flow_unet  # one process per arm
+    python -m scripts.budget_compare --plot-only                       # the figure from the JSON
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quality import COMMON, ROOT, environment, steps_per_second, train  # scripts/ is on sys.path
+from scripts.quality import COMMON, ROOT, environment, steps_per_second, train
 from genlab.eval.evaluate import Evaluator
 from genlab.run_dir import load_family
 
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(args.out))
         return 0
     env = environment(argparse.Namespace(smoke=False))
-    env["command"] = " ".join(["python", "scripts/budget_compare.py", *(argv if argv is not None else sys.argv[1:])])
+    env["command"] = " ".join(["python", "-m", "scripts.budget_compare", *(argv if argv is not None else sys.argv[1:])])
     update_json(args.out, {"environment": env})
     if args.probe_only or "probe" not in json.loads(args.out.read_text()):
         probe(list(ARMS), args.out, args.probe_steps)

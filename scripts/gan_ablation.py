@@ -6,9 +6,9 @@ agreement and OOD rejections, border artifacts, recall; truncation variants). Wr
 OUT_DIR/gan_ablation.json (each entry: its command, steps, train time and metrics) and copies each
 run's final fixed-noise grid (column j = digit j) to DOCS_DIR/gan_ablation_<name>.png.
 
-    python scripts/gan_ablation.py                        # every ablation, 2,000 steps each
-    python scripts/gan_ablation.py --names base,ms_cap    # some of them
-    python scripts/gan_ablation.py --runs-dir runs/abl    # evaluate finished runs there whose
+    python -m scripts.gan_ablation                        # every ablation, 2,000 steps each
+    python -m scripts.gan_ablation --names base,ms_cap    # some of them
+    python -m scripts.gan_ablation --runs-dir runs/abl    # evaluate finished runs there whose
                                                           # .hydra/overrides.yaml match, train the rest
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from genlab.config import hydra_args
-from quality import COMMON, ROOT, compose, environment, evaluate, run_training_logged  # scripts/ is on sys.path
+from scripts.quality import COMMON, ROOT, compose, environment, evaluate, run_training_logged
 
 log = logging.getLogger("gan_ablation")
 

@@ -47,8 +47,8 @@ def parts(smoke: bool, tmp: Path) -> list[dict]:
     return [
         {"name": "gpu_tests", "limit": 240 * scale, "command": [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                                       "tests/test_gpu.py", f"--junitxml={tmp / 'gpu_tests.xml'}"]},
-        {"name": "mfu", "limit": 150 * scale, "command": [PY, "scripts/bench.py", *mfu, "--out", str(tmp / "mfu.json")]},
-        {"name": "controlnet", "limit": 180 * scale, "command": [PY, "scripts/bench_controlnet.py", *controlnet,
+        {"name": "mfu", "limit": 150 * scale, "command": [PY, "-m", "scripts.bench", *mfu, "--out", str(tmp / "mfu.json")]},
+        {"name": "controlnet", "limit": 180 * scale, "command": [PY, "-m", "scripts.bench_controlnet", *controlnet,
                                                          "--out", str(tmp / "controlnet.json")]},
     ]
 

@@ -9,10 +9,10 @@ drawn without the ablated part as quality_<name>_<ablation>.png). DDPM also comp
 does not exist yet is skipped with a message. quality.json keeps the entries of recipes
 not run this time, each with the command, machine and date that produced it.
 
-    python scripts/quality.py                                   # every recipe (make quality)
-    python scripts/quality.py --recipes ddpm_digits --budget-minutes 12
-    python scripts/quality.py --smoke --out-dir /tmp/q          # tiny models, seconds (tests)
-    python scripts/quality.py --recipes vae_digits --reuse      # evaluate finished runs again
+    python -m scripts.quality                                   # every recipe (make quality)
+    python -m scripts.quality --recipes ddpm_digits --budget-minutes 12
+    python -m scripts.quality --smoke --out-dir /tmp/q          # tiny models, seconds (tests)
+    python -m scripts.quality --recipes vae_digits --reuse      # evaluate finished runs again
 
 --budget-minutes caps each training run: a short probe measures optimizer steps per second
 and `trainer.max_steps` is lowered to what fits (the JSON says so: planned vs. done steps).
@@ -41,7 +41,7 @@ from hydra import compose as hydra_compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from bench import machine_name  # scripts/ is on sys.path when this file runs
+from scripts.bench_loop import machine_name
 from genlab.config import config_dir, hydra_args
 from genlab.eval.evaluate import Evaluator
 from genlab.eval.features import CLASSIFIERS
@@ -334,7 +334,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
             versions[package] = None
     git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     return {"machine": machine_name(), "versions": versions, "git": git.stdout.strip() or None,
-            "command": " ".join(["python", "scripts/quality.py", *sys.argv[1:]]),
+            "command": " ".join(["python", "-m", "scripts.quality", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": os.getloadavg()[0], "smoke": args.smoke}
 

@@ -18,7 +18,6 @@ os.environ.setdefault("GENLAB_CACHE", tempfile.mkdtemp(prefix="genlab-cache-"))
 # Nothing of the tests' lands in ~/.cache: Hugging Face's caches (datasets, hub) go to the session's too.
 os.environ.setdefault("HF_HOME", os.path.join(os.environ["GENLAB_CACHE"], "hf"))
 os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(os.environ["GENLAB_CACHE"], "hf", "datasets"))
-sys.path.insert(0, str(Path(__file__).parent))  # so configs can target tests' toy_family
 
 GENLAB = str(Path(sys.executable).parent / "genlab")
 

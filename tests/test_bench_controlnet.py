@@ -1,15 +1,13 @@
 """scripts/bench_controlnet.py on CPU with a tiny stand-in for SD 1.5 (the real run needs a GPU)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import bench_controlnet
 
-import bench_controlnet  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sd15_shapes_are_sd15():

@@ -1,17 +1,15 @@
 """scripts/bench.py --mfu: the CIFAR-size model, its FLOP count, and the report (on CPU; the numbers need a GPU)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts import bench, bench_loop
 
-import bench  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CIFAR = ["data.image_size=32", "data.channels=3", *bench.CIFAR_SIZE["ddpm"]]
 TINY = ["model.unet.block_out_channels=[16,16,16,16]", "model.unet.norm_num_groups=8",
@@ -20,7 +18,7 @@ TINY = ["model.unet.block_out_channels=[16,16,16,16]", "model.unet.norm_num_grou
 
 
 def test_cifar_size_ddpm_is_the_ddpm_papers_unet():
-    family = instantiate(bench._config("ddpm", CIFAR).model, _convert_="all")
+    family = instantiate(bench_loop.compose_config("ddpm", CIFAR).model, _convert_="all")
     assert round(sum(p.numel() for p in family.unet.parameters()) / 1e6, 1) == 35.7
 
 
@@ -29,7 +27,7 @@ def test_flops_per_image_count_forward_and_backward():
     from torch.utils.flop_counter import FlopCounterMode
 
     train = bench.train_flops_per_image("ddpm", CIFAR, batch_size=2)
-    family = instantiate(bench._config("ddpm", CIFAR).model, _convert_="all")
+    family = instantiate(bench_loop.compose_config("ddpm", CIFAR).model, _convert_="all")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         family.unet(torch.randn(2, 3, 32, 32), torch.tensor([10, 500]))
     forward = counter.get_total_flops() / 2

@@ -1,15 +1,13 @@
 """scripts/bench.py's ratio: genlab's Trainer and the bare loop taking turns in one process (issue 14)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from genlab.train import tracking
+from scripts import bench_loop
 
-import bench  # noqa: E402
-from genlab.train import tracking  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["model.unet.block_out_channels=[16,16,16]", "model.unet.attention_head_dim=8", "trainer.batch_size=8"]
 
@@ -17,7 +15,7 @@ TINY = ["model.unet.block_out_channels=[16,16,16]", "model.unet.attention_head_d
 @pytest.mark.slow  # two real loops of a few steps each, ~20-60 s on 2 cores; `make test-slow` (CI) runs it
 def test_paired_windows_take_turns_and_leave_the_tracker_as_it_was():
     log = tracking.Tracker.log
-    result = bench.measure_paired("ddpm", ["model.objective=flow", *TINY], steps=4, warmup=2, window=2)
+    result = bench_loop.measure_paired("ddpm", ["model.objective=flow", *TINY], steps=4, warmup=2, window=2)
     assert tracking.Tracker.log is log  # the bare loop's hook is gone again
     # warmup 2 = the first window, not counted; steps 4 = two counted windows of each loop
     assert result["windows"] == 2 and len(result["windows_bare"]) == len(result["windows_genlab"]) == 2
@@ -32,7 +30,7 @@ def test_paired_windows_take_turns_and_leave_the_tracker_as_it_was():
 def test_time_to_first_step_refuses_a_run_that_never_steps():
     """A start that fails (here at composition, as a model that cannot train fails at build) times nothing."""
     with pytest.raises(RuntimeError, match="exited 2 before its first step: .*did you mean 'ddpm'"):
-        bench.time_to_first_step("ddpn", [])
+        bench_loop.time_to_first_step("ddpn", [])
 
 
 @pytest.mark.slow  # two real loops of a few steps; ~20 s on 2 cores
@@ -66,7 +64,7 @@ def test_pooled_ratio_is_over_the_total_time_of_every_window():
     """Windows hold the same images: the ratio is one loop's total time over the other's, not a mean of ratios."""
     runs = [{"windows_genlab": [100.0, 50.0], "windows_bare": [100.0, 100.0], "window_ratios": [1.0, 0.5]},
             {"windows_genlab": [200.0], "windows_bare": [100.0], "window_ratios": [2.0]}]
-    ratio, quartiles, ratios = bench.pooled(runs)
+    ratio, quartiles, ratios = bench_loop.pooled(runs)
     # time per image: genlab 1/100 + 1/50 + 1/200 = 0.035, bare 0.03
     assert ratio == pytest.approx(0.03 / 0.035)
     assert ratios == [0.5, 1.0, 2.0] and quartiles == [0.5, 1.0, 2.0]
@@ -74,6 +72,6 @@ def test_pooled_ratio_is_over_the_total_time_of_every_window():
 
 def test_interval_is_the_geometric_mean_of_the_ratios_plus_minus_two_standard_errors():
     # logs -1, 0, 1 (times ln 2): mean 0, standard deviation ln 2, standard error ln 2 / sqrt 3
-    low, high = bench.interval_95([0.5, 1.0, 2.0])
+    low, high = bench_loop.interval_95([0.5, 1.0, 2.0])
     assert low == pytest.approx(2 ** (-2 / 3 ** 0.5)) and high == pytest.approx(2 ** (2 / 3 ** 0.5))
-    assert bench.interval_95([1.1, 1.1]) == pytest.approx([1.1, 1.1])
+    assert bench_loop.interval_95([1.1, 1.1]) == pytest.approx([1.1, 1.1])

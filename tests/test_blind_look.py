@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import genlab.run_dir
+from scripts import blind_look
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("blind_look", ROOT / "scripts" / "blind_look.py")
-blind_look = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(blind_look)
 
 
 class WhiteDigits:

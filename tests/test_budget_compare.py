@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import budget_compare  # noqa: E402
+from scripts import budget_compare
 
 
 def _row(steps: int, **changes: float) -> dict[str, float]:

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 SCRIPT = """
-import sys; sys.path.insert(0, {tests!r})
 from conftest import toy_config
 from genlab.train.job import run_training
 cfg = toy_config("trainer.max_steps=4", "trainer.batch_size={batch}", "trainer.grad_accum=2", "trainer.ema=0.9",
@@ -26,7 +25,7 @@ run_training(cfg, __import__("pathlib").Path({run!r}))
 def _launch(tmp_path, name, processes, batch):
     run = tmp_path / name
     script = tmp_path / f"{name}.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), batch=batch, run=str(run)))
+    script.write_text(SCRIPT.format(batch=batch, run=str(run)))
     accelerate = str(Path(sys.executable).parent / "accelerate")
     with socket.socket() as probe:  # a free port: tests may run side by side (pytest -n)
         probe.bind(("127.0.0.1", 0))
@@ -34,7 +33,7 @@ def _launch(tmp_path, name, processes, batch):
     command = ([accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(port),
                 str(script)] if processes > 1 else [sys.executable, str(script)])
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0, result.stderr[-3000:]
     return run
 

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quality_script_smoke_writes_report_grids_and_plot(tmp_path):
     out = tmp_path / "bench"
     # A budget far below one step: the probe must cap max_steps (3 planned under --smoke) to 1.
-    cmd = [sys.executable, str(ROOT / "scripts" / "quality.py"), "--smoke", "--recipes", "ddpm_digits,no_such_recipe",
+    cmd = [sys.executable, "-m", "scripts.quality", "--smoke", "--recipes", "ddpm_digits,no_such_recipe",
            "--out-dir", str(out), "--runs-dir", str(tmp_path / "runs"), "--budget-minutes", "1e-6"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
 

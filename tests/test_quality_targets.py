@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-quality = pytest.importorskip("quality")
+from scripts import quality
 
 
 def passing_metrics() -> dict[str, float]:
@@ -45,7 +41,7 @@ def test_gan_ablation_adopts_only_finished_runs_of_the_same_overrides(tmp_path):
 
     import yaml
 
-    gan_ablation = pytest.importorskip("gan_ablation")
+    from scripts import gan_ablation
     run = tmp_path / "base"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment@_global_=gan_digits", "a=1"]))

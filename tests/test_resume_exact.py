@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -149,7 +150,6 @@ def kill_config(steps: int):
 
 
 KILL_SCRIPT = """
-import sys; sys.path.insert(0, {tests!r})
 from test_resume_exact import kill_config
 from genlab.train.job import run_training
 run_training(kill_config({steps}), __import__("pathlib").Path({run!r}))
@@ -166,8 +166,9 @@ def _kill_trials(tmp_path, trials):
     rng = random.Random(0)
     for trial in range(trials):
         run = tmp_path / f"trial{trial}"
-        script = KILL_SCRIPT.format(tests=tests, steps=100_000, run=str(run))
-        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        script = KILL_SCRIPT.format(steps=100_000, run=str(run))
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONPATH": tests})  # the script imports kill_config from here
         while not (run / "checkpoints").exists() and process.poll() is None:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside the stream of per-step saves
