@@ -158,7 +158,7 @@ def _target_directory(args: list[str]) -> list[str]:
     from genlab.cluster.study import STUDY_FILE
     from genlab.errors import ConfigError
     from genlab.run_dir import RunDir, claim_new_dir
-    from genlab.train.job import resume_decision
+    from genlab.train.resume_policy import resume_decision
 
     overrides = _overrides_of(args)
     explicit = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("hydra.run.dir", "hydra.sweep.dir", "runs_root")}

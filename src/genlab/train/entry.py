@@ -33,7 +33,7 @@ def hydra_train(cfg: DictConfig) -> float | None:
     """Train one job; returns the sweep objective (by default the last logged loss) for sweepers.
 
     A job requeued after pre-emption (submitit re-runs it in the same directory) resumes
-    from its checkpoint; a directory holding any other run is refused (job.resume_decision).
+    from its checkpoint; a directory holding any other run is refused (resume_policy.resume_decision).
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

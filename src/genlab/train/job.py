@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir import RunDir
+from genlab.train.resume_policy import resume_decision
 
 log = logging.getLogger("genlab")
 
@@ -27,23 +28,6 @@ log = logging.getLogger("genlab")
 def is_main_process() -> bool:
     """Rank 0 of a launched job, or a plain process (Accelerate is not set up yet when this is asked)."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def resume_decision(run: RunDir) -> str:
-    """For a `genlab train` into `run`: "fresh", "resume" (a requeued job that was interrupted),
-    or the sentence refusing to train over an existing run.
-
-    A scheduler requeues a pre-empted job with the same command in the same directory; that
-    is the only case where training into a directory that holds a run goes on.
-    """
-    if not run.holds_run():
-        return "fresh"
-    status = run.read_status()
-    if status["status"] == "interrupted":
-        return "resume"
-    what = f"{status['status']} at step {status.get('step', '?')}" if status["status"] == "finished" else status["status"]
-    return (f"{run.path} already holds a run ({what}); nothing was changed. Continue it with "
-            f"`genlab resume {run.path} trainer.max_steps=N`, or train into another directory.")
 
 
 def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = False,

@@ -35,6 +35,7 @@ from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch, optimizers
 from genlab.train.best import BestTracker
+from genlab.train.resume_policy import resume_decision
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.strategy import build_strategy, shard_units
 from genlab.train.tracking import Progress, Tracker
@@ -147,7 +148,7 @@ class Trainer:
         cfg: the resolved run config (train.yaml and its groups).
         run: the run directory (created by Hydra, or an existing one to resume).
         resume: continue from the newest complete checkpoint; None decides from the directory
-            (a requeued job that was interrupted resumes; see job.resume_decision).
+            (a requeued job that was interrupted resumes; see resume_policy.resume_decision).
         trust_run: load the training state of runs older than genlab 0.2.
     """
 
@@ -254,8 +255,6 @@ class Trainer:
 
     def _decide_resume(self) -> bool:
         """The main process decides (before anyone writes status.json); every process follows."""
-        from genlab.train.job import resume_decision
-
         decision = [resume_decision(self.run) if self.accelerator.is_main_process else None]
         broadcast_object_list(decision)
         if decision[0] not in ("fresh", "resume"):
