@@ -7,7 +7,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export GENLAB_RUNS ?= runs
 
-.PHONY: install demo test test-portable test-slow test-full lint docs gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
+.PHONY: install demo test test-portable test-slow test-slurm test-full lint docs gpu-check bench bench-levers bench-mfu bench-controlnet quality clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ test-portable: install  ## the default suite with PyTorch's generic CPU kernels 
 
 test-slow: install  ## only the @pytest.mark.slow tests (CI runs them after `make test`)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slow -n $(TEST_WORKERS) --dist worksteal
+
+# A one-node SLURM cluster on this machine (munge + slurm-wlm, installed where root can), then the
+# tests that sweep on it for real: sbatch, job arrays, USR2, scontrol requeue, time limits.
+test-slurm: install  ## the @pytest.mark.slurm tests on a local SLURM cluster (skipped where it cannot start)
+	bash scripts/slurm_local.sh up || echo "no local SLURM cluster: the slurm tests will be skipped"
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m slurm
 
 test-full: install  ## also the @pytest.mark.slow tests
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not gpu" -n $(TEST_WORKERS) --dist worksteal

@@ -7,8 +7,9 @@
 #   bash scripts/slurm_local.sh down    # stop the daemons (the packages stay)
 #
 # No accounting database (as on many small clusters): `sacct` fails, and genlab's tests must not
-# need it. Requeued jobs wait cred_expire seconds before they may start again (SLURM's default is
-# 120 s); 10 s here keeps the requeue tests short.
+# need it. SLURM holds a requeued job for a while before it may start again (Reason=BeginTime,
+# about two minutes here even with cred_expire=10); tests/test_slurm.py releases such jobs at once
+# with `scontrol update jobid=J StartTime=now`.
 set -euo pipefail
 
 STATE=${SLURM_LOCAL_STATE:-/var/lib/genlab-slurm}

@@ -106,5 +106,5 @@ def log_summary(overrides: list[list[str]], first_idx: int, summaries: list[tupl
     failed = sum(status != "finished" for status, _ in summaries)
     log.info("sweep batch: %d job(s), %d finished, %d not", len(summaries), len(summaries) - failed, failed)
     for idx, (job_overrides, (status, error)) in enumerate(zip(overrides, summaries), start=first_idx):
-        line = f"  #{idx} {status}: {' '.join(job_overrides)}"
+        line = f"  #{idx} {status}" + (f": {' '.join(job_overrides)}" if job_overrides else "")
         (log.warning if status != "finished" else log.info)("%s%s", line, f" -- {error}" if error else "")

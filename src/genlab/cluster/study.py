@@ -70,8 +70,10 @@ def search_space(lines: Sequence[str]) -> tuple[dict[str, Param], list[str]]:
         sweep, log_scale = override.value(), "log" in override.value().tags
         if override.is_interval_sweep():
             low, high = sweep.start, sweep.end
-            both_ints = isinstance(low, int) and isinstance(high, int)
-            params[key] = Param(key, (IntDistribution if both_ints else FloatDistribution)(low, high, log=log_scale))
+            if "int" in override.value().tags:  # Hydra's interval() is always float: tag(int, interval(1, 8))
+                params[key] = Param(key, IntDistribution(int(low), int(high), log=log_scale))
+            else:
+                params[key] = Param(key, FloatDistribution(low, high, log=log_scale))
         elif override.is_range_sweep() and all(isinstance(v, int) for v in (sweep.start, sweep.stop, sweep.step)):
             values = list(override.sweep_iterator())
             params[key] = Param(key, IntDistribution(values[0], values[-1], step=sweep.step, log=log_scale))
