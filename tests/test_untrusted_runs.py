@@ -94,3 +94,103 @@ def test_targets_are_checked_by_what_they_resolve_to():
                      ("genlab.data.images.Path", "pathlib.Path, defined outside the allowed modules")):
         with pytest.raises(UntrustedConfig, match=why):
             check_targets({"m": {"_target_": bad}}, "config.yaml")
+
+
+# ---- 2. links in a run never lead a write, a delete or an embed outside it ----------------------------------
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """Files that are not the run's: another run's checkpoints and a file someone cares about."""
+    folder = tmp_path / "outside"
+    (folder / "checkpoints" / "step_000001").mkdir(parents=True)
+    (folder / "checkpoints" / "step_000001" / "COMPLETE").write_text("")
+    (folder / "precious.txt").write_text("keep me\n")
+    shutil.copyfile(Path(__file__).parent.parent / "docs" / "index.md", folder / "secret.png")  # any bytes
+    return folder
+
+
+def relink(run: Path, entry: str, target: Path) -> None:
+    path = run / entry
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize("entry, target, command", [
+    ("checkpoints", "checkpoints", "resume"),          # retention would delete the other run's checkpoints
+    (".lock", "precious.txt", "resume"),               # the lock would overwrite it
+    ("train.log", "precious.txt", "resume"),           # the log would append to it
+    ("export/samples.png", "precious.txt", "push"),    # the card's grid would overwrite it (no login needed)
+    ("samples/final.png", "secret.png", "eval"),       # eval's card would copy it into export/
+    ("samples/final.png", "secret.png", "report"),     # the page would embed it
+])
+def test_a_link_out_of_the_run_is_refused(run, outside, tmp_path, entry, target, command):
+    if entry == "checkpoints":
+        shutil.copytree(run / "checkpoints", outside / "checkpoints", dirs_exist_ok=True)
+    relink(run, entry, outside / target)
+    before_out, before_run = tree_hashes(outside), tree_hashes(run)
+    args = {"resume": ["resume", run, "trainer.max_steps=8", "trainer.keep_checkpoints=1"],
+            "push": ["push", run, "--repo", "someone/x"], "eval": ["eval", run, "--n", "2"],
+            "report": ["report", run]}[command]
+    result = cli(*args, check=False)
+    assert tree_hashes(outside) == before_out, "something outside the run changed"
+    assert tree_hashes(run) == before_run
+    assert_one_sentence(result, 1, f"a link leads out of the run ({run / entry} -> {outside / target})")
+
+
+def test_a_report_of_many_runs_never_embeds_a_file_from_outside(run, outside):
+    relink(run, "samples/final.png", outside / "secret.png")
+    import base64
+
+    result = cli("report", run.parent, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (run.parent / "report.html").read_text()
+    assert base64.b64encode((outside / "secret.png").read_bytes()).decode()[:200] not in page
+    assert "a link leads out of the run" in page  # the run's row says why it shows nothing
+
+
+def test_the_lock_is_never_taken_through_a_link(run):
+    """Even a link within the run: the lock would truncate the file it points at."""
+    from genlab.errors import GenlabError
+    from genlab.run_dir.lock import RunLock
+
+    relink(run, ".lock", run / "metrics.jsonl")
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(GenlabError, match="must be a plain file"):
+        RunLock(run / ".lock").acquire()
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_links_within_the_run_and_w_and_b_links_are_fine(run, tmp_path):
+    from genlab.run_dir import RunDir
+
+    (run / "samples" / "latest.png").symlink_to("final.png")
+    (run / "wandb").mkdir(exist_ok=True)
+    (run / "wandb" / "debug.log").symlink_to(tmp_path / "elsewhere" / "debug.log")  # W&B links by absolute path
+    assert RunDir(run).links_out() == []
+    RunDir(run).require()
+
+
+# ---- 4. no environment value and no local path reaches a report or a card ----------------------------------
+def test_no_environment_value_or_local_path_reaches_a_report_or_a_card(run, monkeypatch):
+    monkeypatch.setenv("SOME_TOKEN", "hf_SECRETSECRET")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(run.parent / "hf"))  # no saved login: push stops after writing the card
+    config = run / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["path"] = "/home/someone/private/photos"
+    cfg["note"] = "${oc.env:SOME_TOKEN}"
+    cfg["copy_of_note"] = "${note}"
+    config.write_text(yaml.safe_dump(cfg))
+    overrides = run / ".hydra" / "overrides.yaml"
+    overrides.write_text(yaml.safe_dump([*yaml.safe_load(overrides.read_text()), "data.path=/home/someone/private/photos"]))
+
+    cli("report", run)
+    result = cli("push", run, "--repo", "someone/x", check=False)
+    assert "not logged in" in result.stderr, result.stderr
+    page, card = (run / "report.html").read_text(), (run / "export" / "README.md").read_text()
+    for text in (page, card):
+        assert "hf_SECRETSECRET" not in text
+        assert "${oc.env:SOME_TOKEN}" in text  # the interpolation is shown as written
+    assert "/home/someone" not in card and "data.path=photos" in card

@@ -199,14 +199,38 @@ def write_model_card(run: RunDir, repo_id: str | None = None) -> Path:
         raise GenlabError(f"{run.path} has no export/ yet (training writes it when it finishes); "
                           f"finish the run first (`genlab resume {run.path}`).")
     config = resolved(run.read_config_data())
-    grids = run.sample_grids()
-    if grids:
-        shutil.copyfile(grids[-1][1], run.export / "samples.png")
+    grids = run.sample_grids()  # never a link out of the run
+    if grids:  # copied beside, then renamed over: a link at export/samples.png is replaced, never written through
+        tmp = run.export / ".samples.png.tmp"
+        shutil.copyfile(grids[-1][1], tmp)
+        tmp.replace(run.export / "samples.png")
     header = ModelCardData(**metadata(config, run.choices().get("data"), _export_info(run))).to_yaml()
     body = _body(run, config, repo_id or str(run.export.resolve()), has_grid=bool(grids))
     card = ModelCard(f"---\n{header}\n---\n\n{body}")
     atomic_write(run.export / "README.md", str(card))
     return run.export / "README.md"
+
+
+def without_local_paths(config: Any) -> Any:
+    """The config as a card shows it: an absolute local path (`data.path=/home/me/photos`) becomes its basename.
+
+    A card is published; where the author's files lie on their machine is theirs.
+    """
+    if isinstance(config, dict):
+        return {k: without_local_paths(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [without_local_paths(v) for v in config]
+    if isinstance(config, str) and _LOCAL_PATH.fullmatch(config):
+        return Path(config).name or config
+    return config
+
+
+_LOCAL_PATH = re.compile(r"(?:~|/|[A-Za-z]:[\\/])[^\s'\"]*")
+
+
+def _command_without_local_paths(line: str) -> str:
+    """`genlab train data.path=/home/me/photos` -> `genlab train data.path=photos` (see without_local_paths)."""
+    return re.sub(r"(?<=[\s=])(?:~|/)[^\s'\"]*", lambda m: Path(m.group()).name or m.group(), line)
 
 
 def refresh_model_card(run: RunDir) -> None:
@@ -245,11 +269,13 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> st
             lines += ["Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for two things flow "
                       "schedulers lack, so set them after loading: `pipe.scheduler.init_noise_sigma = 1.0` and "
                       "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.", ""]
-    lines += ["## Training", "", "The command that made it:", "", "```bash", *run.command(), "```", ""]
-    lines += _training_facts(model, data, trainer, choice, metrics)
+    lines += ["## Training", "", "The command that made it:", "", "```bash",
+              *map(_command_without_local_paths, run.command()), "```", ""]
+    lines += _training_facts(without_local_paths(model), without_local_paths(data), trainer, choice, metrics)
     lines += ["## Evaluation", "", *_eval_lines(run)]
     lines += ["## Config", "", "<details><summary>The run's config (.hydra/config.yaml)</summary>", "", "```yaml",
-              yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=120).rstrip(), "```", "", "</details>", ""]
+              yaml.safe_dump(without_local_paths(config), sort_keys=False, default_flow_style=None, width=120).rstrip(),
+              "```", "", "</details>", ""]
     return "\n".join(lines)
 
 
@@ -312,7 +338,7 @@ def _eval_lines(run: RunDir) -> list[str]:
     report = run.read_eval()
     metrics = {k: v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seconds"}
     if not metrics:
-        return [f"Not evaluated yet: `genlab eval {run.path}` measures it and updates this card.", ""]
+        return [f"Not evaluated yet: `genlab eval {run.path.name}` measures it and updates this card.", ""]
     rows = [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
     where = f"checkpoint `{report.get('checkpoint', '?')}`{', EMA weights' if report.get('ema') else ''}"
     return [f"From `genlab eval` (eval/metrics.json, {where}):", "", "| metric | value |", "|---|---|", *rows, ""]

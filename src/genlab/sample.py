@@ -38,6 +38,10 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
     from genlab.train.sampling import save_grid
 
     check_request(run_dir, n, separate)
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the PNG file to write, e.g. --out {Path(out) / 'samples.png'}.")
+    if out is not None and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ConfigError(f"--out {out} is not an image file name; end it with .png (or .jpg, .webp).")
     if run_dir is None:
         from genlab.runs import runs_root
 

@@ -37,8 +37,11 @@ def write_report(path: str | Path, out: str | Path | None = None, max_embed_mb: 
         raise GenlabError(f"{path} is not a folder; pass a run directory, a sweep folder or a runs root (see `genlab runs`).")
     run = RunDir(path)
     out = Path(out) if out else (run.report_file if run.is_run() else path / "report.html")
+    if out.is_dir():
+        raise GenlabError(f"--out {out} is a folder; give the HTML file to write, e.g. --out {out / 'report.html'}.")
     max_bytes = int(max_embed_mb * 1e6)
     if run.is_run():
+        run.refuse_links_out()  # nothing from outside the run is embedded
         html = run_page(load_run(run, path.parent), out, max_bytes)
     else:
         runs = find_runs(path)
@@ -46,7 +49,10 @@ def write_report(path: str | Path, out: str | Path | None = None, max_embed_mb: 
             raise GenlabError(f"{path} holds no genlab run (no .hydra/config.yaml with metrics or checkpoints under it); "
                               "pass a folder printed by `genlab train` or `genlab runs`.")
         html = collection_page([load_run(r, path) for r in runs], path, out, max_bytes)
-    atomic_write(out, html)
+    try:
+        atomic_write(out, html)
+    except OSError as error:
+        raise GenlabError(f"cannot write the report {out} ({error.strerror}); choose another place with --out.") from None
     return out
 
 

@@ -8,6 +8,7 @@ as the minimum and the maximum (a loss spike stays visible; a mean would hide it
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,26 +39,53 @@ class RunData:
 
 
 def load_run(run: RunDir, base: Path, max_points: int = MAX_POINTS) -> RunData:
-    """Everything the report shows of `run`; a damaged config leaves an empty config, not an error."""
+    """Everything the report shows of `run`; a damaged config leaves an empty config, not an error.
+
+    A run with a link leading out of it shows nothing but that (RunDir.refuse_links_out): the
+    page never embeds a file from outside the run.
+    """
+    name = str(run.path.relative_to(base)) if run.path != base and run.path.is_relative_to(base) else run.path.name
+    try:
+        run.refuse_links_out()
+    except Exception as error:
+        return RunData(run=run, name=name, config={}, command=[], status={"status": "unreadable"},
+                       info=unreadable_row(run, error))
     try:
         info = run_info(run)
         config = run.read_config_data()
     except Exception as error:  # one damaged run must not hide the others
         info, config = unreadable_row(run, error), {}
     rows = run.read_metrics()
-    name = str(run.path.relative_to(base)) if run.path != base and run.path.is_relative_to(base) else run.path.name
     return RunData(run=run, name=name, config=config, command=run.command(), status=run.read_status(), info=info,
                    series={k: downsample(*v, max_points) for k, v in split_series(rows).items()},
                    eval=run.read_eval(), grids=run.sample_grids(), logged_rows=len(rows))
 
 
+#: `${name:...}`: a resolver call (oc.env reads the environment, genlab_new_dir creates a folder).
+_RESOLVER_CALL = re.compile(r"\$\{\s*[\w.\-]+\s*:")
+
+
 def resolved(config: dict[str, Any]) -> dict[str, Any]:
-    """The config with `${...}` interpolations filled in, as the run saw them; as saved when one cannot be."""
+    """The config with its `${key}` references filled in, for display; resolver calls stay as saved text.
+
+    A report or a model card is read by others, so it never shows the environment of whoever
+    renders it: `${oc.env:HF_TOKEN}` (or any `${name:...}`) is kept as that text, and a reference
+    to such a key shows the text too. As saved when a reference cannot be resolved.
+    """
     from omegaconf import OmegaConf
 
+    def literal(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: literal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [literal(v) for v in value]
+        if isinstance(value, str) and _RESOLVER_CALL.search(value):
+            return value.replace("${", "\\${")  # OmegaConf's escape: the text itself, never resolved
+        return value
+
     try:
-        return OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    except Exception:  # a resolver of another program, or a dangling reference: show what was saved
+        return OmegaConf.to_container(OmegaConf.create(literal(config)), resolve=True)
+    except Exception:  # a dangling reference: show what was saved
         return config
 
 

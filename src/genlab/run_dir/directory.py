@@ -20,6 +20,10 @@ from genlab.run_dir.trust import check_targets
 
 log = logging.getLogger(__name__)
 _held: dict[str, RunLock] = {}  # run directories whose lock this process holds
+#: Folders whose links belong to another program: W&B links its `latest-run` and `debug*.log` by
+#: absolute path (so a copied run's links point at the original) and replaces them itself.
+#: genlab never reads or writes through them; the folder itself must still stay inside the run.
+FOREIGN_LINKS = ("wandb",)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -76,13 +80,49 @@ class RunDir:
         return self.status_file.exists() or self.metrics_file.exists() or self.checkpoints.is_dir()
 
     def require(self) -> "RunDir":
-        """This run directory, or a GenlabError saying what the path is instead."""
+        """This run directory, or a GenlabError saying what the path is instead (see `refuse_links_out`)."""
         if not self.path.exists():
             raise GenlabError(f"{self.path} does not exist; pass a run directory (see `genlab runs`).")
+        if not self.path.is_dir():
+            raise GenlabError(f"{self.path} is a file, not a run directory; pass a directory printed by "
+                              "`genlab train` (see `genlab runs`).")
         if not self.is_run():
             raise GenlabError(f"{self.path} is not a genlab run directory (no .hydra/config.yaml); "
                               "pass a directory printed by `genlab train` (see `genlab runs`).")
+        self.refuse_links_out()
         return self
+
+    def inside(self, path: str | Path) -> bool:
+        """Does `path` (absolute, or relative to the run) lead into this run once every link is followed?"""
+        return Path(os.path.realpath(self.path / path)).is_relative_to(os.path.realpath(self.path))
+
+    def links_out(self) -> list[tuple[Path, str]]:
+        """Every symbolic link in the run that leads outside it, as (link, where it points).
+
+        A copied run is someone else's data: `checkpoints` linked to another run's folder would
+        make retention delete there, `.lock` or `train.log` linked to a file would write into it,
+        a linked sample grid would be copied into export/ and embedded in a report. A link
+        within the run is harmless. W&B's own links are left to W&B (FOREIGN_LINKS).
+        """
+        found = []
+        for top, dirs, files in os.walk(self.path):
+            here = Path(top)
+            if here == self.path:
+                dirs[:] = [d for d in dirs if d not in FOREIGN_LINKS or (here / d).is_symlink()]
+            for name in dirs + files:
+                entry = here / name
+                if entry.is_symlink() and not self.inside(entry.relative_to(self.path)):
+                    found.append((entry, os.readlink(entry)))
+        return found
+
+    def refuse_links_out(self) -> None:
+        """One sentence when a link in the run leads outside it: nothing is read, written or deleted through it."""
+        found = self.links_out()
+        if found:
+            entry, target = found[0]
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise GenlabError(f"a link leads out of the run ({entry} -> {target}{more}), so nothing was read or "
+                              "changed; replace the link with a copy of what it points to.")
 
     def check_writable(self) -> None:
         """Fail at start-up, not at the first checkpoint, when the directory cannot be written."""
@@ -172,13 +212,15 @@ class RunDir:
         """The training's sample grids, [(step, path)] by step: samples/step_N.png, then final.png (step None)."""
         grids = []
         for path in self.samples.glob("step_*.png"):
+            if not self.inside(path.relative_to(self.path)) or not path.is_file():
+                continue  # a link out of the run is never copied or embedded; a FIFO is never opened
             try:
                 grids.append((int(path.stem.removeprefix("step_")), path))
             except ValueError:
                 continue
         grids.sort()
         final = self.samples / "final.png"
-        return grids + ([(None, final)] if final.is_file() else [])
+        return grids + ([(None, final)] if final.is_file() and self.inside("samples/final.png") else [])
 
     def choices(self) -> dict[str, str]:
         """Hydra's config group choices (model, data, ...) from hydra.yaml; {} when absent."""
@@ -283,6 +325,7 @@ class RunDir:
         if key in _held:
             yield
             return
+        self.refuse_links_out()  # every writer of a run takes the lock first: nothing leaves the run
         lock = RunLock(self.lock_file)
         lock.acquire()
         _held[key] = lock
