@@ -194,3 +194,32 @@ def test_no_environment_value_or_local_path_reaches_a_report_or_a_card(run, monk
         assert "hf_SECRETSECRET" not in text
         assert "${oc.env:SOME_TOKEN}" in text  # the interpolation is shown as written
     assert "/home/someone" not in card and "data.path=photos" in card
+
+
+def test_retention_never_deletes_through_a_linked_checkpoints_folder(run, outside):
+    from genlab.train.checkpoint import prune
+
+    shutil.copytree(run / "checkpoints", outside / "checkpoints", dirs_exist_ok=True)
+    relink(run, "checkpoints", outside / "checkpoints")
+    before = tree_hashes(outside)
+    prune(run / "checkpoints", keep=1)
+    assert tree_hashes(outside) == before
+
+
+# ---- 3. a path with `..` never reaches a finished run ----------------------------------------------------------
+@pytest.mark.parametrize("how", ["run.dir", "sweep.subdir"])
+def test_a_path_with_dot_dot_never_overwrites_a_finished_run(run, tmp_path, how):
+    from conftest import TINY_DDPM
+
+    before = tree_hashes(run)
+    if how == "run.dir":  # runs/<missing>/../RUN is RUN once Hydra has made <missing>
+        args = ["train", *TINY_DDPM, f"hydra.run.dir={tmp_path}/missing/../{run.name}", "trainer.max_steps=2"]
+        expected = ("already holds a run", "nothing was changed")
+    else:
+        args = ["train", "-m", *TINY_DDPM, f"hydra.sweep.dir={tmp_path}/sweep", f"hydra.sweep.subdir=../{run.name}",
+                "trainer.max_steps=2"]
+        expected = ("leaves the sweep folder", "nothing was changed")
+    result = cli(*args, check=False)
+    assert tree_hashes(run) == before, "the finished run changed"
+    assert_one_sentence(result, 2, *expected)
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "sweep").exists()

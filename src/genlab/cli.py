@@ -161,8 +161,16 @@ def _target_directory(args: list[str]) -> list[str]:
     from genlab.train.resume_policy import resume_decision
 
     overrides = _overrides_of(args)
-    explicit = {k: v for k, _, v in (o.partition("=") for o in overrides) if k in ("hydra.run.dir", "hydra.sweep.dir", "runs_root")}
+    explicit = {k: v for k, _, v in (o.partition("=") for o in overrides)
+                if k in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "runs_root")}
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):  # `runs/<missing>/../RUN` is RUN once Hydra makes <missing>
+        if key in explicit:
+            explicit[key] = os.path.realpath(explicit[key])
     if "-m" in args or "--multirun" in args:
+        subdir = explicit.get("hydra.sweep.subdir")
+        if subdir is not None and (os.path.isabs(subdir) or os.path.normpath(subdir).split(os.sep)[0] == ".."):
+            raise ConfigError(f"hydra.sweep.subdir={subdir} leaves the sweep folder, so nothing was changed; give a "
+                              "folder name inside it, e.g. hydra.sweep.subdir=${hydra.job.num}.")
         sweep = explicit.get("hydra.sweep.dir")
         if sweep is None:
             root = explicit.get("runs_root") or os.environ.get("GENLAB_RUNS", "runs")

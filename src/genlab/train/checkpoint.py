@@ -109,8 +109,12 @@ def prune(ckpt_root: Path, keep: int | None) -> None:
     """Keep the `keep` newest complete checkpoints (all if None/0); clear leftovers of killed saves.
 
     Only the process holding the run's lock calls this, so every other temporary folder is a
-    leftover of a killed save.
+    leftover of a killed save. Nothing is deleted through a linked `checkpoints` folder: it may be
+    another run's (RunDir refuses such a run before it is locked; this is the last line).
     """
+    if ckpt_root.is_symlink():
+        log.warning("%s is a link; old checkpoints are not deleted through it", ckpt_root)
+        return
     _recover_replaced(ckpt_root)
     for leftover in ckpt_root.glob(".*.tmp"):
         if leftover.name.endswith(f".{os.getpid()}.tmp"):
