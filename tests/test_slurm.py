@@ -156,7 +156,8 @@ def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_finishes(tm
     straight = tmp_path / "straight"
     here = train_here(straight, *long)
     with released():
-        process = sweep(tmp_path / "s", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60", *long)
+        process = sweep(tmp_path / "s", "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60",
+                        "hydra.launcher.max_num_timeout=6", *long)
         out = finish(process, timeout=540)
     assert process.returncode == 0 and here.wait() == 0, out
     run = tmp_path / "s" / "0_ddpm"
@@ -177,3 +178,21 @@ def test_optuna_trials_run_two_at_a_time_on_slurm(tmp_path):
     results = (tmp_path / "s" / "optimization_results.yaml").read_text()
     assert "best_value" in results and "best_run" in results, results
     assert sorted(p.name for p in (tmp_path / "s").glob("*_ddpm")) == [f"{i}_ddpm" for i in range(4)]
+
+
+def test_two_tasks_of_one_job_train_one_run_on_two_processes(tmp_path):
+    """`tasks_per_node: 2`: SLURM starts two tasks; their ranks, world size and main address come
+    from SLURM's environment (genlab.train.world), so they train one run with batch 4 each, which
+    is the run of one process with batch 8 (to float rounding: the gradients are summed in
+    another order), logged once by rank 0."""
+    run_overrides = ["trainer.max_steps=20", "trainer.log_every=5", *QUIET[:2]]
+    here = train_here(tmp_path / "one", *run_overrides, "trainer.batch_size=8")
+    process = sweep(tmp_path / "s", "hydra.launcher.tasks_per_node=2", *run_overrides, "trainer.batch_size=4")
+    out = finish(process)
+    assert process.returncode == 0 and here.wait() == 0, out
+    two = [json.loads(line) for line in (tmp_path / "s" / "0_ddpm" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [5, 10, 15, 20]
+    for a, b in zip(two, one):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"])), (a, b)
+    assert len(list((tmp_path / "s" / ".submitit").rglob("*_1_log.out"))) == 1  # really a second task
