@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_DDPM, cli, compose, genlab
+from conftest import TINY_DDPM, compose, genlab
 from genlab.train.job import run_training
 
 STEPS = ["trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.log_every=1", "trainer.sample_every=0"]
@@ -199,7 +199,7 @@ def test_fsdp_halves_what_a_process_holds_and_ddp_does_not(tmp_path):
     assert all(diff <= 1e-5 for diff in summary["max_loss_rel_diff_vs_ddp_1"].values()), summary
 
 
-@pytest.mark.slow  # seven CLI runs on 1 and 2 gloo processes (200 s on 2 shared cores)
+@pytest.mark.slow  # six CLI runs on 1 and 2 gloo processes (200 s on 2 shared cores)
 def test_genlab_train_processes_2_fsdp_is_the_run_of_ddp_and_resumes_on_2_and_on_1(tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     common = [*TINY_DDPM, *STEPS]

@@ -80,26 +80,69 @@ def _config_dirs(args: list[str]) -> list[str]:
     return dirs + [a.split("=", 1)[1] for a in args if a.startswith("--config-dir=")]
 
 
-def _launch_processes(processes: int, args: list[str]) -> None:
-    """Re-run this command under `accelerate launch` with `processes` processes (gloo on CPU, NCCL on GPUs)."""
+def _launch_processes(processes: int, args: list[str], nodes: int = 1, node_rank: int = 0,
+                      main_address: str | None = None) -> None:
+    """Re-run this command under `accelerate launch` with `processes` processes on this machine (gloo on
+    CPU, NCCL on GPUs); with `nodes` > 1, as node `node_rank` of a run whose rank 0 listens at `main_address`."""
     import shutil
     import socket
     import subprocess
 
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    with socket.socket() as probe:  # a free port for the processes' rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port",
-               str(port), "-m", "genlab", *args]
+    if nodes > 1:
+        host, port = _main_address(main_address)
+        where = ["--num_machines", str(nodes), "--machine_rank", str(node_rank), "--main_process_ip", host,
+                 "--main_process_port", str(port)]
+    else:
+        with socket.socket() as probe:  # a free port for the processes' rendezvous
+            probe.bind(("127.0.0.1", 0))
+            where = ["--main_process_port", str(probe.getsockname()[1])]
+    # --quiet: a process that failed has said why in one sentence; the launcher adds its table, not its traceback.
+    command = [accelerate, "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes * nodes), *where,
+               "-m", "genlab", *args]
     typer.echo(f"launching: {' '.join(command)}", err=True)
     raise typer.Exit(subprocess.call(command))
+
+
+NODES_HELP = "machines this run spans (each runs this command with its own --node-rank)"
+NODE_RANK_HELP = "this machine's place among --nodes: 0 (it hosts the rendezvous and writes the shared files) to N-1"
+MAIN_ADDRESS_HELP = "HOST:PORT of node 0, where every node meets (needed with --nodes > 1)"
+
+
+def _main_address(main_address: str | None) -> tuple[str, int]:
+    """HOST:PORT as (host, port), or the sentence saying what to give."""
+    from genlab.errors import ConfigError
+
+    host, _, port = (main_address or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        _fail(ConfigError(f"--main-address {main_address or '(not given)'}: give node 0's HOST:PORT, the same on every "
+                          "node, e.g. --main-address 10.0.0.1:29500 (a free port on node 0)."))
+    return host, int(port)
+
+
+def _check_nodes(nodes: int, node_rank: int, args: list[str], run_dir_given: bool) -> None:
+    """A run over several nodes: a valid node rank and one run directory named on every node."""
+    from genlab.errors import ConfigError
+
+    if nodes < 1 or not 0 <= node_rank < nodes:
+        _fail(ConfigError(f"--node-rank {node_rank} with --nodes {nodes}: give each node a rank from 0 to {nodes - 1}."))
+    if nodes == 1:
+        return
+    if "-m" in args or "--multirun" in args:
+        _fail(ConfigError("--nodes runs one job over several machines; a multirun over nodes is "
+                          "hydra/launcher=slurm with hydra.launcher.nodes=N (each job's tasks find each other)."))
+    if not run_dir_given:
+        _fail(ConfigError(f"--nodes {nodes} needs hydra.run.dir=DIR, the same folder on every node (a shared file "
+                          "system): a directory named by the start time would differ from node to node."))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context,
           processes: int = typer.Option(1, "--processes", help="processes on this machine (one per GPU): re-runs "
-                                        "the command under `accelerate launch --multi_gpu`")) -> None:
+                                        "the command under `accelerate launch --multi_gpu`"),
+          nodes: int = typer.Option(1, "--nodes", help=NODES_HELP),
+          node_rank: int = typer.Option(0, "--node-rank", help=NODE_RANK_HELP),
+          main_address: Optional[str] = typer.Option(None, "--main-address", help=MAIN_ADDRESS_HELP)) -> None:
     """Train a model. Every Hydra override and flag passes through unchanged.
 
     \b
@@ -111,9 +154,12 @@ def train(ctx: typer.Context,
       genlab train -m model=vae,gan trainer.lr=1e-4,2e-4   # multirun grid
       genlab train --cfg job model=gan                     # print the composed config
       genlab train --processes 4 trainer=gpu               # 4 GPUs via accelerate launch
+      genlab train --nodes 2 --node-rank 0 --main-address node0:29500 --processes 8 hydra.run.dir=/shared/run
     """
     from genlab.config import hydra_args
+    from genlab.train.world import world_from_slurm
 
+    slurm = world_from_slurm()  # `srun genlab train ...`: each SLURM task is one process of one run
     args = hydra_args(list(ctx.args))
     modes = [flag for flag in ("-m/--multirun", "--cfg", "--info", "--shell-completion")
              if any(a in flag.split("/") or a.startswith(flag.split("/")[-1] + "=") for a in args)]
@@ -127,12 +173,19 @@ def train(ctx: typer.Context,
 
         try:
             validate_overrides(_overrides_of(args), _config_dirs(args))  # exit 2 before Hydra creates anything
-            if processes <= 1 and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
-                args = _target_directory(args)  # one rank checks and claims for all
+            launcher = (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ
+            if not launcher and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
+                args = _target_directory(args)  # one rank (global rank 0, on node 0) checks and claims for all
         except GenlabError as error:
             _fail(error)
-    if processes > 1 and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
-        _launch_processes(processes, ["train", *ctx.args])
+    run_dir_given = any(o.startswith("hydra.run.dir=") for o in _overrides_of(args))
+    if slurm:  # SLURM gave the ranks and the main address; the nodes still need one folder
+        _check_nodes(int(os.environ.get("SLURM_STEP_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1), 0, args,
+                     run_dir_given)
+    elif "LOCAL_RANK" not in os.environ:
+        _check_nodes(nodes, node_rank, args, run_dir_given)
+    if (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
+        _launch_processes(processes, ["train", *ctx.args], nodes, node_rank, main_address)
     from genlab.train.entry import hydra_train
     from genlab.urls import command_line_values, environment_commands, passed_on
 
@@ -298,6 +351,9 @@ def evaluate(
 def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run directory to continue"),
            processes: int = typer.Option(1, "--processes", help="processes on this machine (one per GPU); the "
                                          "global batch (batch_size x processes) must stay the run's"),
+           nodes: int = typer.Option(1, "--nodes", help=NODES_HELP),
+           node_rank: int = typer.Option(0, "--node-rank", help=NODE_RANK_HELP),
+           main_address: Optional[str] = typer.Option(None, "--main-address", help=MAIN_ADDRESS_HELP),
            trust_run: bool = typer.Option(False, "--trust-run", help=TRUST_HELP),
            allow_target: Optional[List[str]] = typer.Option(None, "--allow-target", help=ALLOW_HELP)) -> None:
     """Continue a run in place from its newest complete checkpoint, with its saved config.
@@ -311,9 +367,14 @@ def resume(ctx: typer.Context, run_dir: Path = typer.Argument(..., help="the run
     words = [a for a in ctx.args if "=" not in a]
     _no_stray_words(run_dir, words)
     _require_run(run_dir)
-    if processes > 1 and "LOCAL_RANK" not in os.environ:
+    from genlab.train.world import world_from_slurm
+
+    world_from_slurm()  # `srun genlab resume ...`: each SLURM task is one process of the run
+    if "LOCAL_RANK" not in os.environ:
+        _check_nodes(nodes, node_rank, [], run_dir_given=True)
+    if (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ:
         extra = [f"--allow-target={a}" for a in allow_target or ()] + (["--trust-run"] if trust_run else [])
-        _launch_processes(processes, ["resume", str(run_dir), *extra, *ctx.args])
+        _launch_processes(processes, ["resume", str(run_dir), *extra, *ctx.args], nodes, node_rank, main_address)
     from genlab.resume import resume_run
 
     try:

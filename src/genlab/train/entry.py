@@ -18,6 +18,7 @@ from genlab.config import absolute_paths, config_dir
 from genlab.errors import GenlabError
 from genlab.run_dir import RunDir, claim_new_dir
 from genlab.train.job import is_main_process, run_job
+from genlab.train.world import world_from_slurm
 from genlab.urls import check_config_commands, commands_allowed
 
 log = logging.getLogger("genlab")
@@ -35,6 +36,7 @@ def hydra_train(cfg: DictConfig) -> float | None:
     A job requeued after pre-emption (submitit re-runs it in the same directory) resumes
     from its checkpoint; a directory holding any other run is refused (resume_policy.resume_decision).
     """
+    world_from_slurm()  # a SLURM task of a several-task job (submitit): one rank of one run, before anything asks
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # Relative model/data paths, absolute in the saved config: sample/resume work from any directory.

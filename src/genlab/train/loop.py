@@ -37,7 +37,7 @@ from genlab.train import micro_batch, optimizers
 from genlab.train.best import BestTracker
 from genlab.train.resume_policy import resume_decision
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
-from genlab.train.strategy import build_strategy, shard_units
+from genlab.train.strategy import build_strategy, process_group_kwargs, shard_units
 from genlab.train.tracking import Progress, Tracker
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,10 @@ class Trainer:
         # Accelerate keeps its state per process; a second job in this process (a multirun on the basic
         # launcher, tests) may want another precision. The process group (PartialState) stays.
         AcceleratorState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu)
-        acc = self.accelerator
         self.strategy = build_strategy(cfg)  # ddp or fsdp: how the networks are spread over the processes
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu,
+                                       kwargs_handlers=process_group_kwargs(self.strategy.timeout_s))
+        acc = self.accelerator
         self.strategy.setup(acc, t.mixed_precision)
         if resume is None:
             resume = self._decide_resume()

@@ -36,6 +36,28 @@ from genlab.errors import ConfigError, GenlabError
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEAD_PEER = ("another process of this run stopped or stopped answering ({what}); this process stops too. Read the "
+             "other node's or process's log, then resume the run (`genlab resume RUN_DIR`, on every node).")
+
+
+def process_group_kwargs(timeout_s: float) -> list[Any]:
+    """Accelerate's handler giving the process group a timeout: a collective that waits longer for a
+    process that hangs (or whose machine vanished) fails instead of waiting forever. A process that
+    dies closes its sockets, which its peers see at once, long before the timeout."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
+
+
+def is_dead_peer(error: BaseException) -> bool:
+    """A collective failed because another process is gone (gloo/NCCL errors, a timed-out wait)."""
+    import torch.distributed as dist
+
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(w in str(error) for w in ("Connection closed by peer", "Gloo", "NCCL",
+                                                                           "Connection reset by peer", "Timed out")))
 
 
 def shard_units(family: Any) -> dict[str, list[nn.Module]]:
@@ -53,6 +75,9 @@ class DDP:
     """
 
     sharded = False  # a forward needs no other process: sampling and eval run on the main process alone
+
+    def __init__(self, timeout_s: float = 600):
+        self.timeout_s = timeout_s
 
     def setup(self, accelerator: Accelerator, mixed_precision: str) -> None:
         self.accelerator = accelerator
@@ -118,12 +143,14 @@ class FSDP:
             (the optimizer steps on the CPU); slow, for bases that do not fit otherwise.
         activation_checkpointing: recompute each block's activations in the backward instead of
             keeping them (about a third more compute, activations of one block instead of all).
+        timeout_s: how long a collective waits for a process that does not answer before failing.
     """
 
     sharded = True  # a forward all-gathers: every process samples (and diagnoses) with the main one
 
     def __init__(self, reshard_after_forward: bool = True, hybrid: bool = False, param_dtype: str | None = None,
-                 reduce_dtype: str = "fp32", cpu_offload: bool = False, activation_checkpointing: bool = False):
+                 reduce_dtype: str = "fp32", cpu_offload: bool = False, activation_checkpointing: bool = False,
+                 timeout_s: float = 600):
         if param_dtype is not None and param_dtype not in DTYPES:
             raise ConfigError(f"strategy.param_dtype={param_dtype!r}: use null, {', '.join(DTYPES)}")
         if reduce_dtype not in DTYPES:
@@ -131,6 +158,7 @@ class FSDP:
         self.reshard_after_forward, self.hybrid = reshard_after_forward, hybrid
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.cpu_offload, self.activation_checkpointing = cpu_offload, activation_checkpointing
+        self.timeout_s = timeout_s
 
     def setup(self, accelerator: Accelerator, mixed_precision: str) -> None:
         import torch.distributed as dist
