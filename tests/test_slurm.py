@@ -111,14 +111,19 @@ def losses(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
 
 
-def test_a_sweep_runs_at_most_array_parallelism_jobs_at_once_and_reports_the_one_that_failed(tmp_path):
-    """4 jobs, `array_parallelism: 2`, the third with a value no job can train with."""
+def test_a_sweep_runs_at_most_array_parallelism_jobs_at_once_and_reports_the_jobs_that_did_not_finish(tmp_path):
+    """5 jobs, `array_parallelism: 2`; the third has a value no job can train with, and the last is
+    cancelled outside genlab (`scancel`, no checkpoint, no result): the sweep still returns, and
+    says what became of each."""
     with released() as most_running:
         process = sweep(tmp_path / "s", "hydra.launcher.array_parallelism=2", "trainer.max_steps=60", *QUIET,
-                        "trainer.lr=1e-3,2e-3,-1,3e-3")
+                        "trainer.lr=1e-3,2e-3,-1,3e-3,4e-3")
+        wait_for(lambda: any(job.endswith("_4") and state == "RUNNING" for job, state, _ in squeue()), "job 4")
+        subprocess.run(["scancel", job_of_task(4)], check=True)
         out = finish(process)
     assert process.returncode == 1, out
-    assert "1 of 4 jobs was not finished (#2 failed: ConfigError: trainer.lr=-1 must be a number > 0" in out, out
+    assert "2 of 5 jobs were not finished (#2 failed: ConfigError: trainer.lr=-1 must be a number > 0" in out, out
+    assert "  #4 " in out and "#4 finished" not in out, out
     assert "Traceback" not in out and out.count("sacct is not usable") == 1, out
     assert most_running[0] == 2, f"at most {most_running[0]} jobs ran at once"
     for i in (0, 1, 3):

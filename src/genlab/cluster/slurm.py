@@ -79,24 +79,23 @@ def job_summary(job: Any, run_dir: Path) -> tuple[str, str]:
 
     try:
         ret = job.results()[0]
-    except Exception as error:  # the job ended without writing its result (killed, cancelled, lost)
+    except Exception:  # the job ended without writing its result (killed, cancelled, out of requeues)
         status = RunDir(run_dir).read_status() if (run_dir / "status.json").exists() else {}
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        return status.get("status", "lost"), status.get("error") or first
+        why = f"the job ended without a result (cancelled, killed or out of requeues); its log: {job.paths.stderr}"
+        return status.get("status", "lost"), status.get("error") or why
     if ret.status.name == "COMPLETED":
         return "finished", ""
     error = ret._return_value  # the task's exception (JobReturn.return_value would raise it)
     return "failed", f"{type(error).__name__}: {error}".splitlines()[0]
 
 
-def wait_all(jobs: list[Any], run_dirs: list[Path], poll_s: float = 1.0) -> list[tuple[str, str]]:
-    """Wait until every job has ended (bounded by the watcher's polls); their summaries in order."""
+def wait_all(jobs: list[Any], poll_s: float = 1.0) -> None:
+    """Wait until every job has ended (the watcher looks each up at most every POLL_S seconds)."""
     pending = set(range(len(jobs)))
     while pending:
         pending = {i for i in pending if not jobs[i].done()}
         if pending:
             time.sleep(poll_s)
-    return [job_summary(job, run_dir) for job, run_dir in zip(jobs, run_dirs)]
 
 
 def log_summary(overrides: list[list[str]], first_idx: int, summaries: list[tuple[str, str]]) -> None:

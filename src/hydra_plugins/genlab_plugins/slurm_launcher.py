@@ -45,9 +45,10 @@ class GenlabSlurmLauncher(SlurmLauncher):
         numbered = list(enumerate(map(list, job_overrides), start=initial_job_idx))
         jobs = executor.map_array(self, *zip(*[(o, "hydra.sweep.dir", i, f"job_id_for_{i}", Singleton.get_state())
                                                for i, o in numbered]))
+        slurm.wait_all(jobs)
+        # Each job names its run directory `<job number>_<model>` when it starts; a job that never started has none.
         run_dirs = [next(sweep_dir.glob(f"{i}_*"), sweep_dir / str(i)) for i, _ in numbered]
-        summaries = slurm.wait_all(jobs, run_dirs)
-        run_dirs = [next(sweep_dir.glob(f"{i}_*"), sweep_dir / str(i)) for i, _ in numbered]  # now they exist
+        summaries = [slurm.job_summary(job, run_dir) for job, run_dir in zip(jobs, run_dirs)]
         slurm.log_summary([filter_overrides(o) for _, o in numbered], initial_job_idx, summaries)
         failed = [(i, status, error) for (i, _), (status, error) in zip(numbered, summaries) if status != "finished"]
         returns = []
