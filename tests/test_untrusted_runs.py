@@ -223,3 +223,152 @@ def test_a_path_with_dot_dot_never_overwrites_a_finished_run(run, tmp_path, how)
     assert tree_hashes(run) == before, "the finished run changed"
     assert_one_sentence(result, 2, *expected)
     assert not (tmp_path / "missing").exists() and not (tmp_path / "sweep").exists()
+
+
+# ---- 5. `genlab data pack` packs SRC and nothing else, into a new folder ---------------------------------------
+def small_png(path: Path, colour: int = 128) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (colour, 0, 0)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["linked image", "sketch path", "linked caption"])
+def test_pack_refuses_a_file_outside_src(tmp_path, how):
+    src, secret = tmp_path / "src", small_png(tmp_path / "private" / "secret.png", 7)
+    small_png(src / "a.png")
+    if how == "linked image":
+        (src / "b.png").symlink_to(secret)
+        expected = f"{src / 'b.png'} leads outside {src}"
+    elif how == "sketch path":
+        (src / "metadata.jsonl").write_text('{"file_name": "a.png", "conditioning_image": "../private/secret.png"}\n')
+        expected = f"leads outside {src}"
+    else:
+        (tmp_path / "private" / "notes.txt").write_text("my diary")
+        (src / "a.txt").symlink_to(tmp_path / "private" / "notes.txt")
+        expected = f"{src / 'a.txt'} leads outside {src}"
+    result = cli("data", "pack", src, tmp_path / "out", check=False)
+    assert_one_sentence(result, 2, expected, "nothing was packed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_never_overwrites_a_folder_that_holds_files(tmp_path):
+    small_png(tmp_path / "src" / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_text("someone's shard")
+    result = cli("data", "pack", tmp_path / "src", out, check=False)
+    assert_one_sentence(result, 2, f"{out} is not an empty folder", "nothing was packed")
+    assert [p.name for p in out.iterdir()] == ["train-000000.tar"]
+    assert (out / "train-000000.tar").read_text() == "someone's shard"
+
+
+# ---- 6. no hang, no cache that fails every start, no decompression bomb, no traceback ----------------------
+def test_a_fifo_named_like_an_image_never_hangs_start_up(tmp_path):
+    import threading
+
+    from genlab.data.imagefolder import ImageFolder
+
+    folder = tmp_path / "images"
+    for i in range(4):
+        small_png(folder / f"{i}.png", 40 * i)
+    os.mkfifo(folder / "x.png")  # opening it for reading blocks until someone writes
+    done = []
+    thread = threading.Thread(target=lambda: done.append(len(ImageFolder(str(folder), val_fraction=0.0))), daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    if thread.is_alive():  # unblock the reader so the test process can end
+        os.close(os.open(folder / "x.png", os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=5)
+    assert done == [4], "start-up hung on the FIFO (or listed it)"
+
+
+def test_a_damaged_bucket_dims_cache_is_rebuilt(tmp_path):
+    from genlab.data.buckets import image_dims
+
+    files = [str(small_png(tmp_path / "images" / f"{i}.png")) for i in range(3)]
+    cache = tmp_path / "cache"
+    assert image_dims(files, cache) == [(8, 8)] * 3
+    (dims_file,) = cache.glob("dims-*.json")
+    stat = os.stat(files[0])
+    for damage in ('{"torn', '["not", "a", "mapping"]', '{"%s": [%d, %d, 0, "x"]}' % (files[0], stat.st_size, stat.st_mtime_ns)):
+        dims_file.write_text(damage)
+        assert image_dims(files, cache) == [(8, 8)] * 3
+        assert len(yaml.safe_load(dims_file.read_text())) == 3  # rewritten whole
+
+
+def test_a_truncated_latent_cache_entry_is_encoded_again(tmp_path):
+    from test_latent_cache import tiny_vae
+
+    from genlab.data.latent_cache import cached_posteriors
+
+    vae, images = tiny_vae(0), torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = cached_posteriors(vae, images, tmp_path)
+    entry = sorted(tmp_path.rglob("*.safetensors"))[0]
+    entry.write_bytes(entry.read_bytes()[:40])  # a kill mid-copy, a full disk
+    again, again_std = cached_posteriors(vae, images, tmp_path)
+    torch.testing.assert_close(again, mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again_std, std, rtol=0, atol=1e-6)
+    assert len(entry.read_bytes()) > 40  # rewritten
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path):
+    """A few-kB PNG whose header says 13000 x 13000 (0.5 GB once decoded)."""
+    import struct
+    import zlib
+
+    from genlab.data.images import load_image
+    from genlab.errors import GenlabError
+
+    path = small_png(tmp_path / "bomb.png")
+    data = bytearray(path.read_bytes())
+    ihdr = struct.pack(">II", 13000, 13000) + bytes(data[24:29])  # width, height, then depth/colour/... as saved
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    path.write_bytes(bytes(data))
+    with pytest.raises(GenlabError, match=r"bomb.png is 13000 x 13000 pixels, more than genlab decodes"):
+        load_image(path, 8)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only tmpfs (root ignores file modes; skipped where mounting is not allowed)."""
+    import subprocess
+
+    target = tmp_path / "ro"
+    target.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k,ro", "tmpfs", str(target)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_read_only_runs_folder_or_a_file_as_runs_folder_is_one_sentence(tmp_path, read_only_folder, monkeypatch):
+    from conftest import TINY_DDPM
+
+    (tmp_path / "a_file").write_text("")
+    for root, expected in ((read_only_folder / "runs", "is read-only"), (tmp_path / "a_file", "is a file")):
+        monkeypatch.setenv("GENLAB_RUNS", str(root))
+        for multirun in ([], ["-m"]):
+            result = cli("train", *multirun, *TINY_DDPM, check=False)
+            assert_one_sentence(result, 2, f"runs folder {root}", expected)
+
+
+def test_out_options_naming_a_folder_are_one_sentence(run, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_one_sentence(cli("sample", run, "--n", "1", "--out", folder, check=False), 2, f"--out {folder} is a folder")
+    assert_one_sentence(cli("sample", run, "--n", "1", "--out", tmp_path / "x.txt", check=False), 2,
+                        "not an image file name")
+    assert_one_sentence(cli("report", run, "--out", folder, check=False), 1, f"--out {folder} is a folder")
+    assert list(folder.iterdir()) == []
+
+
+def test_push_with_no_network_is_one_sentence(run):
+    from conftest import genlab
+
+    result = genlab("push", str(run), "--repo", "someone/x", check=False,
+                    env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_token", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert_one_sentence(result, 1, "could not reach the Hub", "someone/x")

@@ -219,6 +219,9 @@ def _target_directory(args: list[str]) -> list[str]:
     for key in ("hydra.run.dir", "hydra.sweep.dir"):  # `runs/<missing>/../RUN` is RUN once Hydra makes <missing>
         if key in explicit:
             explicit[key] = os.path.realpath(explicit[key])
+    multirun = "-m" in args or "--multirun" in args
+    if ("hydra.sweep.dir" if multirun else "hydra.run.dir") not in explicit:  # the new folder goes under the runs root
+        _check_runs_root(explicit.get("runs_root") or os.environ.get("GENLAB_RUNS", "runs"))
     if "-m" in args or "--multirun" in args:
         subdir = explicit.get("hydra.sweep.subdir")
         if subdir is not None and (os.path.isabs(subdir) or os.path.normpath(subdir).split(os.sep)[0] == ".."):
@@ -247,6 +250,20 @@ def _target_directory(args: list[str]) -> list[str]:
         if decision not in ("fresh", "resume"):
             raise ConfigError(decision)
     return args
+
+
+def _check_runs_root(root: str) -> None:
+    """The folder new runs go under can hold them: said now, not as a traceback from Hydra's resolver."""
+    from genlab.errors import ConfigError
+
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"the runs folder {root} (runs_root or GENLAB_RUNS) cannot be made: {existing} is a file; "
+                          "point it at a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the runs folder {root} ({existing} is read-only); choose another with "
+                          "runs_root=... or GENLAB_RUNS=...")
 
 
 @app.command(context_settings={"allow_extra_args": True})

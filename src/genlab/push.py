@@ -21,6 +21,7 @@ def push_export(run_dir: str | Path, repo_id: str, private: bool = False, messag
     """
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HTTPError as TransportError  # the HTTP client's own (httpx): no connection
 
     run = RunDir(run_dir).require()
     write_model_card(run, repo_id=repo_id)  # its snippets now load from the Hub repository
@@ -38,4 +39,8 @@ def push_export(run_dir: str | Path, repo_id: str, private: bool = False, messag
         if status in (401, 403):
             raise GenlabError(f"the Hub refused to write to {repo_id} ({status}): {LOGIN}.") from None
         raise GenlabError(f"the upload to {repo_id} failed: {str(error).splitlines()[0]}") from None
+    except (TransportError, OSError) as error:  # no network, DNS, a proxy: the upload never started or broke off
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GenlabError(f"could not reach the Hub to push to {repo_id} ({reason}); check the network "
+                          "(or HF_ENDPOINT) and run this again.") from None
     return str(url)

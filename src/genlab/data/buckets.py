@@ -59,12 +59,17 @@ def image_dims(files: list[str] | list[Path], cache_dir: str | Path | None = Non
 
     key = hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()[:16]
     cache = Path(cache_dir or cache_root() / "file_lists").expanduser() / f"dims-{key}.json"
-    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    try:
+        saved = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):  # torn or damaged: read the headers again and rewrite it
+        saved = {}
+    saved = saved if isinstance(saved, dict) else {}
     dims, changed = [], False
     for path in files:
         stat = os.stat(path)
         entry = saved.get(str(path))
-        if entry is None or entry[:2] != [stat.st_size, stat.st_mtime_ns]:
+        valid = isinstance(entry, list) and len(entry) == 4 and all(isinstance(v, int) and v > 0 for v in entry[2:])
+        if not valid or entry[:2] != [stat.st_size, stat.st_mtime_ns]:
             try:
                 with Image.open(path) as image:  # the header only
                     entry = [stat.st_size, stat.st_mtime_ns, *image.size]

@@ -20,7 +20,7 @@ from pathlib import Path
 from genlab.data.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-VERSION = 1
+VERSION = 2  # 2: regular files only (lists of 1 may hold a FIFO)
 
 
 def cache_root() -> Path:
@@ -34,14 +34,24 @@ def _cache_file(root: Path, cache_dir: str | Path | None) -> Path:
 
 
 def _walk(root: Path) -> tuple[list[str], dict[str, int]]:
-    """(image files relative to root, sorted; every folder's mtime_ns), by names only."""
-    files, dirs = [], {}
-    for folder, subdirs, names in os.walk(root):
-        subdirs.sort()
-        rel = os.path.relpath(folder, root)
+    """(image files relative to root, sorted; every folder's mtime_ns), by names only.
+
+    Only regular files (or links to them) count: a FIFO named `x.png` would block the first
+    read forever. `scandir` knows an entry's type without a stat of its own on most file
+    systems, so this costs no more than names; linked folders are not followed.
+    """
+    files, dirs, todo = [], {}, ["."]
+    while todo:
+        rel = todo.pop()
+        folder = root if rel == "." else root / rel
         dirs[rel] = os.stat(folder).st_mtime_ns
         prefix = "" if rel == "." else rel + "/"
-        files += [prefix + name for name in names if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES]
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(prefix + entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    files.append(prefix + entry.name)
     return sorted(files), dirs
 
 

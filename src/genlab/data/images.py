@@ -13,6 +13,9 @@ from genlab.errors import GenlabError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 ORIENTATION = 0x0112  # the EXIF tag that says how a photo was turned
+#: The most pixels genlab decodes from one image (8192 x 8192, 192 MB as RGB). Checked on the
+#: header, before decoding: a crafted 13000 x 13000 PNG of a few kB would take 0.5 GB per worker.
+MAX_PIXELS = 8192 * 8192
 
 
 def resize_crop(image: Image.Image, size: int | tuple[int, int], resample=Image.Resampling.BICUBIC) -> Image.Image:
@@ -62,6 +65,10 @@ def load_image(source: str | Path | Image.Image, size: int | tuple[int, int], ch
 
 
 def _pixels(image: Image.Image, size, channels: int, resample, flip: bool) -> torch.Tensor:
+    if image.width * image.height > MAX_PIXELS:
+        name = getattr(image, "filename", "") or "an image"
+        raise GenlabError(f"{name} is {image.width} x {image.height} pixels, more than genlab decodes "
+                          f"({MAX_PIXELS:,}); downscale it or leave it out.")
     if image.getexif().get(ORIENTATION, 1) != 1:  # most files need no turn: spare them exif_transpose's copy
         image = ImageOps.exif_transpose(image)
     mode = "RGB" if channels == 3 else "L"

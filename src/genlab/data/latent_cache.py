@@ -22,6 +22,7 @@ decodes images; what the cache saves is every later encoder pass.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -32,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+log = logging.getLogger(__name__)
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _TEXT_MEMORY: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()  # recent captions, in memory too
 TEXT_MEMORY_ITEMS = 1024
@@ -56,6 +58,19 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+def _load(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+    """A cache entry, or None when it is missing or damaged (truncated, not safetensors, keys
+    missing): a damaged entry is encoded again and rewritten, never the end of a run."""
+    if not path.is_file():
+        return None
+    try:
+        entry = load_file(str(path))
+    except Exception:  # noqa: BLE001  (safetensors raises its own SafetensorError, or OSError)
+        log.warning("latent cache entry %s is damaged; encoding it again", path)
+        return None
+    return entry if all(k in entry for k in keys) else None
+
+
 def _base_module(module: nn.Module) -> nn.Module:
     while isinstance(getattr(module, "module", None), nn.Module):  # Accelerate / DDP wrappers
         module = module.module
@@ -70,7 +85,7 @@ def cached_posteriors(vae: nn.Module, images: torch.Tensor, folder: str | Path) 
     keys = [hashlib.blake2b(f"{tuple(p.shape)}".encode() + p.numpy().tobytes(), digest_size=16).hexdigest()
             for p in pixels]
     paths = [root / k[:2] / f"{k}.safetensors" for k in keys]
-    entries = {i: load_file(str(p)) for i, p in enumerate(paths) if p.exists()}
+    entries = {i: entry for i, p in enumerate(paths) if (entry := _load(p, ("mean", "std"))) is not None}
     missing = [i for i in range(len(paths)) if i not in entries]
     if missing:
         posterior = vae.encode(images[missing].to(vae.device, vae.dtype)).latent_dist
@@ -123,8 +138,8 @@ def cached_or_encoded_text(batch: dict[str, Any], captions: list[str], tokenizer
         if (digest, caption) in _TEXT_MEMORY:
             _TEXT_MEMORY.move_to_end((digest, caption))
             found[caption] = _TEXT_MEMORY[(digest, caption)]
-        elif path.exists():
-            found[caption] = load_file(str(path))["hidden"]
+        elif (entry := _load(path, ("hidden",))) is not None:
+            found[caption] = entry["hidden"]
     missing = [c for c in dict.fromkeys(captions) if c not in found]
     if missing:
         with torch.no_grad():

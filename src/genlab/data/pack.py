@@ -54,10 +54,19 @@ def folder_records(root: Path) -> list[Record]:
             continue  # a sketch is packed with its image, not as an image of its own
         row = meta.get(str(path.resolve()), {})
         text = path.with_suffix(".txt")
-        caption = text.read_text().strip() if text.exists() else row.get("text")
         sketch = row.get("conditioning_image")
+        for part in (path, *([text] if text.exists() else []), *([path.parent / sketch] if sketch else [])):
+            _inside(part, root)
+        caption = text.read_text().strip() if text.exists() else row.get("text")
         records.append(Record(_file(path), caption, (path.parent / sketch).read_bytes if sketch else None))
     return records
+
+
+def _inside(path: Path, root: Path) -> None:
+    """Shards are published: a file that leads out of SRC (a link, a `../` sketch path) is refused."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{path} leads outside {root} (to {path.resolve()}), so nothing was packed; "
+                          "copy the file into the folder instead.")
 
 
 def _bytes_of(value: dict) -> tuple[bytes, str]:
@@ -147,6 +156,8 @@ def pack(src: str, out: str | Path, shard_size: int = 1000, val_fraction: float 
     out = Path(out).expanduser()
     if out.exists() and any(out.glob("*.json")):
         raise ConfigError(f"{out} already holds a shard index; pack into a new folder.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not an empty folder, so nothing was packed; pack into a new (or empty) folder.")
     root = Path(src).expanduser()
     is_folder = root.is_dir() and not any((root / f).exists() for f in ("dataset_dict.json", "state.json"))
     records = (folder_records(root) if is_folder else

@@ -40,9 +40,13 @@ def claim_new_dir(parent: str | Path, fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
     stamp = time.strftime(fmt, time.localtime(started))
     for i in range(1, 10_000):
         candidate = Path(parent) / (stamp if i == 1 else f"{stamp}_{i}")
-        candidate.mkdir(parents=True, exist_ok=True)
         claim, mine = candidate / ".claim", candidate / f".claim.{os.getpid()}"
-        mine.write_text(group)
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            mine.write_text(group)
+        except OSError as error:
+            raise GenlabError(f"cannot make a run directory under {parent} ({error.strerror}); choose another "
+                              "folder with runs_root=... or GENLAB_RUNS=...") from None
         try:
             os.link(mine, claim)
             owner = group
