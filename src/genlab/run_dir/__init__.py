@@ -14,7 +14,8 @@ ownership"). Everything genlab reads from or writes to one goes through `RunDir`
       report.html            `genlab report RUN_DIR` (genlab.report)
 
 Files are replaced atomically (write a temporary file, fsync, rename), so a kill never
-leaves half a config or half a status. Nothing here imports torch at module level: `genlab
+leaves half a config or half a status. A symbolic link that leads out of the run refuses it
+when it is opened (`require`) or locked (`locked`): nothing outside is read, written or deleted. Nothing here imports torch at module level: `genlab
 runs` and argument errors stay fast.
 
 The parts: `directory` (RunDir: layout, config, status, metrics, lock, checkpoint lookup),
