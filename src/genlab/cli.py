@@ -142,7 +142,12 @@ def train(ctx: typer.Context,
                                         "the command under `accelerate launch --multi_gpu`"),
           nodes: int = typer.Option(1, "--nodes", help=NODES_HELP),
           node_rank: int = typer.Option(0, "--node-rank", help=NODE_RANK_HELP),
-          main_address: Optional[str] = typer.Option(None, "--main-address", help=MAIN_ADDRESS_HELP)) -> None:
+          main_address: Optional[str] = typer.Option(None, "--main-address", help=MAIN_ADDRESS_HELP),
+          plan: bool = typer.Option(False, "--plan", help="print the memory per GPU (parameters, gradients, optimizer "
+                                    "states, EMA, activations) under ddp and fsdp, then exit: nothing trains or is written"),
+          plan_gpus: int = typer.Option(8, "--plan-gpus", min=1, help="GPUs the --plan table shards over"),
+          plan_base: Optional[str] = typer.Option(None, "--plan-base", help="sd15 | sdxl | sd3 | flux: plan that base at "
+                                                  "its real size (built on the meta device, nothing downloaded)")) -> None:
     """Train a model. Every Hydra override and flag passes through unchanged.
 
     \b
@@ -155,6 +160,7 @@ def train(ctx: typer.Context,
       genlab train --cfg job model=gan                     # print the composed config
       genlab train --processes 4 trainer=gpu               # 4 GPUs via accelerate launch
       genlab train --nodes 2 --node-rank 0 --main-address node0:29500 --processes 8 hydra.run.dir=/shared/run
+      genlab train --plan --plan-base flux --plan-gpus 8 model=controlnet data.image_size=1024
     """
     from genlab.config import hydra_args
     from genlab.train.world import world_from_slurm
@@ -172,7 +178,9 @@ def train(ctx: typer.Context,
         from genlab.config import validate_overrides
 
         try:
-            validate_overrides(_overrides_of(args), _config_dirs(args))  # exit 2 before Hydra creates anything
+            composed = validate_overrides(_overrides_of(args), _config_dirs(args))  # exit 2 before Hydra creates anything
+            if plan:
+                _print_plan(composed, plan_gpus, plan_base)
             launcher = (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ
             if not launcher and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
                 args = _target_directory(args)  # one rank (global rank 0, on node 0) checks and claims for all
@@ -196,6 +204,17 @@ def train(ctx: typer.Context,
     with passed_on(command_line_values(args)):  # the only pipe: commands the job may run
         sys.argv = ["genlab train", *args]
         hydra_train()
+
+
+def _print_plan(cfg, gpus: int, base: str | None) -> None:
+    """`genlab train --plan`: the memory plan of the composed config, then exit 0 (nothing on disk)."""
+    from genlab.errors import ConfigError
+    from genlab.train.memory_plan import REAL_KINDS, describe
+
+    if base is not None and base not in REAL_KINDS:
+        raise ConfigError(f"--plan-base {base}: use one of {', '.join(REAL_KINDS)}.")
+    typer.echo(describe(cfg, gpus, base))
+    raise typer.Exit(0)
 
 
 def _target_directory(args: list[str]) -> list[str]:

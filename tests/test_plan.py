@@ -1,0 +1,112 @@
+"""`genlab train --plan`: the memory plan's states are what a process really holds (train/memory_plan.py).
+
+The plan counts parameters, gradients, AdamW states and EMA from the tensors' shapes and dtypes; a
+process's held bytes (memory_plan.held_bytes, DTensors' local shards) are measured at a step, after
+the backward and before the optimizer step. Both are exact integer byte counts: compared equal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_DDPM, cli, compose
+from genlab.train import loop
+from genlab.train.job import run_training
+from genlab.train.memory_plan import RealSize, held_bytes, plan_config, plan_real_size, plan_states
+
+STATES = ("params", "grads", "optimizer", "ema")
+STEPS = ["trainer.max_steps=2", "trainer.log_every=1", "trainer.sample_every=0", "trainer.checkpoint_every=0",
+         "trainer.ema=0.9"]
+
+
+def _held_at_the_second_step(cfg, run: Path, monkeypatch) -> dict[str, int]:
+    trainers, measured, calls = [], {}, [0]
+    built, grad_norm = loop.Trainer.__init__, loop._grad_norm
+
+    def keep(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        trainers.append(self)
+
+    def probe(params, max_norm):  # after the backward, before the step: everything is held
+        calls[0] += 1
+        if calls[0] == 2:
+            t = trainers[0]
+            frozen = {k: v for k, v in vars(t.family).items() if isinstance(v, loop.torch.nn.Module)
+                      and k not in t.family.networks()}
+            measured.update(held_bytes(t.family.networks(), t.optimizers, t.ema, frozen))
+        return grad_norm(params, max_norm)
+
+    monkeypatch.setattr(loop.Trainer, "__init__", keep)
+    monkeypatch.setattr(loop, "_grad_norm", probe)
+    run_training(cfg, run)
+    return measured
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_plan_of_one_process_is_what_it_holds(strategy, tmp_path, monkeypatch, one_thread):
+    import torch.distributed as dist
+
+    cfg = compose(*TINY_DDPM, *STEPS, f"strategy={strategy}")
+    try:
+        held = _held_at_the_second_step(cfg, tmp_path / "run", monkeypatch)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    planned = plan_config(compose(*TINY_DDPM, *STEPS, f"strategy={strategy}"), gpus=1)[strategy]
+    assert held["ema"] and held["optimizer"] and {k: planned[k] for k in STATES} == held
+    assert planned["activations"] > 0
+
+
+def test_the_plan_on_two_processes_is_what_the_benchmark_measured():
+    """benchmarks/fsdp-*.json holds what each of 2 gloo processes held (scripts/bench_fsdp.py, the default
+    DDPM U-Net, EMA on); the plan for 2 GPUs must give the same bytes, for ddp (whole) and fsdp (shards)."""
+    measured = json.loads(next((Path(__file__).parents[1] / "benchmarks").glob("fsdp-*.json")).read_text())
+    for name, result in measured["results"].items():
+        strategy, processes = name.split("_")
+        cfg = compose(*measured["overrides"], f"strategy={strategy}")
+        planned = plan_config(cfg, gpus=int(processes))[strategy]
+        assert {k: planned[k] for k in STATES} == result["held_bytes"], name
+
+
+def test_fsdp_divides_every_state_and_ddp_none():
+    """The arithmetic on 8 GPUs: dim-0 chunks of ceil(rows / 8), the largest on rank 0."""
+    import torch
+    from torch import nn
+
+    net = nn.Linear(3, 17)  # weight (17, 3), bias (17,): 3 rows of 17 on rank 0 = 9 + 3 elements
+    optimized = list(net.parameters())
+    ddp = plan_states({"net": net}, optimized, {}, "net", 8, "ddp")
+    fsdp = plan_states({"net": net}, optimized, {}, "net", 8, "fsdp")
+    assert ddp == {"params": 68 * 4, "grads": 68 * 4, "optimizer": 2 * 68 * 4, "ema": 68 * 4}
+    assert fsdp == {"params": 12 * 4, "grads": 12 * 4, "optimizer": 2 * 12 * 4, "ema": 12 * 4}
+    frozen = {"vae": nn.Linear(4, 16).to(torch.bfloat16)}  # 80 elements, 2 bytes each
+    assert plan_states({"net": net}, optimized, frozen, None, 8, "fsdp", ("vae",))["params"] == 12 * 4 + 10 * 2
+    assert plan_states({"net": net}, optimized, frozen, None, 8, "fsdp")["params"] == 12 * 4 + 80 * 2
+
+
+def test_real_size_bases_are_counted_at_their_published_sizes():
+    """SDXL's U-Net has 2,567M parameters and Flux.1-dev's transformer 11,902M (stand_ins.py's sources)."""
+    sdxl, flux = RealSize("sdxl"), RealSize("flux", "controlnet")
+    assert round(sum(p.numel() for p in sdxl.unet.parameters()) / 1e6) == 2567
+    assert abs(sum(p.numel() for p in flux.transformer.parameters()) / 1e6 - 11902) < 1
+    assert all(not p.requires_grad for p in flux.transformer.parameters()) and flux.networks().keys() == {"controlnet"}
+    plan = plan_real_size("sdxl", "full", gpus=8, batch=1, resolution=256)
+    trained = 2567e6
+    assert abs(plan["ddp"]["optimizer"] - 8 * trained) / (8 * trained) < 1e-3  # two fp32 states per parameter
+    assert abs(plan["fsdp"]["optimizer"] * 8 - plan["ddp"]["optimizer"]) / plan["ddp"]["optimizer"] < 1e-2
+    assert 0 < plan["ddp"]["activations"] == plan["fsdp"]["activations"]
+
+
+def test_genlab_train_plan_prints_the_table_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", "--plan", "--plan-gpus", "4", *TINY_DDPM, "trainer.ema=0.9")
+    assert result.returncode == 0, result.stdout
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()}
+    assert rows["MiB"][-2:] == ["on", "4"] and set(rows) >= {"params", "grads", "optimizer", "ema", "activations"}
+    assert float(rows["optimizer"][0]) > 3.9 * float(rows["optimizer"][1])  # 4 GPUs: a quarter, or a little more
+    assert list(tmp_path.iterdir()) == []
+    bad = cli("train", "--plan", "--plan-base", "sd9", *TINY_DDPM, check=False)
+    assert bad.returncode == 2 and "sd15, sdxl, sd3, flux" in bad.stderr + bad.stdout
