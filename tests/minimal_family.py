@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genlab.families.base import StepRandom, batch_labels, single_optimizer
+from genlab.families.base import Card, StepRandom, batch_labels, single_optimizer
 
 
 class Stripes(torch.utils.data.Dataset):
@@ -39,6 +39,13 @@ class Stripes(torch.utils.data.Dataset):
 
 class ClassTemplates:
     """The smallest class-conditional generative model: a learned image per class plus Gaussian pixel noise."""
+
+    name = "templates"
+    card = Card(what="a learned image per class (templates.safetensors, one row per class)", title="Class templates",
+                tags=("templates", "safetensors"),
+                use='from safetensors.torch import load_file\n\ntemplates = load_file("{where}/templates.safetensors")')
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
 
     def __init__(self, image_size: int, channels: int, num_classes: int, noise: float = 0.1):
         self.ema_network, self.num_classes, self.noise = "net", num_classes, noise

@@ -16,54 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from genlab.errors import GenlabError
-from genlab.run_dir import RunDir, atomic_write
+from genlab.families.base import Card, CardByConfig
+from genlab.run_dir import RunDir, UntrustedConfig, atomic_write, check_targets
 
 log = logging.getLogger(__name__)
 
-# Per family: the Hub's metadata and how to load the export. A VAE export is an
-# AutoencoderKL, a part of a pipeline rather than one, so it gets no pipeline tag (the Hub
-# would offer a widget that cannot run it); the GAN's safetensors + JSON is no Hub library's
-# format, so it names none.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "ddpm": {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
-             "tags": ["diffusers", "ddpm", "diffusers:DDPMPipeline"], "what": "a DDPM (diffusers UNet2DModel + DDPMScheduler)",
-             "use": 'from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained("{where}")\n'
-                    "images = pipe(batch_size=16).images"},
-    # diffusers' DiTPipeline decodes with a VAE and assumes ImageNet's 1,000 classes: no pipeline fits a pixel DiT.
-    "ddpm_dit": {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
-                 "tags": ["diffusers", "dit", "diffusion-transformer"],
-                 "what": "a pixel-space diffusion transformer (diffusers DiTTransformer2DModel in transformer/, "
-                         "its scheduler in scheduler/)",
-                 "use": "import torch\nfrom diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler\n\n"
-                        'transformer = DiTTransformer2DModel.from_pretrained("{where}", subfolder="transformer")\n'
-                        'scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{where}", subfolder="scheduler")'
-                        "  # flow runs; DDIMScheduler etc. otherwise\n"
-                        "scheduler.set_timesteps(8)\nlabels = torch.arange(10)  # the class of each image\n"
-                        "x = torch.randn(10, transformer.config.in_channels, transformer.config.sample_size, "
-                        "transformer.config.sample_size)\n"
-                        "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
-                        "        out = transformer(x, t.expand(len(x)), class_labels=labels).sample\n"
-                        "        x = scheduler.step(out, t, x).prev_sample\nimages = (x.clamp(-1, 1) + 1) / 2"},
-    "vae": {"library_name": "diffusers", "pipeline_tag": None, "tags": ["diffusers", "vae", "autoencoder"],
-            "what": "a variational autoencoder (diffusers AutoencoderKL; its config holds the measured latent scaling_factor)",
-            "use": 'from diffusers import AutoencoderKL\n\nvae = AutoencoderKL.from_pretrained("{where}")\n'
-                   "latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor"},
-    "gan": {"library_name": None, "pipeline_tag": "unconditional-image-generation", "tags": ["gan", "pytorch", "safetensors"],
-            "what": "a GAN generator (generator.safetensors + generator_config.json)",
-            "use": 'from genlab.families.gan import load_generator\n\ngenerator = load_generator("{where}")'},
-    "sd": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
-           "tags": ["diffusers", "stable-diffusion", "text-to-image", "diffusers:StableDiffusionPipeline"],
-           "what": "a Stable Diffusion text-to-image pipeline (U-Net, VAE, CLIP text encoder)",
-           "use": 'from diffusers import StableDiffusionPipeline\n\npipe = StableDiffusionPipeline.from_pretrained("{where}")\n'
-                  'image = pipe("a red circle on a blue background").images[0]'},
-    "sd3": {"library_name": "diffusers", "pipeline_tag": "text-to-image",
-            "tags": ["diffusers", "sd3", "mmdit", "flow-matching", "text-to-image", "diffusers:StableDiffusion3Pipeline"],
-            "what": "an SD3-style text-to-image pipeline (MMDiT trained by rectified flow, VAE, two CLIP text encoders, no T5)",
-            "use": 'from diffusers import StableDiffusion3Pipeline\n\n'
-                   'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
-                   'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]'},
-    # "controlnet": by the base kind it was trained on, see CONTROLNET_BASES and controlnet_spec.
-}
 # A ControlNet by its base's kind (genlab.families.bases): the Hub's tag for the base, diffusers' ControlNet
 # model and pipeline classes (the Hub derives a pipeline tag from model_index.json, which a ControlNet export lacks).
 CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusionControlNetPipeline"),
@@ -85,15 +42,31 @@ def hub_id(value: Any) -> str | None:
     return value
 
 
-def family_of(config: dict[str, Any]) -> str:
-    """ddpm | ddpm_dit | vae | gan | sd | controlnet, from the model's `_target_` (genlab.families.<module>.<Class>)."""
-    target = str(config.get("model", {}).get("_target_", ""))
-    module = target.split(".")[2] if target.startswith("genlab.families.") and target.count(".") >= 3 else ""
-    if module == "ddpm" and config.get("model", {}).get("backbone") == "dit":
-        return "ddpm_dit"  # exported as transformer/ + scheduler/, not a DDPMPipeline
-    if module == "sd" and config.get("model", {}).get("backbone") == "mmdit":
-        return "sd3"  # model=sd on the MMDiT is the sd3 family: a StableDiffusion3Pipeline export
-    return module or "unknown"
+def family_class(config: dict[str, Any]) -> type | None:
+    """The family class a run's saved config names (`model._target_`), or None where it cannot be read.
+
+    Its module is imported only when the target passes the allowlist (run_dir.check_targets): a copied run
+    names what it likes. A builder function stands for the class it declares as its `family`
+    (`genlab.families.sd.stable_diffusion`).
+    """
+    from hydra.utils import get_object
+
+    target = (config.get("model") or {}).get("_target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        check_targets({"_target_": target}, "model._target_")
+        found = get_object(target)
+    except (UntrustedConfig, ImportError, AttributeError, ValueError):
+        return None
+    found = getattr(found, "family", found)
+    return found if isinstance(found, type) else None
+
+
+def family_of(config: dict[str, Any], family: type | None = None) -> str:
+    """The family's declared name (`Family.name`), of `family` or else of the class the config names."""
+    family = family or family_class(config)
+    return str(getattr(family, "name", None) or "unknown")
 
 
 def flow_unet_base(base: Any) -> bool:
@@ -149,7 +122,7 @@ def controlnet_adapter(kind: str, lora: dict[str, Any] | None, where: str = "EXP
 
 
 def controlnet_spec(kind: str, lora: dict[str, Any] | None = None) -> dict[str, Any]:
-    """FAMILIES' entry for a ControlNet on a base of `kind` (its "use" is _controlnet_use's); `lora`: model.lora."""
+    """The card facts of a ControlNet on a base of `kind` (its "use" is _controlnet_use's); `lora`: model.lora."""
     from genlab.families.bases import KINDS
 
     tag, _, pipeline = CONTROLNET_BASES[kind]
@@ -160,33 +133,42 @@ def controlnet_spec(kind: str, lora: dict[str, Any] | None = None) -> dict[str, 
                     f"{', plus ' + adapter if adapter else ''})"}
 
 
-def spec_of(family: str, config: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The family's FAMILIES entry (a ControlNet's by its base kind); None for a family without one."""
-    if family == "controlnet":
-        return controlnet_spec(controlnet_base_kind(config, info), config.get("model", {}).get("lora"))
-    return FAMILIES.get(family)
+def card_of(config: dict[str, Any], family: type | None = None, info: dict[str, Any] | None = None) -> Card | None:
+    """What the family declares for its card (`Family.card`, or `card_for` the run's model keys); a ControlNet's
+    by its base kind. None for a class that declares none (or a config whose class cannot be read)."""
+    family = family or family_class(config)
+    model = config.get("model") or {}
+    if family_of(config, family) == "controlnet":
+        spec = controlnet_spec(controlnet_base_kind(config, info), model.get("lora"))
+        return Card(what=spec["what"], title="controlnet", library_name=spec["library_name"],
+                    pipeline_tag=spec["pipeline_tag"], tags=tuple(spec["tags"]))
+    if isinstance(family, CardByConfig):  # the class itself: card_for is a classmethod
+        return family.card_for(model)
+    return getattr(family, "card", None)  # None: a family from before the declarations (a generic card)
 
 
-def metadata(config: dict[str, Any], data_choice: str | None, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def metadata(config: dict[str, Any], data_choice: str | None, info: dict[str, Any] | None = None,
+             family: type | None = None) -> dict[str, Any]:
     """The card's YAML header fields for this run's config (`info`: a ControlNet export's genlab_export.json)."""
-    family = family_of(config)
-    spec = spec_of(family, config, info) or {"library_name": None, "pipeline_tag": None, "tags": []}
+    declared = card_of(config, family, info) or Card(what="")
     model, data, card = config.get("model", {}), config.get("data", {}), config.get("card") or {}
     base = hub_id(model.get("base"))
     built_on = model.get("base") is not None
-    tags = ["genlab", *spec["tags"], *(["lora"] if (model.get("lora") or {}).get("rank") else []), *card.get("tags", [])]
-    fields = {"library_name": spec["library_name"], "pipeline_tag": spec["pipeline_tag"], "base_model": base,
+    tags = ["genlab", *declared.tags, *(["lora"] if (model.get("lora") or {}).get("rank") else []), *card.get("tags", [])]
+    fields = {"library_name": declared.library_name, "pipeline_tag": declared.pipeline_tag, "base_model": base,
               # A model trained from scratch is the user's to license; one built on a base inherits the base's terms.
               "license": card.get("license") or ("other" if built_on else "apache-2.0"),
               "tags": list(dict.fromkeys(tags)), "datasets": [data["name"]] if data_choice == "hf" and data.get("name") else None}
     return {k: v for k, v in fields.items() if v}
 
 
-def write_model_card(run: RunDir, repo_id: str | None = None) -> Path:
+def write_model_card(run: RunDir, repo_id: str | None = None, family: type | None = None) -> Path:
     """Write RUN/export/README.md (and export/samples.png, the final sample grid); returns the card's path.
 
     Args:
         repo_id: the Hub repository the export goes to (its snippets load from there); default the local path.
+        family: the family's class, whose declarations the card shows (`Family.card`); default the class the
+            run's config names, when its `_target_` is trusted (a family from outside genlab: pass it).
 
     Raises:
         GenlabError: the run has no export/ yet, or its config cannot be read.
@@ -204,8 +186,9 @@ def write_model_card(run: RunDir, repo_id: str | None = None) -> Path:
         tmp = run.export / ".samples.png.tmp"
         shutil.copyfile(grids[-1][1], tmp)
         tmp.replace(run.export / "samples.png")
-    header = ModelCardData(**metadata(config, run.choices().get("data"), _export_info(run))).to_yaml()
-    body = _body(run, config, repo_id or str(run.export.resolve()), has_grid=bool(grids))
+    family = family or family_class(config)
+    header = ModelCardData(**metadata(config, run.choices().get("data"), _export_info(run), family)).to_yaml()
+    body = _body(run, config, repo_id or str(run.export.resolve()), has_grid=bool(grids), family=family)
     card = ModelCard(f"---\n{header}\n---\n\n{body}")
     atomic_write(run.export / "README.md", str(card))
     return run.export / "README.md"
@@ -233,45 +216,44 @@ def _command_without_local_paths(line: str) -> str:
     return re.sub(r"(?<=[\s=])(?:~|/)[^\s'\"]*", lambda m: Path(m.group()).name or m.group(), line)
 
 
-def refresh_model_card(run: RunDir) -> None:
-    """Rewrite the card when the run has an export; a failure is a warning, never the end of a training or an eval."""
+def refresh_model_card(run: RunDir, family: type | None = None) -> None:
+    """Rewrite the card when the run has an export; a failure is a warning, never the end of a training or an eval.
+
+    `family`: the family's class (see write_model_card).
+    """
     if not run.export.is_dir():
         return
     try:
-        write_model_card(run)
+        write_model_card(run, family=family)
     except Exception as error:
         log.warning("could not write the model card %s (%s); `genlab push` writes it again.", run.export / "README.md", error)
 
 
-def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool) -> str:
+def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool, family: type | None = None) -> str:
     import yaml
 
-    family = family_of(config)
-    info = _export_info(run) if family == "controlnet" else {}
-    spec = spec_of(family, config, info) or {"what": f"a genlab {family} model", "use": ""}
+    name = family_of(config, family)
+    info = _export_info(run) if name == "controlnet" else {}
+    card = card_of(config, family, info) or Card(what=f"a genlab {name} model")
     model, data, trainer = config.get("model", {}), config.get("data", {}), config.get("trainer", {})
     choice = run.choices().get("data") or str(data.get("_target_", "?")).rsplit(".", 1)[-1].lower()
     status, metrics = run.read_status(), run.read_metrics()
     steps = metrics[-1]["step"] if metrics else status.get("step", "?")  # status says "running" until after export
-    title = f"{family.upper() if family in ('ddpm', 'vae', 'gan', 'sd') else family} on {choice}"
-    lines = [f"# {title}", "",
-             f"This is {spec['what']}, trained with genlab for {steps} optimizer steps on "
+    lines = [f"# {card.title or name} on {choice}", "",
+             f"This is {card.what}, trained with genlab for {steps} optimizer steps on "
              f"{DATA.get(choice, choice)} at {data.get('image_size', '?')} px.", ""]
     if has_grid:
         lines += ["![Samples from the final weights, fixed noise](samples.png)", ""]
-    if family == "controlnet" or spec.get("use"):
-        use = _controlnet_use(config, info, where) if family == "controlnet" else spec["use"].format(where=where)
+    if name == "controlnet" or card.use:
+        use = _controlnet_use(config, info, where) if name == "controlnet" else card.use.format(where=where)
         lines += ["## How to use", "", "```python", use, "```", ""]
-        if family == "ddpm" and model.get("conditional"):
-            lines += [f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
-                      "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.", ""]
-        if family == "sd" and model.get("objective") == "flow":  # see genlab.diffusion.for_unet_pipelines
-            lines += ["Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for two things flow "
-                      "schedulers lack, so set them after loading: `pipe.scheduler.init_noise_sigma = 1.0` and "
-                      "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.", ""]
+        for note in card.notes:
+            lines += [note, ""]
     lines += ["## Training", "", "The command that made it:", "", "```bash",
               *map(_command_without_local_paths, run.command()), "```", ""]
-    lines += _training_facts(without_local_paths(model), without_local_paths(data), trainer, choice, metrics)
+    losses = tuple(getattr(family, "losses", ()) or (k for row in metrics for k in row if "loss" in k))
+    lines += _training_facts(without_local_paths(model), without_local_paths(data), trainer, choice, metrics,
+                             tuple(dict.fromkeys(losses)))
     lines += ["## Evaluation", "", *_eval_lines(run)]
     lines += ["## Config", "", "<details><summary>The run's config (.hydra/config.yaml)</summary>", "", "```yaml",
               yaml.safe_dump(without_local_paths(config), sort_keys=False, default_flow_style=None, width=120).rstrip(),
@@ -319,7 +301,8 @@ def _controlnet_use(config: dict[str, Any], info: dict[str, Any], where: str) ->
     return "\n".join(lines)
 
 
-def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics: list[dict]) -> list[str]:
+def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics: list[dict],
+                    losses: tuple[str, ...]) -> list[str]:
     facts = [f"- data: `data={choice}`: {DATA.get(choice, data.get('name') or data.get('path') or choice)}; "
              f"{data.get('image_size', '?')} px, {data.get('channels', '?')} channel(s)",
              f"- optimizer steps: {trainer.get('max_steps', '?')} planned, batch {trainer.get('batch_size', '?')} "
@@ -327,10 +310,10 @@ def _training_facts(model: dict, data: dict, trainer: dict, choice: str, metrics
              f"precision {trainer.get('mixed_precision', 'no')}, EMA {trainer.get('ema')}"]
     if model.get("base"):
         facts.append(f"- base model: `{model['base']}`")
-    last = next((row for row in reversed(metrics) if any("loss" in k for k in row)), {})
+    last = next((row for row in reversed(metrics) if any(k in row for k in losses)), {})
     if last:
         facts.append("- last logged: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items()
-                                                   if "loss" in k and isinstance(v, (int, float))) + f" at step {last['step']}")
+                                                   if k in losses and isinstance(v, (int, float))) + f" at step {last['step']}")
     return [*facts, ""]
 
 

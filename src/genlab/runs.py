@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from genlab.errors import GenlabError
+from genlab.families.declarations import declared
 from genlab.run_dir import RunDir, find_runs
 from genlab.train.best import lower_is_better
 
@@ -17,17 +18,17 @@ def runs_root() -> Path:
 
 def run_info(run: RunDir) -> dict[str, Any]:
     """What `genlab runs` shows for one run directory (raises on an unreadable config)."""
-    import yaml
-
-    cfg = yaml.safe_load(run.config_file.read_text())
-    choices = run.choices()
-    family = choices.get("model") or str(cfg["model"]["_target_"]).rsplit(".", 1)[-1].lower()
+    cfg = run.read_config_data()
+    target = str((cfg.get("model") or {}).get("_target_", ""))
+    choices, facts = run.choices(), declared(target)
+    family = facts.get("name") or choices.get("model") or target.rsplit(".", 1)[-1].lower()
     data = choices.get("data") or str(cfg["data"]["_target_"]).rsplit(".", 1)[-1].lower()
     rows = run.read_metrics()
+    loss_keys = loss_keys_of(facts, rows)
     latest, last = {}, {}
     for row in rows:
         latest.update(row)
-        if any("loss" in k for k in row):
+        if any(k in row for k in loss_keys):
             last = row
     best = {}
     best_ckpt = run.checkpoint("best")
@@ -43,17 +44,23 @@ def run_info(run: RunDir) -> dict[str, Any]:
     status = run.read_status()
     return {"run": run.path, "family": family, "data": data, "step": latest.get("step", 0),
             "max_steps": cfg["trainer"]["max_steps"], "status": status["status"], "error": status.get("error", ""),
-            "losses": {k: v for k, v in last.items() if "loss" in k},
+            "losses": {k: v for k, v in last.items() if k in loss_keys}, "loss_keys": loss_keys,
             # --sort takes a latest value (fid_digits_cnn), an eval/metrics.json one, or the best (best_fid_digits_cnn)
             "metrics": {**latest, **run.read_eval(), **{f"best_{k}": v for k, v in best.items() if k != "step"}},
             "best": best}
+
+
+def loss_keys_of(facts: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The logged losses: those the family declares (`Family.losses`, see families.declarations); of a
+    family whose declarations cannot be read, every logged key with "loss" in its name."""
+    return tuple(facts.get("losses") or ()) or tuple(dict.fromkeys(k for row in rows for k in row if "loss" in k))
 
 
 def unreadable_row(run: RunDir, error: Exception) -> dict[str, Any]:
     """A row for a run whose config cannot be read: the table goes on without it."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return {"run": run.path, "family": "?", "data": "?", "step": 0, "max_steps": "?",
-            "status": f"unreadable ({reason[:60]})", "losses": {}, "metrics": {}, "best": {}}
+            "status": f"unreadable ({reason[:60]})", "losses": {}, "loss_keys": (), "metrics": {}, "best": {}}
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
@@ -101,7 +108,7 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
 
 
 def plot_runs(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Loss curves (every metrics.jsonl key containing "loss") of `rows`, one line per run and loss."""
+    """Loss curves (the losses each run's family declares, see `loss_keys_of`) of `rows`, one line per run and loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +117,7 @@ def plot_runs(rows: list[dict[str, Any]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         lines = RunDir(r["run"]).read_metrics()
-        for key in sorted({k for line in lines for k in line if "loss" in k}):
+        for key in r.get("loss_keys") or loss_keys_of({}, lines):
             points = [(line["step"], line[key]) for line in lines if isinstance(line.get(key), (int, float))]
             if points:
                 ax.plot(*zip(*points), label=f"{Path(r['run']).name} {key}")

@@ -62,7 +62,7 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
         val = build_dataset(cfg.data, "val")
         items = [val[i] for i in range(min(n, len(val)))]
         options["images"] = torch.stack([item["image"] for item in items])
-        if "label" in items[0] and getattr(family, "conditional", False):
+        if "label" in items[0] and family.num_classes:  # a conditional model reconstructs each image with its own label
             options["labels"] = torch.tensor([int(item["label"]) for item in items])
     out = Path(out) if out else run.samples / f"sample_seed{seed}.png"
     # Reconstructions and interpolations are one small set each: no chunks.

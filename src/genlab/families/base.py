@@ -30,8 +30,9 @@ by having its members, and callers ask with `isinstance(family, Capability)`.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Literal, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -94,10 +95,51 @@ class StepRandom:
                                          device=self.device))
 
 
+#: Which way a logged scalar or a metric improves.
+Direction = Literal["lower", "higher"]
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the model card of a family's export says (export/README.md, written by `genlab.model_card`).
+
+    Args:
+        what: completes "This is ..., trained with genlab": what the export holds.
+        use: the code that loads the export, `{where}` standing for its place (a path or a Hub id).
+        library_name, pipeline_tag, tags: the Hub's metadata (None where no Hub library or pipeline fits).
+        title: the card's heading before " on <data>" (default: the family's name).
+        notes: paragraphs after the loading code (what a stock pipeline does not do for this model).
+    """
+
+    what: str
+    use: str = ""
+    library_name: str | None = None
+    pipeline_tag: str | None = None
+    tags: tuple[str, ...] = ()
+    title: str = ""
+    notes: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class Family(Protocol):
-    """What the training loop, `genlab sample` and `genlab eval` need from every family."""
+    """What the training loop, `genlab sample` and `genlab eval` need from every family.
 
+    The four class attributes declare what readers of a run (`genlab runs`, reports, model cards,
+    the best-checkpoint tracker) would otherwise have to guess from names; they are read from the
+    class a run's `_target_` names, without building the family (`name`, `losses` and `metrics`
+    from its source, see `families.declarations`: keep them literals). A `_target_` may name a
+    builder function instead of the class; the builder then names its class as its `family`
+    attribute (`families.sd.stable_diffusion.family = StableDiffusion`).
+    """
+
+    #: the family's name in tables, reports and model cards ("ddpm", "gan").
+    name: ClassVar[str]
+    #: what the model card of an export says; a family whose card depends on its config is `CardByConfig`.
+    card: ClassVar[Card]
+    #: the logged scalars of `loss()` that are losses (lower is better): what summaries and tables show.
+    losses: ClassVar[tuple[str, ...]]
+    #: the other logged scalars a run may be ranked or stopped by, each with the way it improves.
+    metrics: ClassVar[Mapping[str, Direction]]
     #: attribute name (a key of `networks()`) whose weights get an EMA copy, or None. Set in __init__.
     ema_network: str | None
     #: classes the model is conditioned on (labels in batches, `--class` when sampling); None if unconditional.
@@ -160,6 +202,18 @@ class Family(Protocol):
 
 
 # ---- optional capabilities ----------------------------------------------------------------
+@runtime_checkable
+class CardByConfig(Protocol):
+    """The model card depends on the run's `model.*` keys (DDPM's DiT backbone, a ControlNet's base).
+
+    Asked of the class, not of a built family: `card_for` is a classmethod.
+    """
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any]) -> Card:
+        """The card for a run whose `model` config is `model` (plain data, as saved)."""
+
+
 @runtime_checkable
 class PairedSamples(Protocol):
     """Training sample grids show the input beside the output (ControlNet: sketch | image).

@@ -33,7 +33,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, flow_controlnet, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.base import Card, OnePhase
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -76,6 +76,13 @@ class ControlNet(OnePhase, ld.SketchConditioned):
             (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
             offset_noise. The schedule and objective are the base's.
     """
+
+    name = "controlnet"
+    # What the card says depends on the base's kind and the export (genlab.model_card.controlnet_spec).
+    card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
+                library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
 
     def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
         """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""

@@ -8,8 +8,9 @@ dropout for classifier-free guidance, and the export.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
@@ -17,7 +18,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from genlab.diffusion import Diffusion, guided
 from genlab.errors import GenlabError
-from genlab.families.base import StepRandom, batch_labels, diffusers_blocks
+from genlab.families.base import Card, StepRandom, batch_labels, diffusers_blocks
 
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
 ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
@@ -66,6 +67,41 @@ class DDPM:
         **diffusion: the diffusion core's keys (`Diffusion.build`): objective, schedule,
             num_train_timesteps, zero_terminal_snr, shift, timesteps, weighting, snr_gamma, offset_noise.
     """
+
+    name = "ddpm"
+    card = Card(what="a DDPM (diffusers UNet2DModel + DDPMScheduler)", title="DDPM",
+                library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                tags=("diffusers", "ddpm", "diffusers:DDPMPipeline"),
+                use='from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained("{where}")\n'
+                    "images = pipe(batch_size=16).images")
+    # diffusers' DiTPipeline decodes with a VAE and assumes ImageNet's 1,000 classes: no pipeline fits a pixel DiT.
+    dit_card = Card(what="a pixel-space diffusion transformer (diffusers DiTTransformer2DModel in transformer/, "
+                         "its scheduler in scheduler/)", title="ddpm_dit",
+                    library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                    tags=("diffusers", "dit", "diffusion-transformer"),
+                    use="import torch\nfrom diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler\n\n"
+                        'transformer = DiTTransformer2DModel.from_pretrained("{where}", subfolder="transformer")\n'
+                        'scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained("{where}", subfolder="scheduler")'
+                        "  # flow runs; DDIMScheduler etc. otherwise\n"
+                        "scheduler.set_timesteps(8)\nlabels = torch.arange(10)  # the class of each image\n"
+                        "x = torch.randn(10, transformer.config.in_channels, transformer.config.sample_size, "
+                        "transformer.config.sample_size)\n"
+                        "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
+                        "        out = transformer(x, t.expand(len(x)), class_labels=labels).sample\n"
+                        "        x = scheduler.step(out, t, x).prev_sample\nimages = (x.clamp(-1, 1) + 1) / 2")
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any]) -> Card:
+        """The DiT backbone exports transformer/ + scheduler/, not a DDPMPipeline; a conditional U-Net says so."""
+        if model.get("backbone") == "dit":
+            return cls.dit_card
+        if not model.get("conditional"):
+            return cls.card
+        return replace(cls.card, notes=(f"Class-conditional ({model.get('num_classes')} classes): the network takes "
+                                        "`class_labels`, which diffusers' stock pipeline does not pass; "
+                                        "`genlab sample RUN --class K` draws class K.",))
 
     def __init__(self, image_size: int, channels: int, unet: dict[str, Any] | None = None,
                  num_classes: int | None = None, conditional: bool = False, cond_dropout: float = 0.1,

@@ -39,7 +39,7 @@ from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, lora_variants, memory
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.base import Card, OnePhase
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
@@ -199,6 +199,13 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default, or for
             an SD3 base without T5, such as a genlab model=sd3 run, the count it was trained with: 1).
     """
+
+    name = "controlnet"
+    # What the card says depends on the base's kind and the export (genlab.model_card.controlnet_spec).
+    card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
+                library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
 
     denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
+from genlab.families.base import Card, StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -491,6 +491,14 @@ class GAN:
             distance with artifacts).
         diag_every: optimizer steps between diagnostics (0 = off); diag_window: values they look at.
     """
+
+    name = "gan"
+    # safetensors + JSON is no Hub library's format: no library name.
+    card = Card(what="a GAN generator (generator.safetensors + generator_config.json)", title="GAN",
+                pipeline_tag="unconditional-image-generation", tags=("gan", "pytorch", "safetensors"),
+                use='from genlab.families.gan import load_generator\n\ngenerator = load_generator("{where}")')
+    losses = ("g_loss", "d_loss")
+    metrics: dict[str, str] = {}
 
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  arch: str = "dcgan", latent_dim: int = 64, g_channels: int = 64, d_channels: int = 64,

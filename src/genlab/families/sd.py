@@ -17,8 +17,9 @@ when LoRA-trained; the pipeline's U-Net then has the LoRA merged in).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -31,7 +32,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.base import Card, OnePhase
 from genlab.families.sd3 import StableDiffusion3
 from genlab.text import clip_tokenizer, tiny_text_config
 
@@ -124,6 +125,28 @@ class StableDiffusion(OnePhase):
             schedule, num_train_timesteps, zero_terminal_snr (from scratch only: a base brings its
             own schedule), shift (flow), timesteps, weighting, snr_gamma, offset_noise.
     """
+
+    name = "sd"
+    card = Card(what="a Stable Diffusion text-to-image pipeline (U-Net, VAE, CLIP text encoder)", title="SD",
+                library_name="diffusers", pipeline_tag="text-to-image",
+                tags=("diffusers", "stable-diffusion", "text-to-image", "diffusers:StableDiffusionPipeline"),
+                use='from diffusers import StableDiffusionPipeline\n\n'
+                    'pipe = StableDiffusionPipeline.from_pretrained("{where}")\n'
+                    'image = pipe("a red circle on a blue background").images[0]')
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any]) -> Card:
+        """A flow-trained U-Net needs two scheduler attributes set (see genlab.diffusion.for_unet_pipelines)."""
+        if model.get("backbone") == "mmdit":
+            return StableDiffusion3.card  # what `stable_diffusion` builds from these keys
+        if model.get("objective") != "flow":
+            return cls.card
+        return replace(cls.card, notes=("Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for "
+                                        "two things flow schedulers lack, so set them after loading: "
+                                        "`pipe.scheduler.init_noise_sigma = 1.0` and "
+                                        "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.",))
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, tokenizer_dir: str | None = None, unet: dict | None = None,
@@ -241,3 +264,7 @@ class StableDiffusion(OnePhase):
         if self._val_prompts is None:
             self._val_prompts = [item.get("caption", "") for item in ld.validation_items(self.validation_data, n)]
         return self._val_prompts
+
+
+# configs/model/sd.yaml's `_target_` is the builder: the class it stands for declares the family (families/base.py).
+stable_diffusion.family = StableDiffusion

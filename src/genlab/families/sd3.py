@@ -24,7 +24,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.base import Card, OnePhase
 from genlab.text import clip_tokenizer, tiny_text_config
 
 #: T5 tokens of the pipeline's zero stand-in for the absent T5 encoder (SD3 uses 256 real ones).
@@ -46,6 +46,16 @@ class StableDiffusion3(OnePhase):
         validation_data: the data config; its val split supplies default sample prompts.
         **diffusion: the diffusion core's keys; model.objective must be flow (SD3's pipeline samples flow).
     """
+
+    name = "sd3"
+    card = Card(what="an SD3-style text-to-image pipeline (MMDiT trained by rectified flow, VAE, two CLIP text "
+                     "encoders, no T5)", title="sd3", library_name="diffusers", pipeline_tag="text-to-image",
+                tags=("diffusers", "sd3", "mmdit", "flow-matching", "text-to-image", "diffusers:StableDiffusion3Pipeline"),
+                use='from diffusers import StableDiffusion3Pipeline\n\n'
+                    'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
+                    'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]')
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
 
     def __init__(self, image_size: int, channels: int = 3, vae: str | None = None, tokenizer_dir: str | None = None,
                  mmdit: dict | None = None, text_encoder: dict | None = None, caption_dropout: float = 0.1,

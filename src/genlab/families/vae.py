@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import Decode, Encode, StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
+from genlab.families.base import (Card, Decode, Encode, StepRandom, batch_labels, refuse_unknown_sample_options,
+                                  unwrap)
 
 #: `recon_loss` -> the decoder likelihood it trains (what `genlab eval` scores the VAE with).
 LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}
@@ -127,6 +128,16 @@ class VAE:
         beta: weight of the KL term after warm-up.
         kl_warmup_steps: optimizer steps over which beta rises linearly from 0.
     """
+
+    name = "vae"
+    # An AutoencoderKL is a part of a pipeline rather than one: no pipeline tag (the Hub would offer a widget
+    # that cannot run it).
+    card = Card(what="a variational autoencoder (diffusers AutoencoderKL; its config holds the measured latent "
+                     "scaling_factor)", title="VAE", library_name="diffusers", tags=("diffusers", "vae", "autoencoder"),
+                use='from diffusers import AutoencoderKL\n\nvae = AutoencoderKL.from_pretrained("{where}")\n'
+                    "latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor")
+    losses = ("loss", "recon_loss")
+    metrics: dict[str, str] = {}
 
     def __init__(self, image_size: int, channels: int, num_classes: int | None = None, conditional: bool = False,
                  block_out_channels: list[int] = (32, 64, 64), layers_per_block: int = 1, latent_channels: int = 4,

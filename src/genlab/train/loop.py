@@ -34,7 +34,7 @@ from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch, optimizers
-from genlab.train.best import BestTracker
+from genlab.train.best import BestTracker, declared_directions
 from genlab.train.resume_policy import resume_decision
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.strategy import build_strategy, process_group_kwargs, shard_units
@@ -220,7 +220,7 @@ class Trainer:
         self.nonfinite_in_a_row, self._resume_rng, self.last_batch = 0, None, None
         self.window = LogWindow()  # the steps since the last log line (restored by a resume)
         self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
-        self.best = BestTracker(t.best_metric, t.early_stop_patience)
+        self.best = BestTracker(t.best_metric, t.early_stop_patience, declared_directions(self.family))
         if resume:
             position = self._load_checkpoint()
         self.batches = BatchStream(dataset, order, **loader_options(cfg.data, acc.device), **position)
@@ -536,7 +536,7 @@ class Trainer:
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
                 self.strategy.export(self.family, lambda: build("model", self.cfg.model), self.run_dir / "export")
         if self.accelerator.is_main_process:
-            refresh_model_card(self.run)  # export/README.md: the Hub's model card (never fatal)
+            refresh_model_card(self.run, type(self.family))  # export/README.md: the Hub's model card (never fatal)
         self.accelerator.wait_for_everyone()
         best = {f"best_{self.best.metric}": self.best.best} if self.best.best is not None else {}
         return {"step": self.step, **logged, **best}
