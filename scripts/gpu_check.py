@@ -8,7 +8,10 @@ whole proof is one call. In order, each part in its own process with its own tim
    GPU-resident dataset, 8-bit Adam, micro-batch probing with a real out-of-memory error;
 2. `scripts/bench.py --mfu`: images/s, training FLOPs per image and MFU at CIFAR-10 size, compile off/on;
 3. `scripts/bench_controlnet.py`: peak memory and it/s of ControlNet training at SD 1.5 shapes
-   (512 px; micro-batch 1 and 4; checkpointing off/on; ControlNet and Control-LoRA).
+   (512 px; micro-batch 1 and 4; checkpointing off/on; ControlNet and Control-LoRA);
+4. `--fsdp-part` (GPU runs only): strategy=fsdp on the one GPU (world size 1, NCCL): every declared
+   block wrapped, the DCP checkpoint's files, a resume bitwise, and the memory plan against what the
+   GPU held (the plan's states = held_bytes exactly; its total against torch.cuda.max_memory_allocated).
 
 Writes benchmarks/gpu-check-<gpu>.json: the GPU, versions, the command, and each part's exit
 code, time, results (the tests' outcomes by name) and the tail of its output. Commit it.
@@ -50,7 +53,89 @@ def parts(smoke: bool, tmp: Path) -> list[dict]:
         {"name": "mfu", "limit": 150 * scale, "command": [PY, "-m", "scripts.bench", *mfu, "--out", str(tmp / "mfu.json")]},
         {"name": "controlnet", "limit": 180 * scale, "command": [PY, "-m", "scripts.bench_controlnet", *controlnet,
                                                          "--out", str(tmp / "controlnet.json")]},
-    ]
+    ] + ([] if smoke else [  # on a CPU, tests/test_fsdp.py runs fsdp_part itself
+        {"name": "fsdp", "limit": 120, "command": [PY, "-m", "scripts.gpu_check", "--fsdp-part", str(tmp / "fsdp.json")]},
+    ])
+
+
+FSDP_STEPS = ["trainer=debug", "logger=none", "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.log_every=1",
+              "trainer.sample_every=0", "trainer.ema=0.9", "strategy=fsdp"]
+FSDP_TINY = ["data.image_size=8", "model.unet.block_out_channels=[16,16]", "model.unet.norm_num_groups=4",
+             "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]", "model.unet.attention_head_dim=8",
+             "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]"]
+
+
+def fsdp_part(out: Path, scratch: Path | None = None) -> dict:
+    """Part 4: strategy=fsdp in this process on one device (a group of one). Writes `out` and returns the checks;
+    on a CPU (tests) the tiny U-Net, on a GPU the default DDPM U-Net in bf16."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FSDPModule
+
+    from genlab.config import config_dir
+    from genlab.train import loop
+    from genlab.train.job import run_training
+    from genlab.train.memory_plan import _frozen_modules, held_bytes, plan_config
+    from genlab.train.strategy import shard_units
+
+    gpu = torch.cuda.is_available()
+    overrides = [*FSDP_STEPS, *(["trainer.mixed_precision=bf16"] if gpu else FSDP_TINY)]
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg, stopped = compose("train", overrides), compose("train", [*overrides, "trainer.max_steps=2"])
+    scratch = scratch or Path(tempfile.mkdtemp(prefix="gpu-check-fsdp-"))
+    seen, calls, built, grad_norm = {}, [0], loop.Trainer.__init__, loop._grad_norm
+
+    def keep(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        seen.setdefault("trainer", self)
+
+    def probe(params, max_norm):  # after the backward, before the step
+        calls[0] += 1
+        if calls[0] == 2:
+            t = seen["trainer"]
+            seen["held"] = held_bytes(t.family.networks(), t.optimizers, t.ema, _frozen_modules(t.family))
+            units = [u for us in shard_units(t.family).values() for u in us]
+            seen["wrapped"] = bool(units) and all(isinstance(u, FSDPModule) for u in units)
+        return grad_norm(params, max_norm)
+
+    loop.Trainer.__init__, loop._grad_norm = keep, probe
+    try:
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        run_training(cfg, scratch / "straight")
+        peak = torch.cuda.max_memory_allocated() if gpu else None
+        loop.Trainer.__init__, loop._grad_norm = built, grad_norm
+        run_training(stopped, scratch / "stopped")
+        run_training(cfg, scratch / "stopped", resume=True)
+    finally:
+        loop.Trainer.__init__, loop._grad_norm = built, grad_norm
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    rows = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+             for line in (scratch / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "stopped")]
+    weights = [{k: v for f in sorted((scratch / run / "export").rglob("*.safetensors")) for k, v in load_file(f).items()}
+               for run in ("straight", "stopped")]
+    files = {p.name for p in (scratch / "straight" / "checkpoints" / "step_000004").iterdir()}
+    plan = plan_config(cfg, gpus=1)["fsdp"]
+    states = ("params", "grads", "optimizer", "ema")
+    checks = {
+        "blocks_wrapped": seen.get("wrapped", False),
+        "dcp_checkpoint": {".metadata", "__0_0.distcp", "COMPLETE"} <= files,
+        "resume_bitwise": rows[0] == rows[1] and weights[0].keys() == weights[1].keys()
+        and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
+        "plan_states_equal_held": {k: plan[k] for k in states} == seen.get("held"),
+    }
+    result = {"checks": checks, "held_bytes": seen.get("held"), "plan": plan, "overrides": overrides,
+              "max_memory_allocated": peak,
+              # what the GPU held at its peak over what the plan sums (states + activations + gathered):
+              # above 1 by the allocator's and the kernels' workspaces, the CUDA context is not counted in either
+              "peak_over_plan": round(peak / sum(plan.values()), 3) if peak else None}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def run_part(part: dict) -> dict:
@@ -93,7 +178,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="toy sizes, for a CPU (the GPU tests then skip)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/gpu-check-<gpu>.json")
+    parser.add_argument("--fsdp-part", type=Path, help=argparse.SUPPRESS)  # part 4, in a process of its own
     args = parser.parse_args(argv)
+    if args.fsdp_part:
+        checks = fsdp_part(args.fsdp_part)["checks"]
+        raise SystemExit(0 if all(checks.values()) else f"fsdp checks failed: {checks}")
     info = machine()
     if info["gpu"] is None and not args.smoke:
         parser.error("no CUDA GPU is visible: run this on a GPU machine, or use --smoke to check the script on a CPU")

@@ -225,3 +225,13 @@ def test_genlab_train_processes_2_fsdp_is_the_run_of_ddp_and_resumes_on_2_and_on
            f"hydra.run.dir={tmp_path / 'to_one'}", env=env)
     genlab("resume", str(tmp_path / "to_one"), "trainer.max_steps=4", "trainer.batch_size=8", env=env)
     _same_losses(tmp_path / "to_one", tmp_path / "ddp1")
+
+
+@pytest.mark.slow  # three tiny FSDP runs in this process (17 s on 2 shared cores)
+def test_the_gpu_checks_fsdp_part_passes_on_a_cpu(tmp_path, one_thread):
+    """scripts/gpu_check.py's part 4 (wrap, DCP files, bitwise resume, plan = held), here at the tiny size."""
+    from scripts import gpu_check
+
+    result = gpu_check.fsdp_part(tmp_path / "fsdp.json", tmp_path)
+    assert result["checks"] and all(result["checks"].values()), result
+    assert json.loads((tmp_path / "fsdp.json").read_text())["checks"] == result["checks"]
