@@ -235,3 +235,46 @@ def test_the_gpu_checks_fsdp_part_passes_on_a_cpu(tmp_path, one_thread):
     result = gpu_check.fsdp_part(tmp_path / "fsdp.json", tmp_path)
     assert result["checks"] and all(result["checks"].values()), result
     assert json.loads((tmp_path / "fsdp.json").read_text())["checks"] == result["checks"]
+
+
+KILLED_IN_THE_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from conftest import TINY_DDPM, compose
+from genlab.train import checkpoint, sharded_checkpoint
+from genlab.train.job import run_training
+
+seal = checkpoint.seal
+def die_at_step_4(root, final, tmp, step):
+    if step == 4:  # every shard and .metadata written, COMPLETE not yet: SIGKILL, no clean-up runs
+        os.kill(os.getpid(), signal.SIGKILL)
+    return seal(root, final, tmp, step)
+sharded_checkpoint.ckpt.seal = die_at_step_4
+run_training(compose(*TINY_DDPM, *{steps!r}, "strategy=fsdp", "trainer.max_steps=6"), {run!r})
+"""
+
+
+@pytest.mark.slow  # a subprocess killed in its second save, then a resume (72 s on 2 loaded cores)
+def test_an_fsdp_run_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, caplog):
+    import signal
+    import subprocess
+    import sys
+
+    caplog.set_level("INFO")
+    run = tmp_path / "run"
+    script = KILLED_IN_THE_SAVE.format(tests=str(Path(__file__).parent), steps=STEPS[1:], run=str(run))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert left[0].startswith(".step_000004.") and left[1:] == ["step_000002"]  # the half-written one, never renamed
+    assert {".metadata", "__0_0.distcp"} <= {p.name for p in (run / "checkpoints" / left[0]).iterdir()}
+    import torch.distributed as dist
+
+    try:
+        run_training(compose(*TINY_DDPM, *STEPS, "strategy=fsdp", "trainer.max_steps=6"), run, resume=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert "step_000002 at step 2" in caplog.text
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
