@@ -182,7 +182,7 @@ def test_r3gan_networks_start_as_transitions_and_have_no_normalisation():
     norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.InstanceNorm2d)
     for net in (gan.generator, gan.discriminator):
         assert not any(isinstance(m, norms) for m in net.modules())
-        blocks = [m for m in net.modules() if isinstance(m, G._R3Block)]
+        blocks = [m for m in net.modules() if isinstance(m, G.networks._R3Block)]
         assert len(blocks) == 3 * G.R3_BLOCKS  # 4, 8 and 16 px
         for block in blocks:  # zero-initialised last conv: each block starts as the identity
             x = torch.randn(2, block.body[0].in_channels, 4, 4)

@@ -6,7 +6,8 @@ torch and diffusers, about 11 s on a 2-core machine, and would run code named by
 config. So they are read here from the module's source with `ast`: a class attribute assigned a
 literal (`name = "ddpm"`, `losses = ("loss",)`), on the class or on a base class of the same
 module. A builder function (`genlab.families.sd.stable_diffusion`) stands for the class it names as
-its `family` (`stable_diffusion.family = StableDiffusion`). Nothing of the family runs; what
+its `family` (`stable_diffusion.family = StableDiffusion`), and a package that imports the class from
+one of its modules (`genlab.families.gan`) for that module. Nothing of the family runs; what
 cannot be read this way comes back as {} and the caller says what it does instead.
 """
 
@@ -37,7 +38,13 @@ def declared(target: str) -> dict[str, Any]:
         return {}
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     name = _builder_family(tree, name) or name
-    return _class_attributes(classes, name, set()) if name in classes else {}
+    if name in classes:
+        return _class_attributes(classes, name, set())
+    for node in tree.body:  # a package handing the class on: `from genlab.families.gan.family import GAN`
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level and any(
+                alias.name == name and alias.asname is None for alias in node.names):
+            return declared(f"{node.module}.{name}")
+    return {}
 
 
 def _source_file(module: str) -> str | None:
