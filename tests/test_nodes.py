@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GENLAB, TINY_DDPM, genlab
+from conftest import GENLAB, TINY_DDPM, cli, genlab
 from genlab.train import world
 from genlab.train.world import hostnames, tasks_on_node, world_from_slurm
 
@@ -95,6 +95,19 @@ def test_scontrol_expands_the_host_list_when_installed(monkeypatch):
     monkeypatch.setattr(world.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Done())
     assert hostnames("weird{1..2}") == ["first-host", "second-host"]
     assert calls == [["/usr/bin/scontrol", "show", "hostnames", "weird{1..2}"]]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--nodes", "2", "--main-address", "127.0.0.1:29500"], "needs hydra.run.dir=DIR, the same folder on every node"),
+    (["--nodes", "2", "--node-rank", "2", "--main-address", "h:1"], "give each node a rank from 0 to 1"),
+    (["--nodes", "2", "hydra.run.dir=RUN"], "--main-address (not given): give node 0's HOST:PORT"),
+    (["--nodes", "2", "--main-address", "node0", "hydra.run.dir=RUN"], "give node 0's HOST:PORT"),
+])
+def test_a_node_launch_without_what_it_needs_says_so_and_starts_nothing(flags, said, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", *[f.replace("RUN", str(tmp_path / "run")) for f in flags], *TINY_DDPM, check=False)
+    assert result.returncode == 2 and said in result.stderr + result.stdout, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # Two "nodes" on this machine: two `genlab train --nodes 2` launches meeting at 127.0.0.1.
