@@ -366,7 +366,25 @@ def test_out_options_naming_a_folder_are_one_sentence(run, tmp_path):
     assert list(folder.iterdir()) == []
 
 
-def test_push_with_no_network_is_one_sentence(run):
+def test_push_with_no_network_is_one_sentence(run, monkeypatch):
+    """The client's own connection error, as `create_repo` raises it when no network is there."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError as TransportError
+
+    connect_error = next(c for c in type.__subclasses__(TransportError) if c.__name__ == "RequestError")
+
+    def no_network(*args, **kwargs):
+        raise connect_error("[Errno 101] Network is unreachable")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_token")
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    result = cli("push", run, "--repo", "someone/x", check=False)
+    assert_one_sentence(result, 1, "could not reach the Hub", "Network is unreachable")
+
+
+@pytest.mark.slow
+def test_push_to_a_closed_port_is_one_sentence(run):
+    """The real client in a process of its own (online mode, its retries: ~30 s)."""
     from conftest import genlab
 
     result = genlab("push", str(run), "--repo", "someone/x", check=False,

@@ -48,8 +48,8 @@ def load_run(run: RunDir, base: Path, max_points: int = MAX_POINTS) -> RunData:
     try:
         run.refuse_links_out()
     except Exception as error:
-        return RunData(run=run, name=name, config={}, command=[], status={"status": "unreadable"},
-                       info=unreadable_row(run, error))
+        info = unreadable_row(run, error)  # its status names the link, as `genlab runs` shows it
+        return RunData(run=run, name=name, config={}, command=[], status={"status": info["status"]}, info=info)
     try:
         info = run_info(run)
         config = run.read_config_data()
