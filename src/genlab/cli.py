@@ -546,6 +546,37 @@ def data_pack(
                f"val samples in {summary['val_shards']} to {out}; train with data=shards data.path={out}")
 
 
+@app.command(name="stand-in")
+def stand_in(
+    kind: str = typer.Argument(..., help="the base kind: sdxl, sd3 or flux"),
+    out: Path = typer.Argument(..., help="a new folder for the pipeline (diffusers' save_pretrained layout)"),
+    size: str = typer.Option("tiny", help="tiny (a few channels, seconds) or real (the published architecture)"),
+    seed: int = typer.Option(0, help="fixes the random weights"),
+) -> None:
+    """Write a random-weight base of a kind's architecture, to try configs before downloading one.
+
+    \b
+    Nothing is downloaded: the architecture is the published config, the weights are random, so
+    speed and memory are those of the real base (`--size real`, float32 on disk and in memory while
+    writing: SDXL 14 GB, SD3.5-large 55 GB, Flux.1 68 GB) and the outputs are noise. `model.base=OUT` accepts the folder.
+    Examples:
+      genlab stand-in sdxl bases/sdxl-tiny
+      genlab stand-in flux bases/flux-real --size real
+      genlab train model=controlnet model.base=bases/sdxl-tiny data=fill_circles
+    """
+    from genlab.errors import ConfigError
+    from genlab.families import stand_ins
+
+    if kind not in stand_ins.SAVERS:
+        _fail(ConfigError(f"unknown base kind '{kind}'; choose one of {', '.join(stand_ins.SAVERS)}."))
+    if size not in ("tiny", "real"):
+        _fail(ConfigError(f"--size {size}: choose tiny or real."))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        _fail(ConfigError(f"{out} already exists and is not an empty folder; nothing was written. Choose a new folder."))
+    stand_ins.SAVERS[kind](out, size=size, seed=seed)
+    typer.echo(f"wrote a random-weight {kind} base ({size}) to {out}; use it with model.base={out}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(levelname)s] %(message)s", datefmt="%H:%M:%S")
     app()

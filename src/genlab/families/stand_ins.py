@@ -201,3 +201,7 @@ def save_flux(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: s
     FluxPipeline(**build_flux(size), tokenizer=clip_tokenizer(tokenizer_dir), tokenizer_2=t5_tokenizer(),
                  scheduler=scheduler).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+#: `genlab stand-in KIND OUT`: the kinds it writes.
+SAVERS = {"sdxl": save_sdxl, "sd3": save_sd3, "flux": save_flux}
