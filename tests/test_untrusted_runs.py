@@ -234,7 +234,7 @@ def small_png(path: Path, colour: int = 128) -> Path:
     return path
 
 
-@pytest.mark.parametrize("how", ["linked image", "sketch path", "linked caption"])
+@pytest.mark.parametrize("how", ["linked image", "sketch path", "linked caption", "linked metadata"])
 def test_pack_refuses_a_file_outside_src(tmp_path, how):
     src, secret = tmp_path / "src", small_png(tmp_path / "private" / "secret.png", 7)
     small_png(src / "a.png")
@@ -244,10 +244,14 @@ def test_pack_refuses_a_file_outside_src(tmp_path, how):
     elif how == "sketch path":
         (src / "metadata.jsonl").write_text('{"file_name": "a.png", "conditioning_image": "../private/secret.png"}\n')
         expected = f"leads outside {src}"
-    else:
+    elif how == "linked caption":
         (tmp_path / "private" / "notes.txt").write_text("my diary")
         (src / "a.txt").symlink_to(tmp_path / "private" / "notes.txt")
         expected = f"{src / 'a.txt'} leads outside {src}"
+    else:
+        (tmp_path / "private" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "my diary"}\n')
+        (src / "metadata.jsonl").symlink_to(tmp_path / "private" / "metadata.jsonl")
+        expected = f"{src / 'metadata.jsonl'} leads outside {src}"
     result = cli("data", "pack", src, tmp_path / "out", check=False)
     assert_one_sentence(result, 2, expected, "nothing was packed")
     assert not (tmp_path / "out").exists()

@@ -44,6 +44,8 @@ def folder_records(root: Path) -> list[Record]:
     (metadata.jsonl "conditioning_image", a path relative to the metadata file)."""
     from genlab.data.file_list import folder_metadata, list_images
 
+    for listing in root.rglob("metadata.jsonl"):  # its captions are packed too
+        _inside(listing, root)
     meta = folder_metadata(root)
     sketches = {str((Path(p).parent / row["conditioning_image"]).resolve())
                 for p, row in meta.items() if row.get("conditioning_image")}
