@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from genlab.wrappers import unwrap
+
 log = logging.getLogger(__name__)
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _TEXT_MEMORY: "OrderedDict[tuple[str, str], torch.Tensor]" = OrderedDict()  # recent captions, in memory too
@@ -69,12 +71,6 @@ def _load(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
         log.warning("latent cache entry %s is damaged; encoding it again", path)
         return None
     return entry if all(k in entry for k in keys) else None
-
-
-def _base_module(module: nn.Module) -> nn.Module:
-    while isinstance(getattr(module, "module", None), nn.Module):  # Accelerate / DDP wrappers
-        module = module.module
-    return module
 
 
 @torch.no_grad()
@@ -118,7 +114,7 @@ def encode_text(tokenizer: Any, text_encoder: nn.Module, captions: list[str]) ->
     """Captions -> the text encoder's last hidden states (B, 77, D), as SD pipelines compute them."""
     ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(_base_module(text_encoder).device))[0]
+    return text_encoder(ids.to(unwrap(text_encoder).device))[0]
 
 
 def cached_or_encoded_text(batch: dict[str, Any], captions: list[str], tokenizer: Any,
@@ -126,7 +122,7 @@ def cached_or_encoded_text(batch: dict[str, Any], captions: list[str], tokenizer
     """Text embeddings (B, 77, D) of `captions` (after caption dropout): from the cache when
     the batch names one and the text encoder is frozen, else encoded now (with gradients when
     the encoder trains and grad mode is on)."""
-    encoder = _base_module(text_encoder)
+    encoder = unwrap(text_encoder)  # DDP and torch.compile alike: the digest is of the bare weights
     if not batch.get("latent_cache") or any(p.requires_grad for p in encoder.parameters()):
         return encode_text(tokenizer, text_encoder, captions)
     digest = weights_digest(encoder)

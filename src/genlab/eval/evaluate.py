@@ -355,8 +355,3 @@ class Evaluator:
                              **self.sample_metrics(images)})
         return rows
 
-
-def evaluate_family(family: Any, cfg: DictConfig, n_samples: int | None = None, device: str | torch.device = "cpu",
-                    datasets: tuple[Any, Any] | None = None, **sample_options: Any) -> dict[str, float]:
-    """One-shot `Evaluator(cfg, device, datasets).evaluate(family, n_samples, **sample_options)`."""
-    return Evaluator(cfg, device, datasets).evaluate(family, n_samples, **sample_options)

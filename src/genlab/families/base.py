@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from genlab.errors import GenlabError
+from genlab.wrappers import unwrap  # noqa: F401  (one of the helpers families share, below)
 
 
 class StepRandom:
@@ -315,13 +316,6 @@ def refuse_unknown_sample_options(opts: dict[str, Any], family: str, takes: str,
         raise GenlabError(f"--class needs a conditional {family} (train with model.conditional=true)")
     if class_label is not None and not 0 <= class_label < num_classes:
         raise GenlabError(f"--class {class_label} is out of range: classes are 0..{num_classes - 1}")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The bare model under Accelerate/DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while isinstance(inner := getattr(module, "module", None) or getattr(module, "_orig_mod", None), nn.Module):
-        module = inner
-    return module
 
 
 #: diffusers' block lists: U-Nets' and ControlNets' down/mid/up blocks, DiT/MMDiT/Flux transformer blocks.

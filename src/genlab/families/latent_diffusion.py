@@ -111,21 +111,6 @@ def base_scheduler(base: str | None):
     return DDPMScheduler.from_config(config)
 
 
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor, rng: StepRandom) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> scaled latents (B, c, H/f, W/f), float32: a posterior sample."""
-    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    sample = posterior.mean + posterior.std * rng.randn_like(posterior.mean)
-    return sample.float() * vae.config.scaling_factor
-
-
-def encode_captions(tokenizer, text_encoder: nn.Module, captions: list[str]) -> torch.Tensor:
-    """Captions -> text encoder hidden states (B, 77, D), as SD pipelines compute them."""
-    ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(unwrap(text_encoder).device))[0]
-
-
 def drop_captions(captions: list[str], p: float, rng: StepRandom) -> list[str]:
     """Replace each caption by "" with probability p: the unconditional branch of CFG."""
     if p <= 0:
