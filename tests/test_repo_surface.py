@@ -1,4 +1,5 @@
-"""What may be committed: no built packages, no large files (a 10.6 MB wheel once sat at the root).
+"""What may be committed: no built packages, no large files (a 10.6 MB wheel once sat at the root),
+and no `sys.path` edits (scripts/ is a package; pytest's `pythonpath` and PYTHONPATH do the rest).
 
 History keeps every byte ever committed, so a large file is caught before it lands, not after.
 Measurements belong in `benchmarks/*.json`; a figure a page shows stays well under the limit.
@@ -6,6 +7,7 @@ Measurements belong in `benchmarks/*.json`; a figure a page shows stays well und
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,3 +54,20 @@ def test_nothing_built_or_large_is_tracked():
         return file.stat().st_size if file.is_file() else None  # deleted in the work tree: not committed again
 
     assert offending(tracked_files(), size_of) == []
+
+
+PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[[^\]]*\]\s*=(?!=)|[+]?=(?!=))")
+
+
+def test_the_path_rule_catches_an_edit_and_not_a_mention():
+    assert PATH_EDIT.search("sys.path.insert(0, str(ROOT / 'scripts'))")
+    assert PATH_EDIT.search("import sys; sys.path.append({tests!r})") and PATH_EDIT.search("sys.path[:0] = [here]")
+    assert not PATH_EDIT.search("found on sys.path without importing it") and not PATH_EDIT.search("sys.path == x")
+
+
+def test_nothing_edits_sys_path():
+    """Code strings that tests run in a subprocess included: they get PYTHONPATH in their environment."""
+    here = Path(__file__).resolve()
+    found = [f"{file.relative_to(ROOT)}:{n}" for top in ("src", "scripts", "tests") for file in sorted((ROOT / top).rglob("*.py"))
+             if file != here for n, line in enumerate(file.read_text().splitlines(), 1) if PATH_EDIT.search(line)]
+    assert found == []
