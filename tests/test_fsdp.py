@@ -238,8 +238,7 @@ def test_the_gpu_checks_fsdp_part_passes_on_a_cpu(tmp_path, one_thread):
 
 
 KILLED_IN_THE_SAVE = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
+import os, signal
 from conftest import TINY_DDPM, compose
 from genlab.train import checkpoint, sharded_checkpoint
 from genlab.train.job import run_training
@@ -262,9 +261,9 @@ def test_an_fsdp_run_killed_during_a_save_resumes_from_the_previous_checkpoint(t
 
     caplog.set_level("INFO")
     run = tmp_path / "run"
-    script = KILLED_IN_THE_SAVE.format(tests=str(Path(__file__).parent), steps=STEPS[1:], run=str(run))
+    script = KILLED_IN_THE_SAVE.format(steps=STEPS[1:], run=str(run))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)})
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert left[0].startswith(".step_000004.") and left[1:] == ["step_000002"]  # the half-written one, never renamed

@@ -95,13 +95,10 @@ class DDPM:
     @classmethod
     def card_for(cls, model: Mapping[str, Any]) -> Card:
         """The DiT backbone exports transformer/ + scheduler/, not a DDPMPipeline; a conditional U-Net says so."""
-        if model.get("backbone") == "dit":
-            return cls.dit_card
-        if not model.get("conditional"):
-            return cls.card
-        return replace(cls.card, notes=(f"Class-conditional ({model.get('num_classes')} classes): the network takes "
-                                        "`class_labels`, which diffusers' stock pipeline does not pass; "
-                                        "`genlab sample RUN --class K` draws class K.",))
+        conditional = (f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
+                       "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.")
+        card = cls.dit_card if model.get("backbone") == "dit" else cls.card
+        return replace(card, notes=(conditional,)) if card is cls.card and model.get("conditional") else card
 
     def __init__(self, image_size: int, channels: int, unet: dict[str, Any] | None = None,
                  num_classes: int | None = None, conditional: bool = False, cond_dropout: float = 0.1,

@@ -104,6 +104,11 @@ def mmdit_from_sd_keys(base: str | None = None, base_config: str | None = None, 
     return StableDiffusion3(**keys)
 
 
+FLOW_NOTE = ("Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for two things flow schedulers "
+             "lack, so set them after loading: `pipe.scheduler.init_noise_sigma = 1.0` and "
+             "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.")
+
+
 class StableDiffusion(OnePhase):
     """Text-to-image latent diffusion in the SD architecture (see the module docstring).
 
@@ -138,15 +143,11 @@ class StableDiffusion(OnePhase):
 
     @classmethod
     def card_for(cls, model: Mapping[str, Any]) -> Card:
-        """A flow-trained U-Net needs two scheduler attributes set (see genlab.diffusion.for_unet_pipelines)."""
+        """A flow-trained U-Net needs two scheduler attributes set (see genlab.diffusion.for_unet_pipelines);
+        `model.backbone=mmdit` builds the sd3 family (`stable_diffusion`), whose card it gets."""
         if model.get("backbone") == "mmdit":
-            return StableDiffusion3.card  # what `stable_diffusion` builds from these keys
-        if model.get("objective") != "flow":
-            return cls.card
-        return replace(cls.card, notes=("Trained by rectified flow: `StableDiffusionPipeline` asks its scheduler for "
-                                        "two things flow schedulers lack, so set them after loading: "
-                                        "`pipe.scheduler.init_noise_sigma = 1.0` and "
-                                        "`pipe.scheduler.scale_model_input = lambda sample, timestep: sample`.",))
+            return StableDiffusion3.card
+        return replace(cls.card, notes=(FLOW_NOTE,)) if model.get("objective") == "flow" else cls.card
 
     def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
                  vae: str | None = None, tokenizer_dir: str | None = None, unet: dict | None = None,
