@@ -91,9 +91,15 @@ def test_targets_are_checked_by_what_they_resolve_to():
         check_targets({"m": {"_target_": fine}}, "config.yaml")
     for bad, why in (("genlab.train.checkpoint.torch.load", "module torch"),
                      ("torch.optim.Adam.__init__.__globals__", "not a class or function"),
-                     ("genlab.data.images.Path", "pathlib.Path, defined outside the allowed modules")):
+                     ("genlab.data.images.Path", "pathlib.Path, defined outside the allowed modules"),
+                     # a function of genlab's that no config names: it writes any file it is given
+                     ("genlab.run_dir.directory.atomic_write", "a function that no genlab config names"),
+                     ("genlab.run_dir.directory.RunDir.write_config", "a function that no genlab config names")):
         with pytest.raises(UntrustedConfig, match=why):
             check_targets({"m": {"_target_": bad}}, "config.yaml")
+    check_targets({"m": {"_target_": "genlab.train.lr_schedules.cosine"}}, "config.yaml")  # a builder a config names
+    check_targets({"m": {"_target_": "genlab.run_dir.directory.atomic_write"}}, "config.yaml",
+                  allow=("genlab.run_dir.directory.atomic_write",))  # trusted on purpose
 
 
 # ---- 2. links in a run never lead a write, a delete or an embed outside it ----------------------------------

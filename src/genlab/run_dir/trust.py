@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import re
 from types import ModuleType
 from typing import Any
 
@@ -32,7 +34,24 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
 
 
-def _what_it_really_is(target: str, prefixes: tuple[str, ...]) -> str | None:
+@functools.lru_cache(maxsize=1)
+def shipped_functions() -> frozenset[str]:
+    """The `_target_`s genlab's own configs name (configs/**/*.yaml), the only functions a run may name.
+
+    A class under an allowed module builds an object; a function there may do anything it was
+    written for (`genlab.run_dir.directory.atomic_write` writes any file), so only the builders
+    genlab's configs use (lr schedules, `stable_diffusion`, `sketch_folder`, ...) pass, plus
+    anything under a prefix the user trusts on purpose.
+    """
+    from genlab.config import config_dir
+
+    found = set()
+    for path in config_dir().rglob("*.yaml"):
+        found.update(re.findall(r"_target_:\s*([\w.]+)", path.read_text()))
+    return frozenset(found)
+
+
+def _what_it_really_is(target: str, prefixes: tuple[str, ...], trusted: tuple[str, ...] = ()) -> str | None:
     """None when `target` names a class or function defined under an allowed module; else what it is.
 
     Hydra's `_locate` follows attributes as well as imports, so `torch.optim.optimizer.torch.load`
@@ -63,6 +82,8 @@ def _what_it_really_is(target: str, prefixes: tuple[str, ...]) -> str | None:
         return f"a {type(obj).__name__}, not a class or function"
     if not _under(module, prefixes):
         return f"{module}.{getattr(obj, '__qualname__', parts[-1])}, defined outside the allowed modules"
+    if not inspect.isclass(obj) and target not in shipped_functions() and not _under(target, trusted):
+        return "a function that no genlab config names (only classes and genlab's own builders are built)"
     return None
 
 
@@ -79,6 +100,7 @@ def check_targets(cfg: DictConfig | ListConfig | dict | list, source: str, allow
         UntrustedConfig: naming the key, the target and how to trust a prefix on purpose.
     """
     prefixes = allowed_targets(allow)
+    trusted = prefixes[len(ALLOWED_TARGETS):]  # the user's own: $GENLAB_ALLOW_TARGETS and --allow-target
 
     def visit(node: Any, path: str) -> None:
         if isinstance(node, (dict, DictConfig)):
@@ -87,10 +109,10 @@ def check_targets(cfg: DictConfig | ListConfig | dict | list, source: str, allow
                 where = f"{path}.{key}" if path else str(key)
                 if key == "_target_":
                     target = str(value)
-                    really = _what_it_really_is(target, prefixes) if _under(target, prefixes) else None
+                    really = _what_it_really_is(target, prefixes, trusted) if _under(target, prefixes) else None
                     if really:
                         hint = ("" if really.startswith("the module") else
-                                ", or trust its package on purpose with --allow-target")
+                                f", or trust it on purpose: --allow-target {target}")
                         raise UntrustedConfig(f"{source}: {where}={target!r} is {really}, so nothing was loaded; "
                                               f"name a class by the module that defines it{hint}.")
                     if not _under(target, prefixes):
