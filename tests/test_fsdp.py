@@ -277,3 +277,59 @@ def test_an_fsdp_run_killed_during_a_save_resumes_from_the_previous_checkpoint(t
             dist.destroy_process_group()
     assert "step_000002 at step 2" in caplog.text
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+TINY_GAN = ["model=gan", "model.arch=r3gan", "model.spectral_norm=false", "model.loss=rpgan", "model.r1_gamma=0",
+            "trainer=debug", "logger=none", "data.image_size=8", "model.g_channels=8", "model.d_channels=8",
+            "model.latent_dim=8"]
+
+
+@pytest.mark.slow  # two families x (1 ddp process, 2 fsdp processes) of 3 steps (~3 min on 2 shared cores)
+@pytest.mark.parametrize("family", ["gan", "lora_controlnet"])
+def test_fsdp_on_2_processes_trains_the_gan_and_a_lora_controlnet_like_ddp_on_1(family, tmp_path):
+    """The GAN alternates two optimizers over two sharded networks; the ControlNet trains beside the frozen,
+    sharded base U-Net's LoRA (param groups over two networks). Tolerance: module docstring."""
+    from tiny_bases import tiny_sd_export
+
+    env = {"OMP_NUM_THREADS": "1"}
+    if family == "gan":
+        base, batch = TINY_GAN, 8
+    else:
+        sd = tiny_sd_export(tmp_path / "base")
+        base, batch = ["model=controlnet", f"model.base={sd}", "data=fill_circles", "data.image_size=32",
+                       "trainer=debug", "logger=none", "model.lora.rank=4"], 4
+    common = [*base, "trainer.max_steps=3", "trainer.log_every=1", "trainer.sample_every=0",
+              "trainer.checkpoint_every=0"]
+    genlab("train", *common, f"trainer.batch_size={batch}", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
+    genlab("train", "--processes", "2", *common, "strategy=fsdp", f"trainer.batch_size={batch // 2}",
+           f"hydra.run.dir={tmp_path / 'fsdp2'}", env=env)
+    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp1")
+    a, b = _exported(tmp_path / "fsdp2"), _exported(tmp_path / "ddp1")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow  # a tiny GAN step in this process (16 s of CPU; 36 s beside another test)
+def test_a_gradient_penalty_under_fsdp_is_refused_with_one_sentence(tmp_path, group_of_one, one_thread):
+    """R1 differentiates D twice (autograd.grad with create_graph, then backward); FSDP2 frees the gathered
+    weights after the first: torch's 'data is not allocated' becomes genlab's sentence."""
+    from genlab.errors import GenlabError
+
+    cfg = compose(*TINY_GAN, "model.r1_gamma=0.5", "trainer.max_steps=1", "trainer.sample_every=0", "strategy=fsdp")
+    with pytest.raises(GenlabError, match="set the penalty to 0 or train with strategy=ddp"):
+        run_training(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow  # 1, 2 and 4 gloo processes of the tiny U-Net (~3 min on 2 shared cores)
+def test_an_fsdp_checkpoint_of_2_processes_resumes_on_4_with_the_same_global_batch(tmp_path):
+    env = {"OMP_NUM_THREADS": "1"}
+    moved = [a for a in [*TINY_DDPM, *STEPS] if not a.startswith("trainer.max_steps")]
+    genlab("train", *TINY_DDPM, *STEPS, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
+    genlab("train", "--processes", "2", *moved, "trainer.max_steps=2", "strategy=fsdp", "trainer.batch_size=4",
+           f"hydra.run.dir={tmp_path / 'to_four'}", env=env)
+    genlab("resume", str(tmp_path / "to_four"), "--processes", "4", "trainer.max_steps=4", "trainer.batch_size=2",
+           env=env)
+    _same_losses(tmp_path / "to_four", tmp_path / "ddp1")  # DCP read 2 shards' files into 4 shards each
+    ckpt = tmp_path / "to_four" / "checkpoints" / "step_000004"
+    assert {f"__{r}_0.distcp" for r in range(4)} <= {p.name for p in ckpt.iterdir()}

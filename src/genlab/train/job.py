@@ -74,10 +74,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path, resume: bool | None = Fal
             _close(trainer, exit_code=1)
             if isinstance(error.__cause__, GenlabError):  # Hydra's instantiate wraps the family's own errors
                 raise error.__cause__ from None
-            from genlab.train.strategy import DEAD_PEER, is_dead_peer
+            from genlab.train.strategy import explain_failure
 
-            if is_dead_peer(error):  # another node or process died: one sentence, not torch's traceback
-                raise GenlabError(DEAD_PEER.format(what=str(error).splitlines()[0][:200])) from None
+            said = explain_failure(error)  # another node died, a penalty fsdp cannot take: one sentence, no traceback
+            if said:
+                raise GenlabError(said) from None
             raise
         if main:
             run.write_status("finished", max_steps=cfg.trainer.max_steps, step=summary["step"])

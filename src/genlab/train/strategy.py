@@ -51,6 +51,20 @@ def process_group_kwargs(timeout_s: float) -> list[Any]:
     return [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))]
 
 
+DOUBLE_BACKWARD = ("strategy=fsdp cannot differentiate twice through a sharded network (a gradient penalty such as "
+                   "model.r1_gamma or model.r2_gamma: FSDP2 frees the gathered weights after the first backward); set "
+                   "the penalty to 0 or train with strategy=ddp.")
+
+
+def explain_failure(error: BaseException) -> str | None:
+    """The sentence for a failure of the processes or of sharding that torch reports as a traceback, or None."""
+    if is_dead_peer(error):
+        return DEAD_PEER.format(what=str(error).splitlines()[0][:200])
+    if isinstance(error, RuntimeError) and "data is not allocated yet" in str(error):
+        return DOUBLE_BACKWARD  # autograd.grad(create_graph=True) then backward through a resharded block
+    return None
+
+
 def is_dead_peer(error: BaseException) -> bool:
     """A collective failed because another process is gone (gloo/NCCL errors, a timed-out wait)."""
     import torch.distributed as dist
