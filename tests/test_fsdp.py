@@ -64,6 +64,12 @@ def test_fsdp_on_one_process_trains_like_ddp_and_writes_a_dcp_checkpoint(tmp_pat
     assert a.keys() == b.keys() and a
     for key in a:  # the export is the consolidated diffusers directory, as under ddp
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "fsdp" / "export")  # plain diffusers, no genlab
+    image = pipe(batch_size=1, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 8, 8, 1) and list(pipe.unet.config.block_out_channels) == [16, 16]  # digits: 1 channel
 
 
 def test_fsdp_resume_on_the_same_process_count_is_bitwise(tmp_path, group_of_one, one_thread):
