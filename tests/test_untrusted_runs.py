@@ -400,3 +400,32 @@ def test_push_to_a_closed_port_is_one_sentence(run):
     result = genlab("push", str(run), "--repo", "someone/x", check=False,
                     env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_token", "HF_ENDPOINT": "http://127.0.0.1:9"})
     assert_one_sentence(result, 1, "could not reach the Hub", "someone/x")
+
+
+def test_a_requeued_train_never_appends_through_a_linked_log(run, outside):
+    """`genlab train` rerun into an interrupted run resumes it; Hydra opens train.log before genlab's lock."""
+    import json
+
+    from conftest import TINY_DDPM
+
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, "status": "running", "pid": 2**22 + 1}))  # killed
+    relink(run, "train.log", outside / "precious.txt")
+    before = tree_hashes(outside)
+    result = cli("train", *TINY_DDPM, f"hydra.run.dir={run}", check=False)
+    assert tree_hashes(outside) == before, "Hydra wrote through the link"
+    assert_one_sentence(result, 1, f"a link leads out of the run ({run / 'train.log'} -> {outside / 'precious.txt'})")
+
+
+def test_a_continued_sweep_never_writes_through_a_linked_job_folder(run, tmp_path):
+    from conftest import TINY_DDPM
+    from genlab.cluster.study import STUDY_FILE
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / STUDY_FILE).write_text("")  # a study's folder: a rerun continues it
+    (sweep / "0_ddpm").symlink_to(run)  # job 0's folder (hydra.sweep.subdir) is someone's finished run
+    before = tree_hashes(run)
+    result = cli("train", "-m", *TINY_DDPM, f"hydra.sweep.dir={sweep}", "trainer.max_steps=2", check=False)
+    assert tree_hashes(run) == before
+    assert_one_sentence(result, 1, f"a link leads out of the run ({sweep / '0_ddpm'} -> {run})")

@@ -250,6 +250,8 @@ def _target_directory(args: list[str]) -> list[str]:
         if sweep is None:
             root = explicit.get("runs_root") or os.environ.get("GENLAB_RUNS", "runs")
             return [*args, f"hydra.sweep.dir={claim_new_dir(Path(root) / 'multirun')}"]
+        if Path(sweep).is_dir():  # Hydra writes into its jobs' folders (.hydra/, train.log) before genlab runs
+            RunDir(sweep).refuse_links_out()
         taken = [p.parent.parent.name for p in Path(sweep).glob("*/.hydra/config.yaml") if RunDir(p.parent.parent).holds_run()]
         if taken and (Path(sweep) / STUDY_FILE).exists():
             return args  # an Optuna study's folder: the rerun continues the study (genlab.cluster.study)
@@ -259,6 +261,8 @@ def _target_directory(args: list[str]) -> list[str]:
         return args
     if "hydra.run.dir" in explicit:
         run = RunDir(explicit["hydra.run.dir"])
+        if run.path.is_dir():  # Hydra appends to train.log and rewrites .hydra/ before genlab's lock is taken
+            run.refuse_links_out()
         decision = resume_decision(run)
         plain = sorted(o for o in overrides if not o.startswith("hydra."))
         saved = sorted(o for o in run.read_overrides() if not o.startswith("hydra."))
