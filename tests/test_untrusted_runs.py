@@ -309,18 +309,34 @@ def test_a_damaged_bucket_dims_cache_is_rebuilt(tmp_path):
 
 
 def test_a_truncated_latent_cache_entry_is_encoded_again(tmp_path):
-    from test_latent_cache import tiny_vae
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
 
-    from genlab.data.latent_cache import cached_posteriors
+    from genlab.data import latent_cache
+    from genlab.text import clip_tokenizer, tiny_text_config
 
-    vae, images = tiny_vae(0), torch.rand(2, 3, 16, 16) * 2 - 1
-    mean, std = cached_posteriors(vae, images, tmp_path)
-    entry = sorted(tmp_path.rglob("*.safetensors"))[0]
-    entry.write_bytes(entry.read_bytes()[:40])  # a kill mid-copy, a full disk
-    again, again_std = cached_posteriors(vae, images, tmp_path)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1, sample_size=16).eval().requires_grad_(False)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = latent_cache.cached_posteriors(vae, images, tmp_path)
+    tokenizer, encoder = clip_tokenizer(str(tmp_path / "tok")), CLIPTextModel(tiny_text_config(hidden_size=32)).eval()
+    encoder.requires_grad_(False)
+    batch = {"latent_cache": str(tmp_path)}
+    with torch.no_grad():
+        hidden = latent_cache.cached_or_encoded_text(batch, ["a red circle"], tokenizer, encoder)
+    entries = sorted(tmp_path.glob("vae-*/*/*.safetensors"))[:1] + sorted(tmp_path.glob("text-*/*/*.safetensors"))
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[:40])  # a kill mid-copy, a full disk
+    latent_cache._TEXT_MEMORY.clear()  # from disk this time
+    again, again_std = latent_cache.cached_posteriors(vae, images, tmp_path)
+    with torch.no_grad():
+        hidden_again = latent_cache.cached_or_encoded_text(batch, ["a red circle"], tokenizer, encoder)
     torch.testing.assert_close(again, mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(again_std, std, rtol=0, atol=1e-6)
-    assert len(entry.read_bytes()) > 40  # rewritten
+    torch.testing.assert_close(hidden_again, hidden, rtol=0, atol=1e-6)
+    assert len(entries) == 2 and all(len(entry.read_bytes()) > 40 for entry in entries)  # rewritten
 
 
 def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path):
