@@ -40,7 +40,8 @@ def test_tasks_per_node_reads_slurms_repeat_form():
 
 def _slurm(**extra) -> dict[str, str]:
     """Task 3 of a 4-task step over two nodes (2 tasks each), as srun sets it on the second node."""
-    return {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+    return {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
+            "SLURM_LOCALID": "1",
             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[08-09]", "SLURM_TASKS_PER_NODE": "2(x2)", **extra}
 
 
@@ -71,7 +72,8 @@ def test_the_step_counts_win_over_the_jobs(no_scontrol):
 
 @pytest.mark.parametrize("environ", [
     {},                                                  # not under SLURM
-    {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"},          # one task: a plain process (a sweep's job)
+    {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},  # one task: a plain process
+    {k: v for k, v in _slurm(SLURM_PROCID="0").items() if k != "SLURM_STEP_NUM_TASKS"},  # a batch script, no srun
     _slurm(RANK="0"),                                    # a launcher (torchrun, accelerate) already set the ranks
     _slurm(LOCAL_RANK="0"),
 ])

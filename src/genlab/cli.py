@@ -98,7 +98,7 @@ def _launch_processes(processes: int, args: list[str], nodes: int = 1, node_rank
             probe.bind(("127.0.0.1", 0))
             where = ["--main_process_port", str(probe.getsockname()[1])]
     # --quiet: a process that failed has said why in one sentence; the launcher adds its table, not its traceback.
-    command = [accelerate, "launch", "--quiet", "--multi_gpu", "--num_processes", str(processes * nodes), *where,
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes * nodes), *where, "--quiet",
                "-m", "genlab", *args]
     typer.echo(f"launching: {' '.join(command)}", err=True)
     raise typer.Exit(subprocess.call(command))

@@ -59,12 +59,13 @@ def world_from_slurm(environ: MutableMapping[str, str] = os.environ) -> dict[str
     """Set RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, NODE_RANK, MASTER_ADDR and MASTER_PORT
     in `environ` from a SLURM job step of several tasks; returns what it set ({} otherwise).
 
-    Nothing is set outside SLURM, for a step of one task, or when a launcher already set the
-    ranks. MASTER_ADDR is the step's first host (task 0 runs there under SLURM's default block
+    Nothing is set outside an `srun` step (a batch script's own shell runs one process, whatever
+    SLURM_NTASKS says), for a step of one task, or when a launcher already set the ranks.
+    MASTER_ADDR is the step's first host (task 0 runs there under SLURM's default block
     distribution); MASTER_PORT is 15000 + the job id's last 4 digits, the same on every node
     and different for jobs sharing a node (Lightning's choice); both can be set by hand first.
     """
-    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or 1)  # set by srun only, for the tasks of this step
     if tasks <= 1 or "SLURM_PROCID" not in environ or any(k in environ for k in LAUNCHED):
         return {}
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
