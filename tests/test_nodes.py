@@ -174,7 +174,7 @@ def test_a_node_that_dies_makes_the_other_stop_with_one_sentence(tmp_path):
     killed = time.monotonic()
     rest = node0.communicate(timeout=180)[1]
     waited = time.monotonic() - killed
-    print(f"node 0 exited {waited:.1f} s after node 1 was killed")  # seen with -s: 4.2 s here
+    print(f"node 0 exited {waited:.1f} s after node 1 was killed")  # seen with -s: 4.2 s and 7.4 s in two runs here
     assert node0.returncode == 1 and waited < 90, (waited, rest[-3000:])
     said = [line for line in rest.splitlines() if "another process of this run stopped" in line]
     assert len(said) == 1 and "genlab resume" in said[0], rest[-3000:]
