@@ -68,7 +68,7 @@ lint: install  ## ruff check over src/, tests/ and scripts/ (CI runs it first)
 docs: install  ## build the documentation site into site/ (mkdocs --strict)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-gpu-check: install  ## a GPU, one command under 8 min: GPU tests, MFU, ControlNet memory -> benchmarks/gpu-check-<gpu>.json
+gpu-check: install  ## a GPU, one command: GPU tests, MFU, ControlNet memory, FSDP on one GPU + the memory plan against max_memory_allocated -> benchmarks/gpu-check-<gpu>.json
 	$(PY) scripts/gpu_check.py
 
 bench: install  ## speed of genlab's loop against a bare PyTorch loop -> benchmarks/bench-<machine>.json
