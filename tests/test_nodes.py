@@ -133,9 +133,11 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # three launches of 2 gloo processes (100 s on 2 shared cores)
-def test_two_node_launches_train_the_run_of_two_processes_into_one_directory(tmp_path):
-    run, steps = tmp_path / "nodes", [*DDPM_STEPS, "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+@pytest.mark.slow  # three launches of 2 gloo processes (100 s on 2 shared cores) per strategy
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_node_launches_train_the_run_of_two_processes_into_one_directory(strategy, tmp_path):
+    run = tmp_path / "nodes"
+    steps = [*DDPM_STEPS, "trainer.max_steps=4", "trainer.checkpoint_every=2", f"strategy={strategy}"]
     port = _free_port()
     nodes = [_node(1, port, *steps, f"hydra.run.dir={run}"), _node(0, port, *steps, f"hydra.run.dir={run}")]
     outs = [n.communicate(timeout=600) for n in nodes]
@@ -147,6 +149,9 @@ def test_two_node_launches_train_the_run_of_two_processes_into_one_directory(tmp
     assert [p.name for p in tmp_path.iterdir()] and sorted(p.name for p in run.glob("*.jsonl")) == ["metrics.jsonl"]
     assert "done: 4 steps" in outs[1][0] and "done:" not in outs[0][0]  # node 0's rank 0 reports, node 1 trains
     assert (run / "export" / "model_index.json").exists() and json.loads((run / "status.json").read_text())["status"] == "finished"
+    if strategy == "fsdp":  # each node's process wrote its own shards into the one checkpoint folder
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "COMPLETE"} <= {
+            p.name for p in (run / "checkpoints" / "step_000004").iterdir()}
 
 
 @pytest.mark.slow  # one 2-node launch killed after a few steps (35 s)
