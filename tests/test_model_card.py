@@ -221,12 +221,12 @@ def test_controlnet_card_is_tagged_by_its_base_kind(tmp_path, kind):
 def test_controlnet_card_names_the_adapter_file_its_variant_exports(kind, variant, file, loader):
     """The card says where the base's adapter is and loads it the way its variant can be loaded (issue 15):
     LoHa/LoKr have no pytorch_lora_weights.safetensors, so load_lora_weights would fail on them."""
-    from genlab.model_card import _controlnet_use, controlnet_spec
+    from genlab.families.controlnet_card import controlnet_spec, controlnet_use
 
     lora = {"rank": 4 if file else 0, "variant": variant}
     config = {"model": {"base": "someone/a-base", "lora": lora}}
-    what = controlnet_spec(kind, lora)["what"]
-    snippet = _controlnet_use(config, {"base_kind": kind, "base": "someone/a-base"}, "EXPORT")
+    what = controlnet_spec(kind, lora).what
+    snippet = controlnet_use(config["model"], {"base_kind": kind, "base": "someone/a-base"}, "EXPORT")
     if file is None:
         assert "plus" not in what and "load_lora_weights" not in snippet and "PeftModel" not in snippet
         return

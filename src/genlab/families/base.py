@@ -211,8 +211,9 @@ class CardByConfig(Protocol):
     """
 
     @classmethod
-    def card_for(cls, model: Mapping[str, Any]) -> Card:
-        """The card for a run whose `model` config is `model` (plain data, as saved)."""
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
+        """The card for a run whose `model` config is `model` (plain data, as saved); `export`: what the
+        export's genlab_export.json says, {} or None where it has none."""
 
 
 @runtime_checkable

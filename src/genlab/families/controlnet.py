@@ -22,7 +22,7 @@ weights only) and `genlab_export.json` naming the base to load them onto.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -34,6 +34,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, flow_controlnet, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import Card, OnePhase
+from genlab.families.controlnet_card import controlnet_card
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -78,11 +79,15 @@ class ControlNet(OnePhase, ld.SketchConditioned):
     """
 
     name = "controlnet"
-    # What the card says depends on the base's kind and the export (genlab.model_card.controlnet_spec).
     card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
                 library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
     losses = ("loss",)
     metrics: dict[str, str] = {}
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
+        """By the base's kind and the adapter trained on it, with the code that loads the export (controlnet_card)."""
+        return controlnet_card(model, export or {})
 
     def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
         """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""

@@ -93,7 +93,7 @@ class DDPM:
     metrics: dict[str, str] = {}
 
     @classmethod
-    def card_for(cls, model: Mapping[str, Any]) -> Card:
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
         """The DiT backbone exports transformer/ + scheduler/, not a DDPMPipeline; a conditional U-Net says so."""
         conditional = (f"Class-conditional ({model.get('num_classes')} classes): the network takes `class_labels`, "
                        "which diffusers' stock pipeline does not pass; `genlab sample RUN --class K` draws class K.")

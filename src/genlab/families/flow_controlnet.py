@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -40,6 +40,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, lora_variants, memory
 from genlab.families import latent_diffusion as ld
 from genlab.families.base import Card, OnePhase
+from genlab.families.controlnet_card import controlnet_card
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
@@ -201,11 +202,15 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
     """
 
     name = "controlnet"
-    # What the card says depends on the base's kind and the export (genlab.model_card.controlnet_spec).
     card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
                 library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
     losses = ("loss",)
     metrics: dict[str, str] = {}
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
+        """By the base's kind and the adapter trained on it, with the code that loads the export (controlnet_card)."""
+        return controlnet_card(model, export or {})
 
     denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
 

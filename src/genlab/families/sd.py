@@ -142,7 +142,7 @@ class StableDiffusion(OnePhase):
     metrics: dict[str, str] = {}
 
     @classmethod
-    def card_for(cls, model: Mapping[str, Any]) -> Card:
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
         """A flow-trained U-Net needs two scheduler attributes set (see genlab.diffusion.for_unet_pipelines);
         `model.backbone=mmdit` builds the sd3 family (`stable_diffusion`), whose card it gets."""
         if model.get("backbone") == "mmdit":

@@ -1,0 +1,123 @@
+"""What the model card of a ControlNet export says: it depends on the base's kind (SD 1.x/2.x, SDXL, SD3.x,
+Flux) and on the adapter trained on the base, so `ControlNet` and `FlowControlNet` declare their card
+through `card_for` (families.base.CardByConfig), which asks here.
+
+`export` is the export's genlab_export.json (what training wrote: the base's kind, the base, the
+text length), so a card of a run on a Hub base is written without downloading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+from genlab.errors import GenlabError
+from genlab.families.base import Card
+
+# A ControlNet by its base's kind (genlab.families.bases): the Hub's tag for the base, diffusers' ControlNet
+# model and pipeline classes (the Hub derives a pipeline tag from model_index.json, which a ControlNet export lacks).
+CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusionControlNetPipeline"),
+                    "sdxl": ("stable-diffusion-xl", "ControlNetModel", "StableDiffusionXLControlNetPipeline"),
+                    "sd3": ("sd3", "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline"),
+                    "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline")}
+# What diffusers' U-Net pipelines ask of a scheduler and flow schedulers lack (genlab.diffusion.for_unet_pipelines).
+FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was trained by rectified flow\n"
+                   "pipe.scheduler.scale_model_input = lambda sample, timestep: sample")
+
+def flow_unet_base(base: Any) -> bool:
+    """Whether a ControlNet's base is an SD/SDXL U-Net that samples with a flow scheduler (a genlab
+    `model=sd model.objective=flow` run). False when the base cannot be read (e.g. a hub id offline)."""
+    from genlab.families import bases
+    from genlab.families import latent_diffusion as ld
+
+    if not base:
+        return False
+    try:
+        kind, scheduler = bases.base_kind(str(base)), ld.base_scheduler(str(base))
+    except (GenlabError, OSError, ValueError):
+        return False
+    return kind in ("sd", "sdxl") and type(scheduler).__name__.startswith("FlowMatch")
+
+
+def controlnet_base_kind(model: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> str:
+    """sd | sdxl | sd3 | flux: the base a ControlNet run was trained on, as its export says (genlab_export.json),
+    else as model.base reads; "sd" when neither can be read (a hub id offline)."""
+    from genlab.families import bases
+
+    if (info or {}).get("base_kind") in CONTROLNET_BASES:
+        return info["base_kind"]
+    try:
+        return bases.base_kind(str(model.get("base")))
+    except (GenlabError, OSError, ValueError):
+        return "sd"
+
+
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
+
+
+def controlnet_adapter(kind: str, lora: Mapping[str, Any] | None, where: str = "EXPORT") -> tuple[str, list[str]]:
+    """A ControlNet export's base adapter: where it is (for "what") and the lines that load it into `pipe`
+    (for "use"), by variant; ("", []) when trained without one."""
+    from genlab.families.lora_variants import DIFFUSERS_LOADABLE
+
+    lora = lora or {}
+    if not lora.get("rank"):
+        return "", []
+    variant = lora.get("variant") or "lora"
+    name = ADAPTER_NAMES.get(variant, variant)
+    transformer = kind in ("sd3", "flux")
+    if variant in DIFFUSERS_LOADABLE:
+        return (f"the base {'transformer' if transformer else 'U-Net'}'s {name} in pytorch_lora_weights.safetensors",
+                [f'pipe.load_lora_weights("{where}")'])
+    if transformer:  # diffusers' loaders refuse LoHa/LoKr: peft's own directory, which adapts pipe.transformer in place
+        return (f"the base transformer's {name} in transformer_adapter/ (peft)",
+                ["from peft import PeftModel", f'PeftModel.from_pretrained(pipe.transformer, "{where}/transformer_adapter")'])
+    return (f"the base U-Net's {name} in lora_kohya.safetensors (kohya/ComfyUI; diffusers has no loader)",
+            ["# the U-Net's LoHa/LoKr is in lora_kohya.safetensors, for kohya/ComfyUI: diffusers cannot load it"])
+
+
+def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None) -> Card:
+    """The card of a ControlNet on a base of `kind` without its loading code (`controlnet_use`); `lora`: model.lora."""
+    from genlab.families.bases import KINDS
+
+    tag, _, pipeline = CONTROLNET_BASES[kind]
+    adapter, _ = controlnet_adapter(kind, lora)
+    return Card(what=f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/"
+                     f"{', plus ' + adapter if adapter else ''})", title="controlnet", library_name="diffusers",
+                pipeline_tag="text-to-image",
+                tags=("diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"))
+
+
+def controlnet_card(model: Mapping[str, Any], export: Mapping[str, Any]) -> Card:
+    """The whole card of a ControlNet run: by its base's kind, with the code that loads its export."""
+    kind = controlnet_base_kind(model, export)
+    return replace(controlnet_spec(kind, model.get("lora")), use=controlnet_use(model, export, "{where}"))
+
+
+def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str) -> str:
+    """The loading code of a ControlNet export in the ControlNet pipeline of its base's kind."""
+    kind = controlnet_base_kind(model, info)
+    _, controlnet, pipeline = CONTROLNET_BASES[kind]
+    base = info.get("base") or model.get("base") or "BASE"
+    _, adapter_lines = controlnet_adapter(kind, model.get("lora"), where)
+    lines = [f"from diffusers import {controlnet}, {pipeline}", "",
+             f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")']
+    if kind in ("sd3", "flux"):
+        from diffusers import DiffusionPipeline
+
+        try:  # a base without T5 (a genlab sd3 run) lists it as null; diffusers then wants it passed as None
+            no_t5 = DiffusionPipeline.load_config(base).get("text_encoder_3") == [None, None]
+        except (OSError, ValueError):
+            no_t5 = False
+        lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet'
+                  f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
+                  *adapter_lines,
+                  f'image = pipe("a red circle on a blue background", control_image=sketch, '
+                  f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
+        return "\n".join(lines)
+    lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
+              *adapter_lines]
+    if flow_unet_base(base):
+        lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
+    lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')
+    return "\n".join(lines)
