@@ -6,8 +6,9 @@
 Each launch trains a few steps (global batch fixed) and measures, at the second optimizer step
 after the backward and before the step, the bytes of the tensors one process holds: parameters,
 gradients, optimizer states, EMA (genlab.train.memory_plan.held_bytes; DTensors count their local
-shard). It also keeps the logged losses, so the four runs can be compared. Memory is the largest
-over the processes of a launch.
+shard). It also keeps the logged losses, so the four runs can be compared, and what
+`genlab train --plan` plans for the launch (memory_plan.plan_config). Memory is the largest over
+the processes of a launch.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def worker(out: Path, overrides: list[str]) -> None:
     from genlab.config import config_dir
     from genlab.train import loop
     from genlab.train.job import run_training
-    from genlab.train.memory_plan import held_bytes
+    from genlab.train.memory_plan import held_bytes, plan_config
 
-    trainers, measured, calls = [], {}, [0]
+    trainers, measured, calls, every = [], {}, [0], []
     built = loop.Trainer.__init__
 
     def keep(self, *args, **kwargs):
@@ -55,6 +56,12 @@ def worker(out: Path, overrides: list[str]) -> None:
         if calls[0] == 2:
             t = trainers[0]
             measured.update(held_bytes(t.family.networks(), t.optimizers, t.ema))
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            every[:] = [None] * world  # gathered now: the process group ends with the training
+            if world > 1:
+                dist.all_gather_object(every, dict(measured))
+            else:
+                every[:] = [dict(measured)]
         return grad_norm(params, max_norm)
 
     loop.Trainer.__init__, loop._grad_norm = keep, probe
@@ -62,16 +69,13 @@ def worker(out: Path, overrides: list[str]) -> None:
         cfg = compose("train", overrides)
     run = out.with_suffix(".run")  # one run directory for every process of the launch
     run_training(cfg, run)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    every = [None] * world
-    if world > 1:
-        dist.all_gather_object(every, measured)
-    else:
-        every = [measured]
+    rank, world = int(os.environ.get("RANK", 0)), len(every)
     if rank == 0:
         losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         most = {k: max(m[k] for m in every) for k in measured}
-        out.write_text(json.dumps({"held_bytes": most, "held_bytes_per_rank": every, "losses": losses}))
+        strategy = "fsdp" if cfg.strategy._target_.endswith("FSDP") else "ddp"
+        plan = plan_config(cfg, world)[strategy]  # genlab train --plan's numbers for this launch
+        out.write_text(json.dumps({"held_bytes": most, "held_bytes_per_rank": every, "plan": plan, "losses": losses}))
 
 
 def launch(processes: int, overrides: list[str], out: Path) -> dict:
@@ -124,6 +128,8 @@ def main() -> None:
     summary = {
         "params_grads_optimizer_bytes": total,
         "fall_1_to_2_processes": {s: round(total[f"{s}_1"] / total[f"{s}_2"], 3) for s in ("ddp", "fsdp")},
+        "plan_states_equal_held": {k: all(v["plan"][s] == v["held_bytes"][s] for s in v["held_bytes"])
+                                   for k, v in results.items()},
         "max_loss_rel_diff_vs_ddp_1": {k: max(abs(a - b) / abs(b) for a, b in zip(v["losses"], results["ddp_1"]["losses"]))
                                        for k, v in results.items()},
     }

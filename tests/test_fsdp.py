@@ -203,6 +203,7 @@ def test_fsdp_halves_what_a_process_holds_and_ddp_does_not(tmp_path):
     assert summary["fall_1_to_2_processes"]["fsdp"] >= 1.8
     assert summary["fall_1_to_2_processes"]["ddp"] < 1.05
     assert all(diff <= 1e-5 for diff in summary["max_loss_rel_diff_vs_ddp_1"].values()), summary
+    assert all(summary["plan_states_equal_held"].values()), summary  # --plan's bytes are what each process held
 
 
 @pytest.mark.slow  # six CLI runs on 1 and 2 gloo processes (200 s on 2 shared cores)
