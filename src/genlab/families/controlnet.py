@@ -22,7 +22,7 @@ weights only) and `genlab_export.json` naming the base to load them onto.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -33,8 +33,8 @@ from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encode
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, flow_controlnet, lora_variants, memory, sdxl
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import Card, OnePhase
-from genlab.families.controlnet_card import controlnet_card
+from genlab.families.base import OnePhase
+from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -54,7 +54,7 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     return tuple(channels)
 
 
-class ControlNet(OnePhase, ld.SketchConditioned):
+class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
     """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
 
     Args:
@@ -77,17 +77,6 @@ class ControlNet(OnePhase, ld.SketchConditioned):
             (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
             offset_noise. The schedule and objective are the base's.
     """
-
-    name = "controlnet"
-    card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
-                library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
-    losses = ("loss",)
-    metrics: dict[str, str] = {}
-
-    @classmethod
-    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
-        """By the base's kind and the adapter trained on it, with the code that loads the export (controlnet_card)."""
-        return controlnet_card(model, export or {})
 
     def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
         """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""

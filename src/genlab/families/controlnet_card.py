@@ -121,3 +121,19 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
         lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
     lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')
     return "\n".join(lines)
+
+
+class ControlNetFamily:
+    """What `ControlNet` (SD and SDXL bases) and `FlowControlNet` (SD3.x and Flux) declare (families/base.py):
+    one family, whatever its base, whose card is by the base's kind and the adapter trained on it."""
+
+    name = "controlnet"
+    card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
+                library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
+    losses = ("loss",)
+    metrics: dict[str, str] = {}
+
+    @classmethod
+    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
+        """The card of a ControlNet run, with the code that loads its export."""
+        return controlnet_card(model, export or {})

@@ -4,8 +4,8 @@
 `Family.losses`). Importing a family's module to read two class attributes costs the import of
 torch and diffusers, about 11 s on a 2-core machine, and would run code named by a copied run's
 config. So they are read here from the module's source with `ast`: a class attribute assigned a
-literal (`name = "ddpm"`, `losses = ("loss",)`), on the class or on a base class of the same
-module. A builder function (`genlab.families.sd.stable_diffusion`) stands for the class it names as
+literal (`name = "ddpm"`, `losses = ("loss",)`), on the class or on a base class (of the same
+module, or imported from another by name). A builder function (`genlab.families.sd.stable_diffusion`) stands for the class it names as
 its `family` (`stable_diffusion.family = StableDiffusion`), and a package that imports the class from
 one of its modules (`genlab.families.gan`) for that module. Nothing of the family runs; what
 cannot be read this way comes back as {} and the caller says what it does instead.
@@ -37,13 +37,13 @@ def declared(target: str) -> dict[str, Any]:
     if tree is None:
         return {}
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    imported = {alias.name: node.module for node in tree.body if isinstance(node, ast.ImportFrom)
+                and node.module and not node.level for alias in node.names if alias.asname is None}
     name = _builder_family(tree, name) or name
     if name in classes:
-        return _class_attributes(classes, name, set())
-    for node in tree.body:  # a package handing the class on: `from genlab.families.gan.family import GAN`
-        if isinstance(node, ast.ImportFrom) and node.module and not node.level and any(
-                alias.name == name and alias.asname is None for alias in node.names):
-            return declared(f"{node.module}.{name}")
+        return _class_attributes(classes, imported, name, set())
+    if name in imported:  # a package handing the class on: `from genlab.families.gan.family import GAN`
+        return declared(f"{imported[name]}.{name}")
     return {}
 
 
@@ -69,13 +69,17 @@ def _builder_family(tree: ast.Module, name: str) -> str | None:
     return None
 
 
-def _class_attributes(classes: dict[str, ast.ClassDef], name: str, seen: set[str]) -> dict[str, Any]:
-    """The literal READ attributes of class `name`, its own over those of its bases in the same module."""
+def _class_attributes(classes: dict[str, ast.ClassDef], imported: dict[str, str], name: str,
+                      seen: set[str]) -> dict[str, Any]:
+    """The literal READ attributes of class `name`, its own over those of its bases (of this module, or
+    imported by name: `from genlab.families.controlnet_card import ControlNetFamily`)."""
     seen.add(name)
     found: dict[str, Any] = {}
-    for base in classes[name].bases:
+    for base in reversed(classes[name].bases):  # the first base wins, as in Python's attribute lookup
         if isinstance(base, ast.Name) and base.id in classes and base.id not in seen:
-            found.update(_class_attributes(classes, base.id, seen))
+            found.update(_class_attributes(classes, imported, base.id, seen))
+        elif isinstance(base, ast.Name) and base.id in imported:
+            found.update(declared(f"{imported[base.id]}.{base.id}"))
     for node in classes[name].body:
         target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
             node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -39,8 +39,8 @@ from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import bases, lora_variants, memory
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import Card, OnePhase
-from genlab.families.controlnet_card import controlnet_card
+from genlab.families.base import OnePhase
+from genlab.families.controlnet_card import ControlNetFamily
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
@@ -186,7 +186,7 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
     lora_variants.save_kohya(transformer, out_dir, prefix="lora_transformer_")
 
 
-class FlowControlNet(OnePhase, ld.SketchConditioned):
+class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
     """A trainable ControlNet on a frozen SD3.x or Flux base, trained by flow matching (see the module docstring).
 
     Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` passes them on). What differs from
@@ -200,17 +200,6 @@ class FlowControlNet(OnePhase, ld.SketchConditioned):
         max_sequence_length: T5 prompt tokens in training and sampling (None: the pipeline's default, or for
             an SD3 base without T5, such as a genlab model=sd3 run, the count it was trained with: 1).
     """
-
-    name = "controlnet"
-    card = Card(what="a ControlNet that makes its base follow a sketch (controlnet/)", title="controlnet",
-                library_name="diffusers", pipeline_tag="text-to-image", tags=("diffusers", "controlnet", "text-to-image"))
-    losses = ("loss",)
-    metrics: dict[str, str] = {}
-
-    @classmethod
-    def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
-        """By the base's kind and the adapter trained on it, with the code that loads the export (controlnet_card)."""
-        return controlnet_card(model, export or {})
 
     denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
 
