@@ -112,3 +112,6 @@ def test_genlab_train_plan_prints_the_table_and_writes_nothing(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
     bad = cli("train", "--plan", "--plan-base", "sd9", *TINY_DDPM, check=False)
     assert bad.returncode == 2 and "sd15, sdxl, sd3, flux" in bad.stderr + bad.stdout
+    no_base = cli("train", "--plan", "model=controlnet", check=False)
+    assert no_base.returncode == 2 and "model.base is not set" in no_base.stderr + no_base.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -211,9 +211,16 @@ def _print_plan(cfg, gpus: int, base: str | None) -> None:
     from genlab.errors import ConfigError
     from genlab.train.memory_plan import REAL_KINDS, describe
 
+    from omegaconf.errors import MissingMandatoryValue
+
     if base is not None and base not in REAL_KINDS:
         raise ConfigError(f"--plan-base {base}: use one of {', '.join(REAL_KINDS)}.")
-    typer.echo(describe(cfg, gpus, base))
+    try:
+        text = describe(cfg, gpus, base)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"--plan builds the composed model here and {error.full_key} is not set: give it, or plan "
+                          f"a base at its real size with --plan-base {' | '.join(REAL_KINDS)}.") from None
+    typer.echo(text)
     raise typer.Exit(0)
 
 
