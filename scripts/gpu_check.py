@@ -1,4 +1,4 @@
-"""`make gpu-check`: prove genlab's GPU paths with one command on one GPU (the parts' time limits add to 11 minutes).
+"""`make gpu-check`: prove genlab's GPU paths with one command on one GPU (the parts' time limits add to 7.5 minutes).
 
 A GPU is at hand only now and then, for a few minutes: this script is prepared so that the
 whole proof is one call. In order, each part in its own process with its own time limit:
@@ -48,13 +48,13 @@ def parts(smoke: bool, tmp: Path) -> list[dict]:
     # and a smoke run failed with a second job on the machine, so smoke limits are 3x the GPU run's.
     scale = 3 if smoke else 1
     return [
-        {"name": "gpu_tests", "limit": 240 * scale, "command": [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+        {"name": "gpu_tests", "limit": 180 * scale, "command": [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                                       "tests/test_gpu.py", f"--junitxml={tmp / 'gpu_tests.xml'}"]},
-        {"name": "mfu", "limit": 150 * scale, "command": [PY, "-m", "scripts.bench", *mfu, "--out", str(tmp / "mfu.json")]},
-        {"name": "controlnet", "limit": 180 * scale, "command": [PY, "-m", "scripts.bench_controlnet", *controlnet,
+        {"name": "mfu", "limit": 90 * scale, "command": [PY, "-m", "scripts.bench", *mfu, "--out", str(tmp / "mfu.json")]},
+        {"name": "controlnet", "limit": 120 * scale, "command": [PY, "-m", "scripts.bench_controlnet", *controlnet,
                                                          "--out", str(tmp / "controlnet.json")]},
     ] + ([] if smoke else [  # on a CPU, tests/test_fsdp.py runs fsdp_part itself
-        {"name": "fsdp", "limit": 90, "command": [PY, "-m", "scripts.gpu_check", "--fsdp-part", str(tmp / "fsdp.json")]},
+        {"name": "fsdp", "limit": 60, "command": [PY, "-m", "scripts.gpu_check", "--fsdp-part", str(tmp / "fsdp.json")]},
     ])
 
 
