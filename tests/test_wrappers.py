@@ -23,12 +23,17 @@ def test_unwrap_sees_through_ddp_and_compile_in_either_order():
     assert unwrap(Wrapped(compiled)) is net and unwrap(torch.compile(Wrapped(net))) is net
 
 
-def test_cached_text_of_a_compiled_encoder_is_found_under_the_bare_weights(tmp_path):
+def test_cached_text_of_a_compiled_encoder_is_found_under_the_bare_weights(tmp_path, monkeypatch):
     """trainer.compile wraps a text encoder: its cached embeddings are those of the same weights, bare."""
+    from collections import OrderedDict
+
     from transformers import CLIPTextModel
 
+    from genlab.data import latent_cache
     from genlab.data.latent_cache import cached_or_encoded_text
     from genlab.text import clip_tokenizer, tiny_text_config
+
+    monkeypatch.setattr(latent_cache, "_TEXT_MEMORY", OrderedDict())  # the process's memory of embeddings: this test's own
 
     torch.manual_seed(0)
     encoder = CLIPTextModel(tiny_text_config()).eval().requires_grad_(False)
