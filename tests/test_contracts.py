@@ -49,7 +49,7 @@ def test_a_family_and_dataset_from_the_contract_alone(tmp_path, user_configs):
     runner = CliRunner()
     # The run's config names a class outside genlab: loading it is refused until the user trusts it.
     refused = runner.invoke(app, ["sample", str(run), "--n", "8"])
-    assert refused.exit_code == 1 and "--allow-target minimal_family" in refused.output
+    assert refused.exit_code == 2 and "--allow-target minimal_family" in refused.output
     trust = ["--allow-target", "minimal_family"]
     assert runner.invoke(app, ["sample", str(run), "--n", "8", "--class", "2", *trust]).exit_code == 0
     resumed = runner.invoke(app, ["resume", str(run), "trainer.max_steps=80", *trust])
