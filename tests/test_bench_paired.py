@@ -38,7 +38,7 @@ def test_folder_path_and_the_diffusers_script_take_turns_on_the_same_folder(tmp_
     import numpy as np
     from PIL import Image
 
-    import bench_data
+    from scripts import bench_data
 
     folder = tmp_path / "pngs"
     folder.mkdir()

@@ -76,7 +76,7 @@ def test_genlab_train_processes_launches_accelerate(tmp_path):
     run = tmp_path / "run"
     result = genlab("train", "--processes", "2", *TINY_DDPM, "trainer.max_steps=2", "trainer.sample_every=0",
                     f"hydra.run.dir={run}", env={"OMP_NUM_THREADS": "1"})
-    assert "accelerate launch --quiet --multi_gpu --num_processes 2" in result.stderr
+    assert "accelerate launch --multi_gpu --num_processes 2" in result.stderr
     state = json.loads((run / "checkpoints" / "step_000002" / "state.json").read_text())
     assert state["num_processes"] == 2
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
