@@ -54,6 +54,18 @@ def _exported(run: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(f).items()}
 
 
+def _fsdp_on_2_is_ddp_on_1(tmp_path: Path, common: list[str], batch: int, env: dict) -> None:
+    """ddp on 1 process with `batch`, fsdp on 2 with half each: the same losses and exports (1e-5)."""
+    genlab("train", *common, f"trainer.batch_size={batch}", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
+    genlab("train", "--processes", "2", *common, "strategy=fsdp", f"trainer.batch_size={batch // 2}",
+           f"hydra.run.dir={tmp_path / 'fsdp2'}", env=env)
+    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp1")
+    a, b = _exported(tmp_path / "fsdp2"), _exported(tmp_path / "ddp1")
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+
+
 def test_fsdp_on_one_process_trains_like_ddp_and_writes_a_dcp_checkpoint(tmp_path, group_of_one, one_thread):
     run_training(compose(*TINY_DDPM, *STEPS, "strategy=fsdp"), tmp_path / "fsdp")
     run_training(compose(*TINY_DDPM, *STEPS), tmp_path / "ddp")
@@ -210,14 +222,7 @@ def test_fsdp_halves_what_a_process_holds_and_ddp_does_not(tmp_path):
 def test_genlab_train_processes_2_fsdp_is_the_run_of_ddp_and_resumes_on_2_and_on_1(tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     common = [*TINY_DDPM, *STEPS]
-    genlab("train", *common, "trainer.batch_size=8", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
-    genlab("train", "--processes", "2", *common, "strategy=fsdp", "trainer.batch_size=4",
-           f"hydra.run.dir={tmp_path / 'fsdp2'}", env=env)
-    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp1")
-    a, b = _exported(tmp_path / "fsdp2"), _exported(tmp_path / "ddp1")
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    _fsdp_on_2_is_ddp_on_1(tmp_path, common, 8, env)
     ckpt = tmp_path / "fsdp2" / "checkpoints" / "step_000004"
     assert {p.name for p in ckpt.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "COMPLETE"}
     # Stopped at step 2 on 2 processes, resumed on 2: the same operations, bitwise.
@@ -307,14 +312,7 @@ def test_fsdp_on_2_processes_trains_the_gan_and_a_lora_controlnet_like_ddp_on_1(
                        "trainer=debug", "logger=none", "model.lora.rank=4"], 4
     common = [*base, "trainer.max_steps=3", "trainer.log_every=1", "trainer.sample_every=0",
               "trainer.checkpoint_every=0"]
-    genlab("train", *common, f"trainer.batch_size={batch}", f"hydra.run.dir={tmp_path / 'ddp1'}", env=env)
-    genlab("train", "--processes", "2", *common, "strategy=fsdp", f"trainer.batch_size={batch // 2}",
-           f"hydra.run.dir={tmp_path / 'fsdp2'}", env=env)
-    _same_losses(tmp_path / "fsdp2", tmp_path / "ddp1")
-    a, b = _exported(tmp_path / "fsdp2"), _exported(tmp_path / "ddp1")
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    _fsdp_on_2_is_ddp_on_1(tmp_path, common, batch, env)
 
 
 @pytest.mark.slow  # a tiny GAN step in this process (16 s of CPU; 36 s beside another test)
