@@ -130,7 +130,7 @@ def tiny_ddpm_run(tmp_path_factory) -> Path:
 
 def rng(step: int = 0, phase: str = "main"):
     """A StepRandom for calling a family's loss by hand (each draw from it differs)."""
-    from genlab.families.base import StepRandom
+    from genlab.step_random import StepRandom
 
     return StepRandom(0, step, phase, 0)
 

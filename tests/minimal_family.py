@@ -1,4 +1,4 @@
-"""A family and a labelled dataset written from the contracts alone (families/base.py, data/__init__.py).
+"""A family and a labelled dataset written from the contracts alone (families/contract.py, data/__init__.py).
 
 `test_contracts.py` trains, samples, resumes and evaluates them through the real CLI, with
 their configs in a folder of the test's own (`--config-dir`), as a user's package would.
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from genlab.families.base import Card, StepRandom, batch_labels, single_optimizer
+from genlab.families.contract import Card, batch_labels, single_optimizer
+from genlab.step_random import StepRandom
 
 
 class Stripes(torch.utils.data.Dataset):

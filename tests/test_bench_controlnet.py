@@ -67,12 +67,12 @@ def test_int8_size_is_what_torchao_stores(tmp_path):
     """The --sizes arithmetic for a quantised denoiser against torchao quantising a tiny U-Net for real."""
     from diffusers import UNet2DConditionModel
 
-    from genlab.families import memory
+    from genlab.families import quantize
 
     unet = UNet2DConditionModel(**bench_controlnet.SIZES["tiny"]["unet"])
     expected = bench_controlnet.int8_bytes(unet, rest_bytes=4)
-    memory.quantize_frozen(unet, "int8")
-    assert memory.is_quantized(unet) and memory.weight_bytes(unet) == expected
+    quantize.quantize_frozen(unet, "int8")
+    assert quantize.is_quantized(unet) and quantize.weight_bytes(unet) == expected
 
 
 @pytest.mark.slow  # a training subprocess with a validation grid: ~30 s on 2 busy cores

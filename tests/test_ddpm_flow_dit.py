@@ -102,7 +102,7 @@ def test_train_and_sample_through_the_cli(tmp_path, name, overrides, sampler, wr
 def test_two_processes_draw_what_one_process_draws(kw):
     """Every draw goes through StepRandom: 2 ranks x 4 images give the loss of 1 x 8 (DiT's own label
     dropout, drawn from torch's global RNG, would not)."""
-    from genlab.families.base import StepRandom
+    from genlab.step_random import StepRandom
 
     family = DDPM(8, 1, UNET, num_classes=10, conditional=True, cond_dropout=0.5, **kw)
     phase = family.phases(0)[0]

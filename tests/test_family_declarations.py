@@ -1,4 +1,4 @@
-"""What a family declares (families/base.py: name, card, losses, metrics) is what runs, cards and the
+"""What a family declares (families/contract.py: name, card, losses, metrics) is what runs, cards and the
 best-checkpoint tracker use: nothing is guessed from `_target_` paths or name fragments, and a family
 written outside genlab gets its own card and table row without an edit to genlab."""
 
@@ -14,7 +14,7 @@ import yaml
 from minimal_family import ClassTemplates
 
 from conftest import assert_same_png_pixels, cli
-from genlab.families.base import Card
+from genlab.families.contract import Card
 from genlab.families.declarations import declared
 from genlab.model_card import family_class, write_model_card
 from genlab.run_dir import RunDir

@@ -26,7 +26,7 @@ from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import flow_controlnet, lora_variants, memory, stand_ins
+from genlab.families import flow_controlnet, lora_variants, quantize, stand_ins
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
@@ -304,7 +304,7 @@ def test_takes_a_quantised_base_and_gradient_checkpointing(base, options):
     loss.backward()
     trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
-    assert memory.is_quantized(family.transformer) == ("quantize_base" in options)
+    assert quantize.is_quantized(family.transformer) == ("quantize_base" in options)
 
 
 @pytest.mark.slow  # two trainings and a few samples per base kind

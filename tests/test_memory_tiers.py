@@ -15,7 +15,7 @@ from conftest import compose, rng
 from genlab.config import check_values
 from genlab.data import build_dataset
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import memory
+from genlab.families import quantize
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from test_optimizers import HAVE_8BIT
@@ -44,7 +44,7 @@ def test_presets_compose_and_build_on_cpu(preset, base):
     assert (cfg.trainer.batch_size, cfg.trainer.grad_accum, cfg.trainer.mixed_precision) == (batch, accum, "bf16")
     family = instantiate(OmegaConf.to_container(cfg.model, resolve=True), _convert_="all").to(CPU, torch.bfloat16)
     assert family.unet.is_gradient_checkpointing == family.controlnet.is_gradient_checkpointing == checkpointing
-    assert memory.is_quantized(family.unet) == bool(quantized) and not memory.is_quantized(family.controlnet)
+    assert quantize.is_quantized(family.unet) == bool(quantized) and not quantize.is_quantized(family.controlnet)
     # Around int8 linear layers the frozen U-Net's convolutions and norms are bf16, as without quantisation.
     assert family.unet.conv_in.weight.dtype == family.unet.down_blocks[0].resnets[0].norm1.weight.dtype == torch.bfloat16
     data = build_dataset(cfg.data, "train")
@@ -64,9 +64,9 @@ def test_quantized_base_is_smaller_and_close_to_the_full_one(base):
     full = ControlNet(32, base=str(base), lora=dict(rank=0))
     torch.manual_seed(0)
     small = ControlNet(32, base=str(base), lora=dict(rank=0), quantize_base="int8")
-    linear = lambda net: sum(memory.weight_bytes(m) for m in net.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    linear = lambda net: sum(quantize.weight_bytes(m) for m in net.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     assert linear(small.unet) < 0.3 * linear(full.unet)  # int8 values + a scale per row instead of fp32
-    assert memory.weight_bytes(small.unet) < memory.weight_bytes(full.unet)
+    assert quantize.weight_bytes(small.unet) < quantize.weight_bytes(full.unet)
     # The ControlNet was copied from the full-precision U-Net, before quantisation.
     assert all(torch.equal(a, b) for a, b in zip(full.controlnet.state_dict().values(), small.controlnet.state_dict().values()))
     latents, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
@@ -89,16 +89,16 @@ def test_quantized_base_trains_resumes_bitwise_and_samples(base, tmp_path):
     (straight / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(cfg_for(2), straight / ".hydra" / "config.yaml")
     family, _ = load_family(straight, "latest")
-    assert memory.is_quantized(family.unet)
+    assert quantize.is_quantized(family.unet)
     assert type(family.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q).__name__ == "TorchaoLoraLinear"
     assert torch.isfinite(family.sample(1, seed=0, steps=2)).all()
 
 
 def test_quantize_base_says_what_is_missing_or_wrong(base, monkeypatch):
     with pytest.raises(ConfigError, match="model.quantize_base='nf4': use null, int8 or int4"):
-        memory.quantize_frozen(torch.nn.Linear(2, 2), "nf4")
+        quantize.quantize_frozen(torch.nn.Linear(2, 2), "nf4")
     with pytest.raises(ConfigError, match="set model.lora.variant=lora, not dora"):
         ControlNet(32, base=str(base), lora=dict(rank=4, variant="dora"), quantize_base="int8")
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
     with pytest.raises(GenlabError, match=r"needs torchao: `pip install torchao`"):
-        memory.quantize_frozen(torch.nn.Linear(2, 2), "int8")
+        quantize.quantize_frozen(torch.nn.Linear(2, 2), "int8")

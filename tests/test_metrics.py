@@ -472,7 +472,7 @@ def test_evaluator_on_fill_circles_measures_control(cache_dir, monkeypatch):
 
 
 def test_eval_table_puts_variants_beside_the_default():
-    from genlab.eval.report import metrics_table
+    from genlab.eval.command import metrics_table
 
     table = metrics_table({"recall": 0.8, "recall@truncation_1": 0.3, "eval_samples": 100.0}, "t")
     assert [c.header for c in table.columns] == ["metric", "value", "truncation_1"]

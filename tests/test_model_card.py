@@ -54,7 +54,7 @@ def eval_metrics(run: RunDir) -> dict[str, float]:
 def test_eval_command_refreshes_the_card(run, monkeypatch):
     """`genlab eval` rewrites the card; the evaluator itself is replaced (its real run is the slow test below)."""
     from genlab.eval.evaluate import Evaluator
-    from genlab.eval.report import eval_command
+    from genlab.eval.command import eval_command
 
     monkeypatch.setattr(Evaluator, "__init__", lambda self, cfg, device: None)
     monkeypatch.setattr(Evaluator, "evaluate", lambda self, family, n_samples=None: {"fid_digits_cnn": 12.3456789,

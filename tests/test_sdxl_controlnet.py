@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from conftest import assert_same_up_to_rounding, cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.families import latent_diffusion as ld
-from genlab.families import memory, stand_ins
+from genlab.families import quantize, stand_ins
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
@@ -116,4 +116,4 @@ def test_sdxl_takes_control_lora_lora_variants_and_a_quantised_base(sdxl_base, t
         keys = load_file(tmp_path / "lora_kohya.safetensors")
         assert keys and all(k.startswith("lora_unet_") for k in keys)
         assert any(k.endswith(".hada_w1_a") for k in keys) == (options["lora"].get("variant") == "loha")
-    assert memory.is_quantized(family.unet) == ("quantize_base" in options)
+    assert quantize.is_quantized(family.unet) == ("quantize_base" in options)

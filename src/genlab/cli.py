@@ -383,7 +383,7 @@ def evaluate(
     """
     _no_stray_words(run_dir, list(ctx.args))
     _require_run(run_dir)
-    from genlab.eval.report import eval_command
+    from genlab.eval.command import eval_command
     from genlab.urls import commands_allowed
 
     try:

@@ -31,9 +31,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom
-
-#: model.objective -> diffusers' prediction_type (flow has its own scheduler).
+from genlab.step_random import StepRandom
 OBJECTIVES = {"epsilon": "epsilon", "v": "v_prediction", "x0": "sample", "flow": None}
 #: model.schedule -> diffusers' beta_schedule (DDPM objectives).
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from genlab.errors import GenlabError
-from genlab.families.base import Card, CardByConfig
+from genlab.families.contract import Card, CardByConfig
 from genlab.run_dir import RunDir, UntrustedConfig, atomic_write, check_targets
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The bare network under its wrappers: one helper for every layer that needs it.
 
 Accelerate and DDP wrap a network as `.module`, torch.compile as `._orig_mod`, in either order
-(genlab compiles before Accelerate prepares). Families (`families.base`) and the latent cache
+(genlab compiles before Accelerate prepares). Families (`families.contract`) and the latent cache
 (`data.latent_cache`, which keys cached text embeddings by the encoder's weights) both unwrap.
 """
 

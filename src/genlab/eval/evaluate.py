@@ -44,7 +44,7 @@ from genlab.eval.metrics import (border_artifact_rate, border_energy, cached_ref
                                  class_coverage, dataset_fingerprint, extract, feature_metrics, reference_key,
                                  rejection_rate)
 from genlab.eval.vae_metrics import anomaly_auroc, vae_scores
-from genlab.families.base import Autoencoder, Conditioned, Decode, Diffused, Encode, EvalVariants
+from genlab.families.contract import Autoencoder, Conditioned, Decode, Diffused, Encode, EvalVariants
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class Evaluator:
         """Every metric this run supports, as {name: float}.
 
         Args:
-            family: a `genlab.families.base.Family`. An optional attribute `conditions`
+            family: a `genlab.families.contract.Family`. An optional attribute `conditions`
                 (tuple of sample() options among "sketch", "prompt") makes it generate
                 from val items instead of unconditionally; an optional `eval_variants`
                 ({name: sample options}) adds the sample metrics under those options.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from genlab.families.base import Decode, Encode
+from genlab.families.contract import Decode, Encode
 
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
 #: (x - m)^2 is the NLL of N(m, 1/2) and |x - m| that of Laplace(m, 1), up to constants.

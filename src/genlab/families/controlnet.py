@@ -1,6 +1,6 @@
 """ControlNet: make a frozen Stable Diffusion (1.x/2.x or SDXL) base follow a sketch, optionally with LoRA.
 
-`model.base` decides the kind (`families/bases.py`): an SDXL base conditions the U-Net and
+`model.base` decides the kind (`families/base_kinds.py`): an SDXL base conditions the U-Net and
 the ControlNet on its two text encoders and added time ids (`families/sdxl.py`). SD3.x and
 Flux bases are transformers trained with flow matching: `ControlNet(base=...)` hands them to
 `families/flow_controlnet.py`'s `FlowControlNet`, so `model=controlnet` (and the saved
@@ -31,9 +31,9 @@ from safetensors.torch import save_file
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases, flow_controlnet, lora_variants, memory, sdxl
+from genlab.families import base_kinds, flow_controlnet, lora_variants, quantize, sdxl
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.sd import latent_diffusion_core, load_parts
 
@@ -80,7 +80,7 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
 
     def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
         """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""
-        if base and bases.base_kind(str(base)) in flow_controlnet.CLASSES:
+        if base and base_kinds.base_kind(str(base)) in flow_controlnet.CLASSES:
             return flow_controlnet.FlowControlNet(*args, base=base, **kwargs)
         return super().__new__(cls)
 
@@ -93,9 +93,9 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         if not base:
             raise ConfigError("model.base: ControlNet needs a base (SD 1.x/2.x, SDXL, SD3.x or Flux): a hub id, a "
                               "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.kind = bases.base_kind(str(base))  # sd or sdxl: __new__ sent SD3.x and Flux to FlowControlNet
+        self.kind = base_kinds.base_kind(str(base))  # sd or sdxl: __new__ sent SD3.x and Flux to FlowControlNet
         self.image_size, self.vae_source = image_size, ld.plain(vae)
-        self.base = bases.diffusers_dir(str(base), base_config)  # a single file: its converted directory
+        self.base = base_kinds.diffusers_dir(str(base), base_config)  # a single file: its converted directory
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
         if self.kind == "sdxl":
             self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
@@ -123,7 +123,7 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
         lora_variants.refuse_on_quantized(lora, quantize_base)
-        memory.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
+        quantize.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
             self.unet.add_adapter(lora_variants.adapter_config(lora))
@@ -163,7 +163,7 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
             ld.move(frozen, device, self.weight_dtype)
-        memory.set_dtype(self.unet, self.weight_dtype)  # a quantised U-Net's int8 layers hand on this dtype
+        quantize.set_dtype(self.unet, self.weight_dtype)  # a quantised U-Net's int8 layers hand on this dtype
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.
         cast_training_params([self.unet, self.controlnet], torch.float32)

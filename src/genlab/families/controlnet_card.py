@@ -12,9 +12,9 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from genlab.errors import GenlabError
-from genlab.families.base import Card
+from genlab.families.contract import Card
 
-# A ControlNet by its base's kind (genlab.families.bases): the Hub's tag for the base, diffusers' ControlNet
+# A ControlNet by its base's kind (genlab.families.base_kinds): the Hub's tag for the base, diffusers' ControlNet
 # model and pipeline classes (the Hub derives a pipeline tag from model_index.json, which a ControlNet export lacks).
 CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusionControlNetPipeline"),
                     "sdxl": ("stable-diffusion-xl", "ControlNetModel", "StableDiffusionXLControlNetPipeline"),
@@ -27,13 +27,13 @@ FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was traine
 def flow_unet_base(base: Any) -> bool:
     """Whether a ControlNet's base is an SD/SDXL U-Net that samples with a flow scheduler (a genlab
     `model=sd model.objective=flow` run). False when the base cannot be read (e.g. a hub id offline)."""
-    from genlab.families import bases
+    from genlab.families import base_kinds
     from genlab.families import latent_diffusion as ld
 
     if not base:
         return False
     try:
-        kind, scheduler = bases.base_kind(str(base)), ld.base_scheduler(str(base))
+        kind, scheduler = base_kinds.base_kind(str(base)), ld.base_scheduler(str(base))
     except (GenlabError, OSError, ValueError):
         return False
     return kind in ("sd", "sdxl") and type(scheduler).__name__.startswith("FlowMatch")
@@ -42,12 +42,12 @@ def flow_unet_base(base: Any) -> bool:
 def controlnet_base_kind(model: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> str:
     """sd | sdxl | sd3 | flux: the base a ControlNet run was trained on, as its export says (genlab_export.json),
     else as model.base reads; "sd" when neither can be read (a hub id offline)."""
-    from genlab.families import bases
+    from genlab.families import base_kinds
 
     if (info or {}).get("base_kind") in CONTROLNET_BASES:
         return info["base_kind"]
     try:
-        return bases.base_kind(str(model.get("base")))
+        return base_kinds.base_kind(str(model.get("base")))
     except (GenlabError, OSError, ValueError):
         return "sd"
 
@@ -78,7 +78,7 @@ def controlnet_adapter(kind: str, lora: Mapping[str, Any] | None, where: str = "
 
 def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None) -> Card:
     """The card of a ControlNet on a base of `kind` without its loading code (`controlnet_use`); `lora`: model.lora."""
-    from genlab.families.bases import KINDS
+    from genlab.families.base_kinds import KINDS
 
     tag, _, pipeline = CONTROLNET_BASES[kind]
     adapter, _ = controlnet_adapter(kind, lora)
@@ -124,7 +124,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
 
 
 class ControlNetFamily:
-    """What `ControlNet` (SD and SDXL bases) and `FlowControlNet` (SD3.x and Flux) declare (families/base.py):
+    """What `ControlNet` (SD and SDXL bases) and `FlowControlNet` (SD3.x and Flux) declare (families/contract.py):
     one family, whatever its base, whose card is by the base's kind and the adapter trained on it."""
 
     name = "controlnet"

@@ -18,9 +18,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 from genlab.diffusion import Diffusion, guided
 from genlab.errors import GenlabError
-from genlab.families.base import Card, StepRandom, batch_labels, diffusers_blocks
+from genlab.families.contract import Card, batch_labels, diffusers_blocks
 
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
+from genlab.step_random import StepRandom
 ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 #: model.backbone -> the attribute (and checkpoint file) name of the denoiser.
 BACKBONES = {"unet": "unet", "dit": "transformer"}

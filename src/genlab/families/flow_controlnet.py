@@ -37,9 +37,9 @@ from torch import nn
 from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases, lora_variants, memory
+from genlab.families import base_kinds, lora_variants, quantize
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import OnePhase
+from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
@@ -79,8 +79,8 @@ def build_controlnet(base: str, num_layers: int | None = None, num_single_layers
             copied), Flux 4 (as diffusers' train_controlnet_flux.py; at most the base's own).
         num_single_layers: Flux's single-stream blocks to copy; None: 0 (the same recipe).
     """
-    kind = bases.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
-    transformer = ld.load_pretrained(_diffusers(CLASSES[kind][1]), bases.diffusers_dir(str(base)), "transformer")
+    kind = base_kinds.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
+    transformer = ld.load_pretrained(_diffusers(CLASSES[kind][1]), base_kinds.diffusers_dir(str(base)), "transformer")
     return controlnet_for(kind, transformer, num_layers, num_single_layers)
 
 
@@ -135,8 +135,8 @@ def from_pretrained(cls_name: str, location: str, **parts: Any):
 
 def pipeline(base: str, controlnet: nn.Module):
     """The diffusers ControlNet pipeline of the base's kind over the base's parts and `controlnet`."""
-    kind = bases.base_kind(str(base))
-    pipe = from_pretrained(CLASSES[kind][2], ld.pipeline_location(bases.diffusers_dir(str(base))),
+    kind = base_kinds.base_kind(str(base))
+    pipe = from_pretrained(CLASSES[kind][2], ld.pipeline_location(base_kinds.diffusers_dir(str(base))),
                            controlnet=ld.unwrap(controlnet))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -176,7 +176,7 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
     layers = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     if lora_variants.variant_of(transformer) in lora_variants.DIFFUSERS_LOADABLE:
         # The metadata carries lora_alpha (and use_dora), so loaders scale by alpha / rank as in training.
-        _diffusers(bases.PIPELINE_CLASSES[kind]).save_lora_weights(
+        _diffusers(base_kinds.PIPELINE_CLASSES[kind]).save_lora_weights(
             out_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config.to_dict())
     else:
         adapter = Path(out_dir) / "transformer_adapter"
@@ -209,10 +209,10 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
                  quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
                  sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
                  validation_data: Any = None, max_sequence_length: int | None = None, **diffusion: Any):
-        self.kind = bases.require_kind(str(base), tuple(CLASSES), "FlowControlNet")
+        self.kind = base_kinds.require_kind(str(base), tuple(CLASSES), "FlowControlNet")
         cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
         if ld.plain(vae):
-            raise ConfigError(f"model.vae={vae}: an {bases.KINDS[self.kind]} ControlNet uses its base's own VAE; "
+            raise ConfigError(f"model.vae={vae}: an {base_kinds.KINDS[self.kind]} ControlNet uses its base's own VAE; "
                               "set model.vae=null.")
         if int(control_lora.get("rank", 0)) > 0:
             raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
@@ -222,12 +222,12 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
                               "latents (no hint encoder); set it to null.")
         lora_variants.refuse_on_quantized(lora, quantize_base, "transformer")
         self.image_size = image_size
-        self.base = bases.diffusers_dir(str(base), base_config)
+        self.base = base_kinds.diffusers_dir(str(base), base_config)
         # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
         try:
-            parts = from_pretrained(bases.PIPELINE_CLASSES[self.kind], ld.pipeline_location(self.base))
+            parts = from_pretrained(base_kinds.PIPELINE_CLASSES[self.kind], ld.pipeline_location(self.base))
         except (OSError, ValueError) as e:
-            raise GenlabError(f"model.base={base}: cannot load it as an {bases.KINDS[self.kind]} pipeline "
+            raise GenlabError(f"model.base={base}: cannot load it as an {base_kinds.KINDS[self.kind]} pipeline "
                               f"({str(e).splitlines()[0]}).") from e
         parts = parts.components
         parts.pop("scheduler")  # the core's samplers replace it
@@ -249,7 +249,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
             self.controlnet = controlnet_for(self.kind, self.transformer, cfg.get("num_layers"),
                                              cfg.get("num_single_layers"))
         self.controlnet.requires_grad_(True).train()
-        memory.quantize_frozen(self.transformer, quantize_base)  # after the ControlNet copied full precision
+        quantize.quantize_frozen(self.transformer, quantize_base)  # after the ControlNet copied full precision
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
             # lora, dora, loha or lokr on the attention projections by default.
@@ -295,7 +295,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         for frozen in [self.transformer, *self.frozen.values()]:
             if isinstance(frozen, nn.Module):
                 ld.move(frozen, device, self.weight_dtype)
-        memory.set_dtype(self.transformer, self.weight_dtype)  # what a quantised transformer's int8 layers hand on
+        quantize.set_dtype(self.transformer, self.weight_dtype)  # what a quantised transformer's int8 layers hand on
         ld.move(self.controlnet, device, torch.float32)
         cast_training_params([self.transformer, self.controlnet], torch.float32)  # LoRA stays fp32
         return self
@@ -312,7 +312,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         weights the transformer's trained LoRA (0: the base as it was, for ablations).
         """
         if options:
-            raise GenlabError(f"controlnet ({bases.KINDS[self.kind]} base): unknown sample option(s) "
+            raise GenlabError(f"controlnet ({base_kinds.KINDS[self.kind]} base): unknown sample option(s) "
                               f"{sorted(options)}; it takes sketch, prompt, sampler, steps, guidance, control_scale, "
                               "lora, own_lora.")
         sketches, prompts = self.sample_conditions(n, sketch, prompt)

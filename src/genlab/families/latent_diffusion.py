@@ -23,7 +23,8 @@ from PIL import Image
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom, diffusers_blocks, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
+from genlab.families.contract import diffusers_blocks, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
+from genlab.step_random import StepRandom
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
 

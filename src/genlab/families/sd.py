@@ -30,9 +30,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from genlab.diffusion import Diffusion
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases
+from genlab.families import base_kinds
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import Card, OnePhase
+from genlab.families.contract import Card, OnePhase
 from genlab.families.sd3 import StableDiffusion3
 from genlab.text import clip_tokenizer, tiny_text_config
 
@@ -158,8 +158,8 @@ class StableDiffusion(OnePhase):
         self.image_size = image_size
         self.base = ld.plain(base)
         if self.base is not None:  # a single file becomes a diffusers directory; SDXL and others are refused
-            bases.require_kind(str(self.base), ("sd",), "model=sd")
-            self.base = bases.diffusers_dir(str(self.base), base_config)
+            base_kinds.require_kind(str(self.base), ("sd",), "model=sd")
+            self.base = base_kinds.diffusers_dir(str(self.base), base_config)
         if (ld.plain(lora) or {}).get("rank", 0) > 0 and self.base is None:
             # Checkpoints keep only the LoRA and rebuild the frozen U-Net from the base: a random one cannot be.
             raise ConfigError("model.lora.rank > 0 fine-tunes a pretrained base: set model.base, or train the tiny "
@@ -267,5 +267,5 @@ class StableDiffusion(OnePhase):
         return self._val_prompts
 
 
-# configs/model/sd.yaml's `_target_` is the builder: the class it stands for declares the family (families/base.py).
+# configs/model/sd.yaml's `_target_` is the builder: the class it stands for declares the family (families/contract.py).
 stable_diffusion.family = StableDiffusion

@@ -24,7 +24,7 @@ from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
-from genlab.families.base import Card, OnePhase
+from genlab.families.contract import Card, OnePhase
 from genlab.text import clip_tokenizer, tiny_text_config
 
 #: T5 tokens of the pipeline's zero stand-in for the absent T5 encoder (SD3 uses 256 real ones).

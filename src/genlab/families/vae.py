@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import (Card, Decode, Encode, StepRandom, batch_labels, refuse_unknown_sample_options,
-                                  unwrap)
+from genlab.families.contract import Card, Decode, Encode, batch_labels, refuse_unknown_sample_options, unwrap
+from genlab.step_random import StepRandom
 
 #: `recon_loss` -> the decoder likelihood it trains (what `genlab eval` scores the VAE with).
 LIKELIHOOD_OF_LOSS = {"mse": "gaussian", "l1": "laplace", "bce": "bernoulli"}

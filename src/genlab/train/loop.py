@@ -1,4 +1,4 @@
-"""The one training loop. It knows nothing about any family (see families/base.py).
+"""The one training loop. It knows nothing about any family (see families/contract.py).
 
 Per optimizer step: for each phase the family names, accumulate `grad_accum`
 micro-batches, clip, check for NaN/inf, step the phase's optimizer and LR schedule; then
@@ -29,7 +29,8 @@ from genlab.config import build
 from genlab.data import InMemory, build_dataset
 from genlab.data.batches import BatchStream, loader_options, make_order
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import Diagnosed, Family, PairedSamples, StepRandom
+from genlab.families.contract import Diagnosed, Family, PairedSamples
+from genlab.step_random import StepRandom
 from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt

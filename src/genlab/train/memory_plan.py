@@ -174,7 +174,7 @@ def measured_activations(cfg: Any, family: Any) -> int:
     run here on the CPU on a batch of the configured data."""
     from genlab.data import build_dataset
     from genlab.data.batches import BatchStream, loader_options, make_order
-    from genlab.families.base import StepRandom
+    from genlab.step_random import StepRandom
 
     t = cfg.trainer
     dataset = build_dataset(cfg.data, "train")
@@ -236,7 +236,7 @@ class RealSize:
 
     def _build(self, kind: str, train: str, ema: bool, frozen_dtype: torch.dtype) -> None:
         from genlab.families import stand_ins
-        from genlab.families.base import diffusers_blocks
+        from genlab.families.contract import diffusers_blocks
 
         with torch.device("meta"):
             if kind == "sd15":

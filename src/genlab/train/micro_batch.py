@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from genlab.data import collate_items
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import StepRandom
+from genlab.step_random import StepRandom
 
 PROBE_PASSES = 2  # forward/backward passes per phase and size; the second meets a fragmented cache
 SAMPLE_ITEMS = 8  # real items read for the probe, tiled up to the micro-batch

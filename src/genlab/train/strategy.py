@@ -76,7 +76,7 @@ def is_dead_peer(error: BaseException) -> bool:
 
 def shard_units(family: Any) -> dict[str, list[nn.Module]]:
     """What the family asks to shard block by block (families.base.Sharded); {} when it declares nothing."""
-    from genlab.families.base import Sharded
+    from genlab.families.contract import Sharded
 
     return family.shard_units() if isinstance(family, Sharded) else {}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genlab.families.base import StepRandom
+from genlab.step_random import StepRandom
 
 
 def _color(x: torch.Tensor, rng: StepRandom) -> torch.Tensor:

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.base import Card, StepRandom, batch_labels, refuse_unknown_sample_options, unwrap
+from genlab.families.contract import Card, batch_labels, refuse_unknown_sample_options, unwrap
+from genlab.step_random import StepRandom
 from genlab.families.gan.augmentation import AUGMENTS, PADDINGS, diff_augment
 from genlab.families.gan.diagnostics import GanDiagnostics
 from genlab.families.gan.losses import (G_LOSSES, LOSSES, d_loss_hinge, d_loss_lsgan, d_loss_nonsaturating, d_loss_rpgan,

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import bases
+from genlab.families import base_kinds
 from genlab.families.controlnet import ControlNet
 from genlab.families.sd import StableDiffusion
 from ldm_single_file import sd_to_single_file
@@ -28,16 +28,16 @@ def sd_export(tmp_path_factory):
 
 def test_single_file_base_loads_offline_like_its_directory(sd_export, monkeypatch):
     directory, single = sd_export
-    assert bases.base_kind(str(directory)) == bases.base_kind(str(single)) == "sd"
-    converted = bases.diffusers_dir(str(single), str(directory))
+    assert base_kinds.base_kind(str(directory)) == base_kinds.base_kind(str(single)) == "sd"
+    converted = base_kinds.diffusers_dir(str(single), str(directory))
     a, b = StableDiffusionPipeline.from_pretrained(directory), StableDiffusionPipeline.from_pretrained(converted)
     for name in ("unet", "vae", "text_encoder"):
         mine, theirs = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
     assert a.scheduler.config == b.scheduler.config
     # Converted once: the next use reads the cached directory.
-    monkeypatch.setattr(bases, "_convert", lambda *a: pytest.fail("converted twice"))
-    assert bases.diffusers_dir(str(single), str(directory)) == converted
+    monkeypatch.setattr(base_kinds, "_convert", lambda *a: pytest.fail("converted twice"))
+    assert base_kinds.diffusers_dir(str(single), str(directory)) == converted
     # The ControlNet family on the file samples what it samples on the directory.
     images = []
     for base in (single, directory):
@@ -63,7 +63,7 @@ def test_sd_family_takes_a_single_file_base_and_refuses_other_kinds(sd_export, t
 def test_single_file_without_config_offline_says_what_to_set(sd_export, tmp_path, monkeypatch):
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path))
     with pytest.raises(GenlabError, match="model.base_config"):
-        bases.diffusers_dir(str(sd_export[1]))
+        base_kinds.diffusers_dir(str(sd_export[1]))
 
 
 def _pipeline_dir(path, class_name):
@@ -75,31 +75,31 @@ def _pipeline_dir(path, class_name):
 def test_kind_from_model_index_and_from_single_file_keys(tmp_path):
     for name, kind in [("StableDiffusionPipeline", "sd"), ("StableDiffusionXLPipeline", "sdxl"),
                        ("StableDiffusion3Pipeline", "sd3"), ("FluxPipeline", "flux")]:
-        assert bases.base_kind(_pipeline_dir(tmp_path / name, name)) == kind
+        assert base_kinds.base_kind(_pipeline_dir(tmp_path / name, name)) == kind
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
     _pipeline_dir(run / "export", "StableDiffusionXLPipeline")
-    assert bases.base_kind(str(run)) == "sdxl"  # a genlab run: its export/
+    assert base_kinds.base_kind(str(run)) == "sdxl"  # a genlab run: its export/
     one = torch.zeros(1)
     for keys, kind in [(["conditioner.embedders.1.model.positional_embedding", "model.diffusion_model.input_blocks.0.0.weight"], "sdxl"),
                        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "sd3"),
                        (["double_blocks.0.img_attn.norm.key_norm.scale"], "flux"),
                        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"], "sd")]:
         save_file({k: one.clone() for k in keys}, tmp_path / f"{kind}.safetensors")
-        assert bases.base_kind(str(tmp_path / f"{kind}.safetensors")) == kind
+        assert base_kinds.base_kind(str(tmp_path / f"{kind}.safetensors")) == kind
 
 
 def test_unknown_or_unsupported_bases_get_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match=r"is a KandinskyPipeline; genlab supports .*SDXL, SD3.x and Flux"):
-        bases.base_kind(_pipeline_dir(tmp_path / "k", "KandinskyPipeline"))
+        base_kinds.base_kind(_pipeline_dir(tmp_path / "k", "KandinskyPipeline"))
     save_file({"encoder.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="first: encoder.weight.*none of the known layouts"):
-        bases.base_kind(str(tmp_path / "other.safetensors"))
+        base_kinds.base_kind(str(tmp_path / "other.safetensors"))
     (tmp_path / "old.ckpt").write_bytes(b"x")
     with pytest.raises(GenlabError, match=r"\.safetensors only"):
-        bases.base_kind(str(tmp_path / "old.ckpt"))
+        base_kinds.base_kind(str(tmp_path / "old.ckpt"))
     with pytest.raises(GenlabError, match="no diffusers pipeline there"):
-        bases.base_kind(str(tmp_path))
+        base_kinds.base_kind(str(tmp_path))
     sd3 = _pipeline_dir(tmp_path / "sd3", "StableDiffusion3Pipeline")
     with pytest.raises(ConfigError, match="is an SD3.x base; model=sd supports Stable Diffusion 1.x/2.x"):
         StableDiffusion(32, base=sd3)
