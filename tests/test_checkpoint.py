@@ -32,7 +32,7 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     (broken / "COMPLETE").unlink()  # as if killed between writing files and the marker
     (root / ".step_000003.tmp").mkdir()  # a save killed half-way
     with caplog.at_level(logging.WARNING):
-        latest = find_checkpoint(tmp_path, "latest")
+        latest = find_checkpoint(root, "latest")
     assert latest.name == "step_000001"
     assert "step_000002" in caplog.text
     net = torch.nn.Linear(2, 2)
@@ -43,10 +43,10 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
 def test_find_checkpoint_by_step(tmp_path):
     for step in (5, 10):
         _save(tmp_path / "checkpoints", step, keep=None)
-    assert find_checkpoint(tmp_path, "step_5").name == "step_000005"
-    assert find_checkpoint(tmp_path, "step_7") is None
+    assert find_checkpoint(tmp_path / "checkpoints", "step_5").name == "step_000005"
+    assert find_checkpoint(tmp_path / "checkpoints", "step_7") is None
     with pytest.raises(ValueError):
-        find_checkpoint(tmp_path, "newest")
+        find_checkpoint(tmp_path / "checkpoints", "newest")
 
 
 def _adapted(seed=0, frozen=True):

@@ -11,7 +11,8 @@ import toy_family
 from conftest import compose, toy_config
 from genlab.config import check_values
 from genlab.errors import ConfigError, GenlabError
-from genlab.train.checkpoint import find_checkpoint, load_state
+from genlab.run_dir import RunDir
+from genlab.train.checkpoint import load_state
 from genlab.train.job import run_training
 from genlab.train.micro_batch import candidates
 
@@ -33,11 +34,11 @@ def memory_limit(monkeypatch):
 
 
 def _state(run_dir):
-    return load_state(find_checkpoint(run_dir, "latest"))
+    return load_state(RunDir(run_dir).checkpoint("latest"))
 
 
 def _weights(run_dir):
-    return load_file(find_checkpoint(run_dir, "latest") / "net.safetensors")
+    return load_file(RunDir(run_dir).checkpoint("latest") / "net.safetensors")
 
 
 def test_probe_picks_the_largest_micro_batch_that_fits_and_leaves_no_trace(tmp_path, memory_limit):

@@ -147,7 +147,7 @@ def test_a_kill_while_replacing_a_checkpoint_keeps_a_complete_one(tmp_path, monk
     assert torch.all(net.weight == 4.0)
     ckpt.prune(root, keep=None)  # the next writer (holding the lock) puts it back
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_000002", "step_000004"]
-    assert ckpt.find_checkpoint(tmp_path, "step_4") == root / "step_000004"
+    assert ckpt.find_checkpoint(root, "step_4") == root / "step_000004"
 
 
 def test_a_complete_re_save_replaces_and_leaves_no_leftovers(tmp_path):

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose, toy_config
-from genlab.train.checkpoint import complete_checkpoints, find_checkpoint
+from genlab.run_dir import RunDir
+from genlab.train.checkpoint import complete_checkpoints
 from genlab.train.job import run_training
 
 TINY_FAMILIES = {  # family[_variant] -> overrides giving a model that trains a step in well under a second
@@ -174,7 +175,7 @@ def _kill_trials(tmp_path, trials):
         time.sleep(rng.uniform(0.0, 1.5))  # somewhere inside the stream of per-step saves
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL, "the run ended before it was killed"
-        latest = find_checkpoint(run, "latest")
+        latest = RunDir(run).checkpoint("latest")
         if latest is not None:  # the newest complete checkpoint always loads, with every file
             assert {"net.safetensors", "training_state.pt", "state.json", "COMPLETE"} <= {p.name for p in latest.iterdir()}
             assert all(torch.isfinite(v).all() for v in load_file(latest / "net.safetensors").values())

@@ -259,7 +259,7 @@ def _target_directory(args: list[str]) -> list[str]:
             return [*args, f"hydra.sweep.dir={claim_new_dir(Path(root) / 'multirun')}"]
         if Path(sweep).is_dir():  # Hydra writes into its jobs' folders (.hydra/, train.log) before genlab runs
             RunDir(sweep).refuse_links_out()
-        taken = [p.parent.parent.name for p in Path(sweep).glob("*/.hydra/config.yaml") if RunDir(p.parent.parent).holds_run()]
+        taken = [job.name for job in Path(sweep).iterdir() if RunDir(job).is_run() and RunDir(job).holds_run()]
         if taken and (Path(sweep) / STUDY_FILE).exists():
             return args  # an Optuna study's folder: the rerun continues the study (genlab.cluster.study)
         if taken:

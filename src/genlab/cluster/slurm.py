@@ -80,7 +80,8 @@ def job_summary(job: Any, run_dir: Path) -> tuple[str, str]:
     try:
         ret = job.results()[0]
     except Exception:  # the job ended without writing its result (killed, cancelled, out of requeues)
-        status = RunDir(run_dir).read_status() if (run_dir / "status.json").exists() else {}
+        run = RunDir(run_dir)
+        status = run.read_status() if run.status_file.exists() else {}
         why = f"the job ended without a result (cancelled, killed or out of requeues); its log: {job.paths.stderr}"
         return status.get("status", "lost"), status.get("error") or why
     if ret.status.name == "COMPLETED":

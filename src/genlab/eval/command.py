@@ -27,7 +27,7 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
     metrics = evaluator.evaluate(family, n_samples=n)
     out_dir = run.eval_dir
     report = {"checkpoint": checkpoint, "ema": use_ema, "seconds": time.perf_counter() - started, **metrics}
-    atomic_write(out_dir / "metrics.json", json.dumps(report, indent=2))
+    run.write_eval(report)
     Console().print(metrics_table(metrics, f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})"))
     if compare_samplers:
         from genlab.eval.plots import plot_quality_vs_steps
@@ -38,7 +38,7 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
         metric = next(k for k in rows[0] if k.startswith("fid_"))
         plot_quality_vs_steps(rows, metric, out_dir / "samplers.png")
         print(f"wrote {out_dir / 'samplers.json'} and {out_dir / 'samplers.png'}")
-    print(f"wrote {out_dir / 'metrics.json'}")
+    print(f"wrote {run.eval_file}")
     refresh_model_card(run)  # the card's metrics are those of eval/metrics.json
     return report
 

@@ -69,6 +69,7 @@ class RunDir:
     samples = property(lambda self: self.path / "samples")
     export = property(lambda self: self.path / "export")
     eval_dir = property(lambda self: self.path / "eval")
+    eval_file = property(lambda self: self.path / "eval" / "metrics.json")
     report_file = property(lambda self: self.path / "report.html")
 
     def is_run(self) -> bool:
@@ -306,10 +307,14 @@ class RunDir:
             atomic_write(self.metrics_file, text)
         return max([step, *(row["step"] for row in rows)])
 
+    def write_eval(self, report: dict[str, Any]) -> None:
+        """eval/metrics.json: `genlab eval`'s report (checkpoint, EMA, seconds and every metric)."""
+        atomic_write(self.eval_file, json.dumps(report, indent=2))
+
     def read_eval(self) -> dict[str, Any]:
         """eval/metrics.json of `genlab eval`; {} when absent or unreadable."""
         try:
-            metrics = json.loads((self.eval_dir / "metrics.json").read_text())
+            metrics = json.loads(self.eval_file.read_text())
         except (OSError, ValueError):
             return {}
         return metrics if isinstance(metrics, dict) else {}
@@ -340,4 +345,4 @@ class RunDir:
         """The complete checkpoint `which` (latest | best | step_N), or None."""
         from genlab.train.checkpoint import find_checkpoint
 
-        return find_checkpoint(self.path, which)
+        return find_checkpoint(self.checkpoints, which)

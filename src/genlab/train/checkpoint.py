@@ -207,9 +207,13 @@ def complete_checkpoints(ckpt_root: Path, warn: bool = False) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
-def find_checkpoint(run_dir: Path, which: str = "latest") -> Path | None:
-    """Resolve "latest", "best" or "step_N" to a complete checkpoint directory of `run_dir`."""
-    root = Path(run_dir) / "checkpoints"
+def find_checkpoint(root: Path, which: str = "latest") -> Path | None:
+    """Resolve "latest", "best" or "step_N" to a complete checkpoint directory under `root`.
+
+    Args:
+        root: a run's checkpoints folder (`RunDir.checkpoints`; `RunDir.checkpoint` is the usual door).
+    """
+    root = Path(root)
     complete = complete_checkpoints(root, warn=True)
     if which == "latest":
         return complete[-1] if complete else None

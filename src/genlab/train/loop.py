@@ -311,7 +311,7 @@ class Trainer:
                  "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
                  "num_processes": self.accelerator.num_processes, "best": self.best.state_dict()}
         networks = {n: self._unwrapped(n) for n in self.family.networks()}
-        path = self.strategy.save_checkpoint(self.run_dir / "checkpoints", self.step, networks, self.optimizers,
+        path = self.strategy.save_checkpoint(self.run.checkpoints, self.step, networks, self.optimizers,
                                              self.ema, self.family.ema_network, extra, state,
                                              self.t.keep_checkpoints, name=name)
         if path is not None:
@@ -425,7 +425,7 @@ class Trainer:
         """Fixed-noise samples (EMA weights if any) to samples/<name>.png; main process only."""
         if not self.t.sample_n or not (self.accelerator.is_main_process or self.strategy.sharded):
             return None  # strategy=fsdp: every process takes part in each forward (it all-gathers the weights)
-        path = self.run_dir / "samples" / f"{name}.png"
+        path = self.run.samples / f"{name}.png"
         # fork_rng: sampling must not move the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[]), unwrapped_networks(self.family, self.accelerator), \
                 swapped_in_ema(self.family, self.ema):
@@ -535,7 +535,7 @@ class Trainer:
         self.sample_grid("final")
         if self.accelerator.is_main_process or self.strategy.sharded:  # fsdp: gathering the weights is a collective
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):
-                self.strategy.export(self.family, lambda: build("model", self.cfg.model), self.run_dir / "export")
+                self.strategy.export(self.family, lambda: build("model", self.cfg.model), self.run.export)
         if self.accelerator.is_main_process:
             refresh_model_card(self.run, type(self.family))  # export/README.md: the Hub's model card (never fatal)
         self.accelerator.wait_for_everyone()
