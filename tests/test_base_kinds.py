@@ -78,6 +78,7 @@ def test_kind_from_model_index_and_from_single_file_keys(tmp_path):
         assert base_kinds.base_kind(_pipeline_dir(tmp_path / name, name)) == kind
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model: {}\n")  # what makes it a run (RunDir.is_run)
     _pipeline_dir(run / "export", "StableDiffusionXLPipeline")
     assert base_kinds.base_kind(str(run)) == "sdxl"  # a genlab run: its export/
     one = torch.zeros(1)

@@ -46,6 +46,7 @@ def vae_run(tmp_path_factory):
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("vae") / "run"
     (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model: {}\n")  # what makes it a run (RunDir.is_run)
     AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
                   layers_per_block=1, sample_size=32, scaling_factor=0.5).save_pretrained(run / "export")

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def fake_run(root: Path) -> Path:
     """A directory that looks like a finished genlab run (its export/ is filled by the caller)."""
     (root / ".hydra").mkdir(parents=True)
+    (root / ".hydra" / "config.yaml").write_text("model: {}\n")  # what makes it a run (RunDir.is_run)
     return root
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from genlab.config import save_to_cache
 from genlab.errors import ConfigError, GenlabError
+from genlab.run_dir import RunDir
 
 KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux"}
 SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x and Flux bases"
@@ -76,8 +77,8 @@ def pipeline_class_name(base: str) -> str:
     from diffusers import DiffusionPipeline
 
     path = Path(str(base)).expanduser()
-    if path.is_dir() and ((path / ".hydra").is_dir() or (path / "checkpoints").is_dir()):
-        path = path / "export"  # a genlab run
+    if (run := RunDir(path)).is_run():
+        path = run.export  # a genlab run
     where = str(path) if path.exists() else str(base)
     try:
         return DiffusionPipeline.load_config(where)["_class_name"]

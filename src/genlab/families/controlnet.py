@@ -2,9 +2,10 @@
 
 `model.base` decides the kind (`families/base_kinds.py`): an SDXL base conditions the U-Net and
 the ControlNet on its two text encoders and added time ids (`families/sdxl.py`). SD3.x and
-Flux bases are transformers trained with flow matching: `ControlNet(base=...)` hands them to
-`families/flow_controlnet.py`'s `FlowControlNet`, so `model=controlnet` (and the saved
-configs of old runs) reach it through the same `_target_`.
+Flux bases are transformers trained with flow matching: the builder `ControlNet(base=...)`
+(the config's `_target_`) builds `families/flow_controlnet.py`'s `FlowControlNet` for them and
+this module's `UNetControlNet` for SD and SDXL, so `model=controlnet` (and the saved configs of
+old runs) reach both through the same `_target_`.
 
 The ControlNet is `ControlNetModel.from_unet(base_unet)` (a trainable copy of the base's
 encoder with zero-initialised output convolutions), its hint encoder downsampling the
@@ -35,6 +36,7 @@ from genlab.families import base_kinds, flow_controlnet, lora_variants, quantize
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
+from genlab.families.controlnet_options import ControlNetOptions
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -54,16 +56,22 @@ def hint_channels(vae_factor: int, channels: list[int] | None) -> tuple[int, ...
     return tuple(channels)
 
 
-class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
-    """Sketch-conditioned SD: a trainable ControlNet on a frozen base (see the module docstring).
+def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
+               **keys: Any) -> UNetControlNet | flow_controlnet.FlowControlNet:
+    """A sketch-conditioned ControlNet on a frozen base, of the class the base's kind needs.
+
+    configs/model/controlnet.yaml's `_target_` (and the saved configs of old runs): an SD 1.x/2.x or
+    SDXL base gets a `UNetControlNet`, an SD3.x or Flux base a `flow_controlnet.FlowControlNet`, from
+    the same keys (`ControlNetOptions`).
 
     Args:
         image_size, channels: from the data.
         base: the base (hub id, diffusers pipeline dir, genlab sd run or single .safetensors file). Required.
         base_config: for a single-file base, a diffusers directory (or hub id) with its architecture's configs.
-        vae: a VAE replacing the base's own (None: the base's).
+        vae: a VAE replacing the base's own (None: the base's; SD and SDXL only).
         controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
-            pretrained: a ControlNetModel to start from instead of copying the U-Net}.
+            pretrained: a ControlNetModel to start from instead of copying the U-Net}; SD3.x/Flux
+            read num_layers and num_single_layers instead (`FlowControlNet`).
         lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), variant (lora | dora | loha | lokr),
             target_modules, dropout}.
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
@@ -73,41 +81,45 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.
         max_sequence_length: T5 prompt tokens, read by SD3.x/Flux bases only (SD's CLIP reads 77).
-        **diffusion: the diffusion core's training keys (`genlab.diffusion.Diffusion`): timesteps
+        **keys: any other key is the diffusion core's (`genlab.diffusion.Diffusion`): timesteps
             (cubic: mostly high noise, where the sketch decides the layout), weighting, snr_gamma,
             offset_noise. The schedule and objective are the base's.
+
+    Returns:
+        the family, a `UNetControlNet` or a `FlowControlNet`.
+    """
+    if not base:
+        raise ConfigError("model.base: ControlNet needs a base (SD 1.x/2.x, SDXL, SD3.x or Flux): a hub id, a "
+                          "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
+    options = ControlNetOptions.read(image_size, channels, base, keys)
+    if base_kinds.base_kind(str(base)) in flow_controlnet.CLASSES:
+        return flow_controlnet.FlowControlNet(options)
+    return UNetControlNet(options)
+
+
+class UNetControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
+    """A trainable ControlNet on a frozen SD 1.x/2.x or SDXL U-Net (see the module docstring).
+
+    Built by `ControlNet`, which reads the config's keys into `options` (their meaning: `ControlNet`'s Args).
     """
 
-    def __new__(cls, *args: Any, base: str | None = None, **kwargs: Any):
-        """An SD3.x or Flux base gets a `FlowControlNet` (same config keys); SD and SDXL bases this class."""
-        if base and base_kinds.base_kind(str(base)) in flow_controlnet.CLASSES:
-            return flow_controlnet.FlowControlNet(*args, base=base, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
-                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
-                 control_lora: dict | None = None, gradient_checkpointing: bool = False,
-                 quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
-                 sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
-                 validation_data: Any = None, max_sequence_length: int | None = None, **diffusion: Any):
-        if not base:
-            raise ConfigError("model.base: ControlNet needs a base (SD 1.x/2.x, SDXL, SD3.x or Flux): a hub id, a "
-                              "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
-        self.kind = base_kinds.base_kind(str(base))  # sd or sdxl: __new__ sent SD3.x and Flux to FlowControlNet
-        self.image_size, self.vae_source = image_size, ld.plain(vae)
-        self.base = base_kinds.diffusers_dir(str(base), base_config)  # a single file: its converted directory
+    def __init__(self, options: ControlNetOptions):
+        o = options
+        self.kind = base_kinds.require_kind(o.base, ("sd", "sdxl"), "UNetControlNet")
+        self.image_size, self.vae_source = o.image_size, o.vae
+        self.base = base_kinds.diffusers_dir(o.base, o.base_config)  # a single file: its converted directory
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
         if self.kind == "sdxl":
             self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
                 sdxl.load_parts(self.base, self.vae_source)
         else:
             self.vae, self.text_encoder, self.tokenizer, self.unet = load_parts(
-                self.base, self.vae_source, image_size, {}, {}, None)
-        if channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+                self.base, self.vae_source, o.image_size, {}, {}, None)
+        if o.channels != self.vae.config.in_channels:
+            raise ConfigError(f"data.channels={o.channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
-        self.diffusion = latent_diffusion_core(self.base, diffusion)
-        cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
+        self.diffusion = latent_diffusion_core(self.base, o.diffusion)
+        cfg, lora, control_lora = o.controlnet, o.lora, o.control_lora
 
         # The ControlNet copies the U-Net *before* any LoRA is added to the U-Net.
         if cfg.get("pretrained"):
@@ -122,8 +134,8 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
                 # them see the sketch from the first step.
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
-        lora_variants.refuse_on_quantized(lora, quantize_base)
-        quantize.quantize_frozen(self.unet, quantize_base)  # after the ControlNet copied the full-precision U-Net
+        lora_variants.refuse_on_quantized(lora, o.quantize_base)
+        quantize.quantize_frozen(self.unet, o.quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
             self.unet.add_adapter(lora_variants.adapter_config(lora))
@@ -135,12 +147,11 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
             cn = self.controlnet
             for part in (cn.controlnet_cond_embedding, cn.controlnet_down_blocks, cn.controlnet_mid_block):
                 part.requires_grad_(True)
-        if gradient_checkpointing:
+        if o.gradient_checkpointing:
             # The frozen U-Net too: gradients flow through it to the ControlNet's residuals.
             self.unet.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
-        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
-                           caption_dropout)
+        self.init_sampling(self.diffusion, o)
         self.weight_dtype = torch.float32
 
     # --- the Family protocol ------------------------------------------------------------
@@ -159,7 +170,7 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
         loss = self.diffusion.loss(pred, target, weight)
         return loss, {"loss": loss.detach()}
 
-    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "ControlNet":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "UNetControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
             ld.move(frozen, device, self.weight_dtype)
@@ -235,3 +246,8 @@ class ControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+# configs/model/controlnet.yaml's `_target_` is the builder; the class it stands for declares the family's
+# name and losses (families/declarations.py), which FlowControlNet shares through ControlNetFamily.
+ControlNet.family = UNetControlNet

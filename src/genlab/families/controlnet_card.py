@@ -1,6 +1,6 @@
 """What the model card of a ControlNet export says: it depends on the base's kind (SD 1.x/2.x, SDXL, SD3.x,
-Flux) and on the adapter trained on the base, so `ControlNet` and `FlowControlNet` declare their card
-through `card_for` (families.base.CardByConfig), which asks here.
+Flux) and on the adapter trained on the base, so `UNetControlNet` and `FlowControlNet` declare their card
+through `card_for` (families.contract.CardByConfig), which asks here.
 
 `export` is the export's genlab_export.json (what training wrote: the base's kind, the base, the
 text length), so a card of a run on a Hub base is written without downloading it.
@@ -124,7 +124,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
 
 
 class ControlNetFamily:
-    """What `ControlNet` (SD and SDXL bases) and `FlowControlNet` (SD3.x and Flux) declare (families/contract.py):
+    """What `UNetControlNet` (SD and SDXL bases) and `FlowControlNet` (SD3.x and Flux) declare (families/contract.py):
     one family, whatever its base, whose card is by the base's kind and the adapter trained on it."""
 
     name = "controlnet"

@@ -1,7 +1,7 @@
 """ControlNets for the transformer bases trained with flow matching: SD3.x and Flux.
 
 `genlab train model=controlnet model.base=<SD3.x or Flux base>` trains `FlowControlNet`
-(`ControlNet` hands these bases over to it). The ControlNet is built from the base's own
+(the builder `controlnet.ControlNet` picks it for these bases). The ControlNet is built from the base's own
 transformer (diffusers' `SD3ControlNetModel.from_transformer`, `FluxControlNetModel.from_transformer`:
 a copy of its first blocks with zero-initialised outputs); the VAE, text encoders and
 transformer are frozen, with optional LoRA (or DoRA, LoHa, LoKr: `model.lora.variant`) on the
@@ -41,6 +41,7 @@ from genlab.families import base_kinds, lora_variants, quantize
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
+from genlab.families.controlnet_options import ControlNetOptions
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
@@ -186,10 +187,36 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
     lora_variants.save_kohya(transformer, out_dir, prefix="lora_transformer_")
 
 
+def refuse_unet_only_keys(options: ControlNetOptions, kind: str) -> None:
+    """One ConfigError sentence for a key only SD/SDXL ControlNets read: model.vae, Control-LoRA, a hint encoder."""
+    if options.vae:
+        raise ConfigError(f"model.vae={options.vae}: an {base_kinds.KINDS[kind]} ControlNet uses its base's own "
+                          "VAE; set model.vae=null.")
+    if int(options.control_lora.get("rank", 0)) > 0:
+        raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
+                          "model.control_lora.rank=0 to train the whole SD3.x/Flux ControlNet.")
+    if options.controlnet.get("conditioning_channels"):
+        raise ConfigError("model.controlnet.conditioning_channels: SD3.x/Flux ControlNets read the sketch's VAE "
+                          "latents (no hint encoder); set it to null.")
+
+
+def base_parts(kind: str, base: str, location: str) -> dict[str, Any]:
+    """The base's own parts (text encoders, tokenizers, VAE, transformer) as its pipeline loads them,
+    without the scheduler (the core's samplers replace it). `location`: `base`'s diffusers directory."""
+    try:
+        parts = from_pretrained(base_kinds.PIPELINE_CLASSES[kind], ld.pipeline_location(location))
+    except (OSError, ValueError) as e:
+        raise GenlabError(f"model.base={base}: cannot load it as an {base_kinds.KINDS[kind]} pipeline "
+                          f"({str(e).splitlines()[0]}).") from e
+    parts = parts.components
+    parts.pop("scheduler")
+    return parts
+
+
 class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
     """A trainable ControlNet on a frozen SD3.x or Flux base, trained by flow matching (see the module docstring).
 
-    Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` passes them on). What differs from
+    Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` reads them into `options`). What differs from
     SD/SDXL: the sketch is encoded by the VAE (no hint encoder: controlnet.conditioning_channels
     must be null), LoRA and its variants are on the transformer, there is no Control-LoRA and no
     `model.vae` override, and `guidance` is Flux's guidance embedding where the base has one.
@@ -203,64 +230,45 @@ class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
 
     denoiser = "transformer"  # LoRA on the base's transformer makes it a trained network (SketchConditioned)
 
-    def __init__(self, image_size: int, channels: int = 3, base: str | None = None, base_config: str | None = None,
-                 vae: str | None = None, controlnet: dict | None = None, lora: dict | None = None,
-                 control_lora: dict | None = None, gradient_checkpointing: bool = False,
-                 quantize_base: str | None = None, caption_dropout: float = 0.1, sampler: str | None = None,
-                 sample_steps: int = 25, guidance: float = 5.0, control_scale: float = 1.0,
-                 validation_data: Any = None, max_sequence_length: int | None = None, **diffusion: Any):
-        self.kind = base_kinds.require_kind(str(base), tuple(CLASSES), "FlowControlNet")
-        cfg, lora, control_lora = (ld.plain(x) or {} for x in (controlnet, lora, control_lora))
-        if ld.plain(vae):
-            raise ConfigError(f"model.vae={vae}: an {base_kinds.KINDS[self.kind]} ControlNet uses its base's own VAE; "
-                              "set model.vae=null.")
-        if int(control_lora.get("rank", 0)) > 0:
-            raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
-                              "model.control_lora.rank=0 to train the whole SD3.x/Flux ControlNet.")
-        if cfg.get("conditioning_channels"):
-            raise ConfigError("model.controlnet.conditioning_channels: SD3.x/Flux ControlNets read the sketch's VAE "
-                              "latents (no hint encoder); set it to null.")
-        lora_variants.refuse_on_quantized(lora, quantize_base, "transformer")
-        self.image_size = image_size
-        self.base = base_kinds.diffusers_dir(str(base), base_config)
-        # The base's own parts (text encoders, tokenizers, VAE, transformer), as its pipeline loads them.
-        try:
-            parts = from_pretrained(base_kinds.PIPELINE_CLASSES[self.kind], ld.pipeline_location(self.base))
-        except (OSError, ValueError) as e:
-            raise GenlabError(f"model.base={base}: cannot load it as an {base_kinds.KINDS[self.kind]} pipeline "
-                              f"({str(e).splitlines()[0]}).") from e
-        parts = parts.components
-        parts.pop("scheduler")  # the core's samplers replace it
+    def __init__(self, options: ControlNetOptions):
+        o = options
+        self.kind = base_kinds.require_kind(o.base, tuple(CLASSES), "FlowControlNet")
+        refuse_unet_only_keys(o, self.kind)
+        lora_variants.refuse_on_quantized(o.lora, o.quantize_base, "transformer")
+        self.image_size = o.image_size
+        self.base = base_kinds.diffusers_dir(o.base, o.base_config)
+        parts = base_parts(self.kind, o.base, self.base)
         self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
         self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
-        if channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={channels}, but the VAE takes "
+        if o.channels != self.vae.config.in_channels:
+            raise ConfigError(f"data.channels={o.channels}, but the VAE takes "
                               f"{self.vae.config.in_channels}-channel images.")
         factor = ld.vae_factor(self.vae)
-        if image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
-            raise ConfigError(f"data.image_size={image_size}: use a multiple of {2 * factor} for this base's VAE.")
+        if o.image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
+            raise ConfigError(f"data.image_size={o.image_size}: use a multiple of {2 * factor} for this base's VAE.")
         for module in [self.transformer, *parts.values()]:
             if isinstance(module, nn.Module):
                 module.requires_grad_(False).eval()
         # The ControlNet copies the transformer *before* any LoRA is added to it.
+        cfg = o.controlnet
         if cfg.get("pretrained"):
             self.controlnet = ld.load_pretrained(_diffusers(CLASSES[self.kind][0]), cfg["pretrained"], "controlnet")
         else:
             self.controlnet = controlnet_for(self.kind, self.transformer, cfg.get("num_layers"),
                                              cfg.get("num_single_layers"))
         self.controlnet.requires_grad_(True).train()
-        quantize.quantize_frozen(self.transformer, quantize_base)  # after the ControlNet copied full precision
-        self.lora_rank = int(lora.get("rank", 0))
+        quantize.quantize_frozen(self.transformer, o.quantize_base)  # after the ControlNet copied full precision
+        self.lora_rank = int(o.lora.get("rank", 0))
         if self.lora_rank > 0:
             # lora, dora, loha or lokr on the attention projections by default.
-            self.transformer.add_adapter(lora_variants.adapter_config(lora))
-        if gradient_checkpointing:  # the frozen transformer too: gradients flow through it to the ControlNet
+            self.transformer.add_adapter(lora_variants.adapter_config(o.lora))
+        if o.gradient_checkpointing:  # the frozen transformer too: gradients flow through it to the ControlNet
             self.transformer.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
-        self.diffusion = Diffusion.build(training_scheduler(self.base, (image_size // factor // 2) ** 2), **diffusion)
-        self.text_tokens = max_sequence_length or text_tokens(self.kind, parts)
-        self.init_sampling(self.diffusion, sampler, sample_steps, guidance, control_scale, validation_data,
-                           caption_dropout)
+        tokens = (o.image_size // factor // 2) ** 2  # the transformer's sequence length (2x2 latent patches)
+        self.diffusion = Diffusion.build(training_scheduler(self.base, tokens), **o.diffusion)
+        self.text_tokens = o.max_sequence_length or text_tokens(self.kind, parts)
+        self.init_sampling(self.diffusion, o)
         # Built once: it refuses a sampler the pipeline cannot run before training starts, and `encode` reuses it
         # every step (its text encoders and tokenizers are frozen, moved in place by `to`).
         self.prompt_pipe = self.pipeline(self.sampler_name)

@@ -24,6 +24,7 @@ from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.contract import diffusers_blocks, unwrap  # noqa: F401  (ld.unwrap, used by sd and controlnet)
+from genlab.run_dir import RunDir
 from genlab.step_random import StepRandom
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # the usual LoRA targets: attention projections
@@ -53,10 +54,10 @@ def resolve_pretrained(path_or_id: str, subfolder: str | None = None) -> tuple[s
         if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") > 1:
             raise GenlabError(f"{path_or_id}: no such directory. Give a genlab run, a diffusers directory or a hub id.")
         return str(path_or_id), subfolder  # a hub id
-    if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():  # a genlab run
-        if not (path / "export").is_dir():
+    if (run := RunDir(path)).is_run():
+        if not run.export.is_dir():
             raise GenlabError(f"{path}: this run has no export/ yet; let its training finish (or `genlab resume` it).")
-        path = path / "export"
+        path = run.export
     if subfolder and (path / subfolder).is_dir():
         return str(path / subfolder), None
     if (path / "config.json").exists() or (path / "tokenizer_config.json").exists():
@@ -249,8 +250,8 @@ def resolve_lora(path: str | Path) -> dict[str, str]:
         return {"pretrained_model_name_or_path_or_dict": str(path)}
     if p.is_file():
         return {"pretrained_model_name_or_path_or_dict": str(p.parent), "weight_name": p.name}
-    if (p / ".hydra").is_dir():
-        p = p / "export"
+    if (run := RunDir(p)).is_run():
+        p = run.export
     if not (p / "pytorch_lora_weights.safetensors").exists():
         raise GenlabError(f"--lora {path}: no pytorch_lora_weights.safetensors there "
                           "(was the run trained with model.lora.rank > 0?).")
@@ -358,8 +359,8 @@ def pipeline_location(path_or_id: str | None) -> str | None:
     path = Path(str(path_or_id)).expanduser()
     if not path.exists():
         return str(path_or_id)
-    if (path / ".hydra").is_dir() or (path / "checkpoints").is_dir():
-        path = path / "export"
+    if (run := RunDir(path)).is_run():
+        path = run.export
     return str(path.resolve())
 
 
@@ -369,17 +370,32 @@ def write_export_info(out_dir: Path, **info: Any) -> None:
 
 
 class SketchConditioned:
-    """What both ControlNet families (`controlnet.ControlNet`, `flow_controlnet.FlowControlNet`) share
+    """What both ControlNet families (`controlnet.UNetControlNet`, `flow_controlnet.FlowControlNet`) share
     on the sketch side: sampling defaults, the fixed validation pairs and the sketch | image grids.
 
-    A family calls `init_sampling` in its constructor and has `image_size`, `controlnet`, `lora_rank`,
-    `sample`, and its frozen denoiser under the attribute named by `denoiser`.
+    A family calls `init_sampling` in its constructor, sets the attributes declared below as set by
+    the family, and has `sample` and its frozen denoiser under the attribute named by `denoiser`.
     """
 
     #: sample() options that genlab eval fills from validation items (sketch-following metrics).
     conditions = ("sketch", "prompt")
     #: the attribute holding the base's denoiser ("unet" or "transformer"): trained when it has LoRA.
     denoiser = "unet"
+
+    # Set by the family's __init__:
+    image_size: int  #: the data's image size (sketches are resized to it)
+    controlnet: nn.Module  #: the trainable ControlNet
+    lora_rank: int  #: the LoRA rank on the base's denoiser (0: none, the denoiser stays frozen)
+    # Set by init_sampling:
+    ema_network: None  #: no EMA for ControlNets (as in the paper)
+    num_classes: None
+    caption_dropout: float
+    sampler_name: str
+    sample_steps: int
+    guidance: float
+    control_scale: float
+    validation_data: Any  #: the data config whose first val items are the fixed sample pairs
+    _val_items: list[dict] | None  #: those items, read once by validation_pairs
 
     def networks(self) -> dict[str, nn.Module]:
         nets = {"controlnet": self.controlnet}
@@ -397,14 +413,15 @@ class SketchConditioned:
                 units[name] = []
         return units
 
-    def init_sampling(self, diffusion: Any, sampler: str | None, sample_steps: int, guidance: float,
-                      control_scale: float, validation_data: Any, caption_dropout: float) -> None:
+    def init_sampling(self, diffusion: Any, options: Any) -> None:
         """Sampling defaults (sampler None: the objective's default), the data of the validation pairs,
-        and what every ControlNet shares: no EMA (as in the paper), no classes, caption dropout."""
-        self.ema_network, self.num_classes, self.caption_dropout = None, None, caption_dropout
-        self.sampler_name = diffusion.check_sampler(sampler or diffusion.default_sampler())
-        self.sample_steps, self.guidance, self.control_scale = sample_steps, guidance, control_scale
-        self.validation_data = validation_data
+        and what every ControlNet shares: no EMA (as in the paper), no classes, caption dropout.
+        `options`: the family's `controlnet_options.ControlNetOptions`."""
+        o = options
+        self.ema_network, self.num_classes, self.caption_dropout = None, None, o.caption_dropout
+        self.sampler_name = diffusion.check_sampler(o.sampler or diffusion.default_sampler())
+        self.sample_steps, self.guidance, self.control_scale = o.sample_steps, o.guidance, o.control_scale
+        self.validation_data = o.validation_data
         self._val_items: list[dict] | None = None
 
     def validation_pairs(self, n: int) -> list[dict]:
