@@ -18,7 +18,8 @@ from genlab.families.contract import Card
 from genlab.families.declarations import declared
 from genlab.model_card import family_class, write_model_card
 from genlab.run_dir import RunDir
-from genlab.train.best import BestTracker, declared_directions, direction
+from genlab.families.logged import direction
+from genlab.train.best import BestTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = sorted({yaml.safe_load(p.read_text())["_target_"] for p in (ROOT / "configs" / "model").glob("*.yaml")})
@@ -73,7 +74,7 @@ def test_directions_are_declared_not_guessed_from_fragments():
     assert direction("class_confidence_digits_cnn") == "higher"  # "con-fid-ence" once read as an FID
     assert direction("border_artifacts") == "lower" and direction("fid_digits_cnn@trunc0.5") == "lower"
     assert direction("recall_digits_mlp") == "higher" and direction("best_kid_inception") == "lower"
-    assert declared_directions(ClassTemplates) == {"loss": "lower"}
+    assert direction("loss", ClassTemplates.metrics, ClassTemplates.losses) == "lower"
     tracker = BestTracker("ms_ratio", declared={"ms_ratio": "lower"})  # a family's own metric, lower is better
     assert tracker.update(1, {"ms_ratio": 2.0}) and tracker.update(2, {"ms_ratio": 1.0})
     assert not tracker.update(3, {"ms_ratio": 1.5})

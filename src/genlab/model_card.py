@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from genlab.errors import GenlabError
+from genlab.families import logged
 from genlab.families.contract import Card, CardByConfig
 from genlab.run_dir import RunDir, UntrustedConfig, atomic_write, check_targets
 
@@ -174,9 +175,8 @@ def _body(run: RunDir, config: dict[str, Any], where: str, has_grid: bool, famil
             lines += [note, ""]
     lines += ["## Training", "", "The command that made it:", "", "```bash",
               *map(_command_without_local_paths, run.command()), "```", ""]
-    losses = tuple(getattr(family, "losses", ()) or (k for row in metrics for k in row if "loss" in k))
-    lines += _training_facts(without_local_paths(model), without_local_paths(data), trainer, choice, metrics,
-                             tuple(dict.fromkeys(losses)))
+    losses = logged.losses(getattr(family, "losses", ()), (k for row in metrics for k in row))
+    lines += _training_facts(without_local_paths(model), without_local_paths(data), trainer, choice, metrics, losses)
     lines += ["## Evaluation", "", *_eval_lines(run)]
     lines += ["## Config", "", "<details><summary>The run's config (.hydra/config.yaml)</summary>", "", "```yaml",
               yaml.safe_dump(without_local_paths(config), sort_keys=False, default_flow_style=None, width=120).rstrip(),

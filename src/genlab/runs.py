@@ -8,8 +8,8 @@ from typing import Any
 
 from genlab.errors import GenlabError
 from genlab.families.declarations import declared
+from genlab.families.logged import losses, lower_is_better
 from genlab.run_dir import RunDir, find_runs
-from genlab.train.best import lower_is_better
 
 
 def runs_root() -> Path:
@@ -45,22 +45,24 @@ def run_info(run: RunDir) -> dict[str, Any]:
     return {"run": run.path, "family": family, "data": data, "step": latest.get("step", 0),
             "max_steps": cfg["trainer"]["max_steps"], "status": status["status"], "error": status.get("error", ""),
             "losses": {k: v for k, v in last.items() if k in loss_keys}, "loss_keys": loss_keys,
+            "directions": dict(facts.get("metrics") or {}),  # the family's own metrics, as it declares them
             # --sort takes a latest value (fid_digits_cnn), an eval/metrics.json one, or the best (best_fid_digits_cnn)
             "metrics": {**latest, **run.read_eval(), **{f"best_{k}": v for k, v in best.items() if k != "step"}},
             "best": best}
 
 
 def loss_keys_of(facts: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The logged losses: those the family declares (`Family.losses`, see families.declarations); of a
-    family whose declarations cannot be read, every logged key with "loss" in its name."""
-    return tuple(facts.get("losses") or ()) or tuple(dict.fromkeys(k for row in rows for k in row if "loss" in k))
+    """The logged losses: those the family declares (`Family.losses`, read by families.declarations), or
+    `families.logged.losses`' fallback when it declares none or its declarations cannot be read."""
+    return losses(facts.get("losses"), (k for row in rows for k in row))
 
 
 def unreadable_row(run: RunDir, error: Exception) -> dict[str, Any]:
     """A row for a run whose config cannot be read: the table goes on without it."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return {"run": run.path, "family": "?", "data": "?", "step": 0, "max_steps": "?",
-            "status": f"unreadable ({reason[:60]})", "losses": {}, "loss_keys": (), "metrics": {}, "best": {}}
+            "status": f"unreadable ({reason[:60]})", "losses": {}, "loss_keys": (), "directions": {}, "metrics": {},
+            "best": {}}
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
@@ -90,7 +92,9 @@ def print_runs(root: Path, sort: str | None = None) -> list[dict[str, Any]]:
     if sort:
         missing = [r for r in rows if not isinstance(r["metrics"].get(sort), (int, float))]
         rows = [r for r in rows if isinstance(r["metrics"].get(sort), (int, float))]
-        rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower_is_better(sort))
+        lower = lower_is_better(sort, {k: v for r in rows for k, v in r["directions"].items()},
+                                [k for r in rows for k in r["loss_keys"]])
+        rows.sort(key=lambda r: r["metrics"][sort], reverse=not lower)
         rows += missing
     table = Table(title=f"runs under {root}")
     for column in ("run", "family", "data", "steps", "last losses", "best", "status"):

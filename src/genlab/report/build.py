@@ -7,11 +7,10 @@ from typing import Any
 
 from genlab.errors import GenlabError
 from genlab.report import page
-from genlab.report.collect import (RunData, config_differences, flatten, load_run, objective_of, objective_value,
-                                   rank, resolved, throughput)
+from genlab.report.collect import (RunData, config_differences, flatten, load_run, loss_keys, objective_is_lower,
+                                   objective_of, objective_value, rank, resolved, throughput)
 from genlab.report.figures import parallel_coordinates, run_curves, trial_curves
 from genlab.run_dir import RunDir, atomic_write, find_runs
-from genlab.train.best import lower_is_better
 
 #: Sample grids embedded up to this many MB in all; past it they are linked (the page stays small).
 DEFAULT_MAX_EMBED_MB = 4.0
@@ -115,7 +114,7 @@ def collection_page(runs: list[RunData], root: Path, out: Path, max_bytes: int) 
     runs = rank(runs, objective)
     differ, same = config_differences(runs)
     hyper = [k for k in differ if not k.startswith(BOOKKEEPING)]
-    direction = "lower is better" if objective and lower_is_better(objective) else "higher is better"
+    direction = "lower is better" if objective and objective_is_lower(runs, objective) else "higher is better"
     best = objective_value(runs[0], objective) if objective else None
     kind = "sweep" if (root / "multirun.yaml").is_file() else "runs under"  # Hydra writes multirun.yaml in a sweep folder
     header = page.header(f"{kind} {root.name or root}", f"{len(runs)} runs  ·  {root.resolve()}",
@@ -135,7 +134,7 @@ def collection_page(runs: list[RunData], root: Path, out: Path, max_bytes: int) 
     sections.append(page.section("Final samples, best first",
                                  images.notice() + (f'<div class="trials">{cards}</div>' if cards else
                                                     '<p class="note">No sample grids in these runs.</p>'), "grids"))
-    keys = sorted({k for d in runs for k in d.series if "loss" in k or k == objective})
+    keys = sorted({k for d in runs for k in d.series if k in loss_keys([d]) or k == objective})
     if keys:
         sections.append(page.section("Curves", page.curve_controls() +
                                      page.figures_html(trial_curves(runs, keys), "curves"), "curves"))

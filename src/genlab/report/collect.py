@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genlab.families.logged import lower_is_better
 from genlab.run_dir import RunDir
 from genlab.runs import run_info, unreadable_row
-from genlab.train.best import lower_is_better
 
 #: Points per curve in the page; the browser stays smooth with a few thousand per chart.
 MAX_POINTS = 1000
@@ -132,15 +132,25 @@ def throughput(data: RunData) -> dict[str, Any]:
             "host": status.get("host"), "error": status.get("error")}
 
 
+def loss_keys(runs: list[RunData]) -> list[str]:
+    """The runs' losses, as `genlab runs` finds them (declared by each family; see `families.logged.losses`)."""
+    return list(dict.fromkeys(k for data in runs for k in data.info.get("loss_keys", ())))
+
+
+def objective_is_lower(runs: list[RunData], objective: str) -> bool:
+    """Does `objective` improve downwards, as the runs' families declare it (else genlab eval's defaults)?"""
+    declared = {k: v for data in runs for k, v in data.info.get("directions", {}).items()}
+    return lower_is_better(objective, declared, loss_keys(runs))
+
+
 def objective_of(runs: list[RunData]) -> str | None:
-    """The sweep's objective: `sweep_objective` of the trials' config, else the loss (`loss`, or the first *loss*)."""
+    """The sweep's objective: `sweep_objective` of the trials' config, else the loss (`loss`, or the first declared)."""
     for data in runs:
         if data.config.get("sweep_objective"):
             return str(data.config["sweep_objective"])
-    keys = [k for data in runs for k in data.info.get("metrics", {})]
-    if "loss" in keys:
-        return "loss"
-    return next((k for k in keys if "loss" in k), None)
+    logged = {k for data in runs for k in data.info.get("metrics", {})}
+    keys = [k for k in loss_keys(runs) if k in logged]
+    return "loss" if "loss" in keys else next(iter(keys), None)
 
 
 def objective_value(data: RunData, objective: str | None) -> float | None:
@@ -154,7 +164,7 @@ def rank(runs: list[RunData], objective: str | None) -> list[RunData]:
     if not objective:
         return runs
     scored = [d for d in runs if objective_value(d, objective) is not None]
-    scored.sort(key=lambda d: objective_value(d, objective), reverse=not lower_is_better(objective))
+    scored.sort(key=lambda d: objective_value(d, objective), reverse=not objective_is_lower(runs, objective))
     return scored + [d for d in runs if objective_value(d, objective) is None]
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from genlab.report.collect import RunData, flatten, objective_value
-from genlab.train.best import lower_is_better
+from genlab.report.collect import RunData, flatten, objective_is_lower, objective_value
 
 #: Axes in the parallel-coordinates chart at most (hyperparameters; the objective comes on top).
 MAX_AXES = 8
 
 
-def panels_of(keys: list[str]) -> list[tuple[str, list[str]]]:
-    """Group logged keys into charts: all losses together, learning rates, gradient norms, images/s, then one per key."""
-    groups = [("losses", [k for k in keys if "loss" in k]),
+def panels_of(keys: list[str], losses: tuple[str, ...] | list[str] = ()) -> list[tuple[str, list[str]]]:
+    """Group logged keys into charts: all `losses` (the run's, see `collect.loss_keys`) together, learning rates,
+    gradient norms, images/s, then one per key."""
+    groups = [("losses", [k for k in keys if k in losses]),
               ("learning rate", [k for k in keys if k.startswith("lr_")]),
               ("gradient norm", [k for k in keys if k.startswith("grad_norm_")]),
               ("images/s", [k for k in keys if k == "images_per_s"])]
@@ -39,7 +39,7 @@ def run_curves(data: RunData) -> list[dict[str, Any]]:
     import plotly.graph_objects as go
 
     figures = []
-    for title, keys in panels_of(list(data.series)):
+    for title, keys in panels_of(list(data.series), data.info.get("loss_keys", ())):
         fig = go.Figure(layout=_layout(title))
         for key in keys:
             steps, values = data.series[key]
@@ -86,7 +86,7 @@ def parallel_coordinates(runs: list[RunData], hyperparameters: list[str], object
                                                   any(isinstance(f.get(k), list) for f in flats)))[:MAX_AXES]
     score = [objective_value(d, objective) for d in scored]
     dimensions = [_axis(k, [f.get(k) for f in flats]) for k in keys] + [{"label": objective, "values": score}]
-    line = {"color": score, "colorscale": "Viridis", "reversescale": lower_is_better(objective), "showscale": True,
+    line = {"color": score, "colorscale": "Viridis", "reversescale": objective_is_lower(scored, objective), "showscale": True,
             "colorbar": {"title": {"text": objective}}}
     fig = go.Figure(go.Parcoords(line=line, dimensions=dimensions),
                     layout={"height": 380, "margin": {"l": 80, "r": 80, "t": 60, "b": 30}, "template": "plotly_white"})

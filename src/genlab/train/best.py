@@ -2,43 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
-#: Which way each metric of `genlab eval` improves, by its name before `_<extractor>` (fid_digits_cnn,
-#: class_kl_digits_mlp) and `@<variant>` (precision@trunc0.5). Adding a metric adds its row here.
-EVAL_METRICS: dict[str, str] = {
-    "fid": "lower", "kid": "lower", "kid_std": "lower", "class_kl": "lower", "nll_iwae": "lower",
-    "recon_mse": "lower", "border_artifacts": "lower", "rejected": "lower", "seconds": "lower",
-    "seconds_per_image": "lower",
-    "precision": "higher", "recall": "higher", "class_confidence": "higher", "classes_covered": "higher",
-    "class_agreement": "higher", "anomaly_auroc": "higher", "elbo": "higher", "colour_accuracy": "higher",
-    "disc_iou": "higher", "edge_f1": "higher", "val_accuracy": "higher",
-}
-
-
-def declared_directions(family: object) -> dict[str, str]:
-    """What a family class (or instance) declares: its `losses` lower is better, its `metrics` as stated."""
-    return {**{k: "lower" for k in getattr(family, "losses", ())}, **dict(getattr(family, "metrics", {}))}
-
-
-def direction(metric: str, declared: Mapping[str, str] | None = None) -> str:
-    """"lower" or "higher": as `declared` (a family's, see `declared_directions`) says, else as EVAL_METRICS does.
-
-    A name neither knows is a logged scalar of a family that did not declare it: lower is better when its name
-    ends in "loss" or "error" (what losses are called), else higher.
-    """
-    declared = declared or {}
-    name = metric.removeprefix("best_").split("@", 1)[0]
-    if metric in declared or name in declared:
-        return declared.get(metric) or declared[name]
-    base = max((k for k in EVAL_METRICS if name == k or name.startswith(k + "_")), key=len, default=None)
-    if base is not None:
-        return EVAL_METRICS[base]
-    return "lower" if name.endswith(("loss", "error")) else "higher"
-
-
-def lower_is_better(metric: str, declared: Mapping[str, str] | None = None) -> bool:
-    return direction(metric, declared) == "lower"
+from genlab.families.logged import lower_is_better
 
 
 class BestTracker:
@@ -47,11 +13,13 @@ class BestTracker:
     Args:
         metric: the metric name, or "auto" (the first `fid_*` metric seen, else the first metric).
         patience: evaluations without improvement before `should_stop` (0 = never).
-        declared: directions the family declares (`declared_directions(family)`), before EVAL_METRICS'.
+        declared: the family's `metrics` and their directions; losses: its `losses` (lower is better).
+            Both before genlab eval's own (see `families.logged.direction`).
     """
 
-    def __init__(self, metric: str = "auto", patience: int = 0, declared: Mapping[str, str] | None = None):
-        self.metric, self.patience, self.declared = metric, patience, dict(declared or {})
+    def __init__(self, metric: str = "auto", patience: int = 0, declared: Mapping[str, str] | None = None,
+                 losses: Iterable[str] = ()):
+        self.metric, self.patience, self.declared, self.losses = metric, patience, dict(declared or {}), tuple(losses)
         self.best: float | None = None
         self.best_step: int | None = None
         self.evals_since_best = 0
@@ -61,7 +29,7 @@ class BestTracker:
         if self.metric == "auto":
             self.metric = next((k for k in metrics if k.startswith("fid_")), next(iter(metrics)))
         value = metrics[self.metric]
-        lower = lower_is_better(self.metric, self.declared)
+        lower = lower_is_better(self.metric, self.declared, self.losses)
         better = self.best is None or (value < self.best if lower else value > self.best)
         if better:
             self.best, self.best_step, self.evals_since_best = value, step, 0

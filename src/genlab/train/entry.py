@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from genlab.config import absolute_paths, config_dir
 from genlab.errors import GenlabError
 from genlab.run_dir import RunDir, claim_new_dir
-from genlab.train.job import is_main_process, run_job
+from genlab.train.job import is_main_process, run_job, summary_losses
 from genlab.train.world import world_from_slurm
 from genlab.urls import check_config_commands, commands_allowed
 
@@ -51,6 +51,5 @@ def hydra_train(cfg: DictConfig) -> float | None:
         if hydra_cfg.mode.name == "MULTIRUN":
             raise  # let the launcher record this job as failed and go on with the others
         sys.exit(error.exit_code)
-    losses = {k: v for k, v in summary.items() if "loss" in k}
     objective = cfg.get("sweep_objective") if "sweep_objective" in cfg else None
-    return summary.get(objective) if objective else next(iter(losses.values()), None)
+    return summary.get(objective) if objective else next(iter(summary_losses(cfg, summary).values()), None)

@@ -19,6 +19,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.declarations import declared
+from genlab.families.logged import losses
 from genlab.run_dir import RunDir
 from genlab.train.resume_policy import resume_decision
 
@@ -110,9 +112,16 @@ def run_job(cfg: DictConfig, run_dir: str | Path, resume: bool | None = None, tr
         stop.hand_over()
         sys.exit(128 + stop.signum)
     if main:
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in summary.items() if "loss" in k)
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in summary_losses(cfg, summary).items())
         print(f"done: {summary['step']} steps  {shown}  -> {run_dir}", flush=True)
     return summary
+
+
+def summary_losses(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, float]:
+    """The losses of a training's summary, as the run's family declares them (`families.logged.losses`)."""
+    target = str(cfg.model.get("_target_", "")) if "model" in cfg else ""
+    keys = losses(declared(target).get("losses"), summary)
+    return {k: summary[k] for k in keys if isinstance(summary.get(k), (int, float))}
 
 
 def check_resumable(run: RunDir, cfg: DictConfig) -> None:

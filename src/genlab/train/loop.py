@@ -35,7 +35,8 @@ from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch, optimizers
-from genlab.train.best import BestTracker, declared_directions
+from genlab.families.logged import losses
+from genlab.train.best import BestTracker
 from genlab.train.resume_policy import resume_decision
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
 from genlab.train.strategy import build_strategy, process_group_kwargs, shard_units
@@ -178,6 +179,8 @@ class Trainer:
         if isinstance(dataset, InMemory) and acc.device.type == "cuda" and cfg.data.get("on_device", True):
             dataset.to(acc.device)  # small in-memory data lives on the GPU: no host-to-device copies
         self.family: Family = build("model", cfg.model)
+        # Declared on the class (families.contract); a family from before the declaration has none.
+        self.family_losses: tuple[str, ...] = tuple(getattr(self.family, "losses", ()))
         if t.get("effective_batch_size"):
             self._choose_micro_batch(dataset, resume)  # sets t.batch_size and t.grad_accum
         self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
@@ -221,7 +224,8 @@ class Trainer:
         self.nonfinite_in_a_row, self._resume_rng, self.last_batch = 0, None, None
         self.window = LogWindow()  # the steps since the last log line (restored by a resume)
         self.step, position, self.wandb_id, self.logged_until = 0, {}, None, 0
-        self.best = BestTracker(t.best_metric, t.early_stop_patience, declared_directions(self.family))
+        self.best = BestTracker(t.best_metric, t.early_stop_patience, getattr(self.family, "metrics", {}),
+                                self.family_losses)
         if resume:
             position = self._load_checkpoint()
         self.batches = BatchStream(dataset, order, **loader_options(cfg.data, acc.device), **position)
@@ -262,6 +266,11 @@ class Trainer:
         if decision[0] not in ("fresh", "resume"):
             raise ConfigError(decision[0])
         return decision[0] == "resume"
+
+    def _plateau_value(self, logged: dict[str, float]) -> float:
+        """What ReduceLROnPlateau watches: the loss named `loss`, else the sum of the family's losses."""
+        keys = [k for k in losses(self.family_losses, logged) if k in logged]
+        return logged["loss"] if "loss" in keys else sum(logged[k] for k in keys)
 
     def _unwrapped(self, name: str) -> torch.nn.Module:
         return self.accelerator.unwrap_model(getattr(self.family, name))
@@ -478,7 +487,7 @@ class Trainer:
                 self.previous_handlers[sig] = signal.signal(sig, self._on_signal)
         if self._resume_rng:
             _set_rng_state(self._resume_rng)
-        progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process)
+        progress = Progress(t.max_steps, self.step, t.progress, enabled=acc.is_main_process, losses=self.family_losses)
         logged = {}
         images_per_step = t.batch_size * t.grad_accum * acc.num_processes
         # Plain values for the hot loop: reading an OmegaConf node costs ~10 us, a dozen times a step.
@@ -508,7 +517,7 @@ class Trainer:
                 for phase, opt in self.optimizers.items():
                     logged[f"lr_{phase}"] = opt.param_groups[0]["lr"]
                     if isinstance(self.lr_schedules[phase], torch.optim.lr_scheduler.ReduceLROnPlateau):
-                        self.lr_schedules[phase].step(logged.get("loss", sum(v for k, v in logged.items() if "loss" in k)))
+                        self.lr_schedules[phase].step(self._plateau_value(logged))
                 logged["images_per_s"] = images_per_step * self.window.steps / elapsed
                 self.tracker.log(self.step, logged)
                 progress.update(self.step, logged)

@@ -17,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from genlab.families.logged import losses
 from genlab.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,10 @@ def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
-def progress_info(scalars: dict[str, float]) -> str:
-    """The losses and images/s of a log step, as the progress line shows them."""
-    shown = [f"{k}={v:.4g}" for k, v in scalars.items() if "loss" in k]
+def progress_info(scalars: dict[str, float], declared_losses: tuple[str, ...] = ()) -> str:
+    """The losses (`declared_losses`, the family's; see `families.logged.losses`) and images/s of a log
+    step, as the progress line shows them."""
+    shown = [f"{k}={scalars[k]:.4g}" for k in losses(declared_losses, scalars) if k in scalars]
     if "images_per_s" in scalars:
         shown.append(f"img/s={scalars['images_per_s']:.0f}")
     return "  ".join(shown)
@@ -204,10 +206,12 @@ class Progress:
         total: the last step; start: the step training starts from (a resume's checkpoint).
         mode: auto (rich when stderr is a terminal) | rich | plain.
         console: where the rich bar draws (tests record it); default stderr.
+        losses: the family's declared losses, the scalars shown (see `progress_info`).
     """
 
-    def __init__(self, total: int, start: int, mode: str = "auto", enabled: bool = True, console: Any = None):
-        self.total, self.enabled = total, enabled
+    def __init__(self, total: int, start: int, mode: str = "auto", enabled: bool = True, console: Any = None,
+                 losses: tuple[str, ...] = ()):
+        self.total, self.enabled, self.losses = total, enabled, tuple(losses)
         use_rich = mode == "rich" or (mode == "auto" and sys.stderr.isatty())
         self.bar = None
         if enabled and use_rich:
@@ -225,7 +229,7 @@ class Progress:
         """Advance to `step`; with `scalars` (at log steps) also show/print them."""
         if not self.enabled:
             return
-        info = progress_info(scalars) if scalars else ""
+        info = progress_info(scalars, self.losses) if scalars else ""
         if self.bar is not None:
             self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
         elif scalars:
