@@ -107,3 +107,17 @@ def test_controlnet_trains_the_same_from_the_cache(tmp_path, sd_run):
     assert runs["cold"] == runs["warm"] and runs["plain"] == pytest.approx(runs["cold"], rel=1e-5)
     assert len(list((tmp_path / "cache").glob("vae-*/*/*.safetensors"))) == 3 * 2 * 4  # steps x accum x batch
     assert len(list((tmp_path / "cache").glob("text-*/*/*.safetensors"))) >= 2
+
+
+def test_a_batch_holds_only_declared_keys(tmp_path):
+    """What the batch stream adds to the items (the cache folder) is a declared batch key, with its meaning."""
+    from genlab.data import BATCH_KEYS
+    from genlab.data.batches import BatchOrder, BatchStream
+    from genlab.data.fill_circles import FillCircles
+
+    dataset = FillCircles("train", image_size=16, count=8)
+    stream = BatchStream(dataset, BatchOrder(len(dataset), 4, seed=0), latent_cache=str(tmp_path))
+    batch = next(stream)
+    assert batch["latent_cache"] == str(tmp_path)
+    assert set(batch) - set(dataset.item_keys) <= set(BATCH_KEYS)
+    assert set(BATCH_KEYS) - {"label"} <= set(batch)  # fill_circles has no classes

@@ -2,7 +2,8 @@
 
 A dataset config (configs/data/*.yaml) is the dataset class's arguments plus a few
 loader keys that the loop reads itself (LOADER_KEYS). Items are dicts: "image"
-(C, H, W) float in [-1, 1], and optionally "label", "caption", "sketch".
+(C, H, W) float in [-1, 1], and optionally "label", "caption", "sketch"; batches are
+collated items plus what the batch stream adds (BATCH_KEYS).
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 
 from genlab.errors import ConfigError
+
+#: The keys a batch may hold (a family's `loss` reads those it needs), each with what it is. Items give the
+#: first four (or other keys their dataset documents); the batch stream adds "latent_cache" itself.
+BATCH_KEYS = {
+    "image": "(B, C, H, W) float in [-1, 1]: always",
+    "label": "(B,) int classes, from labelled data",
+    "caption": "a list of B captions (str)",
+    "sketch": "(B, 3, H, W) float in [0, 1], from paired data",
+    "latent_cache": "with data.cache_latents=true: the folder (str) where latent diffusion families keep each "
+                    "image's VAE posterior and each caption's text encoding (data/latent_cache.py); absent when off",
+}
 
 # Keys of a data config that configure loading, not the dataset class.
 LOADER_KEYS = ("num_workers", "num_classes", "pin_memory", "persistent_workers", "prefetch_factor", "on_device",

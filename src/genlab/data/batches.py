@@ -143,8 +143,9 @@ class BatchStream:
         whole_batches: use the dataset's `get_batch` when it is `InMemory`.
         epoch, batch_in_epoch: where to start (from a checkpoint's `data_position`).
         readers: the reader count a stream was read with (from the position): checked.
-        latent_cache: a folder named in every batch as "latent_cache": latent diffusion
-            families then encode each image and caption once (data/latent_cache.py).
+        latent_cache: a folder named in every batch as "latent_cache" (a declared batch key,
+            `genlab.data.BATCH_KEYS`): latent diffusion families then encode each image and
+            caption once (data/latent_cache.py).
     """
 
     def __init__(self, dataset: Dataset, order: Any, num_workers: int = 0, pin_memory: bool = False,

@@ -3,8 +3,8 @@
 SD and ControlNet training run the frozen VAE encoder and text encoder on every batch; the
 tools that train at scale (kohya-ss/sd-scripts, SimpleTuner, OneTrainer, EDM2) encode once
 and train from the cache. With `data.cache_latents=true` the batch stream names a folder
-in every batch ("latent_cache") and the two functions below, which the families call in
-place of encoding, keep there:
+in every batch ("latent_cache", declared in `genlab.data.BATCH_KEYS`) and the two functions
+below, which the families call in place of encoding, keep there:
 
 - per image, the VAE posterior (mean, std), not a sample: the latent of each step is
   still drawn as mean + std * noise from the step's StepRandom, exactly as without the

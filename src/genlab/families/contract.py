@@ -121,6 +121,9 @@ class Family(Protocol):
              rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss for `phase` on one micro-batch, plus detached scalars to log.
 
+        `batch` holds the keys of `genlab.data.BATCH_KEYS` that the data gives ("image" always;
+        "latent_cache" when data.cache_latents is on), plus any its dataset documents.
+
         Every random draw (noise, timesteps, dropout of labels, latents, augmentation) comes
         from `rng`, so a run is the same on any number of processes. Log names should say
         what they are (`loss`, `g_loss`, `d_real`, `kl`, ...). Never call `.item()` here:
