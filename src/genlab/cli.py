@@ -167,23 +167,10 @@ def train(ctx: typer.Context,
 
     slurm = world_from_slurm()  # `srun genlab train ...`: each SLURM task is one process of one run
     args = hydra_args(list(ctx.args))
-    modes = [flag for flag in ("-m/--multirun", "--cfg", "--info", "--shell-completion")
-             if any(a in flag.split("/") or a.startswith(flag.split("/")[-1] + "=") for a in args)]
-    if len(modes) > 1:
-        from genlab.errors import ConfigError
-
-        _fail(ConfigError(f"{' and '.join(modes)} cannot be combined (Hydra runs one of them); e.g. drop -m to "
-                          "print the config a multirun would start from."))
+    _refuse_combined_modes(args)
     if not any(a in HYDRA_FLAGS_WITHOUT_COMPOSE or a.startswith("--shell-completion") for a in args):
-        from genlab.config import validate_overrides
-
         try:
-            composed = validate_overrides(_overrides_of(args), _config_dirs(args))  # exit 2 before Hydra creates anything
-            if plan:
-                _print_plan(composed, plan_gpus, plan_base)
-            launcher = (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ
-            if not launcher and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
-                args = _target_directory(args)  # one rank (global rank 0, on node 0) checks and claims for all
+            args = _checked_before_hydra(args, processes > 1 or nodes > 1, plan, plan_gpus, plan_base)
         except GenlabError as error:
             _fail(error)
     run_dir_given = any(o.startswith("hydra.run.dir=") for o in _overrides_of(args))
@@ -194,6 +181,40 @@ def train(ctx: typer.Context,
         _check_nodes(nodes, node_rank, args, run_dir_given)
     if (processes > 1 or nodes > 1) and "LOCAL_RANK" not in os.environ:  # not yet inside a launched process
         _launch_processes(processes, ["train", *ctx.args], nodes, node_rank, main_address)
+    _run_hydra_train(args)
+
+
+def _refuse_combined_modes(args: list[str]) -> None:
+    """-m, --cfg, --info and --shell-completion each make Hydra do one thing: two of them is a mistake."""
+    modes = [flag for flag in ("-m/--multirun", "--cfg", "--info", "--shell-completion")
+             if any(a in flag.split("/") or a.startswith(flag.split("/")[-1] + "=") for a in args)]
+    if len(modes) > 1:
+        from genlab.errors import ConfigError
+
+        _fail(ConfigError(f"{' and '.join(modes)} cannot be combined (Hydra runs one of them); e.g. drop -m to "
+                          "print the config a multirun would start from."))
+
+
+def _checked_before_hydra(args: list[str], launches: bool, plan: bool, plan_gpus: int,
+                          plan_base: str | None) -> list[str]:
+    """Validate the overrides (exit 2 before Hydra creates anything), print --plan, and claim the run folder.
+
+    Returns `args`, with the run or sweep folder it claimed. `launches`: this command starts processes of its
+    own (--processes/--nodes), whose global rank 0 checks and claims for all.
+    """
+    from genlab.config import validate_overrides
+
+    composed = validate_overrides(_overrides_of(args), _config_dirs(args))
+    if plan:
+        _print_plan(composed, plan_gpus, plan_base)
+    launcher = launches and "LOCAL_RANK" not in os.environ
+    if not launcher and int(os.environ.get("RANK", "0")) == 0 and "--cfg" not in args and "-c" not in args:
+        args = _target_directory(args)  # one rank (global rank 0, on node 0) checks and claims for all
+    return args
+
+
+def _run_hydra_train(args: list[str]) -> None:
+    """Hand `args` to Hydra's `train` entry point, with the commands typed on the command line passed on."""
     from genlab.train.entry import hydra_train
     from genlab.urls import command_line_values, environment_commands, passed_on
 
@@ -259,7 +280,8 @@ def _target_directory(args: list[str]) -> list[str]:
             return [*args, f"hydra.sweep.dir={claim_new_dir(Path(root) / 'multirun')}"]
         if Path(sweep).is_dir():  # Hydra writes into its jobs' folders (.hydra/, train.log) before genlab runs
             RunDir(sweep).refuse_links_out()
-        taken = [job.name for job in Path(sweep).iterdir() if RunDir(job).is_run() and RunDir(job).holds_run()]
+        jobs = Path(sweep).iterdir() if Path(sweep).is_dir() else ()
+        taken = [job.name for job in jobs if RunDir(job).is_run() and RunDir(job).holds_run()]
         if taken and (Path(sweep) / STUDY_FILE).exists():
             return args  # an Optuna study's folder: the rerun continues the study (genlab.cluster.study)
         if taken:

@@ -157,17 +157,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run: RunDir, resume: bool | None = False, trust_run: bool = False):
         self.cfg, self.t, self.run, self.run_dir = cfg, cfg.trainer, run, run.path
         t = self.t
-        # Several processes without a GPU (tests, CPU clusters): Accelerate only sets up gloo
-        # when told cpu=True; otherwise each process would silently train alone.
-        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        # Accelerate keeps its state per process; a second job in this process (a multirun on the basic
-        # launcher, tests) may want another precision. The process group (PartialState) stays.
-        AcceleratorState._reset_state()
         self.strategy = build_strategy(cfg)  # ddp or fsdp: how the networks are spread over the processes
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=multi_cpu,
-                                       kwargs_handlers=process_group_kwargs(self.strategy.timeout_s))
-        acc = self.accelerator
-        self.strategy.setup(acc, t.mixed_precision)
+        self.accelerator = acc = self._new_accelerator()
         if resume is None:
             resume = self._decide_resume()
         self.trust_run = trust_run
@@ -183,35 +174,11 @@ class Trainer:
         self.family_losses: tuple[str, ...] = tuple(getattr(self.family, "losses", ()))
         if t.get("effective_batch_size"):
             self._choose_micro_batch(dataset, resume)  # sets t.batch_size and t.grad_accum
-        self.family.to(acc.device, WEIGHT_DTYPES[t.mixed_precision])
-        self.strategy.wrap_frozen(self.family)
-        units = shard_units(self.family)
-        for name, network in self.family.networks().items():
-            if t.channels_last:
-                network.to(memory_format=torch.channels_last)
-            network = self._sync_batch_norm(name, network)
-            network = self.strategy.wrap(network, units.get(name, []))
-            setattr(self.family, name, torch.compile(network) if t.compile else network)
-
-        self.optimizers, self.lr_schedules = {}, {}
-        for phase, optimizer in self._new_optimizers(self.family).items():
-            self.optimizers[phase] = acc.prepare(optimizer)
-            # Not prepared by Accelerate on purpose: it would step a prepared schedule once per
-            # process; we step each schedule exactly once per optimizer step.
-            self.lr_schedules[phase] = instantiate(self.cfg.lr_schedule)(self.optimizers[phase].optimizer)
+        self._place_networks()
+        self.optimizers, self.lr_schedules = self._prepared_optimizers()
         # Looked up once, not per step: the parameter lists never change during a run.
         self._params = {phase: [p for g in o.param_groups for p in g["params"]] for phase, o in self.optimizers.items()}
-
-        self.ema = None
-        if t.ema and self.family.ema_network:
-            from diffusers.training_utils import EMAModel  # here: diffusers' import costs seconds of start-up (GAN: no other use)
-
-            self._ema_params = list(self._unwrapped(self.family.ema_network).parameters())
-            # foreach: a few batched updates instead of several small ones per tensor (same arithmetic).
-            # Not on fsdp's sharded parameters: DTensor has no _foreach_copy_ (torch 2.14), which copy_to needs.
-            self.ema = EMAModel(self._ema_params, decay=t.ema, use_ema_warmup=t.ema_warmup,
-                                foreach=not self.strategy.sharded)
-            self.ema.to(acc.device)
+        self.ema, self._ema_params = self._new_ema()
 
         try:
             order = make_order(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
@@ -231,15 +198,70 @@ class Trainer:
         self.batches = BatchStream(dataset, order, **loader_options(cfg.data, acc.device), **position)
         self.tracker = Tracker(run, cfg, self.wandb_id, enabled=acc.is_main_process, logged_until=self.logged_until)
         self.stop_signal: int | None = None
-        self.evaluator = None
+        self.evaluator = self._new_evaluator()
+
+    def _new_accelerator(self) -> Accelerator:
+        """Accelerate for this job, set up for the strategy (ddp or fsdp) and trainer.mixed_precision."""
+        # Several processes without a GPU (tests, CPU clusters): Accelerate only sets up gloo
+        # when told cpu=True; otherwise each process would silently train alone.
+        multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        # Accelerate keeps its state per process; a second job in this process (a multirun on the basic
+        # launcher, tests) may want another precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state()
+        acc = Accelerator(mixed_precision=self.t.mixed_precision, cpu=multi_cpu,
+                          kwargs_handlers=process_group_kwargs(self.strategy.timeout_s))
+        self.strategy.setup(acc, self.t.mixed_precision)
+        return acc
+
+    def _place_networks(self) -> None:
+        """The family's networks on the device, in the weight dtype, each wrapped by the strategy (and compiled)."""
+        t = self.t
+        self.family.to(self.accelerator.device, WEIGHT_DTYPES[t.mixed_precision])
+        self.strategy.wrap_frozen(self.family)
+        units = shard_units(self.family)
+        for name, network in self.family.networks().items():
+            if t.channels_last:
+                network.to(memory_format=torch.channels_last)
+            network = self._sync_batch_norm(name, network)
+            network = self.strategy.wrap(network, units.get(name, []))
+            setattr(self.family, name, torch.compile(network) if t.compile else network)
+
+    def _prepared_optimizers(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(optimizers, lr schedules) by phase: each optimizer prepared by Accelerate, its schedule not."""
+        optimizers, schedules = {}, {}
+        for phase, optimizer in self._new_optimizers(self.family).items():
+            optimizers[phase] = self.accelerator.prepare(optimizer)
+            # Not prepared by Accelerate on purpose: it would step a prepared schedule once per
+            # process; we step each schedule exactly once per optimizer step.
+            schedules[phase] = instantiate(self.cfg.lr_schedule)(optimizers[phase].optimizer)
+        return optimizers, schedules
+
+    def _new_ema(self) -> tuple[Any, list[torch.nn.Parameter]]:
+        """(EMA, the parameters it follows) of the family's `ema_network`; (None, []) without trainer.ema."""
+        t = self.t
+        if not (t.ema and self.family.ema_network):
+            return None, []
+        from diffusers.training_utils import EMAModel  # here: diffusers' import costs seconds of start-up (GAN: no other use)
+
+        params = list(self._unwrapped(self.family.ema_network).parameters())
+        # foreach: a few batched updates instead of several small ones per tensor (same arithmetic).
+        # Not on fsdp's sharded parameters: DTensor has no _foreach_copy_ (torch 2.14), which copy_to needs.
+        ema = EMAModel(params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=not self.strategy.sharded)
+        ema.to(self.accelerator.device)
+        return ema, params
+
+    def _new_evaluator(self) -> Any:
+        """The in-training evaluator (trainer.eval_every), on the main process only; None without it."""
+        t, acc = self.t, self.accelerator
         if t.eval_every and self.strategy.sharded:
             raise ConfigError("trainer.eval_every evaluates on the main process alone, which strategy=fsdp cannot (each "
                               "process holds a slice of the weights): set trainer.eval_every=0 and run `genlab eval` "
                               "on the finished run.")
-        if t.eval_every and acc.is_main_process:
-            from genlab.eval.evaluate import Evaluator
+        if not (t.eval_every and acc.is_main_process):
+            return None
+        from genlab.eval.evaluate import Evaluator
 
-            self.evaluator = Evaluator(cfg, acc.device)
+        return Evaluator(self.cfg, acc.device)
 
     def _sync_batch_norm(self, name: str, network: torch.nn.Module) -> torch.nn.Module:
         """BatchNorm statistics over the global batch on several GPUs, so N processes train like one.
