@@ -37,6 +37,7 @@ from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.controlnet_options import ControlNetOptions
+from genlab.families.sketch_conditioned import SketchConditioned
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
@@ -97,7 +98,7 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
     return UNetControlNet(options)
 
 
-class UNetControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
+class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
     """A trainable ControlNet on a frozen SD 1.x/2.x or SDXL U-Net (see the module docstring).
 
     Built by `ControlNet`, which reads the config's keys into `options` (their meaning: `ControlNet`'s Args).

@@ -42,6 +42,7 @@ from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.controlnet_options import ControlNetOptions
+from genlab.families.sketch_conditioned import SketchConditioned
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
@@ -213,7 +214,7 @@ def base_parts(kind: str, base: str, location: str) -> dict[str, Any]:
     return parts
 
 
-class FlowControlNet(ControlNetFamily, OnePhase, ld.SketchConditioned):
+class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
     """A trainable ControlNet on a frozen SD3.x or Flux base, trained by flow matching (see the module docstring).
 
     Takes `configs/model/controlnet.yaml`'s keys (`ControlNet` reads them into `options`). What differs from

@@ -129,7 +129,8 @@ def save_kohya(unet: nn.Module, out_dir: Path, prefix: str = "lora_unet_") -> Pa
 
 def save(unet: nn.Module, out_dir: Path) -> None:
     """The U-Net's adapter in diffusers' format where diffusers loads the variant (lora, dora), and in kohya's."""
-    from genlab.families.latent_diffusion import save_unet_lora, unwrap
+    from genlab.families.contract import unwrap
+    from genlab.families.lora_adapters import save_unet_lora
 
     unet = unwrap(unet)
     if variant_of(unet) in DIFFUSERS_LOADABLE:
