@@ -134,7 +134,7 @@ def measure_mfu(args: argparse.Namespace) -> dict:
             "results": results}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["ddpm", "vae", "gan"])
     parser.add_argument("--steps", type=int, default=150, help="measured optimizer steps per run")
@@ -156,8 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files", type=int, default=100_000, help="--data startup: PNG files in the folder")
     parser.add_argument("--cache-steps", type=int, default=40, help="--data cache: measured ControlNet steps")
     parser.add_argument("--work", default="/tmp/genlab-bench-data", help="--data: where folders and runs are made")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.data is not None:
         from scripts import bench_data
 
@@ -170,38 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.levers is not None:
         return measure_levers(args)
     if args.mfu:
-        out = args.out or default_out(machine_name())
-        report = json.loads(out.read_text()) if out.exists() else {
-            "machine": machine_name(), "python": platform.python_version(), "torch": torch.__version__,
-            "genlab": genlab.__version__}
-        report["mfu"] = measure_mfu(args)
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        print(f"wrote {out} (mfu)")
-        return None
-    results = {}
-    for family in args.families:
-        if not (ROOT / "configs" / "model" / f"{family}.yaml").exists():
-            continue
-        runs, paired = {"bare": [], "genlab": []}, []
-        for _ in range(args.repeats):
-            for kind in ("bare", "genlab"):
-                runs[kind].append(in_subprocess(kind, family, args.overrides, args.steps, args.warmup))
-            paired.append(run_in_subprocess(f"scripts.bench_loop.measure_paired({family!r}, {args.overrides!r}, {args.steps}, "
-                                             f"{args.warmup}, {args.window})"))
-        best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
-        separate = best["genlab"]["images_per_s"] / best["bare"]["images_per_s"]
-        ratio, quartiles, _ = pooled(paired)
-        results[family] = {
-            "bare": best["bare"], "genlab": best["genlab"],
-            "ratio": ratio, "window_ratio_quartiles": quartiles,
-            "ratio_separate_processes": separate, "paired_runs": paired,
-            "all_runs": runs, "time_to_first_step_s": time_to_first_step(family, args.overrides),
-        }
-        print(f"{family}: ratio {results[family]['ratio']:.3f} in one process, windows of {args.window} steps taking "
-              f"turns (quartiles of the windows' ratios {', '.join(f'{q:.3f}' for q in quartiles)}); separate "
-              f"processes, best of {args.repeats}: bare {best['bare']['images_per_s']:.0f} img/s, genlab "
-              f"{best['genlab']['images_per_s']:.0f} img/s, ratio {separate:.3f}", flush=True)
+        return write_mfu(args)
+    results = {family: compare_loops(family, args) for family in args.families
+               if (ROOT / "configs" / "model" / f"{family}.yaml").exists()}
     t0 = time.perf_counter()
     subprocess.run([GENLAB, "--help"], capture_output=True, check=True)
     help_s = time.perf_counter() - t0
@@ -218,6 +192,43 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"genlab --help: {help_s:.2f}s; wrote {out}")
+
+
+def write_mfu(args: argparse.Namespace) -> None:
+    """--mfu: measure images/s and MFU, added to the machine's benchmark file under "mfu"."""
+    import torch
+
+    import genlab
+
+    out = args.out or default_out(machine_name())
+    report = json.loads(out.read_text()) if out.exists() else {
+        "machine": machine_name(), "python": platform.python_version(), "torch": torch.__version__,
+        "genlab": genlab.__version__}
+    report["mfu"] = measure_mfu(args)
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out} (mfu)")
+
+
+def compare_loops(family: str, args: argparse.Namespace) -> dict:
+    """The bare loop against genlab's for one family: in separate processes (best of --repeats) and taking turns
+    in one process (the ratio that is reported)."""
+    runs, paired = {"bare": [], "genlab": []}, []
+    for _ in range(args.repeats):
+        for kind in ("bare", "genlab"):
+            runs[kind].append(in_subprocess(kind, family, args.overrides, args.steps, args.warmup))
+        paired.append(run_in_subprocess(f"scripts.bench_loop.measure_paired({family!r}, {args.overrides!r}, {args.steps}, "
+                                         f"{args.warmup}, {args.window})"))
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in runs.items()}
+    separate = best["genlab"]["images_per_s"] / best["bare"]["images_per_s"]
+    ratio, quartiles, _ = pooled(paired)
+    print(f"{family}: ratio {ratio:.3f} in one process, windows of {args.window} steps taking "
+          f"turns (quartiles of the windows' ratios {', '.join(f'{q:.3f}' for q in quartiles)}); separate "
+          f"processes, best of {args.repeats}: bare {best['bare']['images_per_s']:.0f} img/s, genlab "
+          f"{best['genlab']['images_per_s']:.0f} img/s, ratio {separate:.3f}", flush=True)
+    return {"bare": best["bare"], "genlab": best["genlab"], "ratio": ratio, "window_ratio_quartiles": quartiles,
+            "ratio_separate_processes": separate, "paired_runs": paired, "all_runs": runs,
+            "time_to_first_step_s": time_to_first_step(family, args.overrides)}
 
 
 def cpu_has_bf16_units() -> bool:
@@ -257,8 +268,6 @@ def measure_levers(args: argparse.Namespace) -> None:
     """Images/s of genlab's loop with each lever on and off -> the JSON's "levers" section."""
     import torch
 
-    import genlab
-
     unknown = set(args.levers) - set(LEVERS)
     if unknown:
         sys.exit(f"unknown lever(s): {', '.join(sorted(unknown))}; choose from {', '.join(LEVERS)}")
@@ -291,6 +300,15 @@ def measure_levers(args: argparse.Namespace) -> None:
         note = "  (GPU-only effect: a CPU run says nothing about a GPU)" if gpu_only and not on_gpu else ""
         print(f"{name:20s} on {best['on']['images_per_s']:7.0f} img/s   off {best['off']['images_per_s']:7.0f} img/s"
               f"   x{speedup:.3f}{note}", flush=True)
+    write_levers(args, family, on_gpu, results, step)
+
+
+def write_levers(args: argparse.Namespace, family: str, on_gpu: bool, results: dict, step: dict | None) -> None:
+    """The "levers" section of the machine's benchmark file: levers measured again replace their old entries."""
+    import torch
+
+    import genlab
+
     machine = machine_name()
     out = args.out or default_out(machine)
     report = json.loads(out.read_text()) if out.exists() else {

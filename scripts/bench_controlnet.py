@@ -204,7 +204,7 @@ def in_subprocess(overrides: list[str], steps: int, warmup: int) -> dict:
     return run_in_subprocess(f"scripts.bench_loop.measure_genlab('controlnet', {overrides!r}, {steps}, {warmup})", check=False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["sd15", "sdxl"], default="sd15", help="the base architecture to train on")
     parser.add_argument("--sizes", action="store_true", help="only the sizes of every base kind (CPU, no training)")
@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (the log window)")
+    return args
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     from scripts.bench_loop import default_out, machine_name
@@ -250,29 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"model.base={base}", "data=fill_circles", "~data.edges", f"data.image_size={args.image_size}",
               "data.count=256", "data.val_count=8", "trainer.grad_accum=1", "trainer.sample_n=0",
               "trainer.eval_every=0", *args.overrides]
-    optimizers = ["adamw", "adamw8bit"] if args.adam8bit else ["adamw"]
-    results = []
-    for preset in args.presets:
-        result = {"preset": preset, "mode": "controlnet_unet_lora",
-                  **in_subprocess([*common, *preset_overrides(preset, args.steps + args.warmup), *args.overrides],
-                                  args.steps, args.warmup)}
-        results.append(result)
-        shown = result.get("error") or (f"{result['images_per_s']:6.2f} images/s  "
-                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
-        print(f"trainer={preset:10s} {shown}", flush=True)
-    settings = [] if args.presets else itertools.product(args.modes, args.checkpointing, args.batch_sizes, optimizers)
-    for mode, checkpointing, batch, optimizer in settings:
-        setting = {"mode": mode, "gradient_checkpointing": checkpointing == "on", "micro_batch": batch,
-                   "optimizer": optimizer}
-        overrides = [*common, *MODES[mode], f"model.gradient_checkpointing={checkpointing == 'on'}",
-                     f"trainer.batch_size={batch}", f"optimizer={optimizer}"]
-        result = {**setting, **in_subprocess(overrides, args.steps, args.warmup)}
-        if "images_per_s" in result:
-            result["iterations_per_s"] = result["images_per_s"] / batch
-        results.append(result)
-        shown = result.get("error") or (f"{result['iterations_per_s']:6.2f} it/s  "
-                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
-        print(f"{mode:22s} checkpointing {checkpointing:3s} batch {batch}  {optimizer:9s} {shown}", flush=True)
+    results = measure_presets(args, common) if args.presets else measure_settings(args, common)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine, "kind": args.kind, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -286,6 +268,40 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def measure_presets(args: argparse.Namespace, common: list[str]) -> list[dict]:
+    """--presets: one result per trainer preset (ControlNet + LoRA, validation grid included)."""
+    results = []
+    for preset in args.presets:
+        result = {"preset": preset, "mode": "controlnet_unet_lora",
+                  **in_subprocess([*common, *preset_overrides(preset, args.steps + args.warmup), *args.overrides],
+                                  args.steps, args.warmup)}
+        results.append(result)
+        shown = result.get("error") or (f"{result['images_per_s']:6.2f} images/s  "
+                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
+        print(f"trainer={preset:10s} {shown}", flush=True)
+    return results
+
+
+def measure_settings(args: argparse.Namespace, common: list[str]) -> list[dict]:
+    """One result per mode x gradient checkpointing x micro-batch x optimizer (iterations/s and peak memory)."""
+    optimizers = ["adamw", "adamw8bit"] if args.adam8bit else ["adamw"]
+    results = []
+    for mode, checkpointing, batch, optimizer in itertools.product(args.modes, args.checkpointing, args.batch_sizes,
+                                                                   optimizers):
+        setting = {"mode": mode, "gradient_checkpointing": checkpointing == "on", "micro_batch": batch,
+                   "optimizer": optimizer}
+        overrides = [*common, *MODES[mode], f"model.gradient_checkpointing={checkpointing == 'on'}",
+                     f"trainer.batch_size={batch}", f"optimizer={optimizer}"]
+        result = {**setting, **in_subprocess(overrides, args.steps, args.warmup)}
+        if "images_per_s" in result:
+            result["iterations_per_s"] = result["images_per_s"] / batch
+        results.append(result)
+        shown = result.get("error") or (f"{result['iterations_per_s']:6.2f} it/s  "
+                                        f"peak {result['peak_cuda_mb'] or result['peak_rss_mb']:8.0f} MB")
+        print(f"{mode:22s} checkpointing {checkpointing:3s} batch {batch}  {optimizer:9s} {shown}", flush=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -71,22 +72,40 @@ def fsdp_part(out: Path, scratch: Path | None = None) -> dict:
     import tempfile
 
     import torch
-    import torch.distributed as dist
     from hydra import compose, initialize_config_dir
-    from safetensors.torch import load_file
-    from torch.distributed.fsdp import FSDPModule
 
     from genlab.config import config_dir
-    from genlab.train import loop
-    from genlab.train.job import run_training
-    from genlab.train.memory_plan import _frozen_modules, held_bytes, plan_config
-    from genlab.train.strategy import shard_units
+    from genlab.train.memory_plan import plan_config
 
     gpu = torch.cuda.is_available()
     overrides = [*FSDP_STEPS, *(["trainer.mixed_precision=bf16"] if gpu else FSDP_TINY)]
     with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg, stopped = compose("train", overrides), compose("train", [*overrides, "trainer.max_steps=2"])
     scratch = scratch or Path(tempfile.mkdtemp(prefix="gpu-check-fsdp-"))
+    seen, peak = _fsdp_runs(cfg, stopped, scratch)
+    plan = plan_config(cfg, gpus=1)["fsdp"]
+    result = {"checks": _fsdp_checks(scratch, seen, plan), "held_bytes": seen.get("held"), "plan": plan,
+              "overrides": overrides, "max_memory_allocated": peak,
+              # what the GPU held at its peak over what the plan sums (states + activations + gathered):
+              # above 1 by the allocator's and the kernels' workspaces, the CUDA context is not counted in either
+              "peak_over_plan": round(peak / sum(plan.values()), 3) if peak else None}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _fsdp_runs(cfg: Any, stopped: Any, scratch: Path) -> tuple[dict, int | None]:
+    """Train `cfg` straight through (probing what a step holds and that the blocks are wrapped), then `stopped`
+    and its resume to `cfg`'s end. Returns (what the probe saw, the GPU's peak of the straight run or None)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from genlab.train import loop
+    from genlab.train.job import run_training
+    from genlab.train.memory_plan import _frozen_modules, held_bytes
+    from genlab.train.strategy import shard_units
+
+    gpu = torch.cuda.is_available()
     seen, calls, built, grad_norm = {}, [0], loop.Trainer.__init__, loop._grad_norm
 
     def keep(self, *args, **kwargs):
@@ -115,27 +134,28 @@ def fsdp_part(out: Path, scratch: Path | None = None) -> dict:
         loop.Trainer.__init__, loop._grad_norm = built, grad_norm
         if dist.is_initialized():
             dist.destroy_process_group()
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
-             for line in (scratch / run / "metrics.jsonl").read_text().splitlines()] for run in ("straight", "stopped")]
-    weights = [{k: v for f in sorted((scratch / run / "export").rglob("*.safetensors")) for k, v in load_file(f).items()}
-               for run in ("straight", "stopped")]
-    files = {p.name for p in (scratch / "straight" / "checkpoints" / "step_000004").iterdir()}
-    plan = plan_config(cfg, gpus=1)["fsdp"]
+    return seen, peak
+
+
+def _fsdp_checks(scratch: Path, seen: dict, plan: dict) -> dict[str, bool]:
+    """The fsdp part's verdicts: blocks wrapped, a DCP checkpoint, a bitwise resume, the plan equal to what was held."""
+    import torch
+    from safetensors.torch import load_file
+
+    from genlab.run_dir import RunDir
+
+    runs = [RunDir(scratch / "straight"), RunDir(scratch / "stopped")]
+    rows = [[{k: v for k, v in row.items() if k != "images_per_s"} for row in run.read_metrics()] for run in runs]
+    weights = [{k: v for f in sorted(run.export.rglob("*.safetensors")) for k, v in load_file(f).items()} for run in runs]
+    files = {p.name for p in (runs[0].checkpoints / "step_000004").iterdir()}
     states = ("params", "grads", "optimizer", "ema")
-    checks = {
+    return {
         "blocks_wrapped": seen.get("wrapped", False),
         "dcp_checkpoint": {".metadata", "__0_0.distcp", "COMPLETE"} <= files,
         "resume_bitwise": rows[0] == rows[1] and weights[0].keys() == weights[1].keys()
         and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]),
         "plan_states_equal_held": {k: plan[k] for k in states} == seen.get("held"),
     }
-    result = {"checks": checks, "held_bytes": seen.get("held"), "plan": plan, "overrides": overrides,
-              "max_memory_allocated": peak,
-              # what the GPU held at its peak over what the plan sums (states + activations + gathered):
-              # above 1 by the allocator's and the kernels' workspaces, the CUDA context is not counted in either
-              "peak_over_plan": round(peak / sum(plan.values()), 3) if peak else None}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def run_part(part: dict) -> dict:
