@@ -74,3 +74,27 @@ def test_runs_card_and_report_pick_the_declared_loss(declared_run):
     data = load_run(run, run.path.parent)
     assert dict(panels_of(list(data.series), data.info["loss_keys"]))["losses"] == ["mse"]
     assert objective_of([data]) == "mse"
+
+
+class Improving(Toy):
+    """Logs a declared loss that falls every step (1/step) beside a rising `loss_scale` that is not a loss."""
+
+    losses = ("mse",)
+    metrics = {"loss_scale": "higher"}
+
+    def loss(self, phase, batch, step, rng):
+        loss, _ = super().loss(phase, batch, step, rng)
+        return loss, {"mse": torch.tensor(1.0 / (step + 1)), "loss_scale": torch.tensor(1024.0 * (step + 1))}
+
+
+def test_the_plateau_schedule_watches_the_declared_loss(tmp_path, one_thread):
+    """ReduceLROnPlateau (patience 0) on `mse`, which improves every step: the LR never drops. Watching every
+    key with "loss" in its name would watch the rising `loss_scale` and halve it at each log step."""
+    from genlab.train.job import run_training
+
+    cfg = toy_config("lr_schedule=plateau", "lr_schedule.patience=0", "lr_schedule.factor=0.5", "trainer.lr=0.01",
+                     "trainer.max_steps=4", "trainer.log_every=1", "trainer.checkpoint_every=4")
+    cfg.model._target_ = "test_logged_losses.Improving"
+    run_training(cfg, tmp_path / "run")
+    lrs = [row["lr_net"] for row in RunDir(tmp_path / "run").read_metrics()]
+    assert len(lrs) == 4 and lrs == pytest.approx([0.01] * 4)
