@@ -47,7 +47,7 @@ from genlab.eval.evaluate import Evaluator
 from genlab.eval.features import CLASSIFIERS
 from genlab.eval.plots import plot_quality_vs_steps
 from genlab.run_dir import RunDir, load_family
-from genlab.train.job import run_training
+from genlab.train.job import run_training, summary_losses
 from genlab.train.sampling import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def train(overrides: list[str], run_dir: Path, budget_s: float | None, reuse: bo
     summary = run_training_logged(cfg, overrides, run_dir)
     info.update(overrides=overrides, steps=summary["step"], max_steps=cfg.trainer.max_steps,
                 train_seconds=time.perf_counter() - start,
-                final_losses={k: v for k, v in summary.items() if "loss" in k},
+                final_losses=summary_losses(cfg, summary),
                 images_per_s=summary.get("images_per_s"))
     record.write_text(json.dumps(info, indent=2))
     return info
