@@ -59,15 +59,22 @@ def test_nothing_built_or_large_is_tracked():
 PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[[^\]]*\]\s*=(?!=)|[+]?=(?!=))")
 
 
+# The rule's own examples name the path list through a placeholder, so that no line of this file reads as an
+# edit (to this test, which scans this file too, or to any other line-by-line scanner).
+EDITS = ["SYS_PATH.insert(0, str(ROOT / 'scripts'))", "import sys; SYS_PATH.append({tests!r})", "SYS_PATH[:0] = [here]"]
+MENTIONS = ["found on SYS_PATH without importing it", "SYS_PATH == x"]
+
+
 def test_the_path_rule_catches_an_edit_and_not_a_mention():
-    assert PATH_EDIT.search("sys.path.insert(0, str(ROOT / 'scripts'))")
-    assert PATH_EDIT.search("import sys; sys.path.append({tests!r})") and PATH_EDIT.search("sys.path[:0] = [here]")
-    assert not PATH_EDIT.search("found on sys.path without importing it") and not PATH_EDIT.search("sys.path == x")
+    def real(example: str) -> str:
+        return example.replace("SYS_PATH", "sys" + ".path")
+
+    assert all(PATH_EDIT.search(real(e)) for e in EDITS)
+    assert not any(PATH_EDIT.search(real(m)) for m in MENTIONS)
 
 
 def test_nothing_edits_sys_path():
     """Code strings that tests run in a subprocess included: they get PYTHONPATH in their environment."""
-    here = Path(__file__).resolve()
     found = [f"{file.relative_to(ROOT)}:{n}" for top in ("src", "scripts", "tests") for file in sorted((ROOT / top).rglob("*.py"))
-             if file != here for n, line in enumerate(file.read_text().splitlines(), 1) if PATH_EDIT.search(line)]
+             for n, line in enumerate(file.read_text().splitlines(), 1) if PATH_EDIT.search(line)]
     assert found == []
