@@ -30,12 +30,12 @@ from genlab.data import InMemory, build_dataset
 from genlab.data.batches import BatchStream, loader_options, make_order
 from genlab.errors import ConfigError, GenlabError
 from genlab.families.contract import Diagnosed, Family, PairedSamples
-from genlab.step_random import StepRandom
+from genlab.families.logged import losses
 from genlab.model_card import refresh_model_card
 from genlab.run_dir import RunDir
+from genlab.step_random import StepRandom
 from genlab.train import checkpoint as ckpt
 from genlab.train import micro_batch, optimizers
-from genlab.families.logged import losses
 from genlab.train.best import BestTracker
 from genlab.train.resume_policy import resume_decision
 from genlab.train.sampling import save_grid, swapped_in_ema, unwrapped_networks
