@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # From the ground up; a module may import its own package and what stands on a lower line.
 LAYERS = [
     ["genlab.errors"],
-    ["genlab.urls", "genlab.wrappers", "genlab.step_random"],
+    ["genlab.urls", "genlab.wrappers", "genlab.step_random", "genlab.posthoc_ema"],
     ["genlab.config", "genlab.diffusion"],
     ["genlab.text", "genlab.data", "genlab.run_dir"],
     ["genlab.families"],

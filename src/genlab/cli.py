@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from genlab.errors import GenlabError
+from genlab.errors import ConfigError, GenlabError
 
 app = typer.Typer(
     help="genlab: train, sample and compare generative image models (VAE, GAN, DDPM, SD, ControlNet).\n\n"
@@ -35,7 +35,6 @@ def _no_stray_words(run_dir: Path | None, extra: list[str]) -> None:
     """A run path with spaces, unquoted, reaches us as several words: say how to quote it."""
     if not extra:
         return
-    from genlab.errors import ConfigError
 
     joined = " ".join([str(run_dir or ""), *extra]).strip()
     hint = f"; if it is one path with spaces, quote it: '{joined}'" if " " in joined else ""
@@ -58,6 +57,20 @@ TRUST_HELP = ("trust this run's files on purpose: load a run written before genl
 TRUST_COMMANDS = "pass --trust-run"  # what a refused pipe: command in a run's saved config says
 ALLOW_HELP = ("trust _target_ classes under this prefix in the run's config (repeatable), e.g. your own "
               "family package; by default only genlab's and torch.optim's are instantiated")
+
+EMA_LENGTH_HELP = ("the EMA of this relative length (e.g. 0.10), rebuilt from the run's post-hoc EMA snapshots "
+                   "(trained with trainer.posthoc_ema.sigma_rels=[0.05,0.10]) instead of its fixed EMA")
+
+
+def _lengths(text: str) -> list[float]:
+    """--sweep-ema-length 0.05,0.1,0.2 -> [0.05, 0.1, 0.2]; a word that is not a number is refused in one sentence."""
+    try:
+        lengths = [float(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        _fail(ConfigError(f"--sweep-ema-length {text!r}: give comma-separated numbers, e.g. 0.05,0.1,0.2"))
+    if not lengths:
+        _fail(ConfigError("--sweep-ema-length: give at least one EMA length, e.g. 0.05,0.1,0.2"))
+    return lengths
 
 
 def _overrides_of(args: list[str]) -> list[str]:
@@ -111,7 +124,6 @@ MAIN_ADDRESS_HELP = "HOST:PORT of node 0, where every node meets (needed with --
 
 def _main_address(main_address: str | None) -> tuple[str, int]:
     """HOST:PORT as (host, port), or the sentence saying what to give."""
-    from genlab.errors import ConfigError
 
     host, _, port = (main_address or "").rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -122,7 +134,6 @@ def _main_address(main_address: str | None) -> tuple[str, int]:
 
 def _check_nodes(nodes: int, node_rank: int, args: list[str], run_dir_given: bool) -> None:
     """A run over several nodes: a valid node rank and one run directory named on every node."""
-    from genlab.errors import ConfigError
 
     if nodes < 1 or not 0 <= node_rank < nodes:
         _fail(ConfigError(f"--node-rank {node_rank} with --nodes {nodes}: give each node a rank from 0 to {nodes - 1}."))
@@ -189,7 +200,6 @@ def _refuse_combined_modes(args: list[str]) -> None:
     modes = [flag for flag in ("-m/--multirun", "--cfg", "--info", "--shell-completion")
              if any(a in flag.split("/") or a.startswith(flag.split("/")[-1] + "=") for a in args)]
     if len(modes) > 1:
-        from genlab.errors import ConfigError
 
         _fail(ConfigError(f"{' and '.join(modes)} cannot be combined (Hydra runs one of them); e.g. drop -m to "
                           "print the config a multirun would start from."))
@@ -229,7 +239,6 @@ def _run_hydra_train(args: list[str]) -> None:
 
 def _print_plan(cfg, gpus: int, base: str | None) -> None:
     """`genlab train --plan`: the memory plan of the composed config, then exit 0 (nothing on disk)."""
-    from genlab.errors import ConfigError
     from genlab.train.memory_plan import REAL_KINDS, describe
 
     from omegaconf.errors import MissingMandatoryValue
@@ -256,7 +265,6 @@ def _target_directory(args: list[str]) -> list[str]:
     processes (submitit) all land in it.
     """
     from genlab.cluster.study import STUDY_FILE
-    from genlab.errors import ConfigError
     from genlab.run_dir import RunDir, claim_new_dir
     from genlab.train.resume_policy import resume_decision
 
@@ -306,7 +314,6 @@ def _target_directory(args: list[str]) -> list[str]:
 
 def _check_runs_root(root: str) -> None:
     """The folder new runs go under can hold them: said now, not as a traceback from Hydra's resolver."""
-    from genlab.errors import ConfigError
 
     path = Path(root).expanduser().absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -327,6 +334,7 @@ def sample(
     out: Optional[Path] = typer.Option(None, help="output PNG (default RUN_DIR/samples/sample_seed<seed>.png)"),
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
+    ema_length: Optional[float] = typer.Option(None, "--ema-length", help=EMA_LENGTH_HELP),
     sampler: Optional[str] = typer.Option(None, help="diffusion: ddpm | ddim | dpm | unipc; flow-matching runs: euler | heun"),
     steps: Optional[int] = typer.Option(None, min=1, help="diffusion: denoising steps; VAE --interpolate: images per row"),
     class_label: Optional[int] = typer.Option(None, "--class", help="conditional models: the class to draw"),
@@ -350,6 +358,7 @@ def sample(
     Examples:
       genlab sample runs/ddpm/2026-11-22_10-00-00 --n 64 --sampler ddim --steps 50
       genlab sample RUN --class 3 --guidance 2.0
+      genlab sample RUN --ema-length 0.10              # trained with trainer.posthoc_ema
       genlab sample RUN --interpolate                  # VAE
       genlab sample RUN --sketch house.png --prompt "a red house"
     """
@@ -372,7 +381,7 @@ def sample(
             sample_command(run_dir, n=n, seed=seed, out=out, checkpoint=checkpoint, use_ema=ema, separate=separate,
                            sketch=sketch, edges_from=edges_from,
                            options={k: v for k, v in options.items() if v is not None},
-                           allow=tuple(allow_target or ()), trust_run=trust_run)
+                           allow=tuple(allow_target or ()), trust_run=trust_run, ema_length=ema_length)
     except GenlabError as error:
         _fail(error)
 
@@ -383,6 +392,11 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="the run directory to evaluate"),
     checkpoint: str = typer.Option("latest", help="latest | best | step_N"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="use the EMA weights when the run has them"),
+    ema_length: Optional[float] = typer.Option(None, "--ema-length", help=EMA_LENGTH_HELP),
+    sweep_ema_length: Optional[str] = typer.Option(None, "--sweep-ema-length",
+                                                   help="comma-separated EMA lengths (e.g. 0.05,0.1,0.2): the metrics "
+                                                        "of each, rebuilt from post-hoc snapshots, next to the run's "
+                                                        "own EMA (eval/ema_sweep.json)"),
     n: Optional[int] = typer.Option(None, "--n", min=1, help="generated images (default eval.n_samples)"),
     compare_samplers: bool = typer.Option(False, help="diffusion: quality and time per image for the objective's "
                                                       "samplers: DDPM 1000, DDIM 50/20/10, DPM-Solver++ 20/10; flow: "
@@ -402,6 +416,7 @@ def evaluate(
     Examples:
       genlab eval runs/gan/2026-11-22_10-00-00
       genlab eval runs/ddpm/2026-11-22_10-00-00 --checkpoint best --n 2000 --compare-samplers
+      genlab eval RUN --sweep-ema-length 0.05,0.1,0.2   # trained with trainer.posthoc_ema
     """
     _no_stray_words(run_dir, list(ctx.args))
     _require_run(run_dir)
@@ -410,8 +425,14 @@ def evaluate(
 
     try:
         with commands_allowed(trust_all=trust_run, how=TRUST_COMMANDS):
+            if sweep_ema_length is not None:
+                from genlab.eval.command import ema_sweep_command
+
+                ema_sweep_command(run_dir, checkpoint, _lengths(sweep_ema_length), n, allow=tuple(allow_target or ()),
+                                  trust_run=trust_run)
+                return
             eval_command(run_dir, checkpoint, ema, n, compare_samplers, allow=tuple(allow_target or ()),
-                         trust_run=trust_run)
+                         trust_run=trust_run, ema_length=ema_length)
     except GenlabError as error:
         _fail(error)
 
@@ -561,7 +582,6 @@ def data_pack(
       genlab data pack fill50k_saved/ shards/fill50k        # image, conditioning_image, text
       genlab train model=controlnet data=shards data.path=shards/fill50k model.base=...
     """
-    from genlab.errors import ConfigError
 
     # Checked before the heavy imports, so that a typo answers at once.
     if not Path(src).expanduser().exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
@@ -597,7 +617,6 @@ def stand_in(
       genlab stand-in flux bases/flux-real --size real
       genlab train model=controlnet model.base=bases/sdxl-tiny data=fill_circles
     """
-    from genlab.errors import ConfigError
     from genlab.families import stand_ins
 
     if kind not in stand_ins.SAVERS:

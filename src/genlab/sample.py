@@ -26,7 +26,7 @@ def check_request(run_dir: Path | None, n: int, separate: bool) -> RunDir | None
 
 def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, checkpoint: str, use_ema: bool,
                    separate: bool, sketch: Path | None, edges_from: Path | None, options: dict[str, Any],
-                   allow: tuple[str, ...] = (), trust_run: bool = False) -> Path:
+                   allow: tuple[str, ...] = (), trust_run: bool = False, ema_length: float | None = None) -> Path:
     """Everything `genlab sample` does; returns the grid's path.
 
     Images are drawn in chunks of CHUNK; chunk c uses seed + c * CHUNK, so the first CHUNK
@@ -49,7 +49,7 @@ def sample_command(run_dir: Path | None, n: int, seed: int, out: Path | None, ch
         print(f"no RUN_DIR given: using the newest finished run, {run.path}")
     else:
         run = RunDir(run_dir)
-    family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run)
+    family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run, ema_length=ema_length)
     if sketch is not None:
         options["sketch"] = load_image(sketch, cfg.data.image_size)
     if edges_from is not None:

@@ -15,18 +15,20 @@ from genlab.run_dir import RunDir, atomic_write, load_family
 
 
 def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True, n: int | None = None,
-                 compare_samplers: bool = False, allow: tuple[str, ...] = (), trust_run: bool = False) -> dict[str, Any]:
+                 compare_samplers: bool = False, allow: tuple[str, ...] = (), trust_run: bool = False,
+                 ema_length: float | None = None) -> dict[str, Any]:
     """Evaluate a run; writes RUN_DIR/eval/metrics.json (and samplers.json/.png when asked)."""
     from rich.console import Console
 
     run = RunDir(run_dir)
-    family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run)
+    family, cfg = load_family(run, checkpoint, use_ema, allow=allow, trust_run=trust_run, ema_length=ema_length)
     device = next(iter(family.networks().values())).parameters().__next__().device
     evaluator = Evaluator(cfg, device)
     started = time.perf_counter()
     metrics = evaluator.evaluate(family, n_samples=n)
     out_dir = run.eval_dir
-    report = {"checkpoint": checkpoint, "ema": use_ema, "seconds": time.perf_counter() - started, **metrics}
+    report = {"checkpoint": checkpoint, "ema": use_ema if ema_length is None else f"length {ema_length}",
+              "seconds": time.perf_counter() - started, **metrics}
     run.write_eval(report)
     Console().print(metrics_table(metrics, f"eval of {run_dir} ({checkpoint}{', EMA' if use_ema else ''})"))
     if compare_samplers:
@@ -41,6 +43,36 @@ def eval_command(run_dir: Path, checkpoint: str = "latest", use_ema: bool = True
     print(f"wrote {run.eval_file}")
     refresh_model_card(run)  # the card's metrics are those of eval/metrics.json
     return report
+
+
+def ema_sweep_command(run_dir: Path, checkpoint: str, lengths: list[float], n: int | None = None,
+                      allow: tuple[str, ...] = (), trust_run: bool = False) -> list[dict[str, Any]]:
+    """The metrics of the run's own EMA and of each post-hoc EMA length, to eval/ema_sweep.json and a table.
+
+    Every row samples with the same seeds: only the weights differ.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    run = RunDir(run_dir)
+    rows = []
+    for length in [None, *lengths]:
+        family, cfg = load_family(run, checkpoint, allow=allow, trust_run=trust_run, ema_length=length)
+        device = next(iter(family.networks().values())).parameters().__next__().device
+        metrics = Evaluator(cfg, device).evaluate(family, n_samples=n)
+        rows.append({"ema_length": length, "ema": "trainer.ema" if length is None else f"post-hoc {length}", **metrics})
+    # One row per metric, one column per EMA: what a length trades is read across a row.
+    table = Table(title=f"EMA lengths of {run_dir} ({checkpoint})")
+    table.add_column("metric")
+    for row in rows:
+        table.add_column(row["ema"], justify="right")
+    for key in (k for k in rows[0] if k not in ("ema_length", "ema") and "@" not in k):
+        table.add_row(key, *(f"{r[key]:.4g}" if isinstance(r.get(key), (int, float)) else str(r.get(key, ""))
+                             for r in rows))
+    Console().print(table)
+    atomic_write(run.eval_dir / "ema_sweep.json", json.dumps({"checkpoint": checkpoint, "rows": rows}, indent=2))
+    print(f"wrote {run.eval_dir / 'ema_sweep.json'}")
+    return rows
 
 
 def metrics_table(metrics: dict[str, float], title: str):

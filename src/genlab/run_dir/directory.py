@@ -68,6 +68,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     samples = property(lambda self: self.path / "samples")
     export = property(lambda self: self.path / "export")
+    posthoc_ema = property(lambda self: self.path / "posthoc_ema")  # snapshots of trainer.posthoc_ema's profiles
     eval_dir = property(lambda self: self.path / "eval")
     eval_file = property(lambda self: self.path / "eval" / "metrics.json")
     report_file = property(lambda self: self.path / "report.html")

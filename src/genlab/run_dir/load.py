@@ -31,7 +31,8 @@ def newest_finished_run(root: str | Path) -> RunDir:
 
 
 def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: bool = True, device: str | None = None,
-                allow: tuple[str, ...] = (), trust_run: bool = False) -> tuple[Any, DictConfig]:
+                allow: tuple[str, ...] = (), trust_run: bool = False,
+                ema_length: float | None = None) -> tuple[Any, DictConfig]:
     """(family, cfg) rebuilt from a run's saved config, with the weights of `checkpoint`.
 
     Nothing in the run runs code: the config's `_target_`s pass the allowlist first, a `pipe:`
@@ -43,6 +44,8 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
     Args:
         checkpoint: latest | best | step_N.
         use_ema: the EMA weights, when the run has them.
+        ema_length: instead, the EMA of this relative length rebuilt from the run's post-hoc EMA
+            snapshots (trainer.posthoc_ema) up to the checkpoint's step.
         allow: extra trusted `_target_` prefixes; trust_run: see checkpoint.load_file_of.
 
     Raises:
@@ -73,6 +76,9 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
 
     def load(path: Path) -> Path:
         ckpt.load_networks(path, networks)
+        if ema_length is not None:
+            load_posthoc_ema(run, family, path, ema_length)
+            return path
         if use_ema and family.ema_network:
             ema_state = ckpt.load_file_of(path, "ema.pt", trust_run)
             if ema_state is not None:
@@ -86,7 +92,35 @@ def load_family(run: RunDir | str | Path, checkpoint: str = "latest", use_ema: b
         return path
 
     ckpt.newest_loadable(candidates, load)
+
     family.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     for network in networks.values():
         network.eval()
     return family, cfg
+
+
+def load_posthoc_ema(run: RunDir, family: Any, checkpoint: Path, ema_length: float) -> None:
+    """Put the EMA of relative length `ema_length` at `checkpoint`'s step into the family's EMA network."""
+    import torch
+
+    from genlab.posthoc_ema import reconstruct_named
+    from genlab.train import checkpoint as ckpt
+
+    if not family.ema_network:
+        raise GenlabError(f"--ema-length: {run.path}'s model has no network that takes an EMA.")
+    step = ckpt.load_state(checkpoint)["step"]
+    averages = reconstruct_named(run.posthoc_ema, ema_length, step)
+    network = family.networks()[family.ema_network]
+    params = dict(network.named_parameters())
+    unknown = sorted(set(averages) - set(params))
+    if unknown:
+        raise GenlabError(f"{run.posthoc_ema} holds parameters this run's model does not have ({unknown[0]}, ...): "
+                          "the snapshots belong to another run.")
+    wrong = next((n for n, a in averages.items() if a.shape != params[n].shape), None)
+    if wrong:
+        raise GenlabError(f"{run.posthoc_ema} holds {wrong} of shape {tuple(averages[wrong].shape)}, the model "
+                          f"{tuple(params[wrong].shape)}: the snapshots belong to another run.")
+    with torch.no_grad():
+        for name, average in averages.items():
+            params[name].copy_(average)
+    log.info("loaded %s with the EMA of length %.3g rebuilt from post-hoc snapshots", checkpoint, ema_length)

@@ -32,6 +32,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families.contract import Diagnosed, Family, PairedSamples
 from genlab.families.logged import losses
 from genlab.model_card import refresh_model_card
+from genlab.posthoc_ema import PostHocEMA
 from genlab.run_dir import RunDir
 from genlab.step_random import StepRandom
 from genlab.train import checkpoint as ckpt
@@ -179,6 +180,7 @@ class Trainer:
         # Looked up once, not per step: the parameter lists never change during a run.
         self._params = {phase: [p for g in o.param_groups for p in g["params"]] for phase, o in self.optimizers.items()}
         self.ema, self._ema_params = self._new_ema()
+        self.posthoc_ema, self._posthoc_params = self._new_posthoc_ema()
 
         try:
             order = make_order(dataset, t.batch_size, t.seed, acc.process_index, acc.num_processes,
@@ -249,6 +251,29 @@ class Trainer:
         ema = EMAModel(params, decay=t.ema, use_ema_warmup=t.ema_warmup, foreach=not self.strategy.sharded)
         ema.to(self.accelerator.device)
         return ema, params
+
+    def _new_posthoc_ema(self) -> tuple[PostHocEMA | None, list[torch.nn.Parameter]]:
+        """(post-hoc EMA profiles, the parameters they follow) of `ema_network`; (None, []) unless trainer.posthoc_ema is on."""
+        options = self.t.get("posthoc_ema") or {}
+        if not options.get("sigma_rels"):
+            return None, []
+        if not self.family.ema_network:
+            raise ConfigError(f"trainer.posthoc_ema: model={self.family.name} has no network that takes an EMA; "
+                              "set trainer.posthoc_ema.sigma_rels=[].")
+        if self.strategy.sharded:
+            raise ConfigError("trainer.posthoc_ema keeps whole copies of the network on each process, which "
+                              "strategy=fsdp does not: use strategy=ddp, or trainer.ema for a fixed EMA length.")
+        # The trainable parameters only: a frozen base's EMA is the base itself, rebuilt from config.
+        named = [(n, p) for n, p in self._unwrapped(self.family.ema_network).named_parameters() if p.requires_grad]
+        every = options.get("snapshot_every") or self.t.checkpoint_every or self.t.max_steps
+        posthoc = PostHocEMA(named, list(options["sigma_rels"]), every)
+        return posthoc, [p for _, p in named]
+
+    def _posthoc_ema_step(self) -> None:
+        """Fold this step's weights into the profiles; at snapshot steps the main process writes them to posthoc_ema/."""
+        self.posthoc_ema.update(self._posthoc_params, self.step)
+        if self.accelerator.is_main_process and (self.step % self.posthoc_ema.every == 0 or self.step == self.t.max_steps):
+            self.posthoc_ema.save_snapshot(self.run.posthoc_ema, self.step)
 
     def _new_evaluator(self) -> Any:
         """The in-training evaluator (trainer.eval_every), on the main process only; None without it."""
@@ -337,6 +362,7 @@ class Trainer:
             "lr_schedules": {k: s.state_dict() for k, s in self.lr_schedules.items()},
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "rng": _rng_state(),
+            "posthoc_ema": self.posthoc_ema.state_dict() if self.posthoc_ema else None,
         }
         state = {"step": self.step, "data_position": self.batches.position, "wandb_id": self.tracker.run_id,
                  "batch_size": self.t.batch_size, "grad_accum": self.t.grad_accum,
@@ -373,6 +399,11 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(training_state["scaler"])
         if self.ema:
             self.ema.to(self.accelerator.device)
+        if self.posthoc_ema:
+            if not training_state.get("posthoc_ema"):
+                raise GenlabError(f"{path} was written without trainer.posthoc_ema: resume with "
+                                  "trainer.posthoc_ema.sigma_rels=[], or start a new run to keep post-hoc EMA profiles.")
+            self.posthoc_ema.load_state_dict(training_state["posthoc_ema"])
         self._resume_rng = training_state["rng"]
         self.window = LogWindow.from_state(training_state.get("log_window"), self.accelerator.device)
         if self.accelerator.is_main_process:
@@ -533,6 +564,8 @@ class Trainer:
             self.window.steps += 1
             if self.ema is not None:
                 self.ema.step(self._ema_params)
+            if self.posthoc_ema is not None:
+                self._posthoc_ema_step()
             if self.step % log_every == 0 or self.step == max_steps:
                 elapsed = time.perf_counter() - window_start
                 logged = self.window.means(acc)
@@ -563,6 +596,9 @@ class Trainer:
         """Final checkpoint, samples and export (EMA weights swapped in)."""
         if self.run.checkpoint(f"step_{self.step}") is None:
             self.save_checkpoint()
+        if self.posthoc_ema and self.accelerator.is_main_process:  # an early stop ends between snapshots
+            if not (self.run.posthoc_ema / f"step_{self.step:06d}.safetensors").exists():
+                self.posthoc_ema.save_snapshot(self.run.posthoc_ema, self.step)
         self.sample_grid("final")
         if self.accelerator.is_main_process or self.strategy.sharded:  # fsdp: gathering the weights is a collective
             with unwrapped_networks(self.family, self.accelerator), swapped_in_ema(self.family, self.ema):

@@ -18,11 +18,20 @@ Reference: Karras et al., "Analyzing and Improving the Training Dynamics of Diff
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from genlab.errors import GenlabError
+
+#: A snapshot file of the run directory's posthoc_ema/ folder.
+SNAPSHOT = re.compile(r"^step_(\d+)\.safetensors$")
 
 
 def gamma_of(sigma_rel: float) -> float:
@@ -119,3 +128,103 @@ def reconstruct(snapshots: Sequence[tuple[int, float, Sequence[torch.Tensor]]], 
     weights = reconstruction_weights([(s, g) for s, g, _ in usable], step, gamma)
     return [sum(float(w) * tensors[i].double() for w, (_, _, tensors) in zip(weights, usable)).float()
             for i in range(len(usable[0][2]))]
+
+
+class PostHocEMA:
+    """The profiles training keeps (`trainer.posthoc_ema.sigma_rels`) of one network, and their snapshots.
+
+    The profiles go into every checkpoint (so a resume continues them bit for bit); a snapshot
+    of all of them is written to the run's `posthoc_ema/step_N.safetensors` every `every`
+    optimizer steps and at the last. Snapshots outlive checkpoint pruning: they are what a
+    later EMA length is rebuilt from. Each costs len(sigma_rels) x 4 bytes per parameter.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], sigma_rels: Sequence[float], every: int):
+        if len(sigma_rels) < 2:
+            raise GenlabError(f"trainer.posthoc_ema.sigma_rels={list(sigma_rels)}: keep at least two EMA lengths "
+                              "(EDM2 keeps [0.05, 0.10]); one profile cannot be re-weighted into another.")
+        if every < 1:
+            raise GenlabError(f"trainer.posthoc_ema.snapshot_every={every}: give the optimizer steps between snapshots "
+                              "(e.g. a tenth of trainer.max_steps).")
+        named = list(named_parameters)
+        self.names, self.every = [n for n, _ in named], every
+        try:
+            self.profiles = [PowerEMA([p for _, p in named], float(s)) for s in sigma_rels]
+        except ValueError as error:
+            raise GenlabError(f"trainer.posthoc_ema.sigma_rels: {error}") from None
+
+    def update(self, parameters: Sequence[torch.Tensor], step: int) -> None:
+        for profile in self.profiles:
+            profile.update(parameters, step)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {str(p.sigma_rel): p.state_dict() for p in self.profiles}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        if sorted(state) != sorted(str(p.sigma_rel) for p in self.profiles):
+            raise GenlabError(f"the checkpoint keeps post-hoc EMA lengths {sorted(state)}, this run "
+                              f"{[p.sigma_rel for p in self.profiles]}: resume with the same trainer.posthoc_ema.sigma_rels.")
+        for profile in self.profiles:
+            profile.load_state_dict(state[str(profile.sigma_rel)])
+
+    def save_snapshot(self, folder: Path, step: int) -> Path:
+        """Write every profile at `step` to folder/step_N.safetensors: a temporary file, fsynced, renamed."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{i}/{name}": average.contiguous() for i, profile in enumerate(self.profiles)
+                   for name, average in zip(self.names, profile.average)}
+        meta = {"step": str(step), "sigma_rels": json.dumps([p.sigma_rel for p in self.profiles])}
+        path, tmp = folder / f"step_{step:06d}.safetensors", folder / f".step_{step:06d}.{os.getpid()}.tmp"
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def read_snapshots(folder: Path, up_to_step: int | None = None) -> list[tuple[int, float, dict[str, torch.Tensor]]]:
+    """(step, gamma, tensors by parameter name) of every snapshot in `folder`, one per stored length.
+
+    Snapshots after `up_to_step` are left out (an EMA at an earlier checkpoint is rebuilt from
+    what training had written by then). A file that is not a snapshot genlab wrote is refused in one sentence.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    found = []
+    for path in sorted(folder.glob("step_*.safetensors")) if folder.is_dir() else []:
+        match = SNAPSHOT.match(path.name)
+        if not match or (up_to_step is not None and int(match.group(1)) > up_to_step):
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                sigma_rels = [float(s) for s in json.loads(meta["sigma_rels"])]
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            step = int(meta["step"])
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+            raise GenlabError(f"{path} is not a post-hoc EMA snapshot genlab can read ({error}); move it out of "
+                              f"{folder} to rebuild from the others.") from None
+        for i, sigma_rel in enumerate(sigma_rels):
+            prefix = f"{i}/"
+            found.append((step, gamma_of(sigma_rel),
+                          {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}))
+    return found
+
+
+def reconstruct_named(folder: Path, sigma_rel: float, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The EMA of relative length `sigma_rel` by parameter name, rebuilt from the snapshots in `folder`.
+
+    `step`: the step wanted (a checkpoint's); the newest snapshot at or before it is used as the end.
+    """
+    if not 0 < sigma_rel < sigma_rel_of(0.0):
+        raise GenlabError(f"--ema-length {sigma_rel}: an EMA length (relative to the training length) lies in "
+                          f"(0, {sigma_rel_of(0.0):.3f}); EDM2's best lengths are around 0.05 to 0.15.")
+    snapshots = read_snapshots(folder, step)
+    if not snapshots:
+        raise GenlabError(f"no post-hoc EMA snapshots in {folder}" + (f" up to step {step}" if step else "") +
+                          ": train with trainer.posthoc_ema.sigma_rels=[0.05,0.10] to choose the EMA length afterwards.")
+    names = sorted(snapshots[0][2])
+    end = max(s for s, _, _ in snapshots)
+    tensors = reconstruct([(s, g, [t[n] for n in names]) for s, g, t in snapshots], sigma_rel, end)
+    return dict(zip(names, tensors))
