@@ -138,6 +138,8 @@ RECIPES = {
     # Rectified flow and DiT: ddpm_digits' targets, evaluated at their 8 Euler steps (model.sample_steps).
     "flow_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
     "dit_digits": Recipe(digits_targets(0.05), smoke=TINY_DIT),
+    # REPA on dit_digits: the same targets in half the optimizer steps (the issue-32 target).
+    "dit_digits_repa": Recipe(digits_targets(0.05), smoke=[*TINY_DIT, "model.repa.layer=1"]),
     "vae_digits": Recipe(digits_targets(0.05) + [Target("anomaly_auroc@holdout", ">=", 0.9)],
                          # Anomaly detection has no label to give: the plain VAE, one class held out.
                          variants={"holdout": ["data.exclude_classes=[0]", "model.conditional=false"]}),

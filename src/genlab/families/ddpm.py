@@ -19,9 +19,10 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from genlab.diffusion import Diffusion, guided
 from genlab.errors import GenlabError
 from genlab.families.contract import Card, batch_labels, diffusers_blocks
+from genlab.families.repa import build_repa
+from genlab.step_random import StepRandom
 
 # sdpa: torch's fused scaled_dot_product_attention (diffusers' default); eager: matmul, softmax, matmul.
-from genlab.step_random import StepRandom
 ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 #: model.backbone -> the attribute (and checkpoint file) name of the denoiser.
 BACKBONES = {"unet": "unet", "dit": "transformer"}
@@ -65,6 +66,8 @@ class DDPM:
         dit: DiTTransformer2DModel arguments (backbone=dit).
         attention: sdpa | eager, the denoiser's attention implementation (see ATTENTION).
         sampler, sample_steps, guidance: defaults for `sample` (sampler None: the objective's default).
+        repa: `model.repa` (encoder, weight, layer, projector_dim): REPA's alignment term (families.repa);
+            off when it names no encoder or its weight is 0.
         **diffusion: the diffusion core's keys (`Diffusion.build`): objective, schedule,
             num_train_timesteps, zero_terminal_snr, shift, timesteps, weighting, snr_gamma, offset_noise.
     """
@@ -90,7 +93,7 @@ class DDPM:
                         "with torch.no_grad():\n    for t in scheduler.timesteps:\n"
                         "        out = transformer(x, t.expand(len(x)), class_labels=labels).sample\n"
                         "        x = scheduler.step(out, t, x).prev_sample\nimages = (x.clamp(-1, 1) + 1) / 2")
-    losses = ("loss",)
+    losses = ("loss", "diffusion_loss", "repa_loss")
     metrics: dict[str, str] = {}
 
     @classmethod
@@ -105,7 +108,7 @@ class DDPM:
                  num_classes: int | None = None, conditional: bool = False, cond_dropout: float = 0.1,
                  backbone: str = "unet", dit: dict[str, Any] | None = None, attention: str = "sdpa",
                  sampler: str | None = None, sample_steps: int | None = 50, guidance: float = 1.0,
-                 **diffusion: Any):
+                 repa: dict[str, Any] | None = None, **diffusion: Any):
         if conditional and not num_classes:
             raise GenlabError("model.conditional=true needs labelled data (data.num_classes is null); "
                               "use data=digits or set model.conditional=false.")
@@ -126,6 +129,9 @@ class DDPM:
         for module in self.denoiser.modules():
             if isinstance(module, Attention):
                 module.set_processor(ATTENTION[attention]())
+        self.repa = build_repa(self.denoiser, repa, image_size, channels)
+        if self.repa:  # trained and checkpointed beside the denoiser; not exported
+            self.repa_projector = self.repa.projector
         # Pixels live in [-1, 1]: DDPM-family samplers clip their x0 estimate there.
         self.diffusion = Diffusion.build(clip_sample=True, **diffusion)
         sampler = sampler or self.diffusion.default_sampler()
@@ -139,10 +145,12 @@ class DDPM:
 
     # ---- the Family protocol -----------------------------------------------------------
     def networks(self) -> dict[str, torch.nn.Module]:
-        return {self.ema_network: self.denoiser}
+        return {self.ema_network: self.denoiser, **({"repa_projector": self.repa_projector} if self.repa else {})}
 
     def param_groups(self) -> dict[str, list[dict]]:
-        return {self.ema_network: [{"params": [p for p in self.denoiser.parameters() if p.requires_grad]}]}
+        """One optimizer: the denoiser's parameters (and REPA's projector, which trains with it)."""
+        params = [p for network in self.networks().values() for p in network.parameters() if p.requires_grad]
+        return {self.ema_network: [{"params": params}]}
 
     def shard_units(self) -> dict[str, list[torch.nn.Module]]:
         """strategy=fsdp: the U-Net's down, middle and up blocks, or the DiT's transformer blocks."""
@@ -152,7 +160,8 @@ class DDPM:
         return [self.ema_network]
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "DDPM":
-        self.denoiser.to(device)
+        for network in self.networks().values():
+            network.to(device)
         return self
 
     def _labels(self, n: int, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -172,7 +181,11 @@ class DDPM:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         prediction = self.denoiser(x_t, t, class_labels=self._labels(len(x0), labels, x0.device)).sample
         loss = self.diffusion.loss(prediction, target, weight)
-        return loss, {"loss": loss.detach()}
+        if not self.repa:
+            return loss, {"loss": loss.detach()}
+        repa_loss = self.repa.loss(self.repa_projector, x0)
+        total = loss + self.repa.weight * repa_loss
+        return total, {"loss": total.detach(), "diffusion_loss": loss.detach(), "repa_loss": repa_loss.detach()}
 
     @torch.no_grad()
     def sample(self, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
