@@ -36,6 +36,7 @@ UPWARD = {
     ("genlab.run_dir.directory", "genlab.train.checkpoint"): "find_checkpoint asks checkpoint.py what is complete",
     ("genlab.run_dir.load", "genlab.train.checkpoint"): "load_family reads a checkpoint's weights",
     ("genlab.model_card", "genlab.report.collect"): "the card's metrics table reads `resolved` from the report",
+    ("genlab.families.repa", "genlab.eval.features"): "REPA's offline encoder is the evaluation's digits classifier",
 }
 
 

@@ -1,0 +1,104 @@
+"""REPA (families/repa.py): the alignment term changes the loss it should and nothing else.
+
+Off (weight 0) is today's run bit for bit; on, the diffusion loss is unchanged and the term only
+reaches the layers up to the aligned one; resume stays bitwise; the projector is checkpointed and
+left out of the export; a DINOv2 from a local folder works as the encoder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli, compose, rng
+from genlab.config import build
+
+DIT = ["model=ddpm", "trainer=debug", "logger=none", "data.image_size=8", "model.conditional=true",
+       "model.backbone=dit", "model.dit.num_layers=2", "model.dit.num_attention_heads=2",
+       "model.dit.attention_head_dim=8", "model.sample_steps=2", "model.objective=flow", "trainer.sample_every=0"]
+UNET = ["model=ddpm", "trainer=debug", "logger=none", "data.image_size=8", "model.unet.block_out_channels=[8,8]",
+        "model.unet.down_block_types=[DownBlock2D,DownBlock2D]", "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+        "model.unet.norm_num_groups=4", "model.unet.attention_head_dim=8", "model.sample_steps=2",
+        "trainer.sample_every=0"]
+ON = ["model.repa.encoder=digits_cnn", "model.repa.weight=0.5", "model.repa.projector_dim=16"]
+BATCH = {"image": torch.linspace(-1, 1, 4 * 64).reshape(4, 1, 8, 8), "label": torch.tensor([0, 1, 2, 3])}
+
+
+def _family(*overrides):
+    torch.manual_seed(0)
+    return build("model", compose(*overrides).model)
+
+
+@pytest.mark.parametrize("net,layer", [(DIT, 1), (UNET, 2)])
+def test_the_diffusion_loss_is_unchanged_and_the_term_is_added_with_its_weight(net, layer, one_thread):
+    plain, _ = _family(*net).loss("main", BATCH, 0, rng())
+    family = _family(*net, *ON, f"model.repa.layer={layer}")
+    total, logs = family.loss("main", BATCH, 0, rng())
+    assert torch.equal(logs["diffusion_loss"], plain.detach())
+    assert 0 < logs["repa_loss"] < 2  # 1 - a cosine
+    assert torch.equal(total.detach(), plain.detach() + 0.5 * logs["repa_loss"])
+    assert set(family.networks()) == {family.ema_network, "repa_projector"}
+
+
+def test_the_term_reaches_only_the_layers_up_to_the_aligned_one(one_thread):
+    family = _family(*DIT, *ON, "model.repa.layer=1")
+    family.loss("main", BATCH, 0, rng())
+    family.repa.loss(family.repa_projector, BATCH["image"]).backward()
+    first, second = family.transformer.transformer_blocks
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in second.parameters())
+    assert family.transformer.proj_out_2.weight.grad is None
+
+
+def _weights(run):
+    latest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    return {f"{f.stem}/{k}": v for f in latest.glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def test_weight_zero_is_todays_run_bitwise(tmp_path):
+    cli("train", *DIT, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'plain'}")
+    cli("train", *DIT, *ON, "model.repa.weight=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'off'}")
+    plain, off = _weights(tmp_path / "plain"), _weights(tmp_path / "off")
+    assert plain.keys() == off.keys() and all(torch.equal(plain[k], off[k]) for k in plain)
+
+
+@pytest.mark.parametrize("net,layer", [(DIT, 2), (UNET, 3)])
+def test_resume_with_repa_is_bitwise_and_the_export_has_no_projector(tmp_path, net, layer):
+    overrides = [*net, *ON, f"model.repa.layer={layer}", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
+                 "trainer.grad_accum=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli("train", *overrides, "trainer.max_steps=4", f"hydra.run.dir={straight}")
+    cli("train", *overrides, "trainer.max_steps=2", f"hydra.run.dir={resumed}")
+    cli("resume", resumed, "trainer.max_steps=4")
+    a, b = _weights(straight), _weights(resumed)
+    assert any(k.startswith("repa_projector/") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all("repa_loss" in row and "diffusion_loss" in row for row in rows)
+    assert not any("projector" in p.name or "repa" in p.name for p in (straight / "export").rglob("*"))
+    cli("sample", straight, "--n", "4", "--out", tmp_path / "s.png")  # the run rebuilds without the encoder
+
+
+def test_a_dinov2_from_a_folder_is_an_encoder(tmp_path, one_thread):
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=28, patch_size=14)).save_pretrained(tmp_path / "dinov2")
+    family = _family(*DIT, *ON, f"model.repa.encoder=dinov2:{tmp_path / 'dinov2'}", "model.repa.layer=1")
+    assert family.repa_projector[-1].out_channels == 16
+    _, logs = family.loss("main", BATCH, 0, rng())
+    assert 0 < logs["repa_loss"] < 2
+
+
+def test_bad_settings_say_what_to_do(tmp_path):
+    from genlab.errors import GenlabError
+
+    with pytest.raises(GenlabError, match="has 2 layers to align"):
+        _family(*DIT, *ON, "model.repa.layer=3")
+    with pytest.raises(GenlabError, match="use digits_cnn"):
+        _family(*DIT, *ON, "model.repa.encoder=clip")
+    with pytest.raises(GenlabError, match="cannot be read"):
+        _family(*DIT, *ON, f"model.repa.encoder=dinov2:{tmp_path / 'missing'}")
