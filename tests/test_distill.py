@@ -1,0 +1,129 @@
+"""model=distill: a few-step student of a finished genlab flow run (reflow), through the family and the CLI.
+
+The teacher is a 2-step tiny flow run; the student starts as its EMA weights, learns the straight line
+between each noise and the teacher's image from that noise, samples at 1/2/4 Euler steps, resumes
+bitwise, and exports what the teacher exports (loadable in plain diffusers, the same images).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+from conftest import TINY_DDPM, cli, compose
+from genlab.errors import GenlabError
+from genlab.families.distill import Distill
+from genlab.run_dir import load_family
+from genlab.step_random import StepRandom
+from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEACHER = [*TINY_DDPM, "model.objective=flow", "model.conditional=true", "model.guidance=2.0",
+           "model.sample_steps=2", "trainer.max_steps=2", "trainer.sample_every=0", "trainer.ema=0.9"]
+STUDENT = ["model=distill", "trainer=debug", "logger=none", "data.image_size=8", "model.pool_size=16",
+           "model.pool_batch=8", "trainer.sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    run = tmp_path_factory.mktemp("distill") / "teacher"
+    cli("train", *TEACHER, f"hydra.run.dir={run}")
+    return run
+
+
+def student_of(teacher, **kw) -> Distill:
+    return Distill(str(teacher), image_size=8, channels=1, pool_size=16, pool_batch=8, **kw)
+
+
+def test_the_student_starts_as_the_teachers_ema_weights_and_the_teacher_is_frozen(teacher):
+    family = student_of(teacher)
+    ema = load_family(teacher, use_ema=True, device="cpu")[0].denoiser.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in family.student.denoiser.state_dict().items())
+    raw = load_file(sorted((teacher / "checkpoints").iterdir())[-1] / "unet.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the EMA weights, not the raw ones
+    assert all(p.requires_grad for p in family.student.denoiser.parameters())
+    assert not any(p.requires_grad for p in family.teacher.denoiser.parameters())
+    assert family.student.denoiser is not family.teacher.denoiser
+
+
+@pytest.mark.parametrize("pool_size", [16, 0])
+def test_couplings_are_the_teachers_images_from_the_same_noise(teacher, pool_size):
+    family = student_of(teacher, teacher_steps=2)
+    family.pool_size = pool_size
+    noise, images, labels = family.couplings(6, StepRandom(0, 3, "main", 0), torch.device("cpu"))
+    assert labels is not None and labels.dtype == torch.long
+    again = family.teacher.denoise(noise, labels, "euler", 2, 2.0)  # the teacher's sampler, steps and guidance
+    assert torch.allclose(images, again, atol=1e-6)
+    other = family.teacher.denoise(torch.randn_like(noise), labels, "euler", 2, 2.0)
+    assert not torch.allclose(images, other, atol=1e-3)
+
+
+def test_the_straight_path_leads_from_the_image_to_its_noise():
+    noise, image = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    s = torch.tensor([1.0, 0.5, 0.001])
+    x_s, velocity = Distill.straight_path(noise, image, s)
+    assert torch.allclose(x_s - s.view(-1, 1, 1, 1) * velocity, image, atol=1e-6)  # Euler from s to 0
+    assert torch.allclose(x_s + (1 - s.view(-1, 1, 1, 1)) * velocity, noise, atol=1e-6)
+    assert torch.equal(x_s[0], noise[0])
+
+
+def test_noise_levels_favour_the_one_and_two_step_grid(teacher):
+    family = student_of(teacher)
+    s = family.noise_levels(4000, StepRandom(0, 0, "main", 0), torch.device("cpu"))
+    assert 0 < s.min() and s.max() <= 1
+    assert 0.25 < (s == 1.0).float().mean() < 0.35  # 0.5 x (1/3 + 1/6 + 1/12) of them at s = 1
+
+
+def test_train_sample_at_1_2_4_steps_and_export_loads_in_diffusers(teacher, tmp_path):
+    run = tmp_path / "student"
+    cli("train", *STUDENT, f"model.teacher={teacher}", "trainer.max_steps=3", f"hydra.run.dir={run}")
+    cfg = json.loads((run / "export" / "genlab_export.json").read_text())
+    assert cfg["teacher"] == str(teacher) and cfg["couplings"]["guidance"] == 2.0
+    for steps in (1, 2, 4):
+        out = tmp_path / f"grid{steps}.png"
+        cli("sample", run, "--n", "4", "--steps", str(steps), "--out", out)
+        assert out.stat().st_size > 100
+    refused = cli("sample", run, "--n", "4", "--guidance", "3", check=False)
+    assert refused.returncode == 1 and "built in" in refused.stdout + refused.stderr
+
+    family = load_family(run, device="cpu")[0]
+    unet = UNet2DModel.from_pretrained(run / "export" / "unet")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(run / "export" / "scheduler")
+    for steps in (1, 2):
+        ours = family.sample(4, seed=5, steps=steps)
+        scheduler.set_timesteps(steps)
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+        labels = torch.arange(4)  # genlab cycles the classes; no guidance on top of the student's own
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t.expand(4), class_labels=labels).sample, t, x).prev_sample
+        assert torch.allclose(ours, x.clamp(-1, 1), atol=1e-5)
+        assert ours.std() > 0.01
+
+
+def test_resume_is_bitwise(teacher, tmp_path):
+    def cfg_for(steps):
+        return compose(*STUDENT, f"model.teacher={teacher}", f"trainer.max_steps={steps}", "trainer.ema=0.9",
+                       "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null", "trainer.grad_accum=2")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+def test_a_bad_teacher_is_one_sentence(tmp_path, tiny_ddpm_run):
+    for i, (teacher, says) in enumerate([(tmp_path / "nowhere", "does not exist"),
+                                         (tiny_ddpm_run, "trained with objective epsilon")]):
+        result = cli("train", *STUDENT, f"model.teacher={teacher}", f"hydra.run.dir={tmp_path / str(i)}", check=False)
+        error = [line for line in (result.stdout + result.stderr).splitlines() if "model.teacher=" in line]
+        assert result.returncode != 0 and len(error) == 1, result.stdout + result.stderr
+        assert f"model.teacher={teacher}" in error[0] and says in error[0], error[0]
+        assert not re.search(r"\.\s+[A-Z]", error[0]) and "Traceback" not in result.stdout + result.stderr
+    with pytest.raises(GenlabError, match="is not a genlab run to distil"):
+        student_of(tmp_path)
