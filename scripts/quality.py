@@ -118,6 +118,9 @@ class Recipe:
     variants: dict[str, list[str]] = field(default_factory=dict)
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: dict[str, list[str]] = field(default_factory=dict)
+    #: a stage whose training time the main run must beat: both join the metrics as train_seconds
+    #: and train_seconds@<stage> (a distilled student against its teacher).
+    faster_than: str | None = None
     smoke: list[str] = field(default_factory=list)  # extra overrides that make the model tiny under --smoke
 
 
@@ -133,6 +136,11 @@ TINY_DIT = ["data.image_size=8", "model.dit.num_layers=1", "model.dit.num_attent
 CIRCLES_TARGETS = [Target("disc_iou", ">=", 0.8), Target("disc_iou@base_alone", "<=", -0.1, relative_to="disc_iou"),
                    Target("disc_iou@no_control", "<=", -0.1, relative_to="disc_iou")]
 CIRCLES_ABLATIONS = {"base_alone": {"control_scale": 0.0, "own_lora": 0.0}, "no_control": {"control_scale": 0.0}}
+# A distilled student at 1 and 2 Euler steps (ablations: the same weights sampled with fewer steps) must
+# meet what its teacher, flow_digits, meets at 8, in less training time than the teacher took.
+FEW_STEPS = {"steps1": {"steps": 1}, "steps2": {"steps": 2}}
+DISTILL_TARGETS = [*(Target(f"{t.metric}@{name}", t.op, t.threshold) for name in FEW_STEPS for t in digits_targets(0.05)),
+                   Target("train_seconds", "<=", 0.0, relative_to="train_seconds@teacher")]
 RECIPES = {
     "ddpm_digits": Recipe(digits_targets(0.05), smoke=TINY_UNET),
     # Rectified flow and DiT: ddpm_digits' targets, evaluated at their 8 Euler steps (model.sample_steps).
@@ -152,6 +160,10 @@ RECIPES = {
     "controlnet_circles_sd3": Recipe(
         CIRCLES_TARGETS, overrides=["model.base={sd3}"], ablations=CIRCLES_ABLATIONS,
         stages={"vae": ["experiment=circles_vae"], "sd3": ["experiment=circles_sd3", "model.vae={vae}"]}),
+    # Reflow (model=distill) of a flow_digits teacher trained (or, with --reuse, kept) first.
+    # MEASURED_PLACEHOLDER
+    "flow_digits_distill": Recipe(DISTILL_TARGETS, overrides=["model.teacher={teacher}"], ablations=FEW_STEPS,
+                                  stages={"teacher": ["experiment=flow_digits"]}, faster_than="teacher"),
 }
 #: Every run under --smoke: a few optimizer steps, no periodic grids or checkpoints.
 SMOKE = ["trainer.max_steps=3", "trainer.batch_size=8", "trainer.log_every=1", "trainer.sample_every=0",
@@ -318,6 +330,9 @@ def run_recipe(name: str, args: argparse.Namespace) -> dict[str, Any]:
         info.update(evaluate(run_dir, args.eval_samples, {}, None, None))
         entry["variants"][variant] = info
         entry["metrics"].update({f"{k}@{variant}": v for k, v in info["metrics"].items()})
+    if recipe.faster_than:
+        entry["metrics"].update({"train_seconds": entry["train_seconds"],
+                                 f"train_seconds@{recipe.faster_than}": entry["stages"][recipe.faster_than]["train_seconds"]})
     entry["targets"], entry["all_targets_met"] = check_targets(recipe.targets, entry["metrics"])
     entry["train_seconds_all_runs"] = sum(x["train_seconds"] for x in [entry, *entry["stages"].values(),
                                                                         *entry["variants"].values()])
