@@ -64,6 +64,19 @@ def test_couplings_are_the_teachers_images_from_the_same_noise(teacher, pool_siz
     assert not torch.allclose(images, other, atol=1e-3)
 
 
+def test_the_student_learns_each_coupling_with_its_class(teacher):
+    """A conditional teacher's image of class k is the student's target given class k, not 'no class'."""
+    family = student_of(teacher)
+    seen = []
+    hook = family.student.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+    batch = {"image": torch.zeros(6, 1, 8, 8)}
+    family.loss("main", batch, 0, StepRandom(0, 0, "main", 0))
+    hook.remove()
+    labels = family.couplings(6, StepRandom(0, 0, "main", 0), torch.device("cpu"))[2]  # the same first draw
+    assert torch.equal(seen[0], labels) and len(set(labels.tolist())) > 1
+
+
 def test_the_straight_path_leads_from_the_image_to_its_noise():
     noise, image = torch.randn(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
     s = torch.tensor([1.0, 0.5, 0.001])
