@@ -140,3 +140,54 @@ def test_a_bad_teacher_is_one_sentence(tmp_path, tiny_ddpm_run):
         assert not re.search(r"\.\s+[A-Z]", error[0]) and "Traceback" not in result.stdout + result.stderr
     with pytest.raises(GenlabError, match="is not a genlab run to distil"):
         student_of(tmp_path)
+
+
+# ---- method=lcm: consistency distillation of a DDPM-objective (epsilon) teacher -------------------
+def test_lcm_student_samples_with_lcmscheduler_and_exports_a_ddpm_pipeline(tiny_ddpm_run, tmp_path):
+    from diffusers import DDPMPipeline, LCMScheduler
+
+    run = tmp_path / "lcm"
+    cli("train", *STUDENT, "model.method=lcm", f"model.teacher={tiny_ddpm_run}", "trainer.max_steps=3",
+        f"hydra.run.dir={run}")
+    family = load_family(run, device="cpu")[0]
+    pipe = DDPMPipeline.from_pretrained(run / "export")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    for steps in (1, 2, 4):
+        ours = (family.sample(3, seed=7, steps=steps) + 1) / 2
+        theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), num_inference_steps=steps,
+                      output_type="np").images
+        assert torch.allclose(ours.permute(0, 2, 3, 1), torch.from_numpy(theirs), atol=1e-5)
+        assert ours.std() > 0.01
+    refused = cli("sample", run, "--n", "2", "--sampler", "ddim", check=False)
+    assert refused.returncode == 1 and "samples with lcm only" in refused.stdout + refused.stderr
+
+
+def test_lcm_consistency_function_and_teacher_step(tiny_ddpm_run):
+    family = Distill(str(tiny_ddpm_run), image_size=8, channels=1, method="lcm")
+    x = torch.randn(3, 1, 8, 8)
+    zero, t = torch.zeros(3, dtype=torch.long), torch.tensor([19, 499, 999])
+    assert torch.allclose(family.consistency(x, zero, None), x, atol=1e-6)  # the boundary: f(x, 0) = x
+    assert torch.allclose(family.teacher_step(x, t, t, None), x, atol=1e-4)  # a DDIM step to where it is
+    prev = family.teacher_step(x, t, t - 20, None)
+    assert not torch.allclose(prev, x, atol=1e-3)
+    ema = load_family(tiny_ddpm_run, use_ema=True, device="cpu")[0].denoiser.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in family.student.denoiser.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["lcm"])
+def test_lcm_resume_is_bitwise(tiny_ddpm_run, tmp_path, method):
+    def cfg_for(steps):
+        return compose(*STUDENT, f"model.method={method}", f"model.teacher={tiny_ddpm_run}",
+                       f"trainer.max_steps={steps}", "trainer.ema=0.9", "trainer.checkpoint_every=2",
+                       "trainer.keep_checkpoints=null", "trainer.grad_accum=2")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+def test_lcm_refuses_a_flow_teacher(teacher):
+    with pytest.raises(GenlabError, match="objective flow; model.method=lcm needs a teacher of objective "
+                                          "epsilon / v / x0: use model.method=reflow"):
+        Distill(str(teacher), image_size=8, channels=1, method="lcm")

@@ -8,6 +8,12 @@ teacher's weights (EMA ones where the run has them), learns the velocity z - x0 
 so one Euler step from z lands on the teacher's x0. Couplings are drawn once into a pool
 (model.pool_size) or fresh every step (pool_size 0).
 
+Consistency distillation (LCM, Luo et al. 2023) for teachers of the DDPM objectives (epsilon, v, x0):
+a data image is noised to x_t on LCM's skipping-step grid (model.lcm_steps points), the teacher takes one
+DDIM step (with its guidance) to x_{t-k}, and the student's consistency function f(x, t) = c_skip x +
+c_out x0(x, t), with diffusers' LCMScheduler's boundary scalings, is trained to give at x_t what it gives
+(without gradient) at x_{t-k}. It samples with LCMScheduler (`--sampler lcm`, 1-4 steps).
+
 The student is a `DDPM` family like its teacher: it samples, checkpoints and exports exactly as the
 teacher does (a DDPMPipeline directory for a U-Net, transformer/ + scheduler/ for a DiT), only at 1-4
 Euler steps. The teacher's config and weights are read like `genlab sample` reads a run (the
@@ -21,14 +27,66 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from diffusers import LCMScheduler
 
+from genlab.diffusion import Diffusion, guided
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.contract import Card, OnePhase
+from genlab.families.contract import Card, OnePhase, batch_labels
 from genlab.families.ddpm import DDPM
 from genlab.run_dir import load_family
 from genlab.step_random import StepRandom
 
-METHODS = ("reflow",)
+#: model.method -> the teacher objectives it distils.
+METHODS = {"reflow": ("flow",), "lcm": ("epsilon", "v", "x0")}
+
+
+class ConsistencyDiffusion(Diffusion):
+    """The teacher's DDPM schedule sampled by diffusers' LCMScheduler (`--sampler lcm`): an LCM student's core.
+
+    Its scheduler is an LCMScheduler on the teacher's betas, so the export's scheduler/ is one too and
+    `DDPMPipeline` samples the student as LCM does.
+    """
+
+    @classmethod
+    def of(cls, teacher: Diffusion, lcm_steps: int) -> "ConsistencyDiffusion":
+        scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=lcm_steps)
+        found = cls(scheduler, weighting="none")
+        found.objective, found.kind = teacher.objective, teacher.kind
+        return found
+
+    def samplers(self) -> tuple[str, ...]:
+        return ("lcm",)
+
+    def default_sampler(self) -> str:
+        return "lcm"
+
+    def check_sampler(self, name: str) -> str:
+        if name != "lcm":
+            raise GenlabError(f"--sampler {name}: a consistency-distilled student samples with lcm only.")
+        return name
+
+    def check_steps(self, steps: int) -> int:
+        most = self.scheduler.config.original_inference_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= most:
+            raise GenlabError(f"--steps {steps}: use 1 to {most} (the student was distilled on {most} LCM steps; 1-4 is what it is for).")
+        return steps
+
+    def inference_scheduler(self, name: str):
+        return LCMScheduler.from_config(self.scheduler.config) if self.check_sampler(name) else None
+
+    def comparison(self) -> list[tuple[str, int]]:
+        return [("lcm", 1), ("lcm", 2), ("lcm", 4)]
+
+
+def image_and_noise(objective: str, alphas: torch.Tensor, out: torch.Tensor, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, noise) that a network's output `out` at x_t = sqrt(a) x0 + sqrt(1 - a) noise stands for."""
+    a, b = alphas.sqrt(), (1 - alphas).sqrt()
+    if objective == "epsilon":
+        return (x - b * out) / a, out
+    if objective == "v":
+        return a * x - b * out, a * out + b * x
+    return out, (x - a * out) / b  # x0
 
 
 def load_teacher(teacher: str) -> DDPM:
@@ -57,7 +115,7 @@ class Distill(OnePhase):
     Args:
         teacher: the teacher's run directory (a `ddpm` run with model.objective=flow for reflow).
         image_size, channels: the data's (must be the teacher's: evaluation compares with this data).
-        method: reflow (flow teachers).
+        method: reflow (flow teachers) | lcm (consistency distillation: epsilon / v / x0 teachers).
         teacher_sampler, teacher_steps, guidance: how the teacher solves for the couplings (null: the teacher's
             model.sampler, model.sample_steps, model.guidance).
         pool_size: couplings drawn once, at the first step, and reused (0: fresh couplings every step).
@@ -65,16 +123,17 @@ class Distill(OnePhase):
         seed: the pool's seed (the run's trainer.seed: the same pool on resume and on every process).
         grid_steps, grid_fraction: that fraction of the training noise levels is drawn from the points
             where Euler at these step counts evaluates the student (see `noise_levels`).
-        sample_steps: default Euler steps of `sample` and the grids.
+        sample_steps: default steps of `sample` and the grids (Euler, or LCM's).
+        lcm_steps: method=lcm: the skipping-step grid, LCMScheduler's original_inference_steps (50 as in LCM).
     """
 
     name = "distill"
-    card = Card(what="a few-step student distilled by reflow from a genlab diffusion run (diffusers UNet2DModel + "
-                     "FlowMatchEulerDiscreteScheduler)", title="Distilled DDPM",
+    card = Card(what="a few-step student distilled from a genlab diffusion run (diffusers UNet2DModel + "
+                     "FlowMatchEulerDiscreteScheduler for reflow, LCMScheduler for lcm)", title="Distilled DDPM",
                 library_name="diffusers", pipeline_tag="unconditional-image-generation",
                 tags=("diffusers", "distillation", "rectified-flow", "diffusers:DDPMPipeline"),
                 use='from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained("{where}")\n'
-                    "images = pipe(batch_size=16, num_inference_steps=2).images  # 1-4 Euler steps")
+                    "images = pipe(batch_size=16, num_inference_steps=2).images  # 1-4 steps")
     losses = ("loss",)
     metrics: dict[str, str] = {}
 
@@ -87,7 +146,7 @@ class Distill(OnePhase):
         from dataclasses import replace
 
         card = DDPM.card_for(teacher)
-        note = (f"Distilled by {model.get('method', 'reflow')} from a genlab run for 1-4 Euler steps "
+        note = (f"Distilled by {model.get('method', 'reflow')} from a genlab run for 1-4 sampling steps "
                 "(`num_inference_steps=2` or `scheduler.set_timesteps(2)`); the teacher's guidance is built in.")
         return replace(card, title=cls.card.title, what=f"{cls.card.what.split(' (')[0]}: {card.what}",
                        notes=(*card.notes, note))
@@ -99,16 +158,18 @@ class Distill(OnePhase):
     def __init__(self, teacher: str, image_size: int, channels: int, method: str = "reflow",
                  teacher_sampler: str | None = None, teacher_steps: int | None = None, guidance: float | None = None,
                  pool_size: int = 4096, pool_batch: int = 256, seed: int = 0, grid_steps: tuple[int, ...] = (1, 2, 4),
-                 grid_fraction: float = 0.5, sample_steps: int = 2):
+                 grid_fraction: float = 0.5, sample_steps: int = 2, lcm_steps: int = 50):
         if method not in METHODS:
             raise ConfigError(f"model.method={method!r}: use one of {', '.join(METHODS)}.")
         if not 0 <= grid_fraction <= 1:
             raise ConfigError(f"model.grid_fraction={grid_fraction!r} must be between 0 and 1.")
         self.teacher_dir, self.method = str(teacher), method
         self.teacher = load_teacher(self.teacher_dir)
-        if self.teacher.diffusion.kind != "flow":
-            raise ConfigError(f"model.teacher={teacher} was trained with objective {self.teacher.diffusion.objective}; "
-                              "model.method=reflow needs a flow teacher (model.objective=flow, e.g. experiment=flow_digits).")
+        objective = self.teacher.diffusion.objective
+        if objective not in METHODS[method]:
+            fits = next(m for m, objectives in METHODS.items() if objective in objectives)
+            raise ConfigError(f"model.teacher={teacher} was trained with objective {objective}; model.method={method} "
+                              f"needs a teacher of objective {' / '.join(METHODS[method])}: use model.method={fits}.")
         if self.teacher.image_shape != (channels, image_size, image_size):
             c, s, _ = self.teacher.image_shape
             raise ConfigError(f"model.teacher={teacher} makes {c} x {s} x {s} images but the data gives {channels} x "
@@ -124,14 +185,16 @@ class Distill(OnePhase):
         self.student = copy.deepcopy(self.teacher)
         for p in self.student.denoiser.parameters():
             p.requires_grad_(True)
-        self.student.defaults = {"sampler": "euler", "steps": self.student.diffusion.check_steps(sample_steps),
-                                 "guidance": 1.0}
+        if method == "lcm":
+            self.student.diffusion = ConsistencyDiffusion.of(self.teacher.diffusion, lcm_steps)
+        self.student.defaults = {"sampler": self.student.diffusion.default_sampler(),
+                                 "steps": self.student.diffusion.check_steps(sample_steps), "guidance": 1.0}
         self.ema_network = self.student.ema_network
         self.num_classes, self.conditional = self.student.num_classes, self.student.conditional
         self.image_shape, self.diffusion = self.student.image_shape, self.student.diffusion
         self.pool_size, self.pool_batch, self.seed = pool_size, pool_batch, seed
         self.pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self.grid = self.grid_points(grid_steps)
+        self.grid = self.grid_points(grid_steps) if method == "reflow" else None
         self.grid_fraction = grid_fraction
 
     # ---- couplings ---------------------------------------------------------------------
@@ -221,6 +284,8 @@ class Distill(OnePhase):
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.method == "lcm":
+            return self.consistency_loss(batch, rng)
         # The data only sets the batch size: images come from the teacher (labels too, every class equally).
         n, device = len(batch["image"]), batch["image"].device
         noise, images, labels = self.couplings(n, rng, device)
@@ -232,10 +297,56 @@ class Distill(OnePhase):
         loss = self.diffusion.loss(prediction, target, torch.ones(n, device=device))
         return loss, {"loss": loss.detach()}
 
+    # ---- consistency distillation (method=lcm) -------------------------------------------
+    def consistency(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The student's f(x, t) = c_skip x + c_out x0(x, t), with LCMScheduler's own scalings (f(x, 0) = x)."""
+        student, scheduler = self.student, self.student.diffusion.scheduler
+        out = student.denoiser(x, t, class_labels=student._labels(len(x), labels, x.device)).sample
+        alphas = scheduler.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        c_skip, c_out = (c.view(-1, 1, 1, 1) for c in scheduler.get_scalings_for_boundary_condition_discrete(t))
+        return c_skip * x + c_out * image_and_noise(self.diffusion.objective, alphas, out.float(), x)[0]
+
+    @torch.no_grad()
+    def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                     labels: torch.Tensor | None) -> torch.Tensor:
+        """One DDIM step of the teacher (with its guidance) from x_t to x_{t_prev}: the ODE's next point."""
+        net, guidance = self.teacher.denoiser, self.solve["guidance"]
+        labels = self.teacher._labels(len(x), labels, x.device)
+        if labels is not None and self.teacher.conditional and guidance != 1.0:
+            null = torch.full_like(labels, self.num_classes)
+            both = net(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([labels, null])).sample
+            out = guided(*both.chunk(2), guidance)
+        else:
+            out = net(x, t, class_labels=labels).sample
+        alphas = self.teacher.diffusion.scheduler.alphas_cumprod.to(x.device)
+        image, noise = image_and_noise(self.teacher.diffusion.objective, alphas[t].view(-1, 1, 1, 1), out.float(), x)
+        a_prev = alphas[t_prev].view(-1, 1, 1, 1)
+        return a_prev.sqrt() * image + (1 - a_prev).sqrt() * noise
+
+    def consistency_loss(self, batch: dict[str, Any], rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """LCM's step: f(x_t, t) towards f(teacher's DDIM step to t - k, t - k), the latter without gradient.
+
+        The target is the student itself under no_grad rather than an EMA copy (LCM's), as improved
+        consistency training does: one network to checkpoint, and the boundary f(x, 0) = x anchors it.
+        """
+        x0 = batch["image"]
+        n, device, scheduler = len(x0), x0.device, self.student.diffusion.scheduler
+        k = self.diffusion.num_train_timesteps // scheduler.config.original_inference_steps
+        t = (rng.randint(scheduler.config.original_inference_steps, n).to(device) + 1) * k - 1  # LCM's grid
+        t_prev = (t - k).clamp(min=0)
+        noise = rng.randn_like(x0)
+        labels = batch_labels(batch, self.num_classes)
+        x_t = scheduler.add_noise(x0, noise, t)
+        x_prev = self.teacher_step(x_t, t, t_prev, labels)
+        with torch.no_grad():
+            target = self.consistency(x_prev, t_prev, labels)
+        loss = self.diffusion.loss(self.consistency(x_t, t, labels), target, torch.ones(n, device=device))
+        return loss, {"loss": loss.detach()}
+
     @torch.no_grad()
     def sample(self, n: int, seed: int, sampler: str | None = None, steps: int | None = None,
                class_label: int | None = None, guidance: float | None = None, **unknown: Any) -> torch.Tensor:
-        """As `DDPM.sample`, at the student's few Euler steps (model.sample_steps)."""
+        """As `DDPM.sample`, at the student's few Euler (reflow) or LCM (lcm) steps (model.sample_steps)."""
         if guidance not in (None, 1.0):
             raise GenlabError(f"--guidance {guidance}: the student has the teacher's guidance "
                               f"({self.solve['guidance']}) built in; sample without --guidance.")
