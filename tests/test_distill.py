@@ -171,6 +171,9 @@ def test_lcm_consistency_function_and_teacher_step(tiny_ddpm_run):
     assert torch.allclose(family.teacher_step(x, t, t, None), x, atol=1e-4)  # a DDIM step to where it is
     prev = family.teacher_step(x, t, t - 20, None)
     assert not torch.allclose(prev, x, atol=1e-3)
+    # The target is the student one teacher step on, so the loss is not 0 for the student as it starts.
+    loss, _ = family.loss("main", {"image": torch.rand(4, 1, 8, 8) * 2 - 1}, 0, StepRandom(0, 0, "main", 0))
+    assert loss > 1e-6
     ema = load_family(tiny_ddpm_run, use_ema=True, device="cpu")[0].denoiser.state_dict()
     assert all(torch.equal(v, ema[k]) for k, v in family.student.denoiser.state_dict().items())
 
@@ -191,3 +194,48 @@ def test_lcm_refuses_a_flow_teacher(teacher):
     with pytest.raises(GenlabError, match="objective flow; model.method=lcm needs a teacher of objective "
                                           "epsilon / v / x0: use model.method=reflow"):
         Distill(str(teacher), image_size=8, channels=1, method="lcm")
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "v", "x0"])
+def test_image_and_noise_inverts_each_objective(objective):
+    from genlab.families.consistency import image_and_noise
+
+    x0, noise, alphas = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([0.9, 0.5, 0.01]).view(-1, 1, 1, 1)
+    a, b = alphas.sqrt(), (1 - alphas).sqrt()
+    out = {"epsilon": noise, "v": a * noise - b * x0, "x0": x0}[objective]  # diffusers' targets
+    image, found = image_and_noise(objective, alphas, out, a * x0 + b * noise)
+    assert torch.allclose(image, x0, atol=1e-4) and torch.allclose(found, noise, atol=1e-4)
+
+
+# ---- LCM-LoRA: model.lora_rank > 0 on an SD-style base --------------------------------------------
+def test_lcm_lora_of_an_sd_base_loads_with_load_lora_weights_and_samples_the_same(tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from genlab.families import latent_diffusion as ld
+    from tiny_bases import tiny_sd_export
+
+    base = tiny_sd_export(tmp_path / "base")
+    run = tmp_path / "lcm_lora"
+    cli("train", "model=distill", "model.lora_rank=4", f"model.teacher={base}", "data=fill_circles", "data.count=16",
+        "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=4", "trainer.max_steps=2",
+        "trainer.sample_every=0", "trainer.lr=1e-2", f"hydra.run.dir={run}")
+    assert (run / "export" / "pytorch_lora_weights.safetensors").exists()
+    family = load_family(run, device="cpu")[0]
+    prompt = "a red circle on a blue background"
+    ours = family.sample(2, seed=3, prompt=prompt, steps=2)
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+
+    def plain():
+        return pipe([prompt] * 2, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                    generator=ld.generators(2, 3), output_type="pt").images * 2 - 1
+
+    without_lora = plain()
+    pipe.load_lora_weights(run / "export")
+    theirs = plain()
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (theirs - without_lora).abs().max() > 1e-4  # the LoRA was trained and is what loads
+    for steps in (1, 4):
+        assert family.sample(1, seed=0, prompt=prompt, steps=steps).shape == (1, 3, 32, 32)

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from diffusers import LCMScheduler
-
-from genlab.diffusion import Diffusion, guided
+from genlab.diffusion import guided
 from genlab.errors import ConfigError, GenlabError
+from genlab.families.consistency import (ConsistencyDiffusion, consistency_output, ddim_step, lcm_timesteps)
 from genlab.families.contract import Card, OnePhase, batch_labels
 from genlab.families.ddpm import DDPM
 from genlab.run_dir import load_family
@@ -38,55 +37,6 @@ from genlab.step_random import StepRandom
 
 #: model.method -> the teacher objectives it distils.
 METHODS = {"reflow": ("flow",), "lcm": ("epsilon", "v", "x0")}
-
-
-class ConsistencyDiffusion(Diffusion):
-    """The teacher's DDPM schedule sampled by diffusers' LCMScheduler (`--sampler lcm`): an LCM student's core.
-
-    Its scheduler is an LCMScheduler on the teacher's betas, so the export's scheduler/ is one too and
-    `DDPMPipeline` samples the student as LCM does.
-    """
-
-    @classmethod
-    def of(cls, teacher: Diffusion, lcm_steps: int) -> "ConsistencyDiffusion":
-        scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=lcm_steps)
-        found = cls(scheduler, weighting="none")
-        found.objective, found.kind = teacher.objective, teacher.kind
-        return found
-
-    def samplers(self) -> tuple[str, ...]:
-        return ("lcm",)
-
-    def default_sampler(self) -> str:
-        return "lcm"
-
-    def check_sampler(self, name: str) -> str:
-        if name != "lcm":
-            raise GenlabError(f"--sampler {name}: a consistency-distilled student samples with lcm only.")
-        return name
-
-    def check_steps(self, steps: int) -> int:
-        most = self.scheduler.config.original_inference_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= most:
-            raise GenlabError(f"--steps {steps}: use 1 to {most} (the student was distilled on {most} LCM steps; 1-4 is what it is for).")
-        return steps
-
-    def inference_scheduler(self, name: str):
-        return LCMScheduler.from_config(self.scheduler.config) if self.check_sampler(name) else None
-
-    def comparison(self) -> list[tuple[str, int]]:
-        return [("lcm", 1), ("lcm", 2), ("lcm", 4)]
-
-
-def image_and_noise(objective: str, alphas: torch.Tensor, out: torch.Tensor, x: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, noise) that a network's output `out` at x_t = sqrt(a) x0 + sqrt(1 - a) noise stands for."""
-    a, b = alphas.sqrt(), (1 - alphas).sqrt()
-    if objective == "epsilon":
-        return (x - b * out) / a, out
-    if objective == "v":
-        return a * x - b * out, a * out + b * x
-    return out, (x - a * out) / b  # x0
 
 
 def load_teacher(teacher: str) -> DDPM:
@@ -125,6 +75,7 @@ class Distill(OnePhase):
             where Euler at these step counts evaluates the student (see `noise_levels`).
         sample_steps: default steps of `sample` and the grids (Euler, or LCM's).
         lcm_steps: method=lcm: the skipping-step grid, LCMScheduler's original_inference_steps (50 as in LCM).
+        validation_data: the data config: LCM-LoRA's default prompts (`distill_lora`); unused here.
     """
 
     name = "distill"
@@ -158,7 +109,8 @@ class Distill(OnePhase):
     def __init__(self, teacher: str, image_size: int, channels: int, method: str = "reflow",
                  teacher_sampler: str | None = None, teacher_steps: int | None = None, guidance: float | None = None,
                  pool_size: int = 4096, pool_batch: int = 256, seed: int = 0, grid_steps: tuple[int, ...] = (1, 2, 4),
-                 grid_fraction: float = 0.5, sample_steps: int = 2, lcm_steps: int = 50):
+                 grid_fraction: float = 0.5, sample_steps: int = 2, lcm_steps: int = 50,
+                 validation_data: Any = None):
         if method not in METHODS:
             raise ConfigError(f"model.method={method!r}: use one of {', '.join(METHODS)}.")
         if not 0 <= grid_fraction <= 1:
@@ -300,11 +252,9 @@ class Distill(OnePhase):
     # ---- consistency distillation (method=lcm) -------------------------------------------
     def consistency(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The student's f(x, t) = c_skip x + c_out x0(x, t), with LCMScheduler's own scalings (f(x, 0) = x)."""
-        student, scheduler = self.student, self.student.diffusion.scheduler
+        student = self.student
         out = student.denoiser(x, t, class_labels=student._labels(len(x), labels, x.device)).sample
-        alphas = scheduler.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
-        c_skip, c_out = (c.view(-1, 1, 1, 1) for c in scheduler.get_scalings_for_boundary_condition_discrete(t))
-        return c_skip * x + c_out * image_and_noise(self.diffusion.objective, alphas, out.float(), x)[0]
+        return consistency_output(student.diffusion.scheduler, self.diffusion.objective, out, x, t)
 
     @torch.no_grad()
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
@@ -318,10 +268,8 @@ class Distill(OnePhase):
             out = guided(*both.chunk(2), guidance)
         else:
             out = net(x, t, class_labels=labels).sample
-        alphas = self.teacher.diffusion.scheduler.alphas_cumprod.to(x.device)
-        image, noise = image_and_noise(self.teacher.diffusion.objective, alphas[t].view(-1, 1, 1, 1), out.float(), x)
-        a_prev = alphas[t_prev].view(-1, 1, 1, 1)
-        return a_prev.sqrt() * image + (1 - a_prev).sqrt() * noise
+        teacher = self.teacher.diffusion
+        return ddim_step(teacher.scheduler.alphas_cumprod, teacher.objective, out, x, t, t_prev)
 
     def consistency_loss(self, batch: dict[str, Any], rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """LCM's step: f(x_t, t) towards f(teacher's DDIM step to t - k, t - k), the latter without gradient.
@@ -331,9 +279,7 @@ class Distill(OnePhase):
         """
         x0 = batch["image"]
         n, device, scheduler = len(x0), x0.device, self.student.diffusion.scheduler
-        k = self.diffusion.num_train_timesteps // scheduler.config.original_inference_steps
-        t = (rng.randint(scheduler.config.original_inference_steps, n).to(device) + 1) * k - 1  # LCM's grid
-        t_prev = (t - k).clamp(min=0)
+        t, t_prev = lcm_timesteps(scheduler, n, rng, device)
         noise = rng.randn_like(x0)
         labels = batch_labels(batch, self.num_classes)
         x_t = scheduler.add_noise(x0, noise, t)
@@ -362,3 +308,20 @@ class Distill(OnePhase):
         teacher_model = dict(RunDir(self.teacher_dir).read_config_data().get("model") or {})
         write_export_info(out_dir, teacher=self.teacher_dir, method=self.method, couplings=self.solve,
                           teacher_model={k: teacher_model.get(k) for k in ("backbone", "conditional", "num_classes")})
+
+
+def distill(teacher: str, lora_rank: int = 0, **keys: Any) -> OnePhase:
+    """model=distill on its teacher: configs/model/distill.yaml's `_target_`.
+
+    lora_rank 0: `Distill` (a genlab ddpm run: reflow or lcm, the whole network trained). lora_rank > 0:
+    LCM-LoRA (`families.distill_lora.LCMLoRA`) of an SD-style base (a genlab sd run or a diffusers SD
+    directory): the base's U-Net frozen, a LoRA of that rank trained, exported for `load_lora_weights`.
+    """
+    if lora_rank > 0:
+        from genlab.families.distill_lora import LCMLoRA
+
+        return LCMLoRA(teacher, lora_rank=lora_rank, **keys)
+    return Distill(teacher, **keys)
+
+
+distill.family = Distill
