@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from hydra import compose as hydra_compose, initialize_config_dir
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import DictConfig
 
 from scripts.bench_loop import machine_name
@@ -201,7 +201,7 @@ def missing_reason(name: str) -> str | None:
     for overrides in [[f"experiment={name}"], *stages]:
         target = compose([o for o in overrides if "{" not in o]).model._target_
         try:
-            get_class(target)
+            get_object(target)  # a class, or a builder function (model=sd, model=distill)
         except Exception:  # noqa: BLE001 - Hydra wraps the ImportError in its own exception types
             return f"family {target} does not exist yet"
     return None
