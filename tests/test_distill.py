@@ -239,3 +239,27 @@ def test_lcm_lora_of_an_sd_base_loads_with_load_lora_weights_and_samples_the_sam
     assert (theirs - without_lora).abs().max() > 1e-4  # the LoRA was trained and is what loads
     for steps in (1, 4):
         assert family.sample(1, seed=0, prompt=prompt, steps=steps).shape == (1, 3, 32, 32)
+
+
+def test_lcm_lora_teacher_is_the_base_with_its_guidance(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from genlab.families.consistency import ddim_step
+    from genlab.families.distill import distill
+    from tiny_bases import tiny_sd_export
+
+    base = tiny_sd_export(tmp_path / "base")
+    family = distill(str(base), lora_rank=4, image_size=32, channels=3, guidance=3.0)
+    with torch.no_grad():  # a trained LoRA: the student is no longer the base
+        for name, p in family.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    x, t, t_prev = torch.randn(2, 4, 8, 8), torch.tensor([499, 19]), torch.tensor([479, 0])
+    text, empty = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
+    plain = UNet2DConditionModel.from_pretrained(base / "unet")
+    with torch.no_grad():
+        cond, uncond = (plain(x, t, encoder_hidden_states=e).sample for e in (text, empty))
+    expected = ddim_step(family.diffusion.scheduler.alphas_cumprod, "epsilon", uncond + 3.0 * (cond - uncond), x, t, t_prev)
+    assert torch.allclose(family.teacher_step(x, t, t_prev, text, empty), expected, atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(family.unet(x, t, encoder_hidden_states=text).sample, cond, atol=1e-4)

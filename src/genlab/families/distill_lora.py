@@ -63,6 +63,22 @@ class LCMLoRA(StableDiffusion):
         self.sampler_name = "lcm"
         self.diffusion.check_steps(sample_steps)
 
+    @torch.no_grad()
+    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, text: torch.Tensor,
+                     empty: torch.Tensor) -> torch.Tensor:
+        """The base U-Net (the adapter off) with its guidance, one DDIM step from x_t to x_{t_prev}."""
+        unet = self.unet
+        bare = getattr(unet, "module", unet)  # the adapter switch is on the U-Net, not on a DDP wrapper
+        bare.disable_adapters()
+        try:
+            both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([text, empty])).sample
+        finally:
+            bare.enable_adapters()
+        cond, uncond = both.chunk(2)
+        out = uncond + self.teacher_guidance * (cond - uncond)
+        return ddim_step(self.diffusion.scheduler.alphas_cumprod, self.diffusion.objective, out, x_t, t,
+                         t_prev).to(x_t.dtype)
+
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents = cached_or_encoded_latents(batch, self.vae, rng)
@@ -73,16 +89,8 @@ class LCMLoRA(StableDiffusion):
         t, t_prev = lcm_timesteps(scheduler, n, rng, device)
         x_t = scheduler.add_noise(latents, rng.randn_like(latents), t)
         unet, objective = self.unet, self.diffusion.objective
-        bare = getattr(unet, "module", unet)  # the adapter switch is on the U-Net, not on a DDP wrapper
         with torch.no_grad():
-            bare.disable_adapters()  # the teacher: the base U-Net itself
-            try:
-                both = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([text, empty])).sample
-            finally:
-                bare.enable_adapters()
-            cond, uncond = both.chunk(2)
-            out = uncond + self.teacher_guidance * (cond - uncond)
-            x_prev = ddim_step(scheduler.alphas_cumprod, objective, out, x_t, t, t_prev).to(x_t.dtype)
+            x_prev = self.teacher_step(x_t, t, t_prev, text, empty)
             target = consistency_output(scheduler, objective, unet(x_prev, t_prev, encoder_hidden_states=text).sample,
                                         x_prev, t_prev)
         online = consistency_output(scheduler, objective, unet(x_t, t, encoder_hidden_states=text).sample, x_t, t)
