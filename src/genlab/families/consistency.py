@@ -3,12 +3,18 @@ grid, LCMScheduler's consistency function, the teacher's DDIM step, and a diffus
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import LCMScheduler
 
 from genlab.diffusion import Diffusion
 from genlab.errors import GenlabError
 from genlab.step_random import StepRandom
+
+
+#: LCMScheduler's own config keys.
+LCM_KEYS = frozenset(inspect.signature(LCMScheduler.__init__).parameters) - {"self"}
 
 
 class ConsistencyDiffusion(Diffusion):
@@ -20,7 +26,9 @@ class ConsistencyDiffusion(Diffusion):
 
     @classmethod
     def of(cls, teacher: Diffusion, lcm_steps: int) -> "ConsistencyDiffusion":
-        scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=lcm_steps)
+        # Only LCMScheduler's own keys: a base's export may carry its sampler's (UniPC's) in the config.
+        keys = {k: v for k, v in teacher.scheduler.config.items() if k in LCM_KEYS}
+        scheduler = LCMScheduler.from_config({**keys, "original_inference_steps": lcm_steps})
         found = cls(scheduler, weighting="none")
         found.objective, found.kind = teacher.objective, teacher.kind
         return found
