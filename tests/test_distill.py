@@ -263,3 +263,9 @@ def test_lcm_lora_teacher_is_the_base_with_its_guidance(tmp_path):
     assert torch.allclose(family.teacher_step(x, t, t_prev, text, empty), expected, atol=1e-5)
     with torch.no_grad():
         assert not torch.allclose(family.unet(x, t, encoder_hidden_states=text).sample, cond, atol=1e-4)
+
+
+def test_cards_say_what_each_export_is():
+    assert "LCMScheduler" in Distill.card_for({"lora_rank": 4, "teacher": "SD"}).use
+    flow = Distill.card_for({"method": "reflow"}, {"teacher_model": {"backbone": "unet", "conditional": True}})
+    assert "DDPMPipeline" in flow.use and any("1-4 sampling steps" in n for n in flow.notes)

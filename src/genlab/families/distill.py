@@ -16,8 +16,9 @@ c_out x0(x, t), with diffusers' LCMScheduler's boundary scalings, is trained to 
 
 The student is a `DDPM` family like its teacher: it samples, checkpoints and exports exactly as the
 teacher does (a DDPMPipeline directory for a U-Net, transformer/ + scheduler/ for a DiT), only at 1-4
-Euler steps. The teacher's config and weights are read like `genlab sample` reads a run (the
-`_target_` allowlist, safetensors, no pickles).
+steps. The teacher's config and weights are read like `genlab sample` reads a run (the `_target_`
+allowlist, safetensors, no pickles). LCM-LoRA of SD-style bases (model.lora_rank > 0) is
+`families.distill_lora`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
 from genlab.diffusion import guided
 from genlab.errors import ConfigError, GenlabError
-from genlab.families.consistency import (ConsistencyDiffusion, consistency_output, ddim_step, lcm_timesteps)
+from genlab.families.consistency import ConsistencyDiffusion, consistency_output, ddim_step, lcm_timesteps
 from genlab.families.contract import Card, OnePhase, batch_labels
 from genlab.families.ddpm import DDPM
 from genlab.run_dir import load_family
@@ -85,16 +87,28 @@ class Distill(OnePhase):
                 tags=("diffusers", "distillation", "rectified-flow", "diffusers:DDPMPipeline"),
                 use='from diffusers import DDPMPipeline\n\npipe = DDPMPipeline.from_pretrained("{where}")\n'
                     "images = pipe(batch_size=16, num_inference_steps=2).images  # 1-4 steps")
+    lora_card = Card(what="an LCM-LoRA: a Stable Diffusion pipeline with the LoRA merged and an LCMScheduler, and "
+                          "the LoRA alone in pytorch_lora_weights.safetensors", title="LCM-LoRA",
+                     library_name="diffusers", pipeline_tag="text-to-image",
+                     tags=("diffusers", "lcm", "lora", "text-to-image", "diffusers:StableDiffusionPipeline"),
+                     use="from diffusers import LCMScheduler, StableDiffusionPipeline\n\n"
+                         'pipe = StableDiffusionPipeline.from_pretrained("BASE")\n'
+                         "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+                         'pipe.load_lora_weights("{where}")\n'
+                         'image = pipe("a red circle", num_inference_steps=2, guidance_scale=1.0).images[0]')
     losses = ("loss",)
     metrics: dict[str, str] = {}
 
     @classmethod
     def card_for(cls, model: Mapping[str, Any], export: Mapping[str, Any] | None = None) -> Card:
         """The teacher's card (U-Net or DiT, conditional or not: genlab_export.json says), noting the few steps."""
+        from dataclasses import replace
+
+        if model.get("lora_rank"):  # LCM-LoRA (families.distill_lora): an SD pipeline and its LoRA
+            return replace(cls.lora_card, notes=(f"LCM-LoRA of rank {model['lora_rank']} distilled from {model.get('teacher')}.",))
         teacher = dict((export or {}).get("teacher_model") or {})
         if not teacher:
             return cls.card
-        from dataclasses import replace
 
         card = DDPM.card_for(teacher)
         note = (f"Distilled by {model.get('method', 'reflow')} from a genlab run for 1-4 sampling steps "
@@ -132,8 +146,8 @@ class Distill(OnePhase):
                       "steps": self.teacher.diffusion.check_steps(teacher_steps or t["steps"]),
                       "guidance": t["guidance"] if guidance is None else guidance}
         # The student is the teacher's family with a trainable copy of its (EMA) weights: same
-        # network, schedule, sampling and export; it samples with Euler and no guidance on top of
-        # the guidance its couplings already hold.
+        # network, schedule, sampling and export; it samples with Euler (reflow) or LCMScheduler (lcm),
+        # and no guidance on top of the guidance its training targets already hold.
         self.student = copy.deepcopy(self.teacher)
         for p in self.student.denoiser.parameters():
             p.requires_grad_(True)
