@@ -171,7 +171,7 @@ RECIPES = {
         CIRCLES_TARGETS, overrides=["model.base={sd3}"], ablations=CIRCLES_ABLATIONS,
         stages={"vae": ["experiment=circles_vae"], "sd3": ["experiment=circles_sd3", "model.vae={vae}"]}),
     # Reflow (model=distill) of a flow_digits teacher trained (or, with --reuse, kept) first. Measured
-    # 2026-12-07 (2 cores, 1 thread, beside other jobs; 1,000 samples): student 200 steps in 179 s (its
+    # 2026-12-07 (2 cores, 1 thread, beside other jobs; 1,000 samples): student 200 steps in 174 s (its
     # 2,048 couplings included) against the teacher's 500 steps in 296 s; at 1 Euler step 10/10 classes,
     # class KL 0.0009 / 0.0005, confidence 0.953 / 0.988 (CNN / MLP), FID 0.73 / 0.37 (teacher: 4.29 /
     # 2.16 at 1 step, 0.46 / 0.25 at its 8); 2 steps the same to 3 digits. All targets met.
