@@ -211,7 +211,7 @@ def check_values(cfg: DictConfig) -> None:
 # directory it runs from) before the run's config is saved, so `genlab sample/eval/resume RUN`
 # work from any directory. The second kind may also be a hub id ("org/name"): it changes only
 # when it is a path that exists there, or is written as one ("./x", "a/b/c"; see resolve_pretrained).
-LOCAL_PATH_KEYS = ("model.tokenizer_dir", "data.path", "data.cache_dir", "data.data_dir", "eval.cache_dir")
+LOCAL_PATH_KEYS = ("model.tokenizer_dir", "model.teacher", "data.path", "data.cache_dir", "data.data_dir", "eval.cache_dir")
 PATH_OR_HUB_KEYS = ("model.base", "model.base_config", "model.vae", "model.controlnet.pretrained")
 
 

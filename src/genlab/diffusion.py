@@ -42,6 +42,8 @@ SAMPLERS = {
              "unipc": UniPCMultistepScheduler},
     "flow": {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler},
 }
+#: Samplers whose step draws noise from the sampling generator (LCM: a distilled student's, families.distill).
+STOCHASTIC = ("ddpm", "lcm")
 #: The sampler used when model.sampler is null.
 DEFAULT_SAMPLER = {"ddpm": "unipc", "flow": "euler"}
 WEIGHTINGS = {"ddpm": ("none", "min_snr"), "flow": ("none", "sigma_sqrt", "cosmap")}
@@ -235,8 +237,8 @@ class Diffusion:
         x = noise
         for t in scheduler.timesteps:
             out = predict(x, t.expand(len(x)).to(x.device))
-            # Only DDPM's ancestral step draws noise; UniPC's step takes no generator at all.
-            extra = {"generator": generator} if sampler == "ddpm" else {}
+            # Only DDPM's ancestral step (and LCM's, families.distill) draws noise; UniPC's takes no generator.
+            extra = {"generator": generator} if sampler in STOCHASTIC else {}
             x = scheduler.step(out, t, x, **extra).prev_sample
         return x
 

@@ -205,15 +205,22 @@ class DDPM:
         sampler = sampler or self.defaults["sampler"]
         steps = steps or self.defaults["steps"] or self.diffusion.num_train_timesteps
         guidance = self.defaults["guidance"] if guidance is None else guidance
-        net = self.denoiser
-        device = next(net.parameters()).device
+        device = next(self.denoiser.parameters()).device
         generator = torch.Generator().manual_seed(seed)  # CPU generator: same noise on any device
         noise = torch.randn((n, *self.image_shape), generator=generator).to(device)
         labels = None
         if self.conditional:
             labels = torch.arange(n) % self.num_classes if class_label is None else torch.full((n,), class_label)
             labels = labels.to(device)
-        labels = self._labels(n, labels, device)
+        return self.denoise(noise, labels, sampler, steps, guidance, generator)
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, labels: torch.Tensor | None, sampler: str, steps: int, guidance: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from `noise` (and class `labels`, conditional models): what `sample` draws
+        after its noise, and what a distilled student (families.distill) takes as the teacher's answer."""
+        net = self.denoiser
+        labels = self._labels(len(noise), labels, noise.device)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if self.conditional and guidance != 1.0:
