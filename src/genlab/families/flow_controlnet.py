@@ -46,9 +46,15 @@ from genlab.families.sketch_conditioned import SketchConditioned
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
-           "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline")}
-#: The pipelines' default `max_sequence_length` (T5 prompt tokens), used when model.max_sequence_length is null.
-TEXT_TOKENS = {"sd3": 256, "flux": 512}
+           "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline"),
+           "qwen-image": ("QwenImageControlNetModel", "QwenImageTransformer2DModel", "QwenImageControlNetPipeline")}
+#: The pipelines' default `max_sequence_length` (prompt tokens), used when model.max_sequence_length is null.
+TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512}
+#: Blocks a ControlNet copies when model.controlnet.num_layers is null: Flux 4 (diffusers' train_controlnet_flux.py),
+#: Qwen-Image 5 (InstantX's Qwen-Image ControlNets).
+COPIED_BLOCKS = {"flux": 4, "qwen-image": 5}
+#: The kinds whose ControlNet pipeline hands its sampler custom sigmas, which only euler takes.
+EULER_ONLY = ("flux", "qwen-image")
 
 
 def text_tokens(kind: str, parts: dict[str, Any]) -> int:
@@ -72,13 +78,13 @@ def _diffusers(name: str):
 
 
 def build_controlnet(base: str, num_layers: int | None = None, num_single_layers: int | None = None) -> nn.Module:
-    """The ControlNet of an SD3.x or Flux base: its transformer's first `num_layers` blocks, copied.
+    """The ControlNet of a flow-matching base (`CLASSES`): its transformer's first `num_layers` blocks, copied.
 
     Args:
         base: the base (anything `model.base` takes).
         num_layers: joint (MMDiT) blocks to copy; None: SD3 half of them (the SD3.5 Large ControlNets
             copy 19 of 38; the last block, which reads but no longer updates the text, cannot be
-            copied), Flux 4 (as diffusers' train_controlnet_flux.py; at most the base's own).
+            copied), Flux 4 (as diffusers' train_controlnet_flux.py), Qwen-Image 5 (at most the base's own).
         num_single_layers: Flux's single-stream blocks to copy; None: 0 (the same recipe).
     """
     kind = base_kinds.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
@@ -101,10 +107,14 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
                                                num_layers=num_layers)
     config = transformer.config
     # More blocks than the base has would be random, not copies, and the base reads only its own count.
-    return controlnet_cls.from_transformer(transformer, num_layers=num_layers or min(4, config.num_layers),
-                                           num_single_layers=num_single_layers or 0,
-                                           attention_head_dim=config.attention_head_dim,
-                                           num_attention_heads=config.num_attention_heads)
+    sizes = dict(num_layers=num_layers or min(COPIED_BLOCKS[kind], config.num_layers),
+                 attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+    if kind == "flux":
+        return controlnet_cls.from_transformer(transformer, num_single_layers=num_single_layers or 0, **sizes)
+    if num_single_layers:
+        raise ConfigError(f"model.controlnet.num_single_layers={num_single_layers}: {base_kinds.KINDS[kind]} has no "
+                          "single-stream blocks; set it to null.")
+    return controlnet_cls.from_transformer(transformer, **sizes)
 
 
 class _ConfigCopy:
@@ -191,7 +201,7 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
 def refuse_unet_only_keys(options: ControlNetOptions, kind: str) -> None:
     """One ConfigError sentence for a key only SD/SDXL ControlNets read: model.vae, Control-LoRA, a hint encoder."""
     if options.vae:
-        raise ConfigError(f"model.vae={options.vae}: an {base_kinds.KINDS[kind]} ControlNet uses its base's own "
+        raise ConfigError(f"model.vae={options.vae}: {base_kinds.a_kind(kind)} ControlNet uses its base's own "
                           "VAE; set model.vae=null.")
     if int(options.control_lora.get("rank", 0)) > 0:
         raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
@@ -207,7 +217,7 @@ def base_parts(kind: str, base: str, location: str) -> dict[str, Any]:
     try:
         parts = from_pretrained(base_kinds.PIPELINE_CLASSES[kind], ld.pipeline_location(location))
     except (OSError, ValueError) as e:
-        raise GenlabError(f"model.base={base}: cannot load it as an {base_kinds.KINDS[kind]} pipeline "
+        raise GenlabError(f"model.base={base}: cannot load it as {base_kinds.a_kind(kind)} pipeline "
                           f"({str(e).splitlines()[0]}).") from e
     parts = parts.components
     parts.pop("scheduler")
@@ -241,10 +251,9 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         parts = base_parts(self.kind, o.base, self.base)
         self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
         self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
-        if o.channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={o.channels}, but the VAE takes "
-                              f"{self.vae.config.in_channels}-channel images.")
-        factor = ld.vae_factor(self.vae)
+        channels, factor = self.vae_shape()
+        if o.channels != channels:
+            raise ConfigError(f"data.channels={o.channels}, but the VAE takes {channels}-channel images.")
         if o.image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
             raise ConfigError(f"data.image_size={o.image_size}: use a multiple of {2 * factor} for this base's VAE.")
         for module in [self.transformer, *parts.values()]:
@@ -279,23 +288,13 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        vae = self.vae.config
-        # (z - shift) * scale: the latents the pipelines decode with `/ scale + shift`.
-        latents = cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+        latents = self.image_latents(batch, rng)  # (B, c, h, w), normalised as the pipeline decodes them
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = self.encode(captions)
-            # The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
-            # SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift.
-            zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
-            shift = 0.0 if zero_shift else vae.shift_factor
-            control = cached_or_encoded_latents({"image": batch["sketch"] * 2 - 1}, self.vae, rng)
-            control = control - shift * vae.scaling_factor
+            control = self.control_latents(batch["sketch"], rng)
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)  # target: velocity noise - x0
-        if self.kind == "sd3":
-            pred = self.sd3_velocity(noisy, t, text, control)
-        else:
-            pred, target = self.flux_velocity(noisy, t, text, control), pack(target)
+        pred, target = self.velocity(noisy, t, text, control, target)
         loss = self.diffusion.loss(pred, target, weight)
         return loss, {"loss": loss.detach()}
 
@@ -334,7 +333,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             out = pipe(prompts, control_image=sketches.to(pipe.device) * 2 - 1, height=self.image_size,
                        width=self.image_size,
                        num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
-                       guidance_scale=self.guidance if guidance is None else guidance,
+                       **self.guidance_options(n, self.guidance if guidance is None else guidance),
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
@@ -351,14 +350,43 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def pipeline(self, sampler: str):
         """The diffusers ControlNet pipeline of the base's kind over this family's (unwrapped) parts."""
-        if self.kind == "flux" and sampler != "euler":
-            raise GenlabError(f"--sampler {sampler}: FluxControlNetPipeline hands its sampler custom sigmas, which "
+        if self.kind in EULER_ONLY and sampler != "euler":
+            raise GenlabError(f"--sampler {sampler}: {CLASSES[self.kind][2]} hands its sampler custom sigmas, which "
                               "only euler takes; use --sampler euler.")
         pipe = _diffusers(CLASSES[self.kind][2])(
             **self.frozen, transformer=ld.unwrap(self.transformer), controlnet=ld.unwrap(self.controlnet),
             scheduler=self.diffusion.inference_scheduler(sampler))
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def image_latents(self, batch: dict[str, Any], rng: ld.StepRandom) -> torch.Tensor:
+        """(z - shift) * scale: the latents the pipelines decode with `/ scale + shift`."""
+        vae = self.vae.config
+        return cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+
+    def control_latents(self, sketch: torch.Tensor, rng: ld.StepRandom) -> torch.Tensor:
+        """The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
+        SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift."""
+        vae = self.vae.config
+        zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
+        shift = 0.0 if zero_shift else vae.shift_factor
+        control = cached_or_encoded_latents({"image": sketch * 2 - 1}, self.vae, rng)
+        return control - shift * vae.scaling_factor
+
+    def velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor,
+                 target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) in the layout the transformer predicts in (Flux: packed tokens)."""
+        if self.kind == "sd3":
+            return self.sd3_velocity(noisy, t, text, control), target
+        return self.flux_velocity(noisy, t, text, control), pack(target)
+
+    def vae_shape(self) -> tuple[int, int]:
+        """(image channels, downsampling factor) of the base's VAE."""
+        return self.vae.config.in_channels, ld.vae_factor(self.vae)
+
+    def guidance_options(self, n: int, guidance: float) -> dict[str, Any]:
+        """The pipeline's keywords for `model.guidance` (SD3: CFG scale; Flux: the guidance embedding)."""
+        return {"guidance_scale": guidance}
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own prompt encoding: {"encoder_hidden_states", "pooled_projections"} (+ Flux's "txt_ids")."""

@@ -1,0 +1,103 @@
+"""Random-weight stand-ins of the flow-matching bases whose text encoder is a language model:
+Qwen-Image (Qwen2.5-VL), Z-Image (Qwen3) and Sana (Gemma 2), real-sized or tiny, nothing downloaded.
+
+As `stand_ins.py` for SDXL/SD3/Flux: each kind's published configs (the hub repositories'
+transformer/, vae/, text_encoder/ and scheduler/ config.json) as keyword arguments, and the same
+classes shrunk for tests. The tokenizers are built offline: a byte-level BPE without merges
+(every byte one token) with the special tokens and chat template the pipelines use, so prompts
+run through exactly the pipelines' own encoding code, only with more, shorter tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Qwen/Qwen-Image: transformer 20,430M (60 MMDiT blocks); text encoder Qwen2.5-VL-7B-Instruct 8,292M; VAE 127M.
+QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                              axes_dims_rope=[16, 56, 56])
+QWEN_IMAGE = {
+    "real": {
+        "transformer": QWEN_IMAGE_TRANSFORMER,
+        # AutoencoderKLQwenImage's defaults are Qwen-Image's (the Wan 2.1 VAE): 8x down, 16 channels.
+        "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                    temperal_downsample=[False, True, True]),
+        "text": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+        "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2),
+    },
+    "tiny": {
+        # The same classes (patch size, RoPE axes layout, 16-channel 8x VAE, mrope text model), a few channels.
+        "transformer": {**QWEN_IMAGE_TRANSFORMER, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+                        "joint_attention_dim": 32, "axes_dims_rope": [4, 6, 6]},
+        "vae": dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                    temperal_downsample=[False, True, True]),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, rope_theta=1000000.0,
+                     rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        "vision": dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                       fullatt_block_indexes=[0], window_size=112, tokens_per_second=2),
+    },
+}
+# Qwen/Qwen-Image's scheduler: the shift exp(mu) grows with the image's token count (to 8192 tokens, 0.9 at most).
+QWEN_IMAGE_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                            base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                            time_shift_type="exponential")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+# Qwen's chat template for the one user message Z-Image's pipeline formats (thinking left on, as it asks).
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE, Qwen's special tokens and chat template) with every byte one token."""
+    from transformers import Qwen2Tokenizer
+
+    from genlab.text import byte_tokens
+
+    vocab = {t: i for i, t in enumerate(byte_tokens())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIALS[1:]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def build_qwen_image(size: str = "tiny") -> dict[str, torch.nn.Module]:
+    """Qwen-Image's transformer, VAE and Qwen2.5-VL text encoder at `size`, random weights."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    shapes = QWEN_IMAGE[size]
+    tokenizer = qwen_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+           [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    # Tiny: the vocabulary of the offline tokenizer; real: the published size and ids.
+    text = {"vocab_size": len(tokenizer), "bos_token_id": None, "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            "pad_token_id": tokenizer.pad_token_id, **shapes["text"]}
+    if size == "real":
+        text.update(vocab_size=152064, bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
+        ids = {}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=shapes["vision"], **ids)
+    return {"transformer": QwenImageTransformer2DModel(**shapes["transformer"]),
+            "vae": AutoencoderKLQwenImage(**shapes["vae"]),
+            "text_encoder": Qwen2_5_VLForConditionalGeneration(config)}
+
+
+def save_qwen_image(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> Path:
+    """A `QwenImagePipeline` directory with random weights (Qwen-Image's resolution-dependent shift).
+
+    `tokenizer_dir` is accepted for the same signature as the other savers; the tokenizer is built here.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    torch.manual_seed(seed)
+    QwenImagePipeline(**build_qwen_image(size), tokenizer=qwen_tokenizer(),
+                      scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)).save_pretrained(out_dir)
+    return Path(out_dir)
