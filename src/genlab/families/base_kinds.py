@@ -12,6 +12,7 @@ each architecture are recognised too):
 | sd3  | StableDiffusion3Pipeline | (model.diffusion_model.)joint_blocks.* |
 | flux | FluxPipeline | (model.diffusion_model.)double_blocks.* |
 | qwen-image | QwenImagePipeline | (directories only) |
+| z-image | ZImagePipeline | (directories only) |
 
 A single file is converted once by diffusers' `from_single_file` (with `model.base_config`,
 a diffusers directory or hub id whose configs describe the same architecture, so nothing is
@@ -30,8 +31,9 @@ from genlab.config import save_to_cache
 from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir import RunDir
 
-KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux", "qwen-image": "Qwen-Image"}
-SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux and Qwen-Image bases"
+KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux", "qwen-image": "Qwen-Image",
+         "z-image": "Z-Image"}
+SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image and Z-Image bases"
 # model_index.json `_class_name` -> kind (text-to-image pipelines and their ControlNet twins).
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd",
@@ -39,13 +41,15 @@ PIPELINE_KINDS = {
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3ControlNetPipeline": "sd3",
     "FluxPipeline": "flux", "FluxControlNetPipeline": "flux",
     "QwenImagePipeline": "qwen-image", "QwenImageControlNetPipeline": "qwen-image",
+    "ZImagePipeline": "z-image", "ZImageControlNetPipeline": "z-image",
 }
 # Single-file key prefixes (after an optional "model.diffusion_model.") -> kind, checked in order:
 # an SDXL file also has input_blocks, so its second text encoder decides first.
 SINGLE_FILE_KEYS = [("conditioner.embedders.", "sdxl"), ("joint_blocks.", "sd3"), ("double_blocks.", "flux"),
                     ("input_blocks.", "sd")]
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwen-image": "QwenImagePipeline"}
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwen-image": "QwenImagePipeline",
+                    "z-image": "ZImagePipeline"}
 
 
 def a_kind(kind: str) -> str:
@@ -96,7 +100,7 @@ def pipeline_class_name(base: str) -> str:
 
 
 def base_kind(base: str) -> str:
-    """A key of KINDS ("sd", "sdxl", "sd3", "flux", "qwen-image") for a `model.base`, or a ConfigError naming what was found."""
+    """A key of KINDS ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image") for a `model.base`, or a ConfigError naming what was found."""
     if is_single_file(base):
         return single_file_kind(base)
     name = pipeline_class_name(base)

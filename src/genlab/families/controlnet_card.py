@@ -20,7 +20,8 @@ CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusi
                     "sdxl": ("stable-diffusion-xl", "ControlNetModel", "StableDiffusionXLControlNetPipeline"),
                     "sd3": ("sd3", "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline"),
                     "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline"),
-                    "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline")}
+                    "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline"),
+                    "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline")}
 UNET_KINDS = ("sd", "sdxl")  # every other kind's denoiser is a transformer
 # What diffusers' U-Net pipelines ask of a scheduler and flow schedulers lack (genlab.diffusion.for_unet_pipelines).
 FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was trained by rectified flow\n"
@@ -115,6 +116,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
                   f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
                   *adapter_lines,
                   f'image = pipe("a red circle on a blue background", control_image=sketch, '
+                  f'{"controlnet_conditioning_scale=1.0, " if kind == "z-image" else ""}'  # its pipeline's default: 0.75
                   f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
         return "\n".join(lines)
     lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',

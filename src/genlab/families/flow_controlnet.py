@@ -37,7 +37,7 @@ from torch import nn
 from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, lora_variants, quantize
+from genlab.families import base_kinds, lora_variants, quantize, z_image_parts
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
@@ -47,14 +47,15 @@ from genlab.families.sketch_conditioned import SketchConditioned
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
            "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline"),
-           "qwen-image": ("QwenImageControlNetModel", "QwenImageTransformer2DModel", "QwenImageControlNetPipeline")}
+           "qwen-image": ("QwenImageControlNetModel", "QwenImageTransformer2DModel", "QwenImageControlNetPipeline"),
+           "z-image": ("ZImageControlNetModel", "ZImageTransformer2DModel", "ZImageControlNetPipeline")}
 #: The pipelines' default `max_sequence_length` (prompt tokens), used when model.max_sequence_length is null.
-TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512}
+TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512}
 #: Blocks a ControlNet copies when model.controlnet.num_layers is null: Flux 4 (diffusers' train_controlnet_flux.py),
 #: Qwen-Image 5 (InstantX's Qwen-Image ControlNets).
 COPIED_BLOCKS = {"flux": 4, "qwen-image": 5}
 #: The kinds whose ControlNet pipeline hands its sampler custom sigmas, which only euler takes.
-EULER_ONLY = ("flux", "qwen-image")
+EULER_ONLY = ("flux", "qwen-image", "z-image")
 
 
 def text_tokens(kind: str, parts: dict[str, Any]) -> int:
@@ -96,6 +97,11 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
                    num_single_layers: int | None = None) -> nn.Module:
     """`build_controlnet` on a transformer in hand (also on the meta device, for sizes)."""
     controlnet_cls = _diffusers(CLASSES[kind][0])
+    if kind == "z-image":  # control blocks beside the base's, sharing its embedders (z_image_parts)
+        if num_single_layers:
+            raise ConfigError(f"model.controlnet.num_single_layers={num_single_layers}: Z-Image has no "
+                              "single-stream blocks of its own kind; set it to null.")
+        return z_image_parts.controlnet_for(transformer, num_layers)
     if kind == "sd3":
         num_layers = num_layers or max(1, transformer.config.num_layers // 2)
         if num_layers >= transformer.config.num_layers:  # its last block no longer updates the text: no copy

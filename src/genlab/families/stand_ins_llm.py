@@ -101,3 +101,59 @@ def save_qwen_image(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_
     QwenImagePipeline(**build_qwen_image(size), tokenizer=qwen_tokenizer(),
                       scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# Tongyi-MAI/Z-Image-Turbo: transformer 6,155M (30 single-stream blocks over text and image tokens); text
+# encoder Qwen3-4B 4,022M; Flux's 16-channel VAE 84M.
+Z_IMAGE_TRANSFORMER = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
+                           n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+                           cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
+                           axes_lens=[1024, 512, 512])
+FLUX_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16, sample_size=1024,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+Z_IMAGE = {
+    "real": {
+        "transformer": Z_IMAGE_TRANSFORMER,
+        "vae": FLUX_VAE,
+        "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                     tie_word_embeddings=True, max_position_embeddings=40960),
+    },
+    "tiny": {
+        # The same classes (2x2 patches, refiners, 3-axis RoPE, Flux VAE's 16 channels and statistics), a few channels.
+        "transformer": {**Z_IMAGE_TRANSFORMER, "dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_heads": 2,
+                        "n_kv_heads": 2, "cap_feat_dim": 32, "axes_dims": [4, 6, 6]},
+        "vae": {**FLUX_VAE, "block_out_channels": [8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4,
+                "sample_size": 32, "down_block_types": ["DownEncoderBlock2D"] * 3,
+                "up_block_types": ["UpDecoderBlock2D"] * 3},
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, rope_theta=1000000.0, tie_word_embeddings=True),
+    },
+}
+
+
+def build_z_image(size: str = "tiny") -> dict[str, torch.nn.Module]:
+    """Z-Image's transformer, VAE and Qwen3 text encoder at `size`, random weights."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    shapes = Z_IMAGE[size]
+    tokenizer = qwen_tokenizer()
+    text = {"vocab_size": len(tokenizer), "bos_token_id": None, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), **shapes["text"]}
+    if size == "real":
+        text.update(bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
+    return {"transformer": ZImageTransformer2DModel(**shapes["transformer"]), "vae": AutoencoderKL(**shapes["vae"]),
+            "text_encoder": Qwen3Model(Qwen3Config(**text))}
+
+
+def save_z_image(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> Path:
+    """A `ZImagePipeline` directory with random weights (Z-Image-Turbo's scheduler: a fixed shift of 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    torch.manual_seed(seed)
+    ZImagePipeline(**build_z_image(size), tokenizer=qwen_tokenizer(),
+                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+                   ).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -1,0 +1,37 @@
+"""A ControlNet on a Z-Image base (a tiny stand-in: Z-Image's single-stream transformer, Flux's VAE and a Qwen3
+text encoder at a few channels): the checks of flow_kind_checks.py, and what is Z-Image's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+
+from flow_kind_checks import *  # noqa: F403  (the shared tests, run on this file's SPEC)
+from flow_kind_checks import KindSpec
+from genlab.families import flow_controlnet, z_image_parts
+from genlab.families.z_image_controlnet import ZImageControlNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# Z-Image's CFG is pos + g (pos - neg): genlab's classic scale w is its g = w - 1 (0 = off).
+SPEC = KindSpec(kind="z-image", pipeline="ZImagePipeline", controlnet=ZImageControlNetModel,
+                controlnet_pipeline=ZImageControlNetPipeline, family=ZImageControlNet,
+                guidance=lambda g: {"guidance_scale": g - 1}, packed=False, zero_out="after_proj")
+
+
+def test_the_controlnet_holds_only_its_own_weights_and_copies_the_blocks_it_feeds(base):  # noqa: F811
+    """The base's embedders and refiners are shared for each call only: never in the ControlNet's state (so
+    neither trained, checkpointed nor exported with it); its control blocks start as copies of the base's."""
+    controlnet = flow_controlnet.build_controlnet(str(base))
+    pipe = flow_controlnet.pipeline(str(base), controlnet)
+    z_image_parts.share_on_call(controlnet, pipe.transformer)  # what ZImageControlNet does after the pipeline
+    keys = controlnet.state_dict().keys()
+    assert not any(k.split(".")[0] in z_image_parts.SHARED for k in keys)
+    places = controlnet.config.control_layers_places
+    assert places[0] == 0
+    ours, theirs = controlnet.control_layers[0].state_dict(), pipe.transformer.layers[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert not controlnet.control_layers[0].after_proj.weight.any()  # zero out: the base unchanged at step 0
+    image = pipe("a", control_image=torch.zeros(1, 3, 32, 32), height=32, width=32, num_inference_steps=1,
+                 guidance_scale=0.0, max_sequence_length=32, output_type="latent").images
+    assert torch.isfinite(image).all() and controlnet.t_embedder is None  # shared for the call, then dropped
