@@ -35,3 +35,13 @@ def test_the_controlnet_holds_only_its_own_weights_and_copies_the_blocks_it_feed
     image = pipe("a", control_image=torch.zeros(1, 3, 32, 32), height=32, width=32, num_inference_steps=1,
                  guidance_scale=0.0, max_sequence_length=32, output_type="latent").images
     assert torch.isfinite(image).all() and controlnet.t_embedder is None  # shared for the call, then dropped
+
+
+def test_checkpoints_and_exports_hold_the_controlnet_alone(trained):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from genlab.train.checkpoint import complete_checkpoints
+
+    saved = [*load_file(complete_checkpoints(trained / "checkpoints")[-1] / "controlnet.safetensors"),
+             *load_file(trained / "export" / "controlnet" / "diffusion_pytorch_model.safetensors")]
+    assert saved and not [k for k in saved if k.split(".")[0] in z_image_parts.SHARED]
