@@ -48,6 +48,9 @@ class KindSpec:
     guidance: Callable[[float], dict]  # model.guidance as that pipeline's keywords, for one image
     packed: bool  # whether the pipeline's latents are 2x2-packed tokens
     zero_out: str = "controlnet_blocks."  # the ControlNet's zero-initialised outputs, by name
+    # Sana: the pipeline encodes "" as a prompt differently from "" as its negative (without its instruction);
+    # the empty caption trains the negative, so the check feeds the pipeline its negative prompt's encoding.
+    empty_as_negative: bool = False
     train: tuple[str, ...] = ()  # extra overrides for tiny runs
 
 
@@ -177,7 +180,8 @@ def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(reque
         for i, sigma in enumerate((seen["t"] / 1000).tolist()):
             x_t = seen["x_t"][i:i + 1]
             start = layout(x_t)
-            out = pipe(batch["caption"][i], control_image=batch["sketch"][i:i + 1] * 2 - 1, height=32, width=32,
+            prompt = _prompt(s, pipe, batch["caption"][i], family.text_tokens)
+            out = pipe(**prompt, control_image=batch["sketch"][i:i + 1] * 2 - 1, height=32, width=32,
                        latents=start, sigmas=[sigma], num_inference_steps=1, **s.guidance(1.0),
                        controlnet_conditioning_scale=1.0,
                        max_sequence_length=family.text_tokens, output_type="latent").images
@@ -191,6 +195,15 @@ def test_the_loss_is_flow_matching_on_what_the_pipeline_feeds_the_networks(reque
     # given to the pipeline as its control image, reaches its ControlNet as exactly x0.
     control = _pipeline_control(pipe, batch["image"][:1], family.text_tokens, s)  # Z-Image's: one-frame (1, c, 1, h, w)
     assert torch.allclose(control.flatten(), layout(seen["x0"][:1]).flatten(), atol=1e-5)
+
+
+def _prompt(s: KindSpec, pipe, caption: str, tokens: int) -> dict:
+    """The pipeline's prompt keywords for `caption` (an empty one as its negative, where SPEC says)."""
+    if not (caption == "" and s.empty_as_negative):
+        return {"prompt": caption}
+    _, _, text, mask = pipe.encode_prompt("", do_classifier_free_guidance=True, negative_prompt="",
+                                          max_sequence_length=tokens)
+    return {"prompt": None, "prompt_embeds": text, "prompt_attention_mask": mask}
 
 
 def _pipeline_control(pipe, image: torch.Tensor, tokens: int, s: KindSpec) -> torch.Tensor:
@@ -216,7 +229,16 @@ def test_training_noise_levels_are_the_samplers(request, base):
     rescales sampling)."""
     family = ControlNet(32, base=str(base), lora=dict(rank=0))
     assert type(family) is spec(request).family and family.diffusion.objective == "flow"
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(ld.base_scheduler(str(base)).config, shift_terminal=None)
+    sampler = ld.base_scheduler(str(base))
+    if "flow_shift" in sampler.config:  # Sana's DPM-Solver over flow sigmas: its own spacing, shifted by flow_shift
+        sampler.set_timesteps(20)
+        shift = sampler.config.flow_shift
+        u = 1 - np.linspace(1, 1 / sampler.config.num_train_timesteps, 21)[::-1][:-1]  # its unshifted sigmas
+        assert family.diffusion.scheduler.config.shift == shift
+        trained_levels = flow_shift(torch.tensor(u.copy(), dtype=torch.float32), shift)
+        assert torch.allclose(sampler.sigmas[:-1].float(), trained_levels, atol=1e-6)
+        return
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sampler.config, shift_terminal=None)
     config = scheduler.config
     tokens = (32 // family.vae_shape()[1] // 2) ** 2
     mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,

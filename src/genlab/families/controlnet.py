@@ -38,12 +38,13 @@ from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.controlnet_options import ControlNetOptions
 from genlab.families.qwen_image_controlnet import QwenImageControlNet
+from genlab.families.sana_controlnet import SanaControlNet
 from genlab.families.sketch_conditioned import SketchConditioned
 from genlab.families.z_image_controlnet import ZImageControlNet
 from genlab.families.sd import latent_diffusion_core, load_parts
 
 #: The flow-matching kinds whose VAE, text encoder or packing is not SD3's or Flux's: their own FlowControlNet.
-FLOW_FAMILIES = {"qwen-image": QwenImageControlNet, "z-image": ZImageControlNet}
+FLOW_FAMILIES = {"qwen-image": QwenImageControlNet, "z-image": ZImageControlNet, "sana": SanaControlNet}
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
 
 

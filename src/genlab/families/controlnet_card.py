@@ -21,8 +21,12 @@ CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusi
                     "sd3": ("sd3", "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline"),
                     "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline"),
                     "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline"),
-                    "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline")}
+                    "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline"),
+                    "sana": ("sana", "SanaControlNetModel", "SanaControlNetPipeline")}
 UNET_KINDS = ("sd", "sdxl")  # every other kind's denoiser is a transformer
+# What a plain pipeline call must add to sample as genlab does: Z-Image's default conditioning scale is 0.75,
+# Sana's pipeline bins small sizes up to its training resolutions.
+CALL_OPTIONS = {"z-image": "controlnet_conditioning_scale=1.0, ", "sana": "use_resolution_binning=False, "}
 # What diffusers' U-Net pipelines ask of a scheduler and flow schedulers lack (genlab.diffusion.for_unet_pipelines).
 FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was trained by rectified flow\n"
                    "pipe.scheduler.scale_model_input = lambda sample, timestep: sample")
@@ -116,7 +120,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
                   f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
                   *adapter_lines,
                   f'image = pipe("a red circle on a blue background", control_image=sketch, '
-                  f'{"controlnet_conditioning_scale=1.0, " if kind == "z-image" else ""}'  # its pipeline's default: 0.75
+                  f'{CALL_OPTIONS.get(kind, "")}'
                   f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
         return "\n".join(lines)
     lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
 from torch import nn
@@ -48,12 +49,13 @@ from genlab.families.sketch_conditioned import SketchConditioned
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
            "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline"),
            "qwen-image": ("QwenImageControlNetModel", "QwenImageTransformer2DModel", "QwenImageControlNetPipeline"),
-           "z-image": ("ZImageControlNetModel", "ZImageTransformer2DModel", "ZImageControlNetPipeline")}
+           "z-image": ("ZImageControlNetModel", "ZImageTransformer2DModel", "ZImageControlNetPipeline"),
+           "sana": ("SanaControlNetModel", "SanaTransformer2DModel", "SanaControlNetPipeline")}
 #: The pipelines' default `max_sequence_length` (prompt tokens), used when model.max_sequence_length is null.
-TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512}
+TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512, "sana": 300}
 #: Blocks a ControlNet copies when model.controlnet.num_layers is null: Flux 4 (diffusers' train_controlnet_flux.py),
-#: Qwen-Image 5 (InstantX's Qwen-Image ControlNets).
-COPIED_BLOCKS = {"flux": 4, "qwen-image": 5}
+#: Qwen-Image 5 (InstantX's Qwen-Image ControlNets), Sana 7 (diffusers' SanaControlNetModel default, its ControlNet+).
+COPIED_BLOCKS = {"flux": 4, "qwen-image": 5, "sana": 7}
 #: The kinds whose ControlNet pipeline hands its sampler custom sigmas, which only euler takes.
 EULER_ONLY = ("flux", "qwen-image", "z-image")
 
@@ -120,6 +122,10 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
     if num_single_layers:
         raise ConfigError(f"model.controlnet.num_single_layers={num_single_layers}: {base_kinds.KINDS[kind]} has no "
                           "single-stream blocks; set it to null.")
+    if kind == "sana":  # no from_transformer: the same config, the first blocks' weights copied (the rest zero)
+        controlnet = controlnet_cls.from_config({**transformer.config, "num_layers": sizes["num_layers"]})
+        controlnet.load_state_dict(transformer.state_dict(), strict=False)  # the base's later blocks are not here
+        return controlnet
     return controlnet_cls.from_transformer(transformer, **sizes)
 
 
@@ -171,6 +177,8 @@ def training_scheduler(base: str, latent_tokens: int):
 
     scheduler = ld.base_scheduler(base)
     config = scheduler.config
+    if config.get("prediction_type") == "flow_prediction":  # Sana's DPM-Solver over flow sigmas, shifted as a flow one
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
     if not config.get("use_dynamic_shifting"):
         return scheduler
     mu = calculate_shift(latent_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -339,7 +347,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             out = pipe(prompts, control_image=sketches.to(pipe.device) * 2 - 1, height=self.image_size,
                        width=self.image_size,
                        num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
-                       **self.guidance_options(n, self.guidance if guidance is None else guidance),
+                       **self.call_options(n, self.guidance if guidance is None else guidance),
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
@@ -390,8 +398,9 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         """(image channels, downsampling factor) of the base's VAE."""
         return self.vae.config.in_channels, ld.vae_factor(self.vae)
 
-    def guidance_options(self, n: int, guidance: float) -> dict[str, Any]:
-        """The pipeline's keywords for `model.guidance` (SD3: CFG scale; Flux: the guidance embedding)."""
+    def call_options(self, n: int, guidance: float) -> dict[str, Any]:
+        """The pipeline call's keywords of the kind: `model.guidance` as it takes it (SD3: CFG scale; Flux: the guidance
+        embedding), and what else it needs to sample as genlab trained."""
         return {"guidance_scale": guidance}
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:

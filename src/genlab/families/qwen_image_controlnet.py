@@ -77,6 +77,6 @@ class QwenImageControlNet(FlowControlNet):
         pred = self.transformer(**common, controlnet_block_samples=blocks, return_dict=False)[0]
         return pred, pack(target)
 
-    def guidance_options(self, n: int, guidance: float) -> dict[str, Any]:
+    def call_options(self, n: int, guidance: float) -> dict[str, Any]:
         # CFG needs a negative prompt in this pipeline; the empty one is what caption dropout trains.
         return {"true_cfg_scale": guidance, "negative_prompt": [""] * n if guidance > 1 else None}

@@ -157,3 +157,75 @@ def save_z_image(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir
                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
                    ).save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers: transformer 1,604M (linear-attention DiT); text encoder
+# Gemma-2-2B 2,614M; DC-AE f32c32 (32x down, 32 channels) 312M.
+SANA_TRANSFORMER = dict(in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+                        num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240,
+                        caption_channels=2304, mlp_ratio=2.5, sample_size=32, patch_size=1,
+                        norm_elementwise_affine=False, norm_eps=1e-6)
+DC_AE_BLOCKS = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
+DC_AE = dict(in_channels=3, latent_channels=32, attention_head_dim=32, encoder_block_types=DC_AE_BLOCKS,
+             decoder_block_types=DC_AE_BLOCKS, encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+             decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], encoder_layers_per_block=[2, 2, 2, 3, 3, 3],
+             decoder_layers_per_block=[3, 3, 3, 3, 3, 3], encoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+             decoder_qkv_multiscales=[[], [], [], [5], [5], [5]], upsample_block_type="interpolate",
+             downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+             scaling_factor=0.41407)
+SANA = {
+    "real": {
+        "transformer": SANA_TRANSFORMER,
+        "vae": DC_AE,
+        "text": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                     num_attention_heads=8, num_key_value_heads=4, head_dim=256),
+    },
+    "tiny": {
+        # The same classes (linear attention, cross-attention to Gemma 2, DC-AE's ResBlock and EfficientViT
+        # stages, 32 latent channels); sample_size 16 is the smallest with a resolution-binning table.
+        "transformer": {**SANA_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+                        "num_cross_attention_heads": 2, "cross_attention_head_dim": 16, "cross_attention_dim": 32,
+                        "caption_channels": 32, "sample_size": 16},
+        "vae": {**DC_AE, "attention_head_dim": 8, "encoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
+                "decoder_block_types": ["ResBlock", "ResBlock", "EfficientViTBlock"],
+                "encoder_block_out_channels": [8, 16, 32], "decoder_block_out_channels": [8, 16, 32],
+                "encoder_layers_per_block": [1, 1, 1], "decoder_layers_per_block": [1, 1, 1],
+                "encoder_qkv_multiscales": [[], [], [5]], "decoder_qkv_multiscales": [[], [], [5]]},
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16),
+    },
+}
+# Sana's scheduler: DPM-Solver++ (2nd order) over flow sigmas shifted by 3.
+SANA_SCHEDULER = dict(algorithm_type="dpmsolver++", solver_order=2, prediction_type="flow_prediction",
+                      use_flow_sigmas=True, flow_shift=3.0)
+
+
+def gemma_tokenizer():
+    """A Gemma tokenizer (BPE with byte fallback and Gemma's special tokens) with every byte one token."""
+    from transformers import GemmaTokenizer
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    return GemmaTokenizer(vocab=vocab, merges=[])
+
+
+def build_sana(size: str = "tiny") -> dict[str, torch.nn.Module]:
+    """Sana's transformer, DC-AE and Gemma 2 text encoder at `size`, random weights."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    shapes = SANA[size]
+    tokenizer = gemma_tokenizer()
+    text = {"vocab_size": len(tokenizer), "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2, **shapes["text"]}
+    return {"transformer": SanaTransformer2DModel(**shapes["transformer"]), "vae": AutoencoderDC(**shapes["vae"]),
+            "text_encoder": Gemma2Model(Gemma2Config(**text))}
+
+
+def save_sana(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> Path:
+    """A `SanaPipeline` directory with random weights (DPM-Solver++ on flow sigmas, shift 3)."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    torch.manual_seed(seed)
+    SanaPipeline(**build_sana(size), tokenizer=gemma_tokenizer(),
+                 scheduler=DPMSolverMultistepScheduler(**SANA_SCHEDULER)).save_pretrained(out_dir)
+    return Path(out_dir)

@@ -49,7 +49,7 @@ class ZImageControlNet(FlowControlNet):
                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return z_image_parts.velocity(self.controlnet, self.transformer, noisy, t, text["cap_feats"], control), target
 
-    def guidance_options(self, n: int, guidance: float) -> dict[str, Any]:
+    def call_options(self, n: int, guidance: float) -> dict[str, Any]:
         return {"guidance_scale": guidance - 1}  # neg + w (pos - neg) == pos + (w - 1) (pos - neg)
 
     def pipeline(self, sampler: str):
