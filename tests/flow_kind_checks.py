@@ -109,6 +109,19 @@ def test_trains_the_controlnet_and_the_transformer_lora(request, trained, base):
     assert Image.open(trained / "samples" / "step_000002.png").size[0] >= 2 * 32 * 2
 
 
+def test_the_controlnet_starts_as_a_copy_of_the_base_with_zero_outputs(request, base):
+    """A copy of the base's first blocks (Z-Image: of the blocks it feeds, its own test), its outputs zero: the base
+    unchanged at step 0."""
+    s = spec(request)
+    controlnet = flow_controlnet.build_controlnet(str(base))
+    transformer = flow_controlnet.pipeline(str(base), controlnet).transformer
+    zeros = [p for n, p in controlnet.named_parameters() if s.zero_out in n]
+    assert zeros and not any(p.any() for p in zeros)
+    if hasattr(controlnet, "transformer_blocks"):
+        ours, theirs = controlnet.transformer_blocks[0].state_dict(), transformer.transformer_blocks[0].state_dict()
+        assert ours and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_export_samples_the_same_in_plain_diffusers_and_the_card_names_the_base(request, trained, base, tmp_path):
     s = spec(request)
     export = trained / "export"

@@ -35,6 +35,7 @@ def test_a_stand_in_never_writes_over_a_folder_and_names_the_kinds(tmp_path):
 @pytest.mark.parametrize("kind, millions", [
     ("qwen-image", {"transformer": 20430.4, "vae": 126.9, "text_encoder": 8292.2}),  # Qwen-Image, Qwen2.5-VL-7B
     ("z-image", {"transformer": 6154.9, "vae": 83.8, "text_encoder": 4022.5}),  # Z-Image-Turbo, Qwen3-4B
+    ("sana", {"transformer": 1604.5, "vae": 312.3, "text_encoder": 2614.3}),  # Sana 1600M, DC-AE, Gemma-2-2B
 ])
 def test_real_stand_ins_have_the_published_sizes(kind, millions):
     import torch
