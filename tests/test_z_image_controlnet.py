@@ -45,3 +45,18 @@ def test_checkpoints_and_exports_hold_the_controlnet_alone(trained):  # noqa: F8
     saved = [*load_file(complete_checkpoints(trained / "checkpoints")[-1] / "controlnet.safetensors"),
              *load_file(trained / "export" / "controlnet" / "diffusion_pytorch_model.safetensors")]
     assert saved and not [k for k in saved if k.split(".")[0] in z_image_parts.SHARED]
+
+
+def test_the_sketch_enters_as_the_latents_mode_the_pipeline_hands_its_controlnet(trained):  # noqa: F811
+    """The pipeline encodes the control image with sample_mode="argmax": training must not draw a posterior
+    sample for it (no monkeypatched VAE here: a sample would differ)."""
+    from conftest import rng
+    from flow_kind_checks import _pipeline_control
+
+    from genlab.sample import load_family
+
+    family, _ = load_family(trained, "latest")
+    sketch = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ours = family.control_latents(sketch, rng(0))
+    theirs = _pipeline_control(family.pipeline("euler"), sketch * 2 - 1, family.text_tokens, SPEC)
+    assert torch.allclose(ours, theirs.squeeze(2), atol=1e-5)
