@@ -34,6 +34,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def byte_tokens() -> list[str]:
+    """The 256 byte-level BPE tokens (GPT-2's, CLIP's, Qwen's first 256), in byte order."""
+    return [_bytes_to_unicode()[b] for b in range(256)]
+
+
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     import open_clip
 

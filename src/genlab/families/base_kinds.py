@@ -11,6 +11,9 @@ each architecture are recognised too):
 | sdxl | StableDiffusionXLPipeline | conditioner.embedders.* |
 | sd3  | StableDiffusion3Pipeline | (model.diffusion_model.)joint_blocks.* |
 | flux | FluxPipeline | (model.diffusion_model.)double_blocks.* |
+| qwen-image | QwenImagePipeline | (directories only) |
+| z-image | ZImagePipeline | (directories only) |
+| sana | SanaPipeline | (directories only) |
 
 A single file is converted once by diffusers' `from_single_file` (with `model.base_config`,
 a diffusers directory or hub id whose configs describe the same architecture, so nothing is
@@ -29,21 +32,32 @@ from genlab.config import save_to_cache
 from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir import RunDir
 
-KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux"}
-SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x and Flux bases"
+KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux", "qwen-image": "Qwen-Image",
+         "z-image": "Z-Image", "sana": "Sana"}
+SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image, Z-Image and Sana bases"
 # model_index.json `_class_name` -> kind (text-to-image pipelines and their ControlNet twins).
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLControlNetPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3ControlNetPipeline": "sd3",
     "FluxPipeline": "flux", "FluxControlNetPipeline": "flux",
+    "QwenImagePipeline": "qwen-image", "QwenImageControlNetPipeline": "qwen-image",
+    "ZImagePipeline": "z-image", "ZImageControlNetPipeline": "z-image",
+    "SanaPipeline": "sana", "SanaControlNetPipeline": "sana",
 }
 # Single-file key prefixes (after an optional "model.diffusion_model.") -> kind, checked in order:
 # an SDXL file also has input_blocks, so its second text encoder decides first.
 SINGLE_FILE_KEYS = [("conditioner.embedders.", "sdxl"), ("joint_blocks.", "sd3"), ("double_blocks.", "flux"),
                     ("input_blocks.", "sd")]
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwen-image": "QwenImagePipeline",
+                    "z-image": "ZImagePipeline", "sana": "SanaPipeline"}
+
+
+def a_kind(kind: str) -> str:
+    """The kind's name with its article, for sentences: "an SDXL", "a Flux", "a Qwen-Image"."""
+    name = KINDS[kind]
+    return f"{'an' if name.startswith('SD') else 'a'} {name}"
 
 
 def is_single_file(base: str) -> bool:
@@ -88,7 +102,7 @@ def pipeline_class_name(base: str) -> str:
 
 
 def base_kind(base: str) -> str:
-    """"sd", "sdxl", "sd3" or "flux" for a `model.base`, or a ConfigError naming what was found."""
+    """A key of KINDS ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana") for a `model.base`, or a ConfigError naming what was found."""
     if is_single_file(base):
         return single_file_kind(base)
     name = pipeline_class_name(base)
@@ -102,7 +116,7 @@ def require_kind(base: str, kinds: tuple[str, ...], what: str) -> str:
     kind = base_kind(base)
     if kind not in kinds:
         names = ", ".join(KINDS[k] for k in kinds)
-        raise ConfigError(f"model.base={base} is an {KINDS[kind]} base; {what} supports {names} bases.")
+        raise ConfigError(f"model.base={base} is {a_kind(kind)} base; {what} supports {names} bases.")
     return kind
 
 
@@ -140,6 +154,6 @@ def _convert(path: Path, kind: str, base_config: str | None, target: Path) -> No
         pipe = cls.from_single_file(str(path), config=config, local_files_only=bool(config) or None)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         hint = "" if config else " (set model.base_config to a diffusers directory of the same architecture)"
-        raise GenlabError(f"model.base={path}: cannot load it as an {KINDS[kind]} single file{hint}: "
+        raise GenlabError(f"model.base={path}: cannot load it as {a_kind(kind)} single file{hint}: "
                           f"{str(e).splitlines()[0]}") from e
     save_to_cache(target, pipe.save_pretrained)  # another process may convert it at the same time

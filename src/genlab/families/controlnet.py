@@ -37,9 +37,14 @@ from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
 from genlab.families.controlnet_options import ControlNetOptions
+from genlab.families.qwen_image_controlnet import QwenImageControlNet
+from genlab.families.sana_controlnet import SanaControlNet
 from genlab.families.sketch_conditioned import SketchConditioned
+from genlab.families.z_image_controlnet import ZImageControlNet
 from genlab.families.sd import latent_diffusion_core, load_parts
 
+#: The flow-matching kinds whose VAE, text encoder or packing is not SD3's or Flux's: their own FlowControlNet.
+FLOW_FAMILIES = {"qwen-image": QwenImageControlNet, "z-image": ZImageControlNet, "sana": SanaControlNet}
 HINT_CHANNELS = (16, 32, 96, 256)  # diffusers' default hint encoder (8x down, for SD's VAE)
 
 
@@ -93,8 +98,9 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
         raise ConfigError("model.base: ControlNet needs a base (SD 1.x/2.x, SDXL, SD3.x or Flux): a hub id, a "
                           "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
     options = ControlNetOptions.read(image_size, channels, base, keys)
-    if base_kinds.base_kind(str(base)) in flow_controlnet.CLASSES:
-        return flow_controlnet.FlowControlNet(options)
+    kind = base_kinds.base_kind(str(base))
+    if kind in flow_controlnet.CLASSES:
+        return FLOW_FAMILIES.get(kind, flow_controlnet.FlowControlNet)(options)
     return UNetControlNet(options)
 
 

@@ -1,5 +1,5 @@
 """What the model card of a ControlNet export says: it depends on the base's kind (SD 1.x/2.x, SDXL, SD3.x,
-Flux) and on the adapter trained on the base, so `UNetControlNet` and `FlowControlNet` declare their card
+Flux, Qwen-Image) and on the adapter trained on the base, so `UNetControlNet` and `FlowControlNet` declare their card
 through `card_for` (families.contract.CardByConfig), which asks here.
 
 `export` is the export's genlab_export.json (what training wrote: the base's kind, the base, the
@@ -19,7 +19,14 @@ from genlab.families.contract import Card
 CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusionControlNetPipeline"),
                     "sdxl": ("stable-diffusion-xl", "ControlNetModel", "StableDiffusionXLControlNetPipeline"),
                     "sd3": ("sd3", "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline"),
-                    "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline")}
+                    "flux": ("flux", "FluxControlNetModel", "FluxControlNetPipeline"),
+                    "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline"),
+                    "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline"),
+                    "sana": ("sana", "SanaControlNetModel", "SanaControlNetPipeline")}
+UNET_KINDS = ("sd", "sdxl")  # every other kind's denoiser is a transformer
+# What a plain pipeline call must add to sample as genlab does: Z-Image's default conditioning scale is 0.75,
+# Sana's pipeline bins small sizes up to its training resolutions.
+CALL_OPTIONS = {"z-image": "controlnet_conditioning_scale=1.0, ", "sana": "use_resolution_binning=False, "}
 # What diffusers' U-Net pipelines ask of a scheduler and flow schedulers lack (genlab.diffusion.for_unet_pipelines).
 FLOW_UNET_LINES = ("pipe.scheduler.init_noise_sigma = 1.0  # the base was trained by rectified flow\n"
                    "pipe.scheduler.scale_model_input = lambda sample, timestep: sample")
@@ -40,7 +47,7 @@ def flow_unet_base(base: Any) -> bool:
 
 
 def controlnet_base_kind(model: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> str:
-    """sd | sdxl | sd3 | flux: the base a ControlNet run was trained on, as its export says (genlab_export.json),
+    """A key of CONTROLNET_BASES (sd, sdxl, sd3, flux, qwen-image): the base a ControlNet run was trained on, as its export says (genlab_export.json),
     else as model.base reads; "sd" when neither can be read (a hub id offline)."""
     from genlab.families import base_kinds
 
@@ -65,7 +72,7 @@ def controlnet_adapter(kind: str, lora: Mapping[str, Any] | None, where: str = "
         return "", []
     variant = lora.get("variant") or "lora"
     name = ADAPTER_NAMES.get(variant, variant)
-    transformer = kind in ("sd3", "flux")
+    transformer = kind not in UNET_KINDS
     if variant in DIFFUSERS_LOADABLE:
         return (f"the base {'transformer' if transformer else 'U-Net'}'s {name} in pytorch_lora_weights.safetensors",
                 [f'pipe.load_lora_weights("{where}")'])
@@ -102,7 +109,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
     _, adapter_lines = controlnet_adapter(kind, model.get("lora"), where)
     lines = [f"from diffusers import {controlnet}, {pipeline}", "",
              f'controlnet = {controlnet}.from_pretrained("{where}", subfolder="controlnet")']
-    if kind in ("sd3", "flux"):
+    if kind not in UNET_KINDS:
         from diffusers import DiffusionPipeline
 
         try:  # a base without T5 (a genlab sd3 run) lists it as null; diffusers then wants it passed as None
@@ -113,6 +120,7 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
                   f'{", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""})',
                   *adapter_lines,
                   f'image = pipe("a red circle on a blue background", control_image=sketch, '
+                  f'{CALL_OPTIONS.get(kind, "")}'
                   f'max_sequence_length={info.get("max_sequence_length")}).images[0]']
         return "\n".join(lines)
     lines += [f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
 from torch import nn
@@ -37,7 +38,7 @@ from torch import nn
 from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, lora_variants, quantize
+from genlab.families import base_kinds, lora_variants, quantize, z_image_parts
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
@@ -46,9 +47,17 @@ from genlab.families.sketch_conditioned import SketchConditioned
 
 # (ControlNet class, transformer class, ControlNet pipeline class) per base kind, by name in diffusers.
 CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusion3ControlNetPipeline"),
-           "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline")}
-#: The pipelines' default `max_sequence_length` (T5 prompt tokens), used when model.max_sequence_length is null.
-TEXT_TOKENS = {"sd3": 256, "flux": 512}
+           "flux": ("FluxControlNetModel", "FluxTransformer2DModel", "FluxControlNetPipeline"),
+           "qwen-image": ("QwenImageControlNetModel", "QwenImageTransformer2DModel", "QwenImageControlNetPipeline"),
+           "z-image": ("ZImageControlNetModel", "ZImageTransformer2DModel", "ZImageControlNetPipeline"),
+           "sana": ("SanaControlNetModel", "SanaTransformer2DModel", "SanaControlNetPipeline")}
+#: The pipelines' default `max_sequence_length` (prompt tokens), used when model.max_sequence_length is null.
+TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512, "sana": 300}
+#: Blocks a ControlNet copies when model.controlnet.num_layers is null: Flux 4 (diffusers' train_controlnet_flux.py),
+#: Qwen-Image 5 (InstantX's Qwen-Image ControlNets), Sana 7 (diffusers' SanaControlNetModel default, its ControlNet+).
+COPIED_BLOCKS = {"flux": 4, "qwen-image": 5, "sana": 7}
+#: The kinds whose ControlNet pipeline hands its sampler custom sigmas, which only euler takes.
+EULER_ONLY = ("flux", "qwen-image", "z-image")
 
 
 def text_tokens(kind: str, parts: dict[str, Any]) -> int:
@@ -72,13 +81,13 @@ def _diffusers(name: str):
 
 
 def build_controlnet(base: str, num_layers: int | None = None, num_single_layers: int | None = None) -> nn.Module:
-    """The ControlNet of an SD3.x or Flux base: its transformer's first `num_layers` blocks, copied.
+    """The ControlNet of a flow-matching base (`CLASSES`): its transformer's first `num_layers` blocks, copied.
 
     Args:
         base: the base (anything `model.base` takes).
         num_layers: joint (MMDiT) blocks to copy; None: SD3 half of them (the SD3.5 Large ControlNets
             copy 19 of 38; the last block, which reads but no longer updates the text, cannot be
-            copied), Flux 4 (as diffusers' train_controlnet_flux.py; at most the base's own).
+            copied), Flux 4 (as diffusers' train_controlnet_flux.py), Qwen-Image 5 (at most the base's own).
         num_single_layers: Flux's single-stream blocks to copy; None: 0 (the same recipe).
     """
     kind = base_kinds.require_kind(str(base), tuple(CLASSES), "a flow-matching ControlNet")
@@ -90,6 +99,11 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
                    num_single_layers: int | None = None) -> nn.Module:
     """`build_controlnet` on a transformer in hand (also on the meta device, for sizes)."""
     controlnet_cls = _diffusers(CLASSES[kind][0])
+    if kind == "z-image":  # control blocks beside the base's, sharing its embedders (z_image_parts)
+        if num_single_layers:
+            raise ConfigError(f"model.controlnet.num_single_layers={num_single_layers}: Z-Image has no "
+                              "single-stream blocks of its own kind; set it to null.")
+        return z_image_parts.controlnet_for(transformer, num_layers)
     if kind == "sd3":
         num_layers = num_layers or max(1, transformer.config.num_layers // 2)
         if num_layers >= transformer.config.num_layers:  # its last block no longer updates the text: no copy
@@ -101,10 +115,18 @@ def controlnet_for(kind: str, transformer: nn.Module, num_layers: int | None = N
                                                num_layers=num_layers)
     config = transformer.config
     # More blocks than the base has would be random, not copies, and the base reads only its own count.
-    return controlnet_cls.from_transformer(transformer, num_layers=num_layers or min(4, config.num_layers),
-                                           num_single_layers=num_single_layers or 0,
-                                           attention_head_dim=config.attention_head_dim,
-                                           num_attention_heads=config.num_attention_heads)
+    sizes = dict(num_layers=num_layers or min(COPIED_BLOCKS[kind], config.num_layers),
+                 attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+    if kind == "flux":
+        return controlnet_cls.from_transformer(transformer, num_single_layers=num_single_layers or 0, **sizes)
+    if num_single_layers:
+        raise ConfigError(f"model.controlnet.num_single_layers={num_single_layers}: {base_kinds.KINDS[kind]} has no "
+                          "single-stream blocks; set it to null.")
+    if kind == "sana":  # no from_transformer: the same config, the first blocks' weights copied (the rest zero)
+        controlnet = controlnet_cls.from_config({**transformer.config, "num_layers": sizes["num_layers"]})
+        controlnet.load_state_dict(transformer.state_dict(), strict=False)  # the base's later blocks are not here
+        return controlnet
+    return controlnet_cls.from_transformer(transformer, **sizes)
 
 
 class _ConfigCopy:
@@ -155,6 +177,8 @@ def training_scheduler(base: str, latent_tokens: int):
 
     scheduler = ld.base_scheduler(base)
     config = scheduler.config
+    if config.get("prediction_type") == "flow_prediction":  # Sana's DPM-Solver over flow sigmas, shifted as a flow one
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=config.flow_shift)
     if not config.get("use_dynamic_shifting"):
         return scheduler
     mu = calculate_shift(latent_tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
@@ -191,7 +215,7 @@ def save_transformer_adapter(kind: str, transformer: nn.Module, out_dir: Path) -
 def refuse_unet_only_keys(options: ControlNetOptions, kind: str) -> None:
     """One ConfigError sentence for a key only SD/SDXL ControlNets read: model.vae, Control-LoRA, a hint encoder."""
     if options.vae:
-        raise ConfigError(f"model.vae={options.vae}: an {base_kinds.KINDS[kind]} ControlNet uses its base's own "
+        raise ConfigError(f"model.vae={options.vae}: {base_kinds.a_kind(kind)} ControlNet uses its base's own "
                           "VAE; set model.vae=null.")
     if int(options.control_lora.get("rank", 0)) > 0:
         raise ConfigError("model.control_lora.rank > 0: Control-LoRA is for SD and SDXL bases; set "
@@ -207,7 +231,7 @@ def base_parts(kind: str, base: str, location: str) -> dict[str, Any]:
     try:
         parts = from_pretrained(base_kinds.PIPELINE_CLASSES[kind], ld.pipeline_location(location))
     except (OSError, ValueError) as e:
-        raise GenlabError(f"model.base={base}: cannot load it as an {base_kinds.KINDS[kind]} pipeline "
+        raise GenlabError(f"model.base={base}: cannot load it as {base_kinds.a_kind(kind)} pipeline "
                           f"({str(e).splitlines()[0]}).") from e
     parts = parts.components
     parts.pop("scheduler")
@@ -241,10 +265,9 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         parts = base_parts(self.kind, o.base, self.base)
         self.transformer, self.vae = parts.pop("transformer"), parts["vae"]
         self.frozen = parts  # everything the pipeline needs besides transformer, ControlNet and scheduler
-        if o.channels != self.vae.config.in_channels:
-            raise ConfigError(f"data.channels={o.channels}, but the VAE takes "
-                              f"{self.vae.config.in_channels}-channel images.")
-        factor = ld.vae_factor(self.vae)
+        channels, factor = self.vae_shape()
+        if o.channels != channels:
+            raise ConfigError(f"data.channels={o.channels}, but the VAE takes {channels}-channel images.")
         if o.image_size % (2 * factor):  # SD3 patches 2x2 latents, Flux packs them
             raise ConfigError(f"data.image_size={o.image_size}: use a multiple of {2 * factor} for this base's VAE.")
         for module in [self.transformer, *parts.values()]:
@@ -279,23 +302,13 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        vae = self.vae.config
-        # (z - shift) * scale: the latents the pipelines decode with `/ scale + shift`.
-        latents = cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+        latents = self.image_latents(batch, rng)  # (B, c, h, w), normalised as the pipeline decodes them
         with torch.no_grad():
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = self.encode(captions)
-            # The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
-            # SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift.
-            zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
-            shift = 0.0 if zero_shift else vae.shift_factor
-            control = cached_or_encoded_latents({"image": batch["sketch"] * 2 - 1}, self.vae, rng)
-            control = control - shift * vae.scaling_factor
+            control = self.control_latents(batch["sketch"], rng)
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)  # target: velocity noise - x0
-        if self.kind == "sd3":
-            pred = self.sd3_velocity(noisy, t, text, control)
-        else:
-            pred, target = self.flux_velocity(noisy, t, text, control), pack(target)
+        pred, target = self.velocity(noisy, t, text, control, target)
         loss = self.diffusion.loss(pred, target, weight)
         return loss, {"loss": loss.detach()}
 
@@ -334,7 +347,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             out = pipe(prompts, control_image=sketches.to(pipe.device) * 2 - 1, height=self.image_size,
                        width=self.image_size,
                        num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
-                       guidance_scale=self.guidance if guidance is None else guidance,
+                       **self.call_options(n, self.guidance if guidance is None else guidance),
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
                        max_sequence_length=self.text_tokens, generator=ld.generators(n, seed), output_type="pt").images
         return out.float() * 2 - 1
@@ -351,14 +364,44 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def pipeline(self, sampler: str):
         """The diffusers ControlNet pipeline of the base's kind over this family's (unwrapped) parts."""
-        if self.kind == "flux" and sampler != "euler":
-            raise GenlabError(f"--sampler {sampler}: FluxControlNetPipeline hands its sampler custom sigmas, which "
+        if self.kind in EULER_ONLY and sampler != "euler":
+            raise GenlabError(f"--sampler {sampler}: {CLASSES[self.kind][2]} hands its sampler custom sigmas, which "
                               "only euler takes; use --sampler euler.")
         pipe = _diffusers(CLASSES[self.kind][2])(
             **self.frozen, transformer=ld.unwrap(self.transformer), controlnet=ld.unwrap(self.controlnet),
             scheduler=self.diffusion.inference_scheduler(sampler))
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def image_latents(self, batch: dict[str, Any], rng: ld.StepRandom) -> torch.Tensor:
+        """(z - shift) * scale: the latents the pipelines decode with `/ scale + shift`."""
+        vae = self.vae.config
+        return cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+
+    def control_latents(self, sketch: torch.Tensor, rng: ld.StepRandom) -> torch.Tensor:
+        """The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
+        SD3's ControlNets from `from_transformer` (force_zeros_for_pooled_projection) skip the shift."""
+        vae = self.vae.config
+        zero_shift = ld.unwrap(self.controlnet).config.get("force_zeros_for_pooled_projection")
+        shift = 0.0 if zero_shift else vae.shift_factor
+        control = cached_or_encoded_latents({"image": sketch * 2 - 1}, self.vae, rng)
+        return control - shift * vae.scaling_factor
+
+    def velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor,
+                 target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) in the layout the transformer predicts in (Flux: packed tokens)."""
+        if self.kind == "sd3":
+            return self.sd3_velocity(noisy, t, text, control), target
+        return self.flux_velocity(noisy, t, text, control), pack(target)
+
+    def vae_shape(self) -> tuple[int, int]:
+        """(image channels, downsampling factor) of the base's VAE."""
+        return self.vae.config.in_channels, ld.vae_factor(self.vae)
+
+    def call_options(self, n: int, guidance: float) -> dict[str, Any]:
+        """The pipeline call's keywords of the kind: `model.guidance` as it takes it (SD3: CFG scale; Flux: the guidance
+        embedding), and what else it needs to sample as genlab trained."""
+        return {"guidance_scale": guidance}
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own prompt encoding: {"encoder_hidden_states", "pooled_projections"} (+ Flux's "txt_ids")."""

@@ -61,13 +61,17 @@ def load_pretrained(cls, path_or_id: str, subfolder: str | None = None, **kwargs
 
 def base_scheduler(base: str | None):
     """The training scheduler of a pretrained base (DDPMScheduler, or FlowMatchEulerDiscreteScheduler
-    for SD3/Flux bases), or None when training from scratch (the diffusion core builds one)."""
+    for SD3/Flux bases, Sana's DPM-Solver), or None when training from scratch (the diffusion core builds one)."""
     if not base:
         return None
     where, sub = resolve_pretrained(base, "scheduler")
     config = DDPMScheduler.load_config(where, **({"subfolder": sub} if sub else {}))
     if config.get("_class_name", "").startswith("FlowMatch"):
         return FlowMatchEulerDiscreteScheduler.from_config(config)
+    if config.get("prediction_type") == "flow_prediction":  # Sana's: DPM-Solver++ over flow sigmas
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(config)
     return DDPMScheduler.from_config(config)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from genlab.families.stand_ins_llm import save_qwen_image, save_sana, save_z_image
+
 SDXL = {
     # stabilityai/stable-diffusion-xl-base-1.0: unet 2,567M, text_encoder (CLIP ViT-L) 123M,
     # text_encoder_2 (OpenCLIP ViT-bigG with projection) 695M, vae 84M parameters.
@@ -203,5 +205,6 @@ def save_flux(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: s
     return Path(out_dir)
 
 
-#: `genlab stand-in KIND OUT`: the kinds it writes.
-SAVERS = {"sdxl": save_sdxl, "sd3": save_sd3, "flux": save_flux}
+#: `genlab stand-in KIND OUT`: the kinds it writes (those with a language model for text encoder: stand_ins_llm.py).
+SAVERS = {"sdxl": save_sdxl, "sd3": save_sd3, "flux": save_flux, "qwen-image": save_qwen_image,
+          "z-image": save_z_image, "sana": save_sana}
