@@ -102,3 +102,60 @@ def test_bad_settings_say_what_to_do(tmp_path):
         _family(*DIT, *ON, "model.repa.encoder=clip")
     with pytest.raises(GenlabError, match="cannot be read"):
         _family(*DIT, *ON, f"model.repa.encoder=dinov2:{tmp_path / 'missing'}")
+
+
+# ---- the MMDiT (model=sd3): an MMDiT block's image stream is what is aligned --------------------------
+@pytest.fixture(scope="module")
+def sd3_parts(tmp_path_factory):
+    """A tiny AutoencoderKL as a genlab VAE run exports it, and a tiny DINOv2 folder (the encoder)."""
+    from diffusers import AutoencoderKL
+    from transformers import Dinov2Config, Dinov2Model
+
+    root = tmp_path_factory.mktemp("sd3_repa")
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1, sample_size=16).save_pretrained(root / "vae")
+    Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=28, patch_size=14)).save_pretrained(root / "dinov2")
+    return root
+
+
+def _sd3(parts, **repa):
+    from genlab.families.sd3 import StableDiffusion3
+
+    torch.manual_seed(0)
+    return StableDiffusion3(16, vae=str(parts / "vae"), tokenizer_dir=str(parts / "tok"),
+                            mmdit=dict(num_layers=2, num_attention_heads=2, attention_head_dim=8,
+                                       caption_projection_dim=16, patch_size=2),
+                            text_encoder=dict(hidden_size=16, num_layers=1), caption_dropout=0.0,
+                            repa=repa or None)
+
+
+def test_sd3_aligns_the_image_tokens_and_keeps_its_diffusion_loss(sd3_parts, one_thread):
+    batch = {"image": BATCH["image"].expand(-1, 3, -1, -1).repeat(1, 1, 2, 2), "caption": ["a red circle"] * 4}
+    plain, _ = _sd3(sd3_parts).loss("main", batch, 0, rng())
+    family = _sd3(sd3_parts, encoder=f"dinov2:{sd3_parts / 'dinov2'}", weight=0.5, layer=1, projector_dim=16)
+    total, logs = family.loss("main", batch, 0, rng())
+    assert torch.equal(logs["diffusion_loss"], plain.detach())
+    assert torch.equal(total.detach(), plain.detach() + 0.5 * logs["repa_loss"])
+    assert family.repa.hidden.shape == (4, 16, 16)  # (B, 4 x 4 image tokens, width): not the text stream
+    with pytest.raises(Exception, match="data.cache_latents=false"):
+        family.repa.loss(family.repa_projector, None)
+
+
+@pytest.mark.slow  # ~40 s: three tiny sd3 runs through the CLI
+def test_sd3_resume_with_repa_is_bitwise(sd3_parts, tmp_path):
+    overrides = ["model=sd3", f"model.vae={sd3_parts / 'vae'}", f"model.tokenizer_dir={sd3_parts / 'tok'}",
+                 "data=fill_circles", "data.count=16", "data.val_count=4", "trainer=debug", "logger=none",
+                 "trainer.sample_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
+                 "model.mmdit.num_layers=2", "model.text_encoder.num_layers=1", "model.sample_steps=2",
+                 f"model.repa.encoder=dinov2:{sd3_parts / 'dinov2'}", "model.repa.projector_dim=16"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli("train", *overrides, "trainer.max_steps=4", f"hydra.run.dir={straight}")
+    cli("train", *overrides, "trainer.max_steps=2", f"hydra.run.dir={resumed}")
+    cli("resume", resumed, "trainer.max_steps=4")
+    a, b = _weights(straight), _weights(resumed)
+    assert any(k.startswith("repa_projector/") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (straight / "export" / "repa_projector").exists()

@@ -13,8 +13,8 @@ Encoders (`model.repa.encoder`):
 - `dinov2:<hub id or folder>`: a DINOv2 through transformers (REPA's choice:
   facebook/dinov2-base), its patch tokens as the feature map; needs the network or a local copy.
 
-Layers (`model.repa.layer`, counted from 1): a DiT's transformer blocks; a U-Net's down blocks
-then its middle block.
+Layers (`model.repa.layer`, counted from 1): a DiT's or an MMDiT's transformer blocks (an MMDiT
+block's image stream); a U-Net's down blocks then its middle block.
 """
 
 from __future__ import annotations
@@ -101,9 +101,13 @@ def hidden_layers(denoiser: nn.Module) -> list[nn.Module]:
     raise GenlabError(f"model.repa: no layers to align in a {type(denoiser).__name__}; REPA works on DiT and U-Net denoisers.")
 
 
-def as_map(hidden: Any) -> torch.Tensor:
-    """A layer's output as (B, C, h, w): U-Net blocks give maps (down blocks: with their skips), DiT blocks tokens."""
-    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+def image_stream(denoiser: nn.Module) -> int:
+    """Which element of a layer's tuple output is the image: an MMDiT block gives (text, image), a U-Net down block (image, skips)."""
+    return -1 if hasattr(denoiser, "context_embedder") else 0
+
+
+def as_map(hidden: torch.Tensor) -> torch.Tensor:
+    """A layer's image output as (B, C, h, w): U-Net blocks give maps, transformer blocks tokens on a square grid."""
     if hidden.dim() == 4:
         return hidden
     grid = int(hidden.shape[1] ** 0.5)
@@ -128,6 +132,7 @@ class Repa:
         self.encoder_name, self.weight, self.image_size, self.channels = encoder, weight, image_size, channels
         self.encoder: nn.Module | None = None  # built at the first step: sampling a run never needs it
         self.hidden: torch.Tensor | None = None
+        self.stream = image_stream(denoiser)
         layers[layer - 1].register_forward_hook(self._keep)
         width = self._width(denoiser, layers[layer - 1])
         # What the family trains and checkpoints as its `repa_projector` network (REPA: a 3-layer MLP per token).
@@ -142,7 +147,8 @@ class Repa:
         return layer.resnets[-1].out_channels
 
     def _keep(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.hidden = output  # a reference, replaced by each forward; read by loss() right after the training one
+        # A reference, replaced by each forward; read by loss() right after the training one.
+        self.hidden = output[self.stream] if isinstance(output, tuple) else output
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.encoder is None:
@@ -153,11 +159,14 @@ class Repa:
         with torch.no_grad():
             return self.encoder(images)
 
-    def loss(self, projector: nn.Module, x0: torch.Tensor) -> torch.Tensor:
+    def loss(self, projector: nn.Module, x0: torch.Tensor | None) -> torch.Tensor:
         """1 - the mean cosine similarity of projected hidden states and the encoder's features of `x0`, per token.
 
         `projector`: the family's attribute (the loop may have wrapped `self.projector` for its strategy).
         """
+        if x0 is None:
+            raise GenlabError("model.repa aligns with the encoder's view of the clean images, and this batch holds "
+                              "only cached latents: set data.cache_latents=false to train with REPA.")
         projected = projector(as_map(self.hidden).float())
         target = self._encode(x0)
         if target.shape[-2:] != projected.shape[-2:]:  # the encoder's grid onto the layer's

@@ -25,6 +25,7 @@ from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import Card, OnePhase
+from genlab.families.repa import build_repa
 from genlab.text import clip_tokenizer, tiny_text_config
 
 #: T5 tokens of the pipeline's zero stand-in for the absent T5 encoder (SD3 uses 256 real ones).
@@ -44,6 +45,7 @@ class StableDiffusion3(OnePhase):
         caption_dropout: fraction of captions replaced by "" (for classifier-free guidance).
         sampler, sample_steps, guidance: sampling defaults (sampler None: euler).
         validation_data: the data config; its val split supplies default sample prompts.
+        repa: `model.repa`: REPA's alignment of an MMDiT block's image tokens (families.repa); off by default.
         **diffusion: the diffusion core's keys; model.objective must be flow (SD3's pipeline samples flow).
     """
 
@@ -54,13 +56,13 @@ class StableDiffusion3(OnePhase):
                 use='from diffusers import StableDiffusion3Pipeline\n\n'
                     'pipe = StableDiffusion3Pipeline.from_pretrained("{where}", text_encoder_3=None, tokenizer_3=None)\n'
                     'image = pipe("a red circle on a blue background", max_sequence_length=1).images[0]')
-    losses = ("loss",)
+    losses = ("loss", "diffusion_loss", "repa_loss")
     metrics: dict[str, str] = {}
 
     def __init__(self, image_size: int, channels: int = 3, vae: str | None = None, tokenizer_dir: str | None = None,
                  mmdit: dict | None = None, text_encoder: dict | None = None, caption_dropout: float = 0.1,
                  sampler: str | None = None, sample_steps: int = 25, guidance: float = 5.0,
-                 validation_data: Any = None, **diffusion: Any):
+                 validation_data: Any = None, repa: dict | None = None, **diffusion: Any):
         if not vae:
             raise ConfigError("model.vae: a VAE is needed to train sd3 from scratch; train one "
                               "(`genlab train model=vae data=...`) and pass model.vae=RUN_DIR.")
@@ -86,6 +88,9 @@ class StableDiffusion3(OnePhase):
             sample_size=latent, in_channels=self.vae.config.latent_channels,
             out_channels=self.vae.config.latent_channels, joint_attention_dim=width,
             pooled_projection_dim=2 * text_cfg.projection_dim, pos_embed_max_size=latent // patch, **cfg)
+        self.repa = build_repa(self.transformer, ld.plain(repa), image_size, channels)
+        if self.repa:  # trained and checkpointed beside the MMDiT; not exported
+            self.repa_projector = self.repa.projector
         self.diffusion = Diffusion.build(**{"objective": "flow", **diffusion})
         if self.diffusion.objective != "flow":
             raise ConfigError(f"model.objective={self.diffusion.objective}: sd3 trains flow (StableDiffusion3Pipeline "
@@ -103,7 +108,7 @@ class StableDiffusion3(OnePhase):
     def networks(self) -> dict[str, nn.Module]:
         # Random CLIPs barely tell colours apart: the text encoders train with the MMDiT.
         return {"transformer": self.transformer, "text_encoder": self.text_encoder,
-                "text_encoder_2": self.text_encoder_2}
+                "text_encoder_2": self.text_encoder_2, **({"repa_projector": self.repa_projector} if self.repa else {})}
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -113,11 +118,15 @@ class StableDiffusion3(OnePhase):
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
         pred = self.transformer(noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=t).sample
         loss = self.diffusion.loss(pred, target, weight)
-        return loss, {"loss": loss.detach()}
+        if not self.repa:
+            return loss, {"loss": loss.detach()}
+        repa_loss = self.repa.loss(self.repa_projector, batch.get("image"))
+        total = loss + self.repa.weight * repa_loss
+        return total, {"loss": total.detach(), "diffusion_loss": loss.detach(), "repa_loss": repa_loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion3":
         ld.move(self.vae, device, ld.weight_dtype_for(device, dtype))
-        for net in (self.transformer, self.text_encoder, self.text_encoder_2):
+        for net in self.networks().values():
             net.to(device)
         return self
 
