@@ -108,7 +108,7 @@ def build_real(kind: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from genlab.families import stand_ins
+    from genlab.families import stand_ins, stand_ins_llm
     from genlab.text import tiny_text_config
 
     with torch.device("meta"):
@@ -117,7 +117,9 @@ def build_real(kind: str) -> dict:
             parts = {"unet": UNet2DConditionModel(**shapes["unet"]), "vae": AutoencoderKL(**shapes["vae"]),
                      "text_encoder": CLIPTextModel(tiny_text_config(**shapes["text"]))}
         else:
-            parts = {"sdxl": stand_ins.build_sdxl, "sd3": stand_ins.build_sd3, "flux": stand_ins.build_flux}[kind]("real")
+            parts = {"sdxl": stand_ins.build_sdxl, "sd3": stand_ins.build_sd3, "flux": stand_ins.build_flux,
+                     "qwen-image": stand_ins_llm.build_qwen_image, "z-image": stand_ins_llm.build_z_image,
+                     "sana": stand_ins_llm.build_sana}[kind]("real")
     parts["denoiser"] = parts.get("unet") or parts["transformer"]
     return parts
 
@@ -154,8 +156,23 @@ def int8_bytes(module, rest_bytes: int = 2) -> int:
     return quantized + rest_bytes * rest
 
 
+#: The base kinds `--sizes` reports, at their published shapes.
+SIZE_KINDS = ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana")
+
+
+def fp8_bytes(module, rest_bytes: int = 2) -> int:
+    """Bytes of `module` with its linear weights stored as torchao's fp8 weight-only tensors (e4m3 values and
+    a fp32 scale per row) and everything else at `rest_bytes` (bf16)."""
+    import torch
+
+    linear = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(m.out_features * (m.in_features + 4) for m in linear)
+    rest = sum(p.numel() for p in module.parameters()) - sum(m.weight.numel() for m in linear)
+    return quantized + rest_bytes * rest
+
+
 def sizes(kind: str) -> dict:
-    """What needs no GPU: parameter counts, bf16 and int8 bytes, checkpoint and export sizes per mode.
+    """What needs no GPU: parameter counts, bf16, int8 and fp8 bytes, checkpoint and export sizes per mode.
 
     Checkpoints hold the trainable weights in fp32 and AdamW's two fp32 moments (12 bytes each);
     exports hold the ControlNet in fp32 and the LoRA in fp32.
@@ -173,6 +190,7 @@ def sizes(kind: str) -> dict:
     return {"parameters_m": {name: round(count(m) / 1e6, 1) for name, m in parts.items()},
             "controlnet_parameters_m": round(cn / 1e6, 1), f"lora{LORA_RANK}_parameters_m": round(lora / 1e6, 2),
             "denoiser_bf16_gb": round(2 * count(denoiser) / 1e9, 2), "denoiser_int8_gb": round(int8_bytes(denoiser) / 1e9, 2),
+            "denoiser_fp8_gb": round(fp8_bytes(denoiser) / 1e9, 2),
             "checkpoint_gb": {mode: round(12 * n / 1e9, 2) for mode, n in modes.items()},
             "export_gb": {"controlnet": round(4 * cn / 1e9, 2), "lora": round(4 * lora / 1e9, 3)}}
 
@@ -238,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(machine, prefix="controlnet")
     if args.sizes:
         report = {"machine": machine, "command": " ".join(["python", "-m", "scripts.bench_controlnet", *(argv or [])]),
-                  "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": {k: sizes(k) for k in ("sd15", "sdxl", "sd3", "flux")}}
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "sizes": {k: sizes(k) for k in SIZE_KINDS}}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report["sizes"], indent=1))

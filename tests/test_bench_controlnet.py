@@ -56,22 +56,28 @@ def test_every_base_kind_at_its_real_shapes(tmp_path):
     assert params["sd3"] == {"transformer": 8056.6, "vae": 83.8, "text_encoder": 123.7, "text_encoder_2": 694.7,
                              "text_encoder_3": 4762.3}
     assert params["flux"] == {"transformer": 11901.4, "vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.3}
+    # Qwen-Image's 20.4B MMDiT and Qwen2.5-VL 7B; Z-Image's 6.2B and Qwen3 4B; Sana 1.6B, Gemma 2 2B and DC-AE.
+    assert params["qwen-image"] == {"transformer": 20430.4, "vae": 126.9, "text_encoder": 8292.2}
+    assert params["z-image"] == {"transformer": 6154.9, "vae": 83.8, "text_encoder": 4022.5}
+    assert params["sana"] == {"transformer": 1604.5, "vae": 312.3, "text_encoder": 2614.3}
     assert sizes["sd15"]["controlnet_parameters_m"] == 361.3 and sizes["sdxl"]["controlnet_parameters_m"] == 1251.0
     assert sizes["sd15"]["lora16_parameters_m"] == 3.19  # 12.8 MB of fp32 LoRA, as docs/guide/controlnet.md's checkpoint note
     for kind in sizes:  # the int8 base is smaller; the whole-ControlNet checkpoint is 12 bytes per parameter
         assert sizes[kind]["denoiser_int8_gb"] < sizes[kind]["denoiser_bf16_gb"]
+        assert sizes[kind]["denoiser_fp8_gb"] <= sizes[kind]["denoiser_int8_gb"]  # one scale per row, no zero point
         assert sizes[kind]["checkpoint_gb"]["controlnet"] == round(12 * sizes[kind]["controlnet_parameters_m"] / 1e3, 2)
 
 
-def test_int8_size_is_what_torchao_stores(tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantised_size_is_what_torchao_stores(tmp_path, scheme):
     """The --sizes arithmetic for a quantised denoiser against torchao quantising a tiny U-Net for real."""
     from diffusers import UNet2DConditionModel
 
     from genlab.families import quantize
 
     unet = UNet2DConditionModel(**bench_controlnet.SIZES["tiny"]["unet"])
-    expected = bench_controlnet.int8_bytes(unet, rest_bytes=4)
-    quantize.quantize_frozen(unet, "int8")
+    expected = {"int8": bench_controlnet.int8_bytes, "fp8": bench_controlnet.fp8_bytes}[scheme](unet, rest_bytes=4)
+    quantize.quantize_frozen(unet, scheme)
     assert quantize.is_quantized(unet) and quantize.weight_bytes(unet) == expected
 
 

@@ -294,8 +294,8 @@ def test_transformer_lora_variant_exports_sample_the_same_in_plain_diffusers(bas
         assert torch.allclose(ours, _plain(pipe, sketch, caption, family.guidance, 3), atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(quantize_base="int8"), dict(gradient_checkpointing=True)],
-                         ids=["int8", "checkpointing"])
+@pytest.mark.parametrize("options", [dict(quantize_base="int8"), dict(quantize_base="fp8"),
+                                     dict(gradient_checkpointing=True)], ids=["int8", "fp8", "checkpointing"])
 def test_takes_a_quantised_base_and_gradient_checkpointing(base, options):
     _, base_dir = base
     family = ControlNet(32, base=str(base_dir), lora=dict(rank=4), max_sequence_length=16, **options)

@@ -59,13 +59,14 @@ def test_presets_compose_and_build_on_cpu(preset, base):
             instantiate(cfg.optimizer)([{"params": trainable, "lr": 1e-4}])
 
 
-def test_quantized_base_is_smaller_and_close_to_the_full_one(base):
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_base_is_smaller_and_close_to_the_full_one(base, scheme):
     torch.manual_seed(0)
     full = ControlNet(32, base=str(base), lora=dict(rank=0))
     torch.manual_seed(0)
-    small = ControlNet(32, base=str(base), lora=dict(rank=0), quantize_base="int8")
+    small = ControlNet(32, base=str(base), lora=dict(rank=0), quantize_base=scheme)
     linear = lambda net: sum(quantize.weight_bytes(m) for m in net.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
-    assert linear(small.unet) < 0.3 * linear(full.unet)  # int8 values + a scale per row instead of fp32
+    assert linear(small.unet) < 0.3 * linear(full.unet)  # 1-byte values + a scale per row instead of fp32
     assert quantize.weight_bytes(small.unet) < quantize.weight_bytes(full.unet)
     # The ControlNet was copied from the full-precision U-Net, before quantisation.
     assert all(torch.equal(a, b) for a, b in zip(full.controlnet.state_dict().values(), small.controlnet.state_dict().values()))
@@ -95,7 +96,7 @@ def test_quantized_base_trains_resumes_bitwise_and_samples(base, tmp_path):
 
 
 def test_quantize_base_says_what_is_missing_or_wrong(base, monkeypatch):
-    with pytest.raises(ConfigError, match="model.quantize_base='nf4': use null, int8 or int4"):
+    with pytest.raises(ConfigError, match="model.quantize_base='nf4': use null, int8, fp8, int4"):
         quantize.quantize_frozen(torch.nn.Linear(2, 2), "nf4")
     with pytest.raises(ConfigError, match="set model.lora.variant=lora, not dora"):
         ControlNet(32, base=str(base), lora=dict(rank=4, variant="dora"), quantize_base="int8")

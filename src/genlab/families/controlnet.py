@@ -82,7 +82,7 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
             target_modules, dropout}.
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
-        quantize_base: null | int8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
+        quantize_base: null | int8 | fp8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
         caption_dropout: the fraction of captions dropped (for classifier-free guidance).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.

@@ -1,7 +1,7 @@
 """A quantised frozen base: the memory lever of `model.quantize_base` (QLoRA-style training).
 
 The frozen base U-Net's linear layers (attention and feed-forward: most of its weights) are
-stored in int8 (or int4 on a GPU) by torchao's weight-only quantisation; LoRA trains on top
+stored in int8 or fp8 (e4m3; or int4 on a GPU) by torchao's weight-only quantisation; LoRA trains on top
 in full precision through peft's `TorchaoLoraLinear`; the other layers (convolutions, norms)
 are held in the frozen parts' dtype (bf16 under mixed precision). The ControlNet is copied
 from the U-Net before it is quantised, so it starts from the full-precision weights.
@@ -19,8 +19,9 @@ from torch import nn
 
 from genlab.errors import ConfigError, GenlabError
 
-# model.quantize_base -> torchao config class: int8 weights everywhere, int4 on CUDA GPUs (torchao's kernels).
-SCHEMES = {"int8": "Int8WeightOnlyConfig", "int4": "Int4WeightOnlyConfig"}
+# model.quantize_base -> torchao config class: int8 and fp8 (e4m3, a scale per row) weights everywhere,
+# int4 on CUDA GPUs (torchao's kernels).
+SCHEMES = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig", "int4": "Int4WeightOnlyConfig"}
 
 
 def quantize_frozen(module: nn.Module, scheme: str | None) -> nn.Module:
@@ -28,7 +29,7 @@ def quantize_frozen(module: nn.Module, scheme: str | None) -> nn.Module:
     if scheme is None:
         return module
     if scheme not in SCHEMES:
-        raise ConfigError(f"model.quantize_base={scheme!r}: use null, {' or '.join(SCHEMES)}.")
+        raise ConfigError(f"model.quantize_base={scheme!r}: use null, {', '.join(SCHEMES)}.")
     try:
         import torchao.quantization as tq
     except ImportError as e:
@@ -38,7 +39,7 @@ def quantize_frozen(module: nn.Module, scheme: str | None) -> nn.Module:
         tq.quantize_(module, getattr(tq, SCHEMES[scheme])())
     except (ImportError, RuntimeError, NotImplementedError) as e:
         raise GenlabError(f"model.quantize_base={scheme}: torchao cannot quantise here ({str(e).splitlines()[0]}); "
-                          "int4 needs a CUDA GPU, int8 runs anywhere.") from e
+                          "int4 needs a CUDA GPU, int8 and fp8 run anywhere.") from e
     # A quantised layer computes in the dtype its weights were quantised from (fp32), whatever the
     # autocast; its output is cast to the dtype the rest of the module is moved to (`set_dtype`), so a
     # bf16 U-Net keeps its convolutions and norms in bf16 around int8 linear layers.
