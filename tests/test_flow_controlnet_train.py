@@ -26,7 +26,7 @@ from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import flow_controlnet, lora_variants, quantize, stand_ins
+from genlab.families import flow_controlnet, lora_variants, offload, quantize, stand_ins
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
@@ -326,3 +326,26 @@ def test_sample_stacks_a_plain_lora_on_a_loha_or_lokr_run(base, variant, tmp_pat
     # No layer is left wrapped in the emptied LoRA layer that stacking put around it (the next load broke on Flux).
     assert not any(isinstance(getattr(m, "base_layer", None), BaseTunerLayer) for m in family.transformer.modules())
     assert torch.equal(family.sample(1, seed=3, **conditions), own)
+
+
+def test_an_offloaded_base_gives_the_same_loss_and_gradients(base):
+    """model.offload_base=cpu: the frozen transformer's blocks are moved in one at a time; nothing else changes."""
+    _, base_dir = base
+    data = FillCircles("train", image_size=32, count=4)
+    batch = default_collate([data[i] for i in range(2)])
+    runs = {}
+    for mode in (None, "cpu"):
+        torch.manual_seed(0)
+        family = ControlNet(32, base=str(base_dir), lora=dict(rank=0), max_sequence_length=16, offload_base=mode)
+        family.to(torch.device("cpu"))
+        loss, _ = family.loss("main", batch, 0, rng(0))
+        loss.backward()
+        runs[mode] = (loss.detach(), [p.grad for p in family.controlnet.parameters() if p.grad is not None], family)
+    assert torch.equal(runs[None][0], runs["cpu"][0])
+    assert len(runs[None][1]) == len(runs["cpu"][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[None][1], runs["cpu"][1]))
+    assert offload.is_offloaded(runs["cpu"][2].transformer) and not offload.is_offloaded(runs[None][2].transformer)
+    with pytest.raises(ConfigError, match="would undo its LoRA's updates"):
+        ControlNet(32, base=str(base_dir), lora=dict(rank=4), max_sequence_length=16, offload_base="cpu")
+    with pytest.raises(ConfigError, match="use null or cpu"):
+        ControlNet(32, base=str(base_dir), lora=dict(rank=0), max_sequence_length=16, offload_base="disk")

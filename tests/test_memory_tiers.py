@@ -15,7 +15,7 @@ from conftest import compose, rng
 from genlab.config import check_values
 from genlab.data import build_dataset
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import quantize
+from genlab.families import offload, quantize
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from test_optimizers import HAVE_8BIT
@@ -103,3 +103,23 @@ def test_quantize_base_says_what_is_missing_or_wrong(base, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # as if torchao were not installed
     with pytest.raises(GenlabError, match=r"needs torchao: `pip install torchao`"):
         quantize.quantize_frozen(torch.nn.Linear(2, 2), "int8")
+
+
+def test_an_offloaded_unet_gives_the_same_loss_and_gradients(base):
+    """model.offload_base=cpu on an SD base: the frozen U-Net's blocks move in one at a time; nothing else changes."""
+    from genlab.data.fill_circles import FillCircles
+
+    data = FillCircles("train", image_size=32, count=4)
+    batch = default_collate([data[i] for i in range(2)])
+    runs = {}
+    for mode in (None, "cpu"):
+        torch.manual_seed(0)
+        family = ControlNet(32, base=str(base), lora=dict(rank=0), offload_base=mode).to(CPU)
+        loss, _ = family.loss("main", batch, 0, rng(0))
+        loss.backward()
+        runs[mode] = (loss.detach(), [p.grad for p in family.controlnet.parameters() if p.grad is not None])
+        assert offload.is_offloaded(family.unet) == (mode == "cpu")
+    assert torch.equal(runs[None][0], runs["cpu"][0]) and len(runs["cpu"][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[None][1], runs["cpu"][1]))
+    with pytest.raises(ConfigError, match="two answers to the same problem"):
+        ControlNet(32, base=str(base), lora=dict(rank=0), offload_base="cpu", quantize_base="int8")

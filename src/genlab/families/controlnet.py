@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, flow_controlnet, lora_variants, quantize, sdxl
+from genlab.families import base_kinds, flow_controlnet, lora_variants, offload, quantize, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
@@ -83,6 +83,7 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
         control_lora: the same keys for Control-LoRA on the ControlNet (rank 0 = train it fully).
         gradient_checkpointing: recompute activations in ControlNet and U-Net backward passes.
         quantize_base: null | int8 | fp8 | int4: the frozen base U-Net's linear weights quantised (torchao, QLoRA-style).
+        offload_base: null | cpu: the frozen base denoiser group-offloaded to host memory (families.offload; no LoRA on it).
         caption_dropout: the fraction of captions dropped (for classifier-free guidance).
         sampler, sample_steps, guidance, control_scale: sampling defaults.
         validation_data: the data config; its first val items are the fixed sample pairs.
@@ -142,6 +143,8 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
         self.unet.requires_grad_(False)
         lora_variants.refuse_on_quantized(lora, o.quantize_base)
+        offload.check(o.offload_base, int(lora.get("rank", 0)), o.quantize_base)
+        self.offload_base = o.offload_base
         quantize.quantize_frozen(self.unet, o.quantize_base)  # after the ControlNet copied the full-precision U-Net
         self.lora_rank = int(lora.get("rank", 0))
         if self.lora_rank > 0:
@@ -180,7 +183,9 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "UNetControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in filter(None, (self.vae, self.text_encoder, self.text_encoder_2, self.unet)):
-            ld.move(frozen, device, self.weight_dtype)
+            if not offload.is_offloaded(frozen):  # an offloaded U-Net moves its groups itself
+                ld.move(frozen, device, self.weight_dtype)
+        offload.offload_frozen(self.unet, self.offload_base, device)
         quantize.set_dtype(self.unet, self.weight_dtype)  # a quantised U-Net's int8 layers hand on this dtype
         ld.move(self.controlnet, device, self.weight_dtype if self.control_lora_rank > 0 else torch.float32)
         # Trainable weights (LoRA, zero convs, hint encoder) stay fp32 under mixed precision.

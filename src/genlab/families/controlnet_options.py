@@ -30,6 +30,7 @@ class ControlNetOptions:
     control_lora: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
     quantize_base: str | None = None
+    offload_base: str | None = None
     caption_dropout: float = 0.1
     sampler: str | None = None
     sample_steps: int = 25

@@ -38,7 +38,7 @@ from torch import nn
 from genlab.data.latent_cache import cached_or_encoded_latents
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, lora_variants, quantize, z_image_parts
+from genlab.families import base_kinds, lora_variants, offload, quantize, z_image_parts
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
@@ -260,6 +260,11 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         self.kind = base_kinds.require_kind(o.base, tuple(CLASSES), "FlowControlNet")
         refuse_unet_only_keys(o, self.kind)
         lora_variants.refuse_on_quantized(o.lora, o.quantize_base, "transformer")
+        offload.check(o.offload_base, int(o.lora.get("rank", 0)), o.quantize_base, "transformer")
+        if o.offload_base and self.kind == "z-image":  # its ControlNet borrows the base's embedders at each call
+            raise ConfigError("model.offload_base is not built for Z-Image bases (their ControlNet shares the base's "
+                              "embedders); set model.offload_base=null.")
+        self.offload_base = o.offload_base
         self.image_size = o.image_size
         self.base = base_kinds.diffusers_dir(o.base, o.base_config)
         parts = base_parts(self.kind, o.base, self.base)
@@ -315,8 +320,9 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "FlowControlNet":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
         for frozen in [self.transformer, *self.frozen.values()]:
-            if isinstance(frozen, nn.Module):
+            if isinstance(frozen, nn.Module) and not offload.is_offloaded(frozen):  # offloaded: moves its groups itself
                 ld.move(frozen, device, self.weight_dtype)
+        offload.offload_frozen(self.transformer, self.offload_base, device)
         quantize.set_dtype(self.transformer, self.weight_dtype)  # what a quantised transformer's int8 layers hand on
         ld.move(self.controlnet, device, torch.float32)
         cast_training_params([self.transformer, self.controlnet], torch.float32)  # LoRA stays fp32
