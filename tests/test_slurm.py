@@ -154,10 +154,25 @@ def test_jobs_preempted_on_slurm_resume_and_log_what_the_straight_run_logs(tmp_p
         assert losses(run) == losses(straight), run.name
 
 
+def steps_per_second(tmp_path: Path) -> float:
+    """This machine's optimizer steps per second on TINY_DDPM, from a short run's logged images/s."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "probe"
+    subprocess.run([GENLAB, "train", *TINY_DDPM, "trainer.max_steps=200", *QUIET, f"hydra.run.dir={run}"],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    images_per_s = [row["images_per_s"] for row in rows if "images_per_s" in row][-1]
+    return images_per_s / OmegaConf.load(run / ".hydra" / "config.yaml").trainer.batch_size
+
+
 def test_a_job_warned_before_its_time_limit_checkpoints_requeues_and_finishes(tmp_path):
     """`timeout_min: 2`, `signal_delay_s: 60`: SLURM sends USR2 about 60 s before the limit (its
     timer ticks every 30 s); the job checkpoints, submitit requeues it, and it ends as straight."""
-    long = ["trainer.max_steps=1600", "trainer.checkpoint_every=100", *QUIET]
+    # About 100 s of training on this machine, so the job is still running when the warning comes
+    # 60 to 90 s in (a fixed 1,600 steps finished in 31 s on a quiet fast machine and was never warned).
+    steps = 100 * min(60, max(16, round(steps_per_second(tmp_path))))
+    long = [f"trainer.max_steps={steps}", "trainer.checkpoint_every=100", *QUIET]
     straight = tmp_path / "straight"
     here = train_here(straight, *long)
     with released():
