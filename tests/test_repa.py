@@ -58,6 +58,18 @@ def _weights(run):
     return {f"{f.stem}/{k}": v for f in latest.glob("*.safetensors") for k, v in load_file(f).items()}
 
 
+def _resumed_equals_straight(tmp_path, overrides):
+    """4 steps straight, and 2 steps resumed to 4, through the CLI: the same weights, the projector among them."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli("train", *overrides, "trainer.max_steps=4", f"hydra.run.dir={straight}")
+    cli("train", *overrides, "trainer.max_steps=2", f"hydra.run.dir={resumed}")
+    cli("resume", resumed, "trainer.max_steps=4")
+    a, b = _weights(straight), _weights(resumed)
+    assert any(k.startswith("repa_projector/") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return straight
+
+
 def test_weight_zero_is_todays_run_bitwise(tmp_path):
     cli("train", *DIT, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'plain'}")
     cli("train", *DIT, *ON, "model.repa.weight=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'off'}")
@@ -69,13 +81,7 @@ def test_weight_zero_is_todays_run_bitwise(tmp_path):
 def test_resume_with_repa_is_bitwise_and_the_export_has_no_projector(tmp_path, net, layer):
     overrides = [*net, *ON, f"model.repa.layer={layer}", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
                  "trainer.grad_accum=2"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cli("train", *overrides, "trainer.max_steps=4", f"hydra.run.dir={straight}")
-    cli("train", *overrides, "trainer.max_steps=2", f"hydra.run.dir={resumed}")
-    cli("resume", resumed, "trainer.max_steps=4")
-    a, b = _weights(straight), _weights(resumed)
-    assert any(k.startswith("repa_projector/") for k in a)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = _resumed_equals_straight(tmp_path, overrides)
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert all("repa_loss" in row and "diffusion_loss" in row for row in rows)
     assert not any("projector" in p.name or "repa" in p.name for p in (straight / "export").rglob("*"))
@@ -151,11 +157,5 @@ def test_sd3_resume_with_repa_is_bitwise(sd3_parts, tmp_path):
                  "trainer.sample_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
                  "model.mmdit.num_layers=2", "model.text_encoder.num_layers=1", "model.sample_steps=2",
                  f"model.repa.encoder=dinov2:{sd3_parts / 'dinov2'}", "model.repa.projector_dim=16"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cli("train", *overrides, "trainer.max_steps=4", f"hydra.run.dir={straight}")
-    cli("train", *overrides, "trainer.max_steps=2", f"hydra.run.dir={resumed}")
-    cli("resume", resumed, "trainer.max_steps=4")
-    a, b = _weights(straight), _weights(resumed)
-    assert any(k.startswith("repa_projector/") for k in a)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    straight = _resumed_equals_straight(tmp_path, overrides)
     assert not (straight / "export" / "repa_projector").exists()
