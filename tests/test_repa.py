@@ -94,7 +94,7 @@ def test_a_dinov2_from_a_folder_is_an_encoder(tmp_path, one_thread):
     Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                              image_size=28, patch_size=14)).save_pretrained(tmp_path / "dinov2")
     family = _family(*DIT, *ON, f"model.repa.encoder=dinov2:{tmp_path / 'dinov2'}", "model.repa.layer=1")
-    assert family.repa_projector[-1].out_channels == 16
+    assert family.repa_projector[-1].out_features == 16
     _, logs = family.loss("main", BATCH, 0, rng())
     assert 0 < logs["repa_loss"] < 2
 

