@@ -292,6 +292,8 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             # lora, dora, loha or lokr on the attention projections by default.
             self.transformer.add_adapter(lora_variants.adapter_config(o.lora))
         if o.gradient_checkpointing:  # the frozen transformer too: gradients flow through it to the ControlNet
+            if self.kind == "z-image":  # diffusers' ZImageControlNetModel reads the flag but never declares it
+                self.controlnet.gradient_checkpointing = False
             self.transformer.enable_gradient_checkpointing()
             self.controlnet.enable_gradient_checkpointing()
         tokens = (o.image_size // factor // 2) ** 2  # the transformer's sequence length (2x2 latent patches)
