@@ -60,3 +60,27 @@ def test_the_sketch_enters_as_the_latents_mode_the_pipeline_hands_its_controlnet
     ours = family.control_latents(sketch, rng(0))
     theirs = _pipeline_control(family.pipeline("euler"), sketch * 2 - 1, family.text_tokens, SPEC)
     assert torch.allclose(ours, theirs.squeeze(2), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(base):  # noqa: F811
+    """trainer.gradient_checkpointing=true (the memory presets) recomputes the ControlNet's blocks and the base's
+    in the backward, through the base modules it shares only for each call: the same numbers as keeping them."""
+    from torch.utils.data import default_collate
+
+    from conftest import rng
+    from genlab.data.fill_circles import FillCircles
+    from genlab.families.controlnet import ControlNet
+
+    data = FillCircles("train", image_size=32, count=4)
+    batch = default_collate([data[i] for i in range(2)])
+    runs = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        family = ControlNet(32, base=str(base), lora=dict(rank=0), gradient_checkpointing=checkpointing)
+        family.to(torch.device("cpu"), torch.float32)
+        assert family.controlnet.is_gradient_checkpointing == checkpointing
+        loss, _ = family.loss("main", batch, 0, rng(0))
+        loss.backward()
+        runs[checkpointing] = (loss.detach(), [p.grad for p in family.controlnet.parameters() if p.grad is not None])
+    assert torch.equal(runs[False][0], runs[True][0]) and len(runs[True][1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[False][1], runs[True][1]))
