@@ -112,14 +112,19 @@ FLOW_DIT = ["model.objective=flow", "model.timesteps=logit_normal", "model.backb
             "model.dit.num_layers=1", "model.dit.num_attention_heads=2", "model.dit.attention_head_dim=8"]
 
 
+# REPA on it: the digits classifier's features of each process's images, its projector trained with the DiT.
+REPA = ["model.repa.encoder=digits_cnn", "model.repa.layer=1", "model.repa.projector_dim=16"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["ddpm", "gan", "ddpm_flow_dit"])
+@pytest.mark.parametrize("family", ["ddpm", "gan", "ddpm_flow_dit", "ddpm_flow_dit_repa"])
 def test_genlab_train_on_two_processes_is_the_run_of_one_with_the_doubled_batch(tmp_path, family):
     """Every random draw depends on (seed, step, global sample index): noise, timesteps, latents,
     augmentations, dropout of labels. So the split over processes changes nothing."""
     from conftest import TINY_DDPM, genlab
 
-    base = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "ddpm_flow_dit": [*TINY_DDPM, *FLOW_DIT]}[family]
+    base = {"ddpm": TINY_DDPM, "gan": TINY_GAN, "ddpm_flow_dit": [*TINY_DDPM, *FLOW_DIT],
+            "ddpm_flow_dit_repa": [*TINY_DDPM, *FLOW_DIT, *REPA]}[family]
     common = [*base, "trainer.max_steps=4", "trainer.sample_every=0", "trainer.checkpoint_every=2",
               "trainer.log_every=1"]
     env = {"OMP_NUM_THREADS": "1"}
