@@ -5,6 +5,9 @@ metrics.jsonl; e.g. REPA against plain training (docs/evaluation.md):
 
     python -m scripts.curves RUNS/dit_digits RUNS/dit_digits_repa --metric fid_digits_cnn \\
         --out benchmarks/repa_fid_digits_cnn.png
+
+`--with OLD.json` draws the curves of a JSON this script wrote before beside the runs' (runs of
+another session, whose folders are gone); a run of the same name replaces the old curve.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="fid_digits_cnn", help="a logged key, e.g. fid_digits_cnn")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write (the JSON goes beside it)")
     parser.add_argument("--log-y", action="store_true", help="a logarithmic y axis")
+    parser.add_argument("--with", dest="earlier", type=Path, default=None,
+                        help="a JSON this script wrote: its curves of the same metric are drawn too")
     args = parser.parse_args(argv)
     curves = {run.name: points(run, args.metric) for run in args.runs}
+    if args.earlier is not None:
+        old = json.loads(args.earlier.read_text())
+        if old.get("metric") != args.metric:
+            parser.error(f"{args.earlier} holds {old.get('metric')}, not {args.metric}")
+        curves = {**{name: [tuple(p) for p in found] for name, found in old["curves"].items()}, **curves}
     empty = [name for name, found in curves.items() if not found]
     if empty:
         parser.error(f"{', '.join(empty)} logged no {args.metric}: train with trainer.eval_every > 0")
