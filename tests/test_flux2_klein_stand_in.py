@@ -47,6 +47,10 @@ def test_plain_diffusers_samples_a_prompt_with_the_pipelines_defaults(klein):
 
     pipe = Flux2KleinPipeline.from_pretrained(klein)
     pipe.set_progress_bar_config(disable=True)
+    # The prompt as Qwen3's chat template formats it for the pipeline (thinking off: an empty think block).
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    assert text == "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     # The default text_encoder_out_layers (9, 18, 27), stacked: 3 x the encoder's width is the transformer's input.
     embeds, text_ids = pipe.encode_prompt("a red circle", device="cpu")
     assert embeds.shape == (1, 512, 3 * pipe.text_encoder.config.hidden_size)
