@@ -91,7 +91,8 @@ def test_kind_from_model_index_and_from_single_file_keys(tmp_path):
 
 
 def test_unknown_or_unsupported_bases_get_one_sentence(tmp_path):
-    with pytest.raises(ConfigError, match=r"is a KandinskyPipeline; genlab supports .*SDXL, SD3.x, Flux, Qwen-Image, Z-Image and Sana"):
+    supported = r"genlab supports .*SDXL, SD3.x, Flux, Qwen-Image, Z-Image, Sana and Flux.2 \[klein\]"
+    with pytest.raises(ConfigError, match=r"is a KandinskyPipeline; " + supported):
         base_kinds.base_kind(_pipeline_dir(tmp_path / "k", "KandinskyPipeline"))
     save_file({"encoder.weight": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="first: encoder.weight.*none of the known layouts"):

@@ -601,7 +601,7 @@ def data_pack(
 
 @app.command(name="stand-in")
 def stand_in(
-    kind: str = typer.Argument(..., help="the base kind: sdxl, sd3 or flux"),
+    kind: str = typer.Argument(..., help="the base kind: sdxl, sd3, flux, qwen-image, z-image, sana or flux2-klein"),
     out: Path = typer.Argument(..., help="a new folder for the pipeline (diffusers' save_pretrained layout)"),
     size: str = typer.Option("tiny", help="tiny (a few channels, seconds) or real (the published architecture)"),
     seed: int = typer.Option(0, help="fixes the random weights"),
@@ -611,12 +611,12 @@ def stand_in(
     \b
     Nothing is downloaded: the architecture is the published config, the weights are random, so
     speed and memory are those of the real base (`--size real`, float32 on disk and in memory while
-    writing: SDXL 14 GB, SD3.5-large 55 GB, Flux.1 68 GB, Qwen-Image 115 GB, Z-Image 41 GB, Sana 18 GB) and the
-    outputs are noise. `model.base=OUT` accepts the folder.
+    writing: SDXL 14 GB, SD3.5-large 55 GB, Flux.1 68 GB, Qwen-Image 115 GB, Z-Image 41 GB, Sana 18 GB,
+    Flux.2 [klein] 4B 32 GB) and the outputs are noise. `model.base=OUT` accepts the folder.
     Examples:
       genlab stand-in sdxl bases/sdxl-tiny
       genlab stand-in flux bases/flux-real --size real
-      genlab stand-in qwen-image bases/qwen-tiny      # also z-image, sana
+      genlab stand-in qwen-image bases/qwen-tiny      # also z-image, sana, flux2-klein
       genlab train model=controlnet model.base=bases/sdxl-tiny data=fill_circles
     """
     from genlab.families import stand_ins

@@ -14,6 +14,7 @@ each architecture are recognised too):
 | qwen-image | QwenImagePipeline | (directories only) |
 | z-image | ZImagePipeline | (directories only) |
 | sana | SanaPipeline | (directories only) |
+| flux2-klein | Flux2KleinPipeline | (directories only: Flux.2 files also hold double_blocks.*) |
 
 A single file is converted once by diffusers' `from_single_file` (with `model.base_config`,
 a diffusers directory or hub id whose configs describe the same architecture, so nothing is
@@ -33,8 +34,9 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.run_dir import RunDir
 
 KINDS = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3.x", "flux": "Flux", "qwen-image": "Qwen-Image",
-         "z-image": "Z-Image", "sana": "Sana"}
-SUPPORTED = "genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image, Z-Image and Sana bases"
+         "z-image": "Z-Image", "sana": "Sana", "flux2-klein": "Flux.2 [klein]"}
+SUPPORTED = ("genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image, Z-Image, Sana and "
+             "Flux.2 [klein] bases")
 # model_index.json `_class_name` -> kind (text-to-image pipelines and their ControlNet twins).
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd",
@@ -44,6 +46,7 @@ PIPELINE_KINDS = {
     "QwenImagePipeline": "qwen-image", "QwenImageControlNetPipeline": "qwen-image",
     "ZImagePipeline": "z-image", "ZImageControlNetPipeline": "z-image",
     "SanaPipeline": "sana", "SanaControlNetPipeline": "sana",
+    "Flux2KleinPipeline": "flux2-klein",  # diffusers has no Flux.2 ControlNet pipeline
 }
 # Single-file key prefixes (after an optional "model.diffusion_model.") -> kind, checked in order:
 # an SDXL file also has input_blocks, so its second text encoder decides first.
@@ -51,7 +54,7 @@ SINGLE_FILE_KEYS = [("conditioner.embedders.", "sdxl"), ("joint_blocks.", "sd3")
                     ("input_blocks.", "sd")]
 PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                     "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "qwen-image": "QwenImagePipeline",
-                    "z-image": "ZImagePipeline", "sana": "SanaPipeline"}
+                    "z-image": "ZImagePipeline", "sana": "SanaPipeline", "flux2-klein": "Flux2KleinPipeline"}
 
 
 def a_kind(kind: str) -> str:
@@ -102,7 +105,8 @@ def pipeline_class_name(base: str) -> str:
 
 
 def base_kind(base: str) -> str:
-    """A key of KINDS ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana") for a `model.base`, or a ConfigError naming what was found."""
+    """A key of KINDS ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana", "flux2-klein") for a
+    `model.base`, or a ConfigError naming what was found."""
     if is_single_file(base):
         return single_file_kind(base)
     name = pipeline_class_name(base)

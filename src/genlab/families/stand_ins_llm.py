@@ -1,5 +1,6 @@
 """Random-weight stand-ins of the flow-matching bases whose text encoder is a language model:
-Qwen-Image (Qwen2.5-VL), Z-Image (Qwen3) and Sana (Gemma 2), real-sized or tiny, nothing downloaded.
+Qwen-Image (Qwen2.5-VL), Z-Image (Qwen3), Sana (Gemma 2) and Flux.2 [klein] (Qwen3), real-sized or tiny,
+nothing downloaded.
 
 As `stand_ins.py` for SDXL/SD3/Flux: each kind's published configs (the hub repositories'
 transformer/, vae/, text_encoder/ and scheduler/ config.json) as keyword arguments, and the same
@@ -49,9 +50,12 @@ QWEN_IMAGE_SCHEDULER = dict(shift=1.0, use_dynamic_shifting=True, base_shift=0.5
                             time_shift_type="exponential")
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
-# Qwen's chat template for the one user message Z-Image's pipeline formats (thinking left on, as it asks).
+# Qwen3's chat template for the one user message the pipelines format: Z-Image's leaves thinking on (nothing
+# added), Flux.2 [klein]'s turns it off (Qwen3 then opens the answer with an empty think block).
 QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                      "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+                      "{% endif %}{% endif %}")
 
 
 def qwen_tokenizer():
@@ -136,16 +140,23 @@ Z_IMAGE = {
 def build_z_image(size: str = "tiny") -> dict[str, torch.nn.Module]:
     """Z-Image's transformer, VAE and Qwen3 text encoder at `size`, random weights."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    from transformers import Qwen3Model
 
     shapes = Z_IMAGE[size]
+    return {"transformer": ZImageTransformer2DModel(**shapes["transformer"]), "vae": AutoencoderKL(**shapes["vae"]),
+            "text_encoder": Qwen3Model(qwen3_config(shapes["text"], size))}
+
+
+def qwen3_config(shape: dict, size: str):
+    """A `Qwen3Config` of `shape`: tiny over the offline tokenizer's vocabulary, real with Qwen3's token ids."""
+    from transformers import Qwen3Config
+
     tokenizer = qwen_tokenizer()
     text = {"vocab_size": len(tokenizer), "bos_token_id": None, "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), **shapes["text"]}
+            "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"), **shape}
     if size == "real":
         text.update(bos_token_id=151643, eos_token_id=151645, pad_token_id=None)
-    return {"transformer": ZImageTransformer2DModel(**shapes["transformer"]), "vae": AutoencoderKL(**shapes["vae"]),
-            "text_encoder": Qwen3Model(Qwen3Config(**text))}
+    return Qwen3Config(**text)
 
 
 def save_z_image(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> Path:
@@ -228,4 +239,62 @@ def save_sana(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: s
     torch.manual_seed(seed)
     SanaPipeline(**build_sana(size), tokenizer=gemma_tokenizer(),
                  scheduler=DPMSolverMultistepScheduler(**SANA_SCHEDULER)).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+# black-forest-labs/FLUX.2-klein-4B: transformer 3,876M (5 double-stream and 20 single-stream blocks; the "klein-4b"
+# config of diffusers' scripts/convert_flux2_to_diffusers.py); text encoder Qwen3-4B 4,022M (Z-Image's); the
+# Flux.2 VAE 84M (AutoencoderKLFlux2's defaults: 8x down, 32 channels, patchified 2x2 to 128 and normalised by
+# a BatchNorm's running statistics, which are 0 and 1 here).
+FLUX2_KLEIN_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                               timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
+                               rope_theta=2000, eps=1e-6, guidance_embeds=False)
+# The pipeline feeds the transformer the text encoder's hidden states 9, 18 and 27 side by side (its
+# `text_encoder_out_layers` default, an argument of __call__, not a config a stand-in could change), so
+# joint_attention_dim is 3 x the encoder's width and the tiny encoder keeps 28 layers: the plain pipeline runs
+# with its defaults, and 27 is an inner layer as in Qwen3-4B's 36.
+FLUX2_KLEIN_TEXT_LAYERS = (9, 18, 27)
+FLUX2_KLEIN = {
+    "real": {"transformer": FLUX2_KLEIN_TRANSFORMER, "vae": {}, "text": Z_IMAGE["real"]["text"]},
+    "tiny": {
+        # The same classes (double and single stream blocks, 4-axis RoPE, 2x2-patchified VAE latents), a few channels.
+        "transformer": {**FLUX2_KLEIN_TRANSFORMER, "in_channels": 4 * 4, "num_layers": 1, "num_single_layers": 1,
+                        "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 3 * 16,
+                        "axes_dims_rope": [4, 4, 4, 4]},
+        "vae": dict(block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                    sample_size=32, down_block_types=["DownEncoderBlock2D"] * 3,
+                    up_block_types=["UpDecoderBlock2D"] * 3),
+        "text": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=8, rope_theta=1000000.0, tie_word_embeddings=True),
+    },
+}
+# FlowMatchEulerDiscreteScheduler with dynamic shifting, as diffusers' Flux.2 conversion writes it (FLUX.1-dev's
+# scheduler config). The pipeline passes its own mu (compute_empirical_mu of the image token count and the step
+# count) and sigma = exp(mu) / (exp(mu) + 1 / t - 1), so shift and the seq-len bounds are unused when sampling.
+FLUX2_KLEIN_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                             base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def build_flux2_klein(size: str = "tiny") -> dict[str, torch.nn.Module]:
+    """FLUX.2 [klein] 4B's transformer, VAE and Qwen3 text encoder at `size`, random weights."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    shapes = FLUX2_KLEIN[size]
+    return {"transformer": Flux2Transformer2DModel(**shapes["transformer"]), "vae": AutoencoderKLFlux2(**shapes["vae"]),
+            "text_encoder": Qwen3ForCausalLM(qwen3_config(shapes["text"], size))}
+
+
+def save_flux2_klein(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: str | None = None) -> Path:
+    """A `Flux2KleinPipeline` directory with random weights, step-distilled as FLUX.2-klein-4B (no CFG pass;
+    FLUX.2-klein-base-4B is the same architecture with `is_distilled=False`).
+
+    `tokenizer_dir` is accepted for the same signature as the other savers; the tokenizer is built here.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    torch.manual_seed(seed)
+    Flux2KleinPipeline(**build_flux2_klein(size), tokenizer=qwen_tokenizer(), is_distilled=True,
+                       scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_KLEIN_SCHEDULER)).save_pretrained(out_dir)
     return Path(out_dir)
