@@ -159,3 +159,40 @@ def test_sd3_resume_with_repa_is_bitwise(sd3_parts, tmp_path):
                  f"model.repa.encoder=dinov2:{sd3_parts / 'dinov2'}", "model.repa.projector_dim=16"]
     straight = _resumed_equals_straight(tmp_path, overrides)
     assert not (straight / "export" / "repa_projector").exists()
+
+
+# ---- the latent U-Net (model=sd): a down block's output map is what is aligned --------------------------
+def _sd(parts, **repa):
+    from genlab.families.sd import StableDiffusion
+
+    torch.manual_seed(0)
+    return StableDiffusion(16, vae=str(parts / "vae"), tokenizer_dir=str(parts / "tok"),
+                           unet=dict(block_out_channels=[16, 32], norm_num_groups=8, attention_head_dim=8,
+                                     layers_per_block=1, down_block_types=["CrossAttnDownBlock2D"] * 2,
+                                     up_block_types=["CrossAttnUpBlock2D"] * 2),
+                           text_encoder=dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                           caption_dropout=0.0, repa=repa or None)
+
+
+def test_sd_aligns_a_unet_block_and_keeps_its_diffusion_loss(sd3_parts, one_thread):
+    batch = {"image": BATCH["image"].expand(-1, 3, -1, -1).repeat(1, 1, 2, 2), "caption": ["a red circle"] * 4}
+    plain, logs = _sd(sd3_parts).loss("main", batch, 0, rng())
+    assert set(logs) == {"loss"} and "repa_projector" not in _sd(sd3_parts).networks()
+    family = _sd(sd3_parts, encoder=f"dinov2:{sd3_parts / 'dinov2'}", weight=0.5, layer=1, projector_dim=16)
+    total, logs = family.loss("main", batch, 0, rng())
+    assert torch.equal(logs["diffusion_loss"], plain.detach())
+    assert torch.equal(total.detach(), plain.detach() + 0.5 * logs["repa_loss"])
+    assert family.repa.hidden.shape == (4, 16, 4, 4)  # the first down block's output: 16 channels, 8 -> 4 latent px
+    total.backward()
+    assert all(p.grad is not None for p in family.repa_projector.parameters())
+
+
+@pytest.mark.slow  # ~30 s: three tiny sd runs through the CLI
+def test_sd_resume_with_repa_is_bitwise(sd3_parts, tmp_path):
+    overrides = ["model=sd", f"model.vae={sd3_parts / 'vae'}", f"model.tokenizer_dir={sd3_parts / 'tok'}",
+                 "data=fill_circles", "data.count=16", "data.val_count=4", "trainer=debug", "logger=none",
+                 "trainer.sample_every=0", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null",
+                 "model.sample_steps=2", f"model.repa.encoder=dinov2:{sd3_parts / 'dinov2'}", "model.repa.layer=1",
+                 "model.repa.projector_dim=16"]
+    straight = _resumed_equals_straight(tmp_path, overrides)
+    assert not (straight / "export" / "repa_projector").exists()

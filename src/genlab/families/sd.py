@@ -33,6 +33,7 @@ from genlab.errors import ConfigError, GenlabError
 from genlab.families import base_kinds
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import Card, OnePhase
+from genlab.families.repa import build_repa
 from genlab.families.sd3 import StableDiffusion3
 from genlab.text import clip_tokenizer, tiny_text_config
 
@@ -138,7 +139,7 @@ class StableDiffusion(OnePhase):
                 use='from diffusers import StableDiffusionPipeline\n\n'
                     'pipe = StableDiffusionPipeline.from_pretrained("{where}")\n'
                     'image = pipe("a red circle on a blue background").images[0]')
-    losses = ("loss",)
+    losses = ("loss", "diffusion_loss", "repa_loss")
     metrics: dict[str, str] = {}
 
     @classmethod
@@ -154,7 +155,8 @@ class StableDiffusion(OnePhase):
                  text_encoder: dict | None = None,
                  lora: dict | None = None, train_text_encoder: bool | None = None,
                  caption_dropout: float = 0.1, gradient_checkpointing: bool = False, sampler: str | None = None,
-                 sample_steps: int = 25, guidance: float = 5.0, validation_data: Any = None, **diffusion: Any):
+                 sample_steps: int = 25, guidance: float = 5.0, validation_data: Any = None,
+                 repa: dict | None = None, **diffusion: Any):
         self.image_size = image_size
         self.base = ld.plain(base)
         if self.base is not None:  # a single file becomes a diffusers directory; SDXL and others are refused
@@ -189,11 +191,15 @@ class StableDiffusion(OnePhase):
         self.validation_data = validation_data
         self._val_prompts: list[str] | None = None
         self.weight_dtype = torch.float32
+        self.repa = build_repa(self.unet, ld.plain(repa), image_size, channels)
+        if self.repa:  # trained and checkpointed beside the U-Net; not exported
+            self.repa_projector = self.repa.projector
 
     # --- the Family protocol ------------------------------------------------------------
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder} if self.train_text_encoder else {"unet": self.unet}
+        nets = {"unet": self.unet, "text_encoder": self.text_encoder} if self.train_text_encoder else {"unet": self.unet}
+        return {**nets, **({"repa_projector": self.repa_projector} if self.repa else {})}
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -204,7 +210,11 @@ class StableDiffusion(OnePhase):
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
         pred = self.unet(noisy, t, encoder_hidden_states=text).sample
         loss = self.diffusion.loss(pred, target, weight)
-        return loss, {"loss": loss.detach()}
+        if not self.repa:
+            return loss, {"loss": loss.detach()}
+        repa_loss = self.repa.loss(self.repa_projector, batch.get("image"))
+        total = loss + self.repa.weight * repa_loss
+        return total, {"loss": total.detach(), "diffusion_loss": loss.detach(), "repa_loss": repa_loss.detach()}
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "StableDiffusion":
         self.weight_dtype = ld.weight_dtype_for(device, dtype)
@@ -215,6 +225,8 @@ class StableDiffusion(OnePhase):
             cast_training_params(self.unet, torch.float32)
         else:
             ld.move(self.unet, device, torch.float32)
+        if self.repa:
+            self.repa_projector.to(device)
         return self
 
     @torch.no_grad()
