@@ -13,6 +13,7 @@ import torch
 from diffusers import (ControlNetModel, ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline,
                        UniPCMultistepScheduler)
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 from conftest import cli, compose, rng
@@ -73,12 +74,12 @@ def test_union_starts_as_a_copy_of_the_base_encoder(sdxl_base):
     assert all(not r.any() for r in (*down, mid))
 
 
-def test_union_slot_per_sample_is_the_pipelines_call_per_sample(union_run):
+def test_union_controls_and_slots_per_sample(union_run):
     family, _ = load_family(union_run, "latest")
     union = family.controlnet
     assert isinstance(union, ControlNetUnionModel) and family.control_modes == MODES
     b = batch()
-    # Each sample's control: its sketch, or the Canny edges of its image.
+    # Each sample's control: its sketch, or the Canny edges of its image, with the slot of that control.
     images, slots = controlnet_union.training_controls(b, MODES, rng(0))
     for i, slot in enumerate(slots.tolist()):
         expected = b["sketch"][i] if slot == 2 else edges_of_image((b["image"][i] + 1) / 2)
@@ -87,21 +88,34 @@ def test_union_slot_per_sample_is_the_pipelines_call_per_sample(union_run):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500, 500])
     controls = torch.stack([b["sketch"][0], edges_of_image((b["image"][1] + 1) / 2)])
+
+    def residuals(slots, images=controls):
+        inputs = controlnet_union.union_inputs(images, torch.tensor(slots), 6, torch.float32)
+        down, mid = union(latents, t, **text, **inputs, return_dict=False)
+        return torch.cat([r.flatten(1) for r in (*down, mid)], dim=1)  # (B, all residuals)
+
     with torch.no_grad():
-        mixed = union(latents, t, **text, **controlnet_union.union_inputs(controls, torch.tensor([2, 3]), 6,
-                                                                           torch.float32), return_dict=False)
-        for i, slot in enumerate((2, 3)):  # one sample, one int slot and its one-hot: what the pipeline passes
-            one = {k: v[i:i + 1] for k, v in text.items() if torch.is_tensor(v)}
-            one["added_cond_kwargs"] = {k: v[i:i + 1] for k, v in text["added_cond_kwargs"].items()}
-            control_type = torch.zeros(1, 6).scatter_(1, torch.tensor([[slot]]), 1)
-            down, mid = union(latents[i:i + 1], t[i:i + 1], **one, controlnet_cond=[controls[i:i + 1]],
-                              control_type=control_type, control_type_idx=[slot], return_dict=False)
-            for ours, theirs in zip((*mixed[0], mixed[1]), (*down, mid)):
-                torch.testing.assert_close(ours[i:i + 1], theirs, rtol=0, atol=1e-6)
-        # The slot is read: the same image under another slot gives other residuals.
-        other = union(latents, t, **text, **controlnet_union.union_inputs(controls, torch.tensor([3, 2]), 6,
-                                                                           torch.float32), return_dict=False)
-    assert (mixed[1] - other[1]).abs().max() > 1e-4
+        # A batch of one slot: exactly what the pipeline passes (an int slot, the one-hot repeated).
+        for slot in (2, 3):
+            down, mid = union(latents, t, **text, controlnet_cond=[controls], control_type_idx=[slot],
+                              control_type=torch.zeros(2, 6).index_fill_(1, torch.tensor([slot]), 1),
+                              return_dict=False)
+            assert torch.equal(residuals([slot, slot]), torch.cat([r.flatten(1) for r in (*down, mid)], dim=1))
+        # Mixed slots: each sample's token carries its own slot's embedding and its one-hot row.
+        tokens = {}
+        hook = union.transformer_layes[0].register_forward_pre_hook(lambda m, args: tokens.update(x=args[0]))
+        mixed = residuals([2, 3])
+        hook.remove()
+        features = union.controlnet_cond_embedding(controls).mean(dim=(2, 3))
+        torch.testing.assert_close(tokens["x"][:, 0], features + union.task_embedding[[2, 3]], rtol=0, atol=1e-6)
+        one_hot = controlnet_union.union_inputs(controls, torch.tensor([2, 3]), 6, torch.float32)["control_type"]
+        assert one_hot.tolist() == [[0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0]]
+        # The slot is read: the same images under swapped slots give other residuals.
+        assert (mixed - residuals([3, 2])).abs().max() > 1e-4
+        # diffusers' fusing attention runs across the batch (see controlnet_union's docstring): sample 0's
+        # residuals move when only sample 1's control changes. If this fails, diffusers changed the model.
+        other = residuals([2, 3], torch.stack([controls[0], 1 - controls[1]]))
+        assert (mixed[0] - other[0]).abs().max() > 1e-6
 
 
 def test_union_export_samples_the_same_in_plain_diffusers(union_run, sdxl_base, tmp_path):
@@ -152,22 +166,21 @@ def test_union_resume_is_bitwise(tmp_path, sdxl_base):
     _assert_identical(straight, resumed)
 
 
-@pytest.mark.parametrize("options", [dict(lora=dict(rank=4, variant="loha")),
-                                     dict(lora=dict(rank=0), control_lora=dict(rank=4))], ids=["loha", "control_lora"])
-def test_union_takes_lora_variants_and_control_lora(sdxl_base, tmp_path, options):
-    family = ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes=MODES), **options)
+@pytest.mark.parametrize("variant", ["loha", "dora"])
+def test_union_takes_lora_variants_on_the_base_unet(sdxl_base, tmp_path, variant):
+    family = ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes=MODES),
+                        lora=dict(rank=4, variant=variant))
     loss, _ = family.loss("main", batch(), 0, rng(0))
     loss.backward()
     trainable = [p for g in family.param_groups()["main"] for p in g["params"]]
     assert torch.isfinite(loss) and trainable and all(p.grad is not None for p in trainable)
-    # The union's own parts (slot embeddings, fusing transformer) train under Control-LoRA too.
-    assert family.controlnet.task_embedding.requires_grad and family.controlnet.task_embedding.grad is not None
+    assert family.controlnet.task_embedding.grad is not None  # the union's own slot embeddings train
     family.export(tmp_path)
     assert json.loads((tmp_path / "controlnet" / "config.json").read_text())["_class_name"] == "ControlNetUnionModel"
-    if "control_lora" in options:
-        assert (tmp_path / "control_lora.safetensors").exists()
-    else:
-        assert (tmp_path / "lora_kohya.safetensors").exists()
+    keys = load_file(tmp_path / "lora_kohya.safetensors")
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".hada_w1_a") for k in keys) == (variant == "loha")
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists() == (variant == "dora")
 
 
 def test_union_refuses_a_base_that_is_not_sdxl_and_bad_slots(tmp_path, sdxl_base):
@@ -181,3 +194,5 @@ def test_union_refuses_a_base_that_is_not_sdxl_and_bad_slots(tmp_path, sdxl_base
         ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes={"depth": 1}))
     with pytest.raises(ConfigError, match="6 control slots"):
         ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes={"sketch": 6}))
+    with pytest.raises(ConfigError, match="takes no LoRA adapters"):
+        ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True), control_lora=dict(rank=4))

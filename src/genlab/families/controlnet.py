@@ -123,6 +123,11 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         self.kind = base_kinds.require_kind(o.base, ("sd", "sdxl"), "UNetControlNet")
         self.image_size, self.vae_source = o.image_size, o.vae
         self.base = base_kinds.diffusers_dir(o.base, o.base_config)  # a single file: its converted directory
+        self.union = bool(o.controlnet.get("union"))  # checked before the base is loaded
+        self.control_modes = controlnet_union.control_modes(o.controlnet) if self.union else {}
+        if self.union and int(o.control_lora.get("rank", 0)) > 0:
+            raise ConfigError("model.control_lora.rank > 0 cannot adapt a union ControlNet (diffusers' "
+                              "ControlNetUnionModel takes no LoRA adapters); train it whole with model.control_lora.rank=0.")
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
         if self.kind == "sdxl":
             self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
@@ -137,8 +142,6 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         cfg, lora, control_lora = o.controlnet, o.lora, o.control_lora
 
         # The ControlNet copies the U-Net *before* any LoRA is added to the U-Net.
-        self.union = bool(cfg.get("union"))
-        self.control_modes = controlnet_union.control_modes(cfg) if self.union else {}
         if cfg.get("pretrained"):
             self.controlnet = ld.load_pretrained(ControlNetUnionModel if self.union else ControlNetModel,
                                                  cfg["pretrained"], "controlnet")
@@ -168,8 +171,7 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             self.controlnet.add_adapter(ld.lora_config(control_lora))
             # Zero convolutions and the hint encoder are new to the base: they must train.
             cn = self.controlnet
-            union_parts = controlnet_union.new_parts(cn) if self.union else []
-            for part in (cn.controlnet_cond_embedding, cn.controlnet_down_blocks, cn.controlnet_mid_block, *union_parts):
+            for part in (cn.controlnet_cond_embedding, cn.controlnet_down_blocks, cn.controlnet_mid_block):
                 part.requires_grad_(True)
         if o.gradient_checkpointing:
             # The frozen U-Net too: gradients flow through it to the ControlNet's residuals.

@@ -15,8 +15,14 @@ as `control_image` and their slots as `control_mode`. The slots of xinsir's publ
   `genlab sample --edges-from` makes).
 With several, each sample of a micro-batch draws one of them from the step's random stream, so a
 resumed run draws what the straight run did. A sample's slot goes in as a per-sample index
-(`control_type_idx=[LongTensor (B,)]`): the union's forward treats every sample on its own, so one
-mixed batch computes what one pipeline call per sample computes (`tests/test_controlnet_union.py`).
+(`control_type_idx=[LongTensor (B,)]`, which indexes `task_embedding` per sample) beside its one-hot
+`control_type` row; a batch of one slot is exactly the pipeline's call (`tests/test_controlnet_union.py`).
+
+The union's fusing transformer is `nn.MultiheadAttention` fed (B, tokens, C) without `batch_first`, so it
+attends across the batch: a sample's residuals depend on the other samples of its batch (and, in the
+pipeline, on its classifier-free-guidance twin). That is diffusers' model as published, in training as
+in sampling; genlab keeps it, so n images drawn at once differ from n drawn one by one, in genlab as in
+plain diffusers, and a micro-batch split over processes trains slightly differently from one process.
 """
 
 from __future__ import annotations
@@ -25,18 +31,21 @@ from typing import Any, Mapping
 
 import torch
 from diffusers import ControlNetUnionModel, UNet2DConditionModel
-from torch import nn
 
 from genlab.errors import ConfigError
 
 #: The controls genlab can give a union ControlNet, and where each comes from (see the module docstring).
 CONTROLS = {"sketch": "the data's sketch", "edges": "Canny edges of the data's image"}
+#: model.controlnet.control_modes=null: the data's sketch in xinsir's hed / pidi / scribble / ted slot.
+DEFAULT_MODES = {"sketch": 2}
 
 
 def control_modes(cfg: Mapping[str, Any]) -> dict[str, int]:
     """`model.controlnet.control_modes` checked: {control name: slot}, in the config's order (the first is
-    what `genlab sample --sketch` takes by default)."""
-    modes = cfg.get("control_modes") or {}
+    what `genlab sample --sketch` takes by default); null: `DEFAULT_MODES`."""
+    modes = cfg.get("control_modes")
+    if modes is None:
+        return dict(DEFAULT_MODES)
     if not isinstance(modes, Mapping) or not modes:
         raise ConfigError(f"model.controlnet.control_modes={modes!r}: give each control its union slot, "
                           "e.g. model.controlnet.control_modes={sketch:2} or {sketch:2,edges:3}.")
@@ -85,12 +94,6 @@ def from_unet(unet: UNet2DConditionModel, hint: tuple[int, ...]) -> ControlNetUn
     if getattr(unet, "add_embedding", None) is not None and getattr(controlnet, "add_embedding", None) is not None:
         controlnet.add_embedding.load_state_dict(unet.add_embedding.state_dict())
     return controlnet
-
-
-def new_parts(controlnet: ControlNetUnionModel) -> list[nn.Module | nn.Parameter]:
-    """The union's parts that are not the base's (they train under Control-LoRA, beside its LoRA)."""
-    return [controlnet.task_embedding, controlnet.transformer_layes, controlnet.spatial_ch_projs,
-            controlnet.control_add_embedding]
 
 
 def control_images(names: list[str], batch: Mapping[str, Any]) -> torch.Tensor:
