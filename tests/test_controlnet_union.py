@@ -166,7 +166,7 @@ def test_union_resume_is_bitwise(tmp_path, sdxl_base):
     _assert_identical(straight, resumed)
 
 
-@pytest.mark.parametrize("variant", ["loha", "dora"])
+@pytest.mark.parametrize("variant", ["loha", pytest.param("dora", marks=pytest.mark.slow)])
 def test_union_takes_lora_variants_on_the_base_unet(sdxl_base, tmp_path, variant):
     family = ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes=MODES),
                         lora=dict(rank=4, variant=variant))
