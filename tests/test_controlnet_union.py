@@ -80,10 +80,14 @@ def test_union_controls_and_slots_per_sample(union_run):
     assert isinstance(union, ControlNetUnionModel) and family.control_modes == MODES
     b = batch()
     # Each sample's control: its sketch, or the Canny edges of its image, with the slot of that control.
-    images, slots = controlnet_union.training_controls(b, MODES, rng(0))
-    for i, slot in enumerate(slots.tolist()):
-        expected = b["sketch"][i] if slot == 2 else edges_of_image((b["image"][i] + 1) / 2)
-        assert torch.equal(images[i], expected)
+    seen = set()
+    for step in range(3):
+        images, slots = controlnet_union.training_controls(batch(4), MODES, rng(step))
+        for i, slot in enumerate(slots.tolist()):
+            expected = batch(4)["sketch"][i] if slot == 2 else edges_of_image((batch(4)["image"][i] + 1) / 2)
+            assert torch.equal(images[i], expected)
+            seen.add(slot)
+    assert seen == {2, 3}  # both controls are drawn
     text = family.text_conditioning(b, b["caption"])
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500, 500])
