@@ -107,10 +107,10 @@ def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None, modes: Map
 
     tag, model_class, pipeline = controlnet_classes(kind, modes is not None)
     adapter, _ = controlnet_adapter(kind, lora)
-    what = "a ControlNet that makes its" if modes is None else (
+    what = f"a ControlNet that makes its {KINDS[kind]} base follow a sketch" if modes is None else (
         f"a union ControlNet ({model_class}: {', '.join(f'{k} in control_mode {v}' for k, v in modes.items())}) "
-        "that makes its")
-    return Card(what=f"{what} {KINDS[kind]} base follow a sketch (controlnet/"
+        f"that makes its {KINDS[kind]} base follow its control images")
+    return Card(what=f"{what} (controlnet/"
                      f"{', plus ' + adapter if adapter else ''})", title="controlnet", library_name="diffusers",
                 pipeline_tag="text-to-image",
                 tags=("diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"))
