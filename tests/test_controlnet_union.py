@@ -194,6 +194,9 @@ def test_union_refuses_a_base_that_is_not_sdxl_and_bad_slots(tmp_path, sdxl_base
     with pytest.raises(ConfigError, match="union=true needs an SDXL base") as error:
         ControlNet(32, base=str(sd), controlnet=dict(union=True))
     assert str(error.value).count(". ") == 0  # one sentence
+    done = cli("train", "model=controlnet", f"model.base={sd}", "model.controlnet.union=true", "data=fill_circles",
+               "trainer=debug", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert done.returncode == 2 and "union=true needs an SDXL base" in done.stdout + done.stderr
     with pytest.raises(ConfigError, match="unknown control"):
         ControlNet(32, base=str(sdxl_base), controlnet=dict(union=True, control_modes={"depth": 1}))
     with pytest.raises(ConfigError, match="6 control slots"):
