@@ -189,7 +189,7 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = self.text_conditioning(batch, captions)  # encoder_hidden_states (B, 77, D) [+ SDXL's added]
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
-        # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
+        # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W) or a union's controls.
         down, mid = self.controlnet(noisy, t, **text, **self.control_inputs(batch, rng, noisy.dtype),
                                     return_dict=False)
         pred = self.unet(noisy, t, **text, down_block_additional_residuals=down,
