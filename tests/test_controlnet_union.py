@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.data.sketches import edges_of_image
-from genlab.errors import ConfigError
+from genlab.errors import ConfigError, GenlabError
 from genlab.families import controlnet_union
 from genlab.families import latent_diffusion as ld
 from genlab.families.controlnet import ControlNet
@@ -148,6 +148,9 @@ def test_union_export_samples_the_same_in_plain_diffusers(union_run, sdxl_base, 
     assert (images["sketch"] - images["edges"]).abs().max() > 1e-4
     off = family.sample(1, seed=3, sketch=sketch, prompt=caption, steps=2, control_scale=0.0)
     assert (images["sketch"] - off).abs().max() > 1e-3
+    for bad in ("depth", 6, -1):
+        with pytest.raises(GenlabError, match="--control-mode"):
+            family.sample(1, seed=3, sketch=sketch, control_mode=bad)
 
     # `genlab sample --sketch --prompt` on the run (and --control-mode), and the card that loads it.
     Image.fromarray((sketch.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / "s.png")

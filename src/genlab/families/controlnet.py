@@ -227,7 +227,10 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             raise GenlabError(f"controlnet: unknown sample option(s) {extra}; it takes sketch, prompt, "
                               f"sampler, steps, guidance, control_scale, lora, own_lora"
                               f"{', control_mode' if self.union else ''}.")
-        name, slot = controlnet_union.sample_slot(control_mode, self.control_modes) if self.union else (None, None)
+        name, slot = None, None
+        if self.union:
+            slots = ld.unwrap(self.controlnet).config.num_control_type
+            name, slot = controlnet_union.sample_slot(control_mode, self.control_modes, slots)
         if self.union and sketch is None and name == "edges":  # the val pairs' control: the edges of their images
             pairs = self.validation_pairs(n)
             sketch = controlnet_union.control_images(["edges"] * len(pairs), {

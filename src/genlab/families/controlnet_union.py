@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 from diffusers import ControlNetUnionModel, UNet2DConditionModel
 
-from genlab.errors import ConfigError
+from genlab.errors import ConfigError, GenlabError
 
 #: The controls genlab can give a union ControlNet, and where each comes from (see the module docstring).
 CONTROLS = {"sketch": "the data's sketch", "edges": "Canny edges of the data's image"}
@@ -131,17 +131,20 @@ def union_inputs(images: torch.Tensor, slots: torch.Tensor, num_control_type: in
     return {"controlnet_cond": [images], "control_type": one_hot, "control_type_idx": [slots.to(images.device)]}
 
 
-def sample_slot(control_mode: Any, modes: Mapping[str, int]) -> tuple[str | None, int]:
+def sample_slot(control_mode: Any, modes: Mapping[str, int], num_control_type: int) -> tuple[str | None, int]:
     """`sample`'s `control_mode` (None: the first configured control; a control's name; or a slot number)
-    as (the control's name, or None for a bare slot; its slot)."""
+    as (the control's name, or None for a slot no control was trained under; its slot)."""
     if control_mode is None:
         name = next(iter(modes))
         return name, modes[name]
     if isinstance(control_mode, str) and not control_mode.lstrip("-").isdigit():
         if control_mode not in modes:
-            raise ConfigError(f"--control-mode {control_mode}: this run trained {dict(modes)}; give one of "
+            raise GenlabError(f"--control-mode {control_mode}: this run trained {dict(modes)}; give one of "
                               f"{sorted(modes)} or a slot number.")
         return control_mode, modes[control_mode]
     slot = int(control_mode)
+    if not 0 <= slot < num_control_type:
+        raise GenlabError(f"--control-mode {slot}: this union ControlNet has slots 0-{num_control_type - 1} "
+                          f"(trained: {dict(modes)}).")
     named = [k for k, v in modes.items() if v == slot]
     return (named[0] if named else None), slot
