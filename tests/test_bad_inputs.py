@@ -208,6 +208,7 @@ SAMPLE_OPTIONS = st.fixed_dictionaries({}, optional={
     "--guidance": st.floats(allow_nan=True, allow_infinity=True, width=16), "--class": st.integers(-2, 12),
     "--seed": st.integers(-5, 2**40), "--checkpoint": st.sampled_from(["latest", "best", "step_2", "step_3", "x"]),
     "--temperature": st.floats(-1, 2), "--truncation": st.floats(-1, 2), "--control-scale": st.floats(-1, 2),
+    "--control-mode": st.sampled_from(["sketch", "3", "x"]),
     "--prompt": st.text(max_size=5), "--interpolate": st.just(None), "--reconstruct": st.just(None),
     "--no-ema": st.just(None), "--separate": st.just(None), "--lora": st.just("missing_lora"),
 })

@@ -343,6 +343,8 @@ def sample(
     edges_from: Optional[Path] = typer.Option(None, help="ControlNet: make the sketch from this photo's edges"),
     prompt: Optional[str] = typer.Option(None, help="SD / ControlNet: the text prompt"),
     control_scale: Optional[float] = typer.Option(None, help="ControlNet: conditioning scale"),
+    control_mode: Optional[str] = typer.Option(None, "--control-mode", help="union ControlNet: what the sketch "
+                                               "image is, a key of model.controlnet.control_modes or a slot number"),
     lora: Optional[List[str]] = typer.Option(None, help="SD / ControlNet: PATH[:weight], repeatable"),
     temperature: Optional[float] = typer.Option(None, help="VAE: std of the prior samples (default model.temperature)"),
     truncation: Optional[float] = typer.Option(None, help="GAN: truncate z at +-this (default model.truncation; 0 = off)"),
@@ -371,7 +373,7 @@ def sample(
         _fail(error)
 
     options = {"sampler": sampler, "steps": steps, "class_label": class_label, "guidance": guidance,
-               "prompt": prompt, "control_scale": control_scale, "lora": lora or None,
+               "prompt": prompt, "control_scale": control_scale, "control_mode": control_mode, "lora": lora or None,
                "interpolate": interpolate or None, "reconstruct": reconstruct or None, "temperature": temperature,
                "truncation": truncation}
     from genlab.urls import commands_allowed

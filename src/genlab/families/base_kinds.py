@@ -41,6 +41,7 @@ SUPPORTED = ("genlab supports Stable Diffusion 1.x/2.x, SDXL, SD3.x, Flux, Qwen-
 PIPELINE_KINDS = {
     "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusionXLControlNetUnionPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3", "StableDiffusion3ControlNetPipeline": "sd3",
     "FluxPipeline": "flux", "FluxControlNetPipeline": "flux",
     "QwenImagePipeline": "qwen-image", "QwenImageControlNetPipeline": "qwen-image",

@@ -14,7 +14,10 @@ sketch by the VAE's factor. The base VAE, text encoder and U-Net are frozen; on 
 - `control_lora.rank > 0` (Control-LoRA): the ControlNet copy itself is frozen and
   LoRA-adapted; only its LoRA, zero convolutions and hint encoder train.
 
-Exports `export/controlnet/` (a ControlNetModel directory, Control-LoRA merged in),
+On an SDXL base, `controlnet.union=true` trains a `ControlNetUnionModel` instead (several control
+types in one model, each sample's control image under its configured slot: `families/controlnet_union.py`).
+
+Exports `export/controlnet/` (a ControlNetModel or ControlNetUnionModel directory, Control-LoRA merged in),
 `export/pytorch_lora_weights.safetensors` (the base U-Net's LoRA, for diffusers'
 `load_lora_weights`), `export/control_lora.safetensors` (Control-LoRA's trainable
 weights only) and `genlab_export.json` naming the base to load them onto.
@@ -26,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, ControlNetUnionModel, StableDiffusionControlNetPipeline
 from diffusers.training_utils import cast_training_params
 from safetensors.torch import save_file
 
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, flow_controlnet, lora_variants, offload, quantize, sdxl
+from genlab.families import base_kinds, controlnet_union, flow_controlnet, lora_variants, offload, quantize, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families.contract import OnePhase
 from genlab.families.controlnet_card import ControlNetFamily
@@ -76,7 +79,8 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
         base_config: for a single-file base, a diffusers directory (or hub id) with its architecture's configs.
         vae: a VAE replacing the base's own (None: the base's; SD and SDXL only).
         controlnet: {conditioning_channels: hint encoder channels or None (from the VAE),
-            pretrained: a ControlNetModel to start from instead of copying the U-Net}; SD3.x/Flux
+            pretrained: a ControlNetModel to start from instead of copying the U-Net, union: SDXL only, a
+            ControlNetUnionModel, control_modes: the union's slot of each control}; SD3.x/Flux
             read num_layers and num_single_layers instead (`FlowControlNet`).
         lora: base U-Net LoRA {rank (0 = off), alpha (None = rank), variant (lora | dora | loha | lokr),
             target_modules, dropout}.
@@ -100,6 +104,9 @@ def ControlNet(image_size: int, channels: int = 3, base: str | None = None,
                           "diffusers directory, or an sd run (`genlab train model=sd model.vae=VAE_RUN data=...`).")
     options = ControlNetOptions.read(image_size, channels, base, keys)
     kind = base_kinds.base_kind(str(base))
+    if options.controlnet.get("union") and kind != "sdxl":
+        raise ConfigError(f"model.controlnet.union=true needs an SDXL base (diffusers' ControlNetUnionModel is "
+                          f"SDXL's), but model.base={base} is {base_kinds.a_kind(kind)} base.")
     if kind in flow_controlnet.CLASSES:
         return FLOW_FAMILIES.get(kind, flow_controlnet.FlowControlNet)(options)
     return UNetControlNet(options)
@@ -116,6 +123,11 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
         self.kind = base_kinds.require_kind(o.base, ("sd", "sdxl"), "UNetControlNet")
         self.image_size, self.vae_source = o.image_size, o.vae
         self.base = base_kinds.diffusers_dir(o.base, o.base_config)  # a single file: its converted directory
+        self.union = bool(o.controlnet.get("union"))  # checked before the base is loaded
+        self.control_modes = controlnet_union.control_modes(o.controlnet) if self.union else {}
+        if self.union and int(o.control_lora.get("rank", 0)) > 0:
+            raise ConfigError("model.control_lora.rank > 0 cannot adapt a union ControlNet (diffusers' "
+                              "ControlNetUnionModel takes no LoRA adapters); train it whole with model.control_lora.rank=0.")
         self.text_encoder_2 = self.tokenizer_2 = None  # SDXL's second text encoder
         if self.kind == "sdxl":
             self.vae, (self.text_encoder, self.text_encoder_2), (self.tokenizer, self.tokenizer_2), self.unet = \
@@ -131,16 +143,20 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
         # The ControlNet copies the U-Net *before* any LoRA is added to the U-Net.
         if cfg.get("pretrained"):
-            self.controlnet = ld.load_pretrained(ControlNetModel, cfg["pretrained"], "controlnet")
+            self.controlnet = ld.load_pretrained(ControlNetUnionModel if self.union else ControlNetModel,
+                                                 cfg["pretrained"], "controlnet")
         else:
             hint = hint_channels(ld.vae_factor(self.vae), cfg.get("conditioning_channels"))
-            self.controlnet = ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=hint)
+            self.controlnet = (controlnet_union.from_unet(self.unet, hint) if self.union else
+                               ControlNetModel.from_unet(self.unet, conditioning_embedding_out_channels=hint))
             if not cfg.get("zero_init_hint", True):
                 # The paper zero-initialises both the hint encoder's last conv and the zero convs, a
                 # saddle that each escapes only once the other has grown ("sudden convergence").
                 # The zero convs alone keep the base unchanged at step 0; a random hint conv lets
                 # them see the sketch from the first step.
                 self.controlnet.controlnet_cond_embedding.conv_out.reset_parameters()
+        if self.union:
+            controlnet_union.check_slots(self.control_modes, self.controlnet)
         self.unet.requires_grad_(False)
         lora_variants.refuse_on_quantized(lora, o.quantize_base)
         offload.check(o.offload_base, int(lora.get("rank", 0)), o.quantize_base)
@@ -173,8 +189,9 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             captions = ld.drop_captions(batch["caption"], self.caption_dropout, rng)
             text = self.text_conditioning(batch, captions)  # encoder_hidden_states (B, 77, D) [+ SDXL's added]
         noisy, t, target, weight = self.diffusion.training_inputs(latents, rng)
-        # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W).
-        down, mid = self.controlnet(noisy, t, **text, controlnet_cond=batch["sketch"], return_dict=False)
+        # Residuals for each U-Net down block and the middle block, from the sketch (B, 3, H, W) or a union's controls.
+        down, mid = self.controlnet(noisy, t, **text, **self.control_inputs(batch, rng, noisy.dtype),
+                                    return_dict=False)
         pred = self.unet(noisy, t, **text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
         loss = self.diffusion.loss(pred, target, weight)
@@ -197,21 +214,34 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
                sampler: str | None = None, steps: int | None = None,
                guidance: float | None = None, control_scale: float | None = None,
                lora: list[str | tuple[str, float]] | None = None, own_lora: float = 1.0,
-               **options: Any) -> torch.Tensor:
+               control_mode: str | int | None = None, **options: Any) -> torch.Tensor:
         """`n` images following `sketch` (path, PIL or tensor in [0, 1]) and `prompt`, (n, 3, H, W) in [-1, 1].
 
         With no sketch: the first val pairs of the training data (sketches and captions).
         `lora` stacks extra base U-Net LoRAs ("PATH[:weight]" or (path, weight)); `own_lora`
-        weights this run's own (0 swaps it out).
+        weights this run's own (0 swaps it out). A union ControlNet reads `sketch` as the control
+        `control_mode` names (a key of model.controlnet.control_modes or a slot; None: the first key).
         """
-        if options:
-            raise GenlabError(f"controlnet: unknown sample option(s) {sorted(options)}; it takes sketch, prompt, "
-                              "sampler, steps, guidance, control_scale, lora, own_lora.")
+        if options or (control_mode is not None and not self.union):
+            extra = sorted([*options, *(["control_mode"] if control_mode is not None else [])])
+            raise GenlabError(f"controlnet: unknown sample option(s) {extra}; it takes sketch, prompt, "
+                              f"sampler, steps, guidance, control_scale, lora, own_lora"
+                              f"{', control_mode' if self.union else ''}.")
+        name, slot = None, None
+        if self.union:
+            slots = ld.unwrap(self.controlnet).config.num_control_type
+            name, slot = controlnet_union.sample_slot(control_mode, self.control_modes, slots)
+        if self.union and sketch is None and name == "edges":  # the val pairs' control: the edges of their images
+            pairs = self.validation_pairs(n)
+            sketch = controlnet_union.control_images(["edges"] * len(pairs), {
+                key: torch.stack([item[key] for item in pairs]) for key in ("sketch", "image")})
         sketches, prompts = self.sample_conditions(n, sketch, prompt)
         pipe = self.pipeline(sampler or self.sampler_name)
+        control = ({"control_image": sketches.to(pipe.device), "control_mode": slot} if self.union else
+                   {"image": sketches.to(pipe.device)})
         with ld.eval_mode(pipe.unet, pipe.controlnet), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, self.lora_rank > 0):
-            out = pipe(prompts, image=sketches.to(pipe.device), height=self.image_size, width=self.image_size,
+            out = pipe(prompts, **control, height=self.image_size, width=self.image_size,
                        num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
                        guidance_scale=self.guidance if guidance is None else guidance,
                        controlnet_conditioning_scale=self.control_scale if control_scale is None else control_scale,
@@ -232,7 +262,8 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
             lora_variants.save(self.unet, out_dir)
         ld.write_export_info(out_dir, family="controlnet", base_kind=self.kind, base=ld.pipeline_location(self.base),
                              vae=ld.pipeline_location(self.vae_source), lora_rank=self.lora_rank,
-                             control_lora_rank=self.control_lora_rank)
+                             control_lora_rank=self.control_lora_rank, controlnet_class=type(controlnet).__name__,
+                             **({"control_modes": self.control_modes} if self.union else {}))
 
     # --- helpers -----------------------------------------------------------------------
 
@@ -244,12 +275,22 @@ class UNetControlNet(ControlNetFamily, OnePhase, SketchConditioned):
                                       captions, self.image_size)
         return {"encoder_hidden_states": cached_or_encoded_text(batch, captions, self.tokenizer, self.text_encoder)}
 
+    def control_inputs(self, batch: dict[str, Any], rng: ld.StepRandom, dtype: torch.dtype) -> dict[str, Any]:
+        """The ControlNet's control keywords: the sketch (B, 3, H, W), or for a union each sample's control
+        image with its slot (`controlnet_union.training_controls`, drawn after the diffusion core's draws)."""
+        if not self.union:
+            return {"controlnet_cond": batch["sketch"]}
+        images, slots = controlnet_union.training_controls(batch, self.control_modes, rng)
+        num = ld.unwrap(self.controlnet).config.num_control_type
+        return controlnet_union.union_inputs(images, slots, num, dtype)
+
     def pipeline(self, sampler: str) -> StableDiffusionControlNetPipeline:
         """A diffusers ControlNet pipeline over this family's (unwrapped) parts and the named sampler."""
         if self.kind == "sdxl":
             pipe = sdxl.controlnet_pipeline(
                 self.base, self.vae, [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2],
-                ld.unwrap(self.unet), ld.unwrap(self.controlnet), self.diffusion.inference_scheduler(sampler))
+                ld.unwrap(self.unet), ld.unwrap(self.controlnet), self.diffusion.inference_scheduler(sampler),
+                union=self.union)
             pipe.set_progress_bar_config(disable=True)
             return pipe
         pipe = StableDiffusionControlNetPipeline(

@@ -23,6 +23,8 @@ CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusi
                     "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline"),
                     "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline"),
                     "sana": ("sana", "SanaControlNetModel", "SanaControlNetPipeline")}
+#: SDXL's union ControlNet (model.controlnet.union=true): several control types in one model.
+UNION = ("stable-diffusion-xl", "ControlNetUnionModel", "StableDiffusionXLControlNetUnionPipeline")
 UNET_KINDS = ("sd", "sdxl")  # every other kind's denoiser is a transformer
 # What a plain pipeline call must add to sample as genlab does: Z-Image's default conditioning scale is 0.75,
 # Sana's pipeline bins small sizes up to its training resolutions.
@@ -59,6 +61,21 @@ def controlnet_base_kind(model: Mapping[str, Any], info: Mapping[str, Any] | Non
         return "sd"
 
 
+def union_modes(model: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> dict[str, int] | None:
+    """A union ControlNet's {control: slot} (its export's genlab_export.json, else model.controlnet), or None
+    for a plain ControlNet."""
+    info = info or {}
+    if info.get("controlnet_class"):
+        return dict(info.get("control_modes") or {}) if info["controlnet_class"] == UNION[1] else None
+    cfg = model.get("controlnet") or {}
+    return dict(cfg.get("control_modes") or {"sketch": 2}) if cfg.get("union") else None
+
+
+def controlnet_classes(kind: str, union: bool) -> tuple[str, str, str]:
+    """(Hub tag, ControlNet class, pipeline class) of a ControlNet on a base of `kind`."""
+    return UNION if union and kind == "sdxl" else CONTROLNET_BASES[kind]
+
+
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 
 
@@ -83,13 +100,17 @@ def controlnet_adapter(kind: str, lora: Mapping[str, Any] | None, where: str = "
             ["# the U-Net's LoHa/LoKr is in lora_kohya.safetensors, for kohya/ComfyUI: diffusers cannot load it"])
 
 
-def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None) -> Card:
-    """The card of a ControlNet on a base of `kind` without its loading code (`controlnet_use`); `lora`: model.lora."""
+def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None, modes: Mapping[str, int] | None = None) -> Card:
+    """The card of a ControlNet on a base of `kind` without its loading code (`controlnet_use`); `lora`: model.lora;
+    `modes`: a union ControlNet's {control: slot} (None: a plain ControlNet)."""
     from genlab.families.base_kinds import KINDS
 
-    tag, _, pipeline = CONTROLNET_BASES[kind]
+    tag, model_class, pipeline = controlnet_classes(kind, modes is not None)
     adapter, _ = controlnet_adapter(kind, lora)
-    return Card(what=f"a ControlNet that makes its {KINDS[kind]} base follow a sketch (controlnet/"
+    what = f"a ControlNet that makes its {KINDS[kind]} base follow a sketch" if modes is None else (
+        f"a union ControlNet ({model_class}: {', '.join(f'{k} in control_mode {v}' for k, v in modes.items())}) "
+        f"that makes its {KINDS[kind]} base follow its control images")
+    return Card(what=f"{what} (controlnet/"
                      f"{', plus ' + adapter if adapter else ''})", title="controlnet", library_name="diffusers",
                 pipeline_tag="text-to-image",
                 tags=("diffusers", "controlnet", tag, "text-to-image", f"diffusers:{pipeline}"))
@@ -98,13 +119,15 @@ def controlnet_spec(kind: str, lora: Mapping[str, Any] | None = None) -> Card:
 def controlnet_card(model: Mapping[str, Any], export: Mapping[str, Any]) -> Card:
     """The whole card of a ControlNet run: by its base's kind, with the code that loads its export."""
     kind = controlnet_base_kind(model, export)
-    return replace(controlnet_spec(kind, model.get("lora")), use=controlnet_use(model, export, "{where}"))
+    return replace(controlnet_spec(kind, model.get("lora"), union_modes(model, export)),
+                   use=controlnet_use(model, export, "{where}"))
 
 
 def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str) -> str:
     """The loading code of a ControlNet export in the ControlNet pipeline of its base's kind."""
     kind = controlnet_base_kind(model, info)
-    _, controlnet, pipeline = CONTROLNET_BASES[kind]
+    modes = union_modes(model, info)
+    _, controlnet, pipeline = controlnet_classes(kind, modes is not None)
     base = info.get("base") or model.get("base") or "BASE"
     _, adapter_lines = controlnet_adapter(kind, model.get("lora"), where)
     lines = [f"from diffusers import {controlnet}, {pipeline}", "",
@@ -127,6 +150,12 @@ def controlnet_use(model: Mapping[str, Any], info: Mapping[str, Any], where: str
               *adapter_lines]
     if flow_unet_base(base):
         lines.append(FLOW_UNET_LINES)  # the same two as for the flow SD base itself
+    if modes is not None and kind == "sdxl":
+        first, slot = next(iter(modes.items()), ("sketch", 2))
+        lines += [f"# control_mode: the union slot of the control image ({modes})",
+                  f'image = pipe("a red circle on a blue background", control_image=[{first}], '
+                  f'control_mode=[{slot}]).images[0]']
+        return "\n".join(lines)
     lines.append('image = pipe("a red circle on a blue background", image=sketch).images[0]')
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ by default, so training and sampling condition alike.
 from __future__ import annotations
 
 import torch
-from diffusers import (AutoencoderKL, ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, ControlNetModel, ControlNetUnionModel, StableDiffusionXLControlNetPipeline,
+                       StableDiffusionXLControlNetUnionPipeline, UNet2DConditionModel)
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -59,13 +60,16 @@ def encode_prompt(tokenizers: list[CLIPTokenizer], encoders: list[nn.Module], ca
 
 
 def controlnet_pipeline(base: str, vae: AutoencoderKL, encoders: list[nn.Module], tokenizers: list[CLIPTokenizer],
-                        unet: nn.Module, controlnet: ControlNetModel, scheduler) -> StableDiffusionXLControlNetPipeline:
-    """The diffusers SDXL ControlNet pipeline over these parts, with the base's empty-prompt rule
+                        unet: nn.Module, controlnet: ControlNetModel | ControlNetUnionModel, scheduler,
+                        union: bool = False) -> StableDiffusionXLControlNetPipeline:
+    """The diffusers SDXL ControlNet pipeline over these parts (`union`: the union ControlNet's,
+    `StableDiffusionXLControlNetUnionPipeline`), with the base's empty-prompt rule
     (`force_zeros_for_empty_prompt`), so it samples what the base's own pipeline would."""
     from diffusers import DiffusionPipeline
 
     config = DiffusionPipeline.load_config(ld.pipeline_location(base))
-    return StableDiffusionXLControlNetPipeline(
+    pipeline = StableDiffusionXLControlNetUnionPipeline if union else StableDiffusionXLControlNetPipeline
+    return pipeline(
         vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizers[0],
         tokenizer_2=tokenizers[1], unet=unet, controlnet=controlnet, scheduler=scheduler,
         force_zeros_for_empty_prompt=config.get("force_zeros_for_empty_prompt", True), add_watermarker=False)
