@@ -1,0 +1,213 @@
+"""model=lora: text-to-image LoRA on a frozen base of each kind (tiny stand-ins of SD 1.x, SDXL, SD3, Flux,
+Qwen-Image and Z-Image), trained through `genlab train` with grad_accum=2 and sampled by `genlab sample --prompt`;
+the adapter starts as the base (step 0 samples the base's images) and the trained one changes them; the export
+loaded by the kind's plain diffusers pipeline (`load_lora_weights`) samples genlab's images, its kohya file
+gives the trained weights; the prediction is the flow velocity the plain pipeline's own step takes; a resumed run
+is bitwise the straight one; a base of another kind is refused in one sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import diffusers
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from huggingface_hub import ModelCard
+from peft.tuners.tuners_utils import BaseTunerLayer
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import default_collate
+
+from conftest import cli, compose, rng
+from genlab.data.fill_circles import FillCircles
+from genlab.errors import ConfigError
+from genlab.families import base_kinds
+from genlab.families import latent_diffusion as ld
+from genlab.families.flow_controlnet import from_pretrained, pack
+from genlab.families.t2i_lora import TextToImageLoRA
+from genlab.sample import load_family
+from test_lora_variants import _kohya_delta
+from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from tiny_bases import tiny_sd_export
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# model.guidance as each plain pipeline takes it, written out here (not read from the family): CFG for the CLIP and
+# SD3 kinds, Flux's guidance embedding, Qwen-Image's true CFG against the empty prompt, Z-Image's w - 1.
+GUIDANCE = {"sd": lambda g: {"guidance_scale": g}, "sdxl": lambda g: {"guidance_scale": g},
+            "sd3": lambda g: {"guidance_scale": g}, "flux": lambda g: {"guidance_scale": g},
+            "qwen-image": lambda g: {"true_cfg_scale": g, "negative_prompt": [""]},
+            "z-image": lambda g: {"guidance_scale": g - 1}}
+KINDS = sorted(GUIDANCE)
+UNET_KINDS = ("sd", "sdxl")
+PACKED = ("flux", "qwen-image")  # the pipelines whose latents are 2x2-packed tokens
+# 16 prompt tokens (the pipelines' 256 / 512 would be most of a tiny step); lr high enough to move in 2 steps.
+TRAIN = ["model=lora", "model.lora.rank=4", "model.max_sequence_length=16", "data=fill_circles", "data.count=16",
+         "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=2", "model.sample_steps=2",
+         "trainer.keep_checkpoints=null", "trainer.lr=0.01", "model.guidance=2.0"]
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def base(request, tmp_path_factory):
+    """(kind, base): `genlab stand-in KIND OUT` (tiny); SD 1.x, which has no stand-in, is genlab's own tiny SD export."""
+    kind, root = request.param, tmp_path_factory.mktemp(request.param)
+    if kind == "sd":
+        return kind, tiny_sd_export(root)
+    cli("stand-in", kind, str(root / "base"), "--size", "tiny")
+    return kind, root / "base"
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    """2 optimizer steps of 2 micro-batches each through the real CLI; returns (kind, base, run)."""
+    kind, base_dir = base
+    run = tmp_path_factory.mktemp("lora") / "run"
+    cli("train", *TRAIN, f"model.base={base_dir}", "trainer.max_steps=2", "trainer.grad_accum=2",
+        "trainer.sample_every=0", f"hydra.run.dir={run}")
+    return kind, base_dir, run
+
+
+def _plain_pipeline(kind, base_dir):
+    """The kind's plain text-to-image pipeline, as a user loads it (genlab's sampler for U-Net kinds: UniPC)."""
+    pipe = from_pretrained(base_kinds.PIPELINE_CLASSES[kind], str(base_dir))  # a base without T5 passes it as None
+    if kind in UNET_KINDS:
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _plain(kind, pipe, guidance, seed=3):
+    tokens = {} if kind in UNET_KINDS else {"max_sequence_length": 16}
+    return pipe(PROMPT, height=32, width=32, num_inference_steps=2, **GUIDANCE[kind](guidance), **tokens,
+                generator=ld.generators(1, seed), output_type="pt").images * 2 - 1
+
+
+def test_trains_only_the_denoisers_lora_through_the_cli_and_samples_a_prompt(trained, tmp_path):
+    kind, _, run = trained
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    family, _ = load_family(run, "latest")
+    denoiser = "unet" if kind in UNET_KINDS else "transformer"
+    assert list(family.networks()) == [denoiser]
+    trained_params = [n for n, p in family.networks()[denoiser].named_parameters() if p.requires_grad]
+    assert trained_params and all("lora_" in n for n in trained_params)  # the base's own weights stay frozen
+    frozen = [m for name, m in family.pipe.components.items() if isinstance(m, torch.nn.Module) and name != denoiser]
+    assert frozen and not any(p.requires_grad for m in frozen for p in m.parameters())
+    checkpoint = sorted((run / "checkpoints").glob("step_*"))[-1]
+    lora = load_file(checkpoint / f"{denoiser}.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it trained
+
+    cli("sample", run, "--prompt", PROMPT, "--n", "2", "--steps", "2", "--out", tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 32
+
+
+def test_lora_starts_as_the_base(base):
+    """At step 0 the adapter adds nothing: genlab samples the plain pipeline's images of the bare base."""
+    kind, base_dir = base
+    family = TextToImageLoRA(32, base=str(base_dir), lora=dict(rank=4), max_sequence_length=16, sample_steps=2,
+                             guidance=2.0)
+    assert any(isinstance(m, BaseTunerLayer) for m in family.denoiser.modules())
+    ours = family.sample(1, seed=3, prompt=PROMPT, steps=2)
+    assert torch.allclose(ours, _plain(kind, _plain_pipeline(kind, base_dir), 2.0), atol=1e-5)
+
+
+def test_export_samples_genlabs_images_in_the_plain_pipeline(trained):
+    kind, base_dir, run = trained
+    export = run / "export"
+    info = json.loads((export / "genlab_export.json").read_text())
+    assert info["family"] == "lora" and info["base_kind"] == kind
+    family, _ = load_family(run, "latest")
+    ours = family.sample(1, seed=3, prompt=PROMPT, steps=2)
+
+    pipe = _plain_pipeline(kind, base_dir)
+    bare = _plain(kind, pipe, family.guidance)
+    pipe.load_lora_weights(export)  # pytorch_lora_weights.safetensors, alpha from its metadata
+    theirs = _plain(kind, pipe, family.guidance)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (theirs - bare).abs().max() > 1e-4  # the trained LoRA changes the base's images
+
+    # lora_kohya.safetensors: kohya / ComfyUI's keys give the trained weights of every adapted layer.
+    kohya = load_file(export / "lora_kohya.safetensors")
+    prefix = "lora_unet_" if kind in UNET_KINDS else "lora_transformer_"
+    layers = {n: m for n, m in family.denoiser.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert layers and all(k.startswith(prefix) for k in kohya)
+    for name, layer in layers.items():
+        weight = layer.base_layer.weight.detach()
+        expected = weight + layer.get_delta_weight("default").detach()
+        assert torch.allclose(_kohya_delta(kohya, prefix + name.replace(".", "_"), weight), expected, atol=1e-6)
+
+    card = ModelCard.load(export / "README.md")
+    pipeline = base_kinds.PIPELINE_CLASSES[kind]
+    assert f"diffusers:{pipeline}" in card.data.tags and "lora" in card.data.tags
+    assert f'{pipeline}.from_pretrained("' in card.text and "load_lora_weights(" in card.text
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in UNET_KINDS])
+def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(kind, tmp_path):
+    """The family's prediction is the velocity the plain pipeline's own forward pass gives at the training noise level
+    (one Euler step to sigma 0), its target the flow velocity (x_t - x0) / sigma, both in the pipeline's layout."""
+    cli("stand-in", kind, str(tmp_path / "base"), "--size", "tiny")
+    family = TextToImageLoRA(32, base=str(tmp_path / "base"), lora=dict(rank=4), max_sequence_length=16,
+                             caption_dropout=0.0, guidance=1.0)
+    with torch.no_grad():  # an adapter far from zero, so a wrong input to the LoRA'd denoiser shows
+        for i, (n, p) in enumerate(family.denoiser.named_parameters()):
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    seen = {}
+    training_inputs = family.diffusion.training_inputs
+
+    def spy(x0, step_rng):
+        seen["x0"], (seen["x_t"], seen["t"], _, _) = x0, (out := training_inputs(x0, step_rng))
+        return out
+
+    family.diffusion.training_inputs = spy
+    original_predict = family.predict
+    family.predict = lambda *a: seen.setdefault("pred", original_predict(*a))
+    data = FillCircles("train", image_size=32, count=4)
+    batch = default_collate([data[i] for i in range(2)])
+    layout = pack if kind in PACKED else (lambda x: x)
+    with torch.no_grad():
+        loss, _ = family.loss("main", batch, 0, rng(0))
+        pipe = family.pipeline("euler")
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler()  # no shift: the step runs at exactly the given sigma
+        velocities = []
+        for i, sigma in enumerate((seen["t"] / 1000).tolist()):
+            start = layout(seen["x_t"][i:i + 1])
+            out = pipe(batch["caption"][i], height=32, width=32, latents=start, sigmas=[sigma], num_inference_steps=1,
+                       **GUIDANCE[kind](1.0), max_sequence_length=16, output_type="latent").images
+            velocities.append((start - out) / sigma)  # x_0 = x_t - sigma v
+    pred, target = seen["pred"]
+    assert torch.allclose(pred, torch.cat(velocities), atol=1e-4, rtol=1e-4)
+    sigma = (seen["t"] / 1000).view(-1, 1, 1, 1)
+    assert torch.allclose(target, layout((seen["x_t"] - seen["x0"]) / sigma), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(loss, ((pred - target) ** 2).mean(), rtol=1e-4)
+
+
+def test_resume_is_bitwise(base, tmp_path):
+    """1 step, checkpoint, resume, 1 more step == 2 straight steps, of 2 micro-batches each."""
+    _, base_dir = base
+
+    def cfg_for(steps):
+        return compose(*TRAIN, f"model.base={base_dir}", "model.lora.alpha=8", f"trainer.max_steps={steps}",
+                       "trainer.grad_accum=2", "trainer.checkpoint_every=1", "trainer.sample_every=0",
+                       "model.caption_dropout=0.5")
+
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
+def test_a_base_of_another_kind_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline"}))
+    with pytest.raises(ConfigError) as error:
+        TextToImageLoRA(32, base=str(tmp_path), lora=dict(rank=4))
+    message = str(error.value)
+    assert message == (f"model.base={tmp_path} is a Sana base; model=lora supports Stable Diffusion 1.x/2.x, SDXL, "
+                       "SD3.x, Flux, Qwen-Image, Z-Image bases.")
+    done = cli("train", *TRAIN, f"model.base={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert done.returncode == 2 and "is a Sana base; model=lora supports" in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert hasattr(diffusers, "SanaPipeline")  # a real pipeline class of diffusers, not a made-up name
