@@ -127,6 +127,9 @@ class TextToImageLoRA(OnePhase):
 
     def loss(self, phase: str, batch: dict[str, Any], step: int,
              rng: ld.StepRandom) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "caption" not in batch:
+            raise GenlabError("model=lora trains on captions and this data has none: use data=fill_circles, data=shards "
+                              "packed with captions (genlab data pack), sketch_folder or sketch_hf.")
         latents = self.latents(batch, rng)  # (B, c, h, w), normalised as the pipeline decodes them
         with torch.no_grad():
             text = self.encode(batch, ld.drop_captions(batch["caption"], self.caption_dropout, rng))
