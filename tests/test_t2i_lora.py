@@ -44,8 +44,9 @@ KINDS = sorted(GUIDANCE)
 UNET_KINDS = ("sd", "sdxl")
 PACKED = ("flux", "qwen-image")  # the pipelines whose latents are 2x2-packed tokens
 # 16 prompt tokens (the pipelines' 256 / 512 would be most of a tiny step); lr high enough to move in 2 steps.
-TRAIN = ["model=lora", "model.lora.rank=4", "model.max_sequence_length=16", "data=fill_circles", "data.count=16",
-         "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=2", "model.sample_steps=2",
+# alpha 8 on rank 4: a scale of 2, so an export or loader that scales by 1 shows.
+TRAIN = ["model=lora", "model.lora.rank=4", "model.lora.alpha=8", "model.max_sequence_length=16", "data=fill_circles",
+         "data.count=16", "data.val_count=4", "trainer=debug", "logger=none", "trainer.batch_size=2", "model.sample_steps=2",
          "trainer.keep_checkpoints=null", "trainer.lr=0.01", "model.guidance=2.0"]
 PROMPT = "a red circle on a blue background"
 
@@ -216,7 +217,7 @@ def test_resume_is_bitwise(kind, tmp_path, tmp_path_factory):
     base_dir = _base(kind, tmp_path_factory)
 
     def cfg_for(steps):
-        return compose(*TRAIN, f"model.base={base_dir}", "model.lora.alpha=8", f"trainer.max_steps={steps}",
+        return compose(*TRAIN, f"model.base={base_dir}", f"trainer.max_steps={steps}",
                        "trainer.grad_accum=2", "trainer.checkpoint_every=1", "trainer.sample_every=0",
                        "model.caption_dropout=0.5")
 
