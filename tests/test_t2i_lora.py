@@ -11,9 +11,11 @@ import json
 import math
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from huggingface_hub import ModelCard
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
@@ -22,6 +24,7 @@ from torch.utils.data import default_collate
 
 from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
+from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
 from genlab.families import base_kinds
 from genlab.families import latent_diffusion as ld
@@ -207,6 +210,26 @@ def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(fresh, monke
     sigma = (seen["t"] / 1000).view(-1, 1, 1, 1)
     assert torch.allclose(target, layout((seen["x_t"] - seen["x0"]) / sigma), atol=1e-4, rtol=1e-4)
     assert torch.allclose(loss, ((pred - target) ** 2).mean(), rtol=1e-4)
+
+
+def test_training_noise_levels_are_the_samplers(fresh):
+    """Flow kinds: the core shifts training noise levels as the base's pipeline shifts its sampling sigmas at this
+    resolution (its fixed shift, or exp(mu) from the token count)."""
+    (kind, base_dir), family = fresh
+    if kind in UNET_KINDS:
+        pytest.skip("SD and SDXL bases train on their own DDPM schedule")
+    sampler = ld.base_scheduler(str(base_dir))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sampler.config, shift_terminal=None)
+    config = scheduler.config
+    factor = family.vae_shape()[1]
+    mu = calculate_shift((32 // factor // 2) ** 2, config.base_image_seq_len, config.max_image_seq_len,
+                         config.base_shift, config.max_shift)
+    u = np.linspace(1.0, 0.05, 20)
+    scheduler.set_timesteps(sigmas=u, mu=mu)
+    shift = math.exp(mu) if config.use_dynamic_shifting else config.shift
+    assert family.diffusion.scheduler.config.shift == pytest.approx(shift)
+    trained_levels = flow_shift(torch.tensor(u, dtype=torch.float32), family.diffusion.scheduler.config.shift)
+    assert torch.allclose(scheduler.sigmas[:-1], trained_levels, atol=1e-6)
 
 
 # SD and Z-Image in the default suite (a U-Net kind and the cheapest transformer kind); the rest run the same code.
