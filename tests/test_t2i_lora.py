@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from huggingface_hub import ModelCard
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -210,6 +211,36 @@ def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(fresh, monke
     sigma = (seen["t"] / 1000).view(-1, 1, 1, 1)
     assert torch.allclose(target, layout((seen["x_t"] - seen["x0"]) / sigma), atol=1e-4, rtol=1e-4)
     assert torch.allclose(loss, ((pred - target) ** 2).mean(), rtol=1e-4)
+
+
+def test_the_training_latents_are_what_the_plain_pipeline_decodes(fresh, monkeypatch):
+    """Flow kinds: the family's x0 of an image, handed to the plain pipeline as its latents (the denoiser held at zero
+    velocity, so its one Euler step leaves them as they are), decodes to the VAE's own reconstruction of that image:
+    the normalisation (shift, scale, Qwen-Image's per-channel mean and std) and the packing are the pipeline's."""
+    from torch.utils._pytree import tree_map
+
+    (kind, base_dir), family = fresh
+    if kind in UNET_KINDS:
+        pytest.skip("SD and SDXL latents are the sd family's (tests/test_latent_cache.py)")
+    init = DiagonalGaussianDistribution.__init__  # posterior means: no draw to match
+    monkeypatch.setattr(DiagonalGaussianDistribution, "__init__", lambda self, p, deterministic=False: init(self, p, True))
+    image = FillCircles("train", image_size=32, count=2)[0]["image"][None]  # (1, 3, 32, 32) in [-1, 1]
+    pipe = _plain_pipeline(kind, base_dir)
+    denoiser = pipe.transformer
+    zero = denoiser.register_forward_hook(lambda module, args, out: tree_map(torch.zeros_like, out))
+    layout = pack if kind in PACKED else (lambda x: x)
+    with torch.no_grad():
+        x0 = family.latents({"image": image}, rng(0))
+        try:
+            decoded = pipe(PROMPT, height=32, width=32, latents=layout(x0), sigmas=[0.5], num_inference_steps=1,
+                           **GUIDANCE[kind](1.0), max_sequence_length=16, output_type="pt").images
+        finally:
+            zero.remove()
+        if kind == "qwen-image":  # a video VAE: one frame in, one frame out
+            own = pipe.vae.decode(pipe.vae.encode(image.unsqueeze(2)).latent_dist.mean).sample[:, :, 0]
+        else:
+            own = pipe.vae.decode(pipe.vae.encode(image).latent_dist.mean).sample
+    assert torch.allclose(decoded, (own / 2 + 0.5).clamp(0, 1), atol=1e-5)
 
 
 def test_training_noise_levels_are_the_samplers(fresh):
