@@ -178,7 +178,7 @@ def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(fresh, monke
     (one Euler step to sigma 0), its target the flow velocity (x_t - x0) / sigma, both in the pipeline's layout."""
     (kind, _), family = fresh
     if kind in UNET_KINDS:
-        pytest.skip("SD and SDXL bases predict noise on a DDPM schedule (tests/test_sd_controlnet.py checks it)")
+        pytest.skip("SD and SDXL bases predict noise (or v) on a DDPM schedule: no flow velocity to compare")
     monkeypatch.setattr(family, "guidance", 1.0)  # Flux's guidance embedding as the pipeline call below gives it
     loras = {n: p for n, p in family.denoiser.named_parameters() if "lora_B" in n}
     with torch.no_grad():  # an adapter far from zero, so a wrong input to the LoRA'd denoiser shows
@@ -221,7 +221,7 @@ def test_the_training_latents_are_what_the_plain_pipeline_decodes(fresh, monkeyp
 
     (kind, base_dir), family = fresh
     if kind in UNET_KINDS:
-        pytest.skip("SD and SDXL latents are the sd family's (tests/test_latent_cache.py)")
+        pytest.skip("SD and SDXL latents are the sd family's (z * scaling_factor), no flow step to hold")
     init = DiagonalGaussianDistribution.__init__  # posterior means: no draw to match
     monkeypatch.setattr(DiagonalGaussianDistribution, "__init__", lambda self, p, deterministic=False: init(self, p, True))
     image = FillCircles("train", image_size=32, count=2)[0]["image"][None]  # (1, 3, 32, 32) in [-1, 1]

@@ -273,9 +273,30 @@ def lora_card(model: Mapping[str, Any], export: Mapping[str, Any]) -> Card:
     adapter, lines = controlnet_adapter(kind, model.get("lora"), "{where}")
     base = export.get("base") or model.get("base") or "BASE"
     tokens = export.get("max_sequence_length")
+    call = "".join([f", {guidance_keywords(kind, float(model.get('guidance') or 5.0))}",
+                    f", max_sequence_length={tokens}" if tokens else ""])
     use = "\n".join([f"from diffusers import {pipeline}", "",
-                     f'pipe = {pipeline}.from_pretrained("{base}")', *lines,
-                     'image = pipe("a red circle on a blue background"'
-                     f'{f", max_sequence_length={tokens}" if tokens else ""}).images[0]'])
+                     f'pipe = {pipeline}.from_pretrained("{base}"{", text_encoder_3=None, tokenizer_3=None" if _no_t5(base) else ""})',
+                     *lines,
+                     f'image = pipe("a red circle on a blue background"{call}).images[0]'])
     return replace(TextToImageLoRA.card, what=f"{adapter or 'a LoRA'} for its {base_kinds.KINDS[kind]} base",
                    tags=("diffusers", tag, "text-to-image", f"diffusers:{pipeline}"), use=use)
+
+
+def guidance_keywords(kind: str, guidance: float) -> str:
+    """`model.guidance` as the kind's pipeline call takes it, written out for a model card."""
+    if kind == "qwen-image":
+        return f'true_cfg_scale={guidance}, negative_prompt=""' if guidance > 1 else "true_cfg_scale=1.0"
+    if kind == "z-image":
+        return f"guidance_scale={guidance - 1}"
+    return f"guidance_scale={guidance}"
+
+
+def _no_t5(base: str) -> bool:
+    """Whether an SD3 base lists no T5 (a genlab sd3 run), which diffusers then wants passed as None."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(str(base)).get("text_encoder_3") == [None, None]
+    except (OSError, ValueError):
+        return False
