@@ -213,6 +213,29 @@ def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(fresh, monke
     assert torch.allclose(loss, ((pred - target) ** 2).mean(), rtol=1e-4)
 
 
+def test_unet_kinds_condition_on_the_plain_pipelines_prompt_encoding(fresh):
+    """SD and SDXL: the U-Net's text inputs in training are `encode_prompt`'s of the plain pipeline (SDXL: with its
+    pooled embedding and the time ids of an uncropped square image at the training size)."""
+    (kind, base_dir), family = fresh
+    if kind not in UNET_KINDS:
+        pytest.skip("the transformer kinds' prompts are their pipelines' own encode_prompt (shared with the ControlNets)")
+    captions = [PROMPT, ""]
+    pipe = _plain_pipeline(kind, base_dir)
+    with torch.no_grad():
+        ours = family.encode({"caption": captions}, captions)
+        if kind == "sd":
+            theirs, _ = pipe.encode_prompt(captions, "cpu", 1, False)
+            assert torch.allclose(ours["encoder_hidden_states"], theirs, atol=1e-6)
+            return
+        text, _, pooled, _ = pipe.encode_prompt(captions, device="cpu", num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
+        time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), text.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.allclose(ours["encoder_hidden_states"], text, atol=1e-6)
+    assert torch.allclose(ours["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-6)
+    assert torch.equal(ours["added_cond_kwargs"]["time_ids"], time_ids.repeat(2, 1))
+
+
 def test_the_training_latents_are_what_the_plain_pipeline_decodes(fresh, monkeypatch):
     """Flow kinds: the family's x0 of an image, handed to the plain pipeline as its latents (the denoiser held at zero
     velocity, so its one Euler step leaves them as they are), decodes to the VAE's own reconstruction of that image:
