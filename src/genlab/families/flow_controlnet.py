@@ -228,14 +228,18 @@ def refuse_unet_only_keys(options: ControlNetOptions, kind: str) -> None:
 def base_parts(kind: str, base: str, location: str) -> dict[str, Any]:
     """The base's own parts (text encoders, tokenizers, VAE, transformer) as its pipeline loads them,
     without the scheduler (the core's samplers replace it). `location`: `base`'s diffusers directory."""
+    parts = base_pipeline(kind, base, location).components
+    parts.pop("scheduler")
+    return parts
+
+
+def base_pipeline(kind: str, base: str, location: str):
+    """The base's plain text-to-image pipeline of its kind (`base_kinds.PIPELINE_CLASSES`), loaded from `location`."""
     try:
-        parts = from_pretrained(base_kinds.PIPELINE_CLASSES[kind], ld.pipeline_location(location))
+        return from_pretrained(base_kinds.PIPELINE_CLASSES[kind], ld.pipeline_location(location))
     except (OSError, ValueError) as e:
         raise GenlabError(f"model.base={base}: cannot load it as {base_kinds.a_kind(kind)} pipeline "
                           f"({str(e).splitlines()[0]}).") from e
-    parts = parts.components
-    parts.pop("scheduler")
-    return parts
 
 
 class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
@@ -383,8 +387,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def image_latents(self, batch: dict[str, Any], rng: ld.StepRandom) -> torch.Tensor:
         """(z - shift) * scale: the latents the pipelines decode with `/ scale + shift`."""
-        vae = self.vae.config
-        return cached_or_encoded_latents(batch, self.vae, rng) - vae.shift_factor * vae.scaling_factor
+        return shifted_latents(self.vae, batch, rng)
 
     def control_latents(self, sketch: torch.Tensor, rng: ld.StepRandom) -> torch.Tensor:
         """The sketch's latents as the pipelines make them: [0, 1] pixels as [-1, 1], a posterior sample.
@@ -413,13 +416,7 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's own prompt encoding: {"encoder_hidden_states", "pooled_projections"} (+ Flux's "txt_ids")."""
-        pipe = self.prompt_pipe
-        if self.kind == "sd3":
-            text, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, do_classifier_free_guidance=False,
-                                                    max_sequence_length=self.text_tokens)
-            return {"encoder_hidden_states": text, "pooled_projections": pooled}
-        text, pooled, text_ids = pipe.encode_prompt(list(captions), None, max_sequence_length=self.text_tokens)
-        return {"encoder_hidden_states": text, "pooled_projections": pooled, "txt_ids": text_ids}
+        return encode_prompt(self.kind, self.prompt_pipe, captions, self.text_tokens)
 
     def sd3_velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor) -> torch.Tensor:
         """SD3: the transformer's velocity (B, c, h, w), the ControlNet's block outputs added, as in the pipeline."""
@@ -435,18 +432,14 @@ class FlowControlNet(ControlNetFamily, OnePhase, SketchConditioned):
 
     def flux_velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor) -> torch.Tensor:
         """Flux: the transformer's packed velocity (B, h/2 * w/2, 4c) with the ControlNet's block samples."""
-        from diffusers import FluxPipeline
-
-        b, _, h, w = noisy.shape
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
-        common = dict(hidden_states=pack(noisy), timestep=t / 1000, img_ids=img_ids, **text)  # the pipeline's t / 1000
+        common = flux_inputs(noisy, t, text)
 
         def guidance(model):  # the distilled guidance embedding, where the model has one
-            return torch.full((b,), float(self.guidance), device=noisy.device) if model.config.guidance_embeds else None
+            return flux_guidance(ld.unwrap(model), len(noisy), self.guidance, noisy.device)
 
         blocks, single = self.controlnet(**common, controlnet_cond=pack(control),
-                                         guidance=guidance(ld.unwrap(self.controlnet)), return_dict=False)
-        return self.transformer(**common, guidance=guidance(ld.unwrap(self.transformer)),
+                                         guidance=guidance(self.controlnet), return_dict=False)
+        return self.transformer(**common, guidance=guidance(self.transformer),
                                 controlnet_block_samples=blocks, controlnet_single_block_samples=single,
                                 controlnet_blocks_repeat=False, return_dict=False)[0]
 
@@ -457,3 +450,36 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+
+def shifted_latents(vae: nn.Module, batch: dict[str, Any], rng: ld.StepRandom) -> torch.Tensor:
+    """(z - shift) * scale of the batch's images (or its latent cache): the latents SD3's, Flux's and Z-Image's
+    pipelines decode with `/ scale + shift`."""
+    config = vae.config
+    return cached_or_encoded_latents(batch, vae, rng) - config.shift_factor * config.scaling_factor
+
+
+def encode_prompt(kind: str, pipe, captions: list[str], tokens: int) -> dict[str, torch.Tensor]:
+    """SD3's or Flux's prompt encoding by its pipeline (`pipe`): {"encoder_hidden_states", "pooled_projections"}
+    (+ Flux's "txt_ids"), the T5 part `tokens` long."""
+    if kind == "sd3":
+        text, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, do_classifier_free_guidance=False,
+                                                max_sequence_length=tokens)
+        return {"encoder_hidden_states": text, "pooled_projections": pooled}
+    text, pooled, text_ids = pipe.encode_prompt(list(captions), None, max_sequence_length=tokens)
+    return {"encoder_hidden_states": text, "pooled_projections": pooled, "txt_ids": text_ids}
+
+
+def flux_inputs(noisy: torch.Tensor, t: torch.Tensor, text: dict) -> dict[str, Any]:
+    """What FluxPipeline hands its transformer (and ControlNet) for latents (B, c, h, w) at steps t in [0, 1000]:
+    packed latents, image position ids, t / 1000 and the prompt's tensors."""
+    from diffusers import FluxPipeline
+
+    b, _, h, w = noisy.shape
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+    return dict(hidden_states=pack(noisy), timestep=t / 1000, img_ids=img_ids, **text)
+
+
+def flux_guidance(model: nn.Module, b: int, value: float, device: torch.device) -> torch.Tensor | None:
+    """Flux's distilled guidance embedding input (B,), where `model` has one (`guidance_embeds`), else None."""
+    return torch.full((b,), float(value), device=device) if model.config.guidance_embeds else None

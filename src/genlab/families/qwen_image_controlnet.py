@@ -52,31 +52,55 @@ class QwenImageControlNet(FlowControlNet):
         return self._sampled(sketch * 2 - 1, rng)  # the pipeline's [-1, 1] control image, a posterior sample
 
     def _sampled(self, images: torch.Tensor, rng: ld.StepRandom) -> torch.Tensor:
-        z = self.vae.config.z_dim
-        b, _, h, w = images.shape
-        factor = self.vae_shape()[1]
-        noise = rng.randn(b, z, 1, h // factor, w // factor).to(self.vae.device, torch.float32)
-        return normalised_latents(self.vae, images, noise)
+        return sampled_latents(self.vae, images, rng)
 
     def vae_shape(self) -> tuple[int, int]:
-        config = self.vae.config
-        return config.input_channels, 2 ** len(config.temperal_downsample)
+        return vae_shape(self.vae)
 
     def encode(self, captions: list[str]) -> dict[str, torch.Tensor | None]:
-        """The pipeline's own prompt encoding: {"encoder_hidden_states", "encoder_hidden_states_mask"} (mask None
-        when no caption is padded, as the pipeline passes it)."""
-        text, mask = self.prompt_pipe.encode_prompt(list(captions), max_sequence_length=self.text_tokens)
-        return {"encoder_hidden_states": text, "encoder_hidden_states_mask": mask}
+        return encode_prompt(self.prompt_pipe, captions, self.text_tokens)
 
     def velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor,
                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The transformer's packed velocity (B, h/2 * w/2, 4c), the ControlNet's block samples added."""
-        b, _, h, w = noisy.shape
-        common = dict(hidden_states=pack(noisy), timestep=t / 1000, img_shapes=[(1, h // 2, w // 2)] * b, **text)
+        common = transformer_inputs(noisy, t, text)
         blocks = self.controlnet(**common, controlnet_cond=pack(control), return_dict=False)
         pred = self.transformer(**common, controlnet_block_samples=blocks, return_dict=False)[0]
         return pred, pack(target)
 
     def call_options(self, n: int, guidance: float) -> dict[str, Any]:
-        # CFG needs a negative prompt in this pipeline; the empty one is what caption dropout trains.
-        return {"true_cfg_scale": guidance, "negative_prompt": [""] * n if guidance > 1 else None}
+        return call_options(n, guidance)
+
+
+def vae_shape(vae: torch.nn.Module) -> tuple[int, int]:
+    """(image channels, spatial downsampling factor) of Qwen-Image's video VAE."""
+    config = vae.config
+    return config.input_channels, 2 ** len(config.temperal_downsample)
+
+
+def sampled_latents(vae: torch.nn.Module, images: torch.Tensor, rng: ld.StepRandom) -> torch.Tensor:
+    """Normalised posterior samples (B, z, h, w) of `images` in [-1, 1], the noise drawn from `rng`."""
+    b, _, h, w = images.shape
+    factor = vae_shape(vae)[1]
+    noise = rng.randn(b, vae.config.z_dim, 1, h // factor, w // factor).to(vae.device, torch.float32)
+    return normalised_latents(vae, images, noise)
+
+
+def encode_prompt(pipe, captions: list[str], tokens: int) -> dict[str, torch.Tensor | None]:
+    """The pipeline's own prompt encoding: {"encoder_hidden_states", "encoder_hidden_states_mask"} (mask None
+    when no caption is padded, as the pipeline passes it)."""
+    text, mask = pipe.encode_prompt(list(captions), max_sequence_length=tokens)
+    return {"encoder_hidden_states": text, "encoder_hidden_states_mask": mask}
+
+
+def transformer_inputs(noisy: torch.Tensor, t: torch.Tensor, text: dict) -> dict[str, Any]:
+    """What Qwen-Image's pipelines hand its transformer (and ControlNet) for latents (B, c, h, w) at steps t in
+    [0, 1000]: packed latents, t / 1000, the image shapes and the prompt's tensors."""
+    b, _, h, w = noisy.shape
+    return dict(hidden_states=pack(noisy), timestep=t / 1000, img_shapes=[(1, h // 2, w // 2)] * b, **text)
+
+
+def call_options(n: int, guidance: float) -> dict[str, Any]:
+    """`model.guidance` as the pipelines take it: true CFG, which needs a negative prompt there; the empty one is
+    what caption dropout trains."""
+    return {"true_cfg_scale": guidance, "negative_prompt": [""] * n if guidance > 1 else None}

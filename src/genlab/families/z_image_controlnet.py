@@ -40,19 +40,27 @@ class ZImageControlNet(FlowControlNet):
         return (mode.float() - vae.shift_factor) * vae.scaling_factor
 
     def encode(self, captions: list[str]) -> dict[str, Any]:
-        """The pipeline's own prompt encoding: {"cap_feats": one (tokens, D) tensor per caption}."""
-        feats, _ = self.prompt_pipe.encode_prompt(list(captions), do_classifier_free_guidance=False,
-                                                  max_sequence_length=self.text_tokens)
-        return {"cap_feats": feats}
+        return encode_prompt(self.prompt_pipe, captions, self.text_tokens)
 
     def velocity(self, noisy: torch.Tensor, t: torch.Tensor, text: dict, control: torch.Tensor,
                  target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return z_image_parts.velocity(self.controlnet, self.transformer, noisy, t, text["cap_feats"], control), target
 
     def call_options(self, n: int, guidance: float) -> dict[str, Any]:
-        return {"guidance_scale": guidance - 1}  # neg + w (pos - neg) == pos + (w - 1) (pos - neg)
+        return call_options(n, guidance)
 
     def pipeline(self, sampler: str):
         pipe = super().pipeline(sampler)  # the pipeline's __init__ shares the base's modules for good:
         z_image_parts.unshare(ld.unwrap(self.controlnet))  # they come back for each call (share_on_call)
         return pipe
+
+
+def encode_prompt(pipe, captions: list[str], tokens: int) -> dict[str, Any]:
+    """Z-Image's pipeline's own prompt encoding: {"cap_feats": one (tokens, D) tensor per caption}."""
+    feats, _ = pipe.encode_prompt(list(captions), do_classifier_free_guidance=False, max_sequence_length=tokens)
+    return {"cap_feats": feats}
+
+
+def call_options(n: int, guidance: float) -> dict[str, Any]:
+    """`model.guidance` w (classic CFG, 1 = off) as the pipelines' guidance_scale w - 1."""
+    return {"guidance_scale": guidance - 1}  # neg + w (pos - neg) == pos + (w - 1) (pos - neg)

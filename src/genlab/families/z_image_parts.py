@@ -62,12 +62,13 @@ def share_on_call(controlnet: nn.Module, transformer: nn.Module) -> None:
     controlnet.register_forward_hook(drop, with_kwargs=True, always_call=True)
 
 
-def velocity(controlnet: nn.Module, transformer: nn.Module, noisy: torch.Tensor, t: torch.Tensor,
-             cap_feats: list[torch.Tensor], control: torch.Tensor) -> torch.Tensor:
+def velocity(controlnet: nn.Module | None, transformer: nn.Module, noisy: torch.Tensor, t: torch.Tensor,
+             cap_feats: list[torch.Tensor], control: torch.Tensor | None) -> torch.Tensor:
     """The velocity noise - x0 (B, c, h, w) as `ZImageControlNetPipeline` computes it: one-frame latents as a list,
-    the timestep as 1 - sigma, and the transformer's output negated (Z-Image predicts x0 - noise)."""
+    the timestep as 1 - sigma, and the transformer's output negated (Z-Image predicts x0 - noise). With no
+    `controlnet` (None), the base's own, as `ZImagePipeline` computes it."""
     x = list(noisy.unsqueeze(2).unbind(0))
     timestep = (1000 - t) / 1000
-    blocks = controlnet(x, timestep, cap_feats, control.unsqueeze(2))
+    blocks = None if controlnet is None else controlnet(x, timestep, cap_feats, control.unsqueeze(2))
     out = transformer(x, timestep, cap_feats, controlnet_block_samples=blocks, return_dict=False)[0]
     return -torch.stack(out).squeeze(2)
