@@ -163,6 +163,7 @@ def test_union_export_samples_the_same_in_plain_diffusers(union_run, sdxl_base, 
     assert "control_mode=[2]" in card
 
 
+@pytest.mark.slow  # ~6 s; the default suite resumes the plain SDXL ControlNet bitwise (test_sdxl_controlnet)
 def test_union_resume_is_bitwise(tmp_path, sdxl_base):
     def cfg_for(steps):
         return compose(*TRAIN, f"model.base={sdxl_base}", f"trainer.max_steps={steps}", "trainer.checkpoint_every=1",

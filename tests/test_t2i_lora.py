@@ -76,7 +76,13 @@ def _base(kind, tmp_path_factory):
     return _BASES[kind]
 
 
-@pytest.fixture(scope="module", params=KINDS)
+# The default suite runs every check on an SD and a Qwen-Image base (a U-Net and a packed flow transformer);
+# `make test-slow` (CI) runs them on the other kinds too.
+DEFAULT_KINDS = ("sd", "qwen-image")
+
+
+@pytest.fixture(scope="module", params=[k if k in DEFAULT_KINDS else pytest.param(k, marks=pytest.mark.slow)
+                                        for k in KINDS])
 def base(request, tmp_path_factory):
     """(kind, base directory)."""
     return request.param, _base(request.param, tmp_path_factory)
