@@ -196,3 +196,30 @@ def test_sd_resume_with_repa_is_bitwise(sd3_parts, tmp_path):
                  "model.repa.projector_dim=16"]
     straight = _resumed_equals_straight(tmp_path, overrides)
     assert not (straight / "export" / "repa_projector").exists()
+
+
+def test_a_flux_style_transformer_aligns_its_double_blocks_image_stream(sd3_parts, one_thread):
+    """Flux's double-stream blocks return (text, image): the image tokens are what is hooked and aligned, and
+    the term's gradient reaches the transformer through them (no family trains Flux from scratch; this is
+    the term itself on the architecture)."""
+    from diffusers import FluxTransformer2DModel
+
+    from genlab.families.repa import build_repa
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+    repa = build_repa(flux, {"encoder": f"dinov2:{sd3_parts / 'dinov2'}", "weight": 0.5, "layer": 2,
+                             "projector_dim": 16}, image_size=16, channels=3)
+    tokens, text = 16, 3  # a 4 x 4 grid of packed latent tokens
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    flux(torch.randn(2, tokens, 16), encoder_hidden_states=torch.randn(2, text, 16),
+         pooled_projections=torch.randn(2, 16), timestep=torch.tensor([0.5, 0.5]),
+         img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3))
+    assert repa.hidden.shape == (2, tokens, 16)  # the image stream, not the text's 3 tokens
+    loss = repa.loss(repa.projector, torch.rand(2, 3, 16, 16) * 2 - 1)
+    loss.backward()
+    assert 0 < loss.item() < 2
+    assert flux.transformer_blocks[0].attn.to_q.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in flux.single_transformer_blocks.parameters())  # after the aligned layer
