@@ -27,7 +27,7 @@ from conftest import cli, compose, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds
+from genlab.families import base_kinds, flux2_klein_parts
 from genlab.families import latent_diffusion as ld
 from genlab.families.flow_controlnet import from_pretrained, pack
 from genlab.families.t2i_lora import TextToImageLoRA
@@ -43,10 +43,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GUIDANCE = {"sd": lambda g: {"guidance_scale": g}, "sdxl": lambda g: {"guidance_scale": g},
             "sd3": lambda g: {"guidance_scale": g}, "flux": lambda g: {"guidance_scale": g},
             "qwen-image": lambda g: {"true_cfg_scale": g, "negative_prompt": [""]},
-            "z-image": lambda g: {"guidance_scale": g - 1}}
+            "z-image": lambda g: {"guidance_scale": g - 1},
+            "flux2-klein": lambda g: {"guidance_scale": g}}  # the stand-in is step-distilled: no CFG pass
 KINDS = sorted(GUIDANCE)
 UNET_KINDS = ("sd", "sdxl")
 PACKED = ("flux", "qwen-image")  # the pipelines whose latents are 2x2-packed tokens
+
+
+def _pipeline_latents(kind, latents):
+    """The family's latents as the kind's pipeline takes its `latents` argument (Flux.2: patched maps, it packs)."""
+    return latents if kind == "flux2-klein" else _layout(kind)(latents)
+
+
+def _layout(kind):
+    """The family's latents (B, c, h, w) in the layout the kind's pipeline takes `latents` in."""
+    if kind == "flux2-klein":  # already 2x2-patched into channels: flattened to tokens
+        return flux2_klein_parts.pack
+    return pack if kind in PACKED else (lambda x: x)
 # alpha 8 on rank 4: a scale of 2, so an export or loader that scales by 1 shows; lr high enough to move in 2 steps.
 TRAIN = ["model=lora", "model.lora.rank=4", "model.lora.alpha=8", "data=fill_circles", "data.count=16", "data.val_count=4",
          "trainer=debug", "logger=none", "trainer.batch_size=2", "model.sample_steps=2",
@@ -58,7 +71,7 @@ def tokens(kind: str) -> int:
     """Prompt tokens: 16 (the pipelines' 256 / 512 would be most of a tiny step), but 128 for Qwen-Image, whose
     pipeline drops its template's first 34 tokens: the stand-in's byte-level tokenizer spends about 100 on the
     system prompt, so 16 or 64 would never reach the caption."""
-    return 128 if kind == "qwen-image" else 16
+    return {"qwen-image": 128, "flux2-klein": 64}.get(kind, 16)
 
 
 _BASES: dict = {}  # one stand-in per kind for the whole module, whichever test asks first
@@ -124,7 +137,7 @@ def _plain_pipeline(kind, base_dir):
 
 def _plain(kind, pipe, guidance, seed=3):
     length = {} if kind in UNET_KINDS else {"max_sequence_length": tokens(kind)}
-    return pipe(PROMPT, height=32, width=32, num_inference_steps=2, **GUIDANCE[kind](guidance), **length,
+    return pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, **GUIDANCE[kind](guidance), **length,
                 generator=ld.generators(1, seed), output_type="pt").images * 2 - 1
 
 
@@ -208,17 +221,20 @@ def test_the_prediction_is_the_velocity_of_the_plain_pipelines_step(fresh, monke
     monkeypatch.setattr(family, "predict", lambda *a: seen.setdefault("pred", predict(*a)))
     data = FillCircles("train", image_size=32, count=4)
     batch = default_collate([data[i] for i in range(2)])
-    layout = pack if kind in PACKED else (lambda x: x)
+    layout = _layout(kind)
     with torch.no_grad():
         loss, _ = family.loss("main", batch, 0, rng(0))
         pipe = family.pipeline("euler")
         monkeypatch.setattr(pipe, "scheduler", FlowMatchEulerDiscreteScheduler())  # no shift: exactly the given sigma
         velocities = []
         for i, sigma in enumerate((seen["t"] / 1000).tolist()):
-            start = layout(seen["x_t"][i:i + 1])
-            out = pipe(batch["caption"][i], height=32, width=32, latents=start, sigmas=[sigma], num_inference_steps=1,
-                       **GUIDANCE[kind](1.0), max_sequence_length=tokens(kind), output_type="latent").images
-            velocities.append((start - out) / sigma)  # x_0 = x_t - sigma v
+            start = seen["x_t"][i:i + 1]
+            out = pipe(prompt=batch["caption"][i], height=32, width=32, latents=_pipeline_latents(kind, start),
+                       sigmas=[sigma], num_inference_steps=1, **GUIDANCE[kind](1.0), max_sequence_length=tokens(kind),
+                       output_type="latent").images
+            if kind == "flux2-klein":  # its "latent" output is the VAE's, unpatched and unnormalised
+                out = layout(flux2_klein_parts.normalised(pipe.vae, out))
+            velocities.append((layout(start) - out) / sigma)  # x_0 = x_t - sigma v
     pred, target = seen["pred"]
     assert torch.allclose(pred, torch.cat(velocities), atol=1e-4, rtol=1e-4)
     sigma = (seen["t"] / 1000).view(-1, 1, 1, 1)
@@ -264,11 +280,11 @@ def test_the_training_latents_are_what_the_plain_pipeline_decodes(fresh, monkeyp
     pipe = _plain_pipeline(kind, base_dir)
     denoiser = pipe.transformer
     zero = denoiser.register_forward_hook(lambda module, args, out: tree_map(torch.zeros_like, out))
-    layout = pack if kind in PACKED else (lambda x: x)
     with torch.no_grad():
         x0 = family.latents({"image": image}, rng(0))
         try:
-            decoded = pipe(PROMPT, height=32, width=32, latents=layout(x0), sigmas=[0.5], num_inference_steps=1,
+            decoded = pipe(prompt=PROMPT, height=32, width=32, latents=_pipeline_latents(kind, x0), sigmas=[0.5],
+                           num_inference_steps=1,
                            **GUIDANCE[kind](1.0), max_sequence_length=tokens(kind), output_type="pt").images
         finally:
             zero.remove()
@@ -289,8 +305,12 @@ def test_training_noise_levels_are_the_samplers(fresh):
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(sampler.config, shift_terminal=None)
     config = scheduler.config
     factor = family.vae_shape()[1]
-    mu = calculate_shift((32 // factor // 2) ** 2, config.base_image_seq_len, config.max_image_seq_len,
-                         config.base_shift, config.max_shift)
+    tokens = (32 // factor // 2) ** 2
+    mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    if kind == "flux2-klein":  # Flux2KleinPipeline's own mu, from the tokens and the sampling steps
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        mu = compute_empirical_mu(tokens, family.sample_steps)
     u = np.linspace(1.0, 0.05, 20)
     scheduler.set_timesteps(sigmas=u, mu=mu)
     shift = math.exp(mu) if config.use_dynamic_shifting else config.shift
@@ -323,7 +343,7 @@ def test_a_base_of_another_kind_is_refused_in_one_sentence(tmp_path):
         TextToImageLoRA(32, base=str(tmp_path), lora=dict(rank=4))
     message = str(error.value)
     assert message == (f"model.base={tmp_path} is a Sana base; model=lora supports Stable Diffusion 1.x/2.x, SDXL, "
-                       "SD3.x, Flux, Qwen-Image, Z-Image bases.")
+                       "SD3.x, Flux, Qwen-Image, Z-Image, Flux.2 [klein] bases.")
     done = cli("train", *TRAIN, f"model.base={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert done.returncode == 2 and "is a Sana base; model=lora supports" in done.stdout + done.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -23,6 +23,8 @@ CONTROLNET_BASES = {"sd": ("stable-diffusion", "ControlNetModel", "StableDiffusi
                     "qwen-image": ("qwen-image", "QwenImageControlNetModel", "QwenImageControlNetPipeline"),
                     "z-image": ("z-image", "ZImageControlNetModel", "ZImageControlNetPipeline"),
                     "sana": ("sana", "SanaControlNetModel", "SanaControlNetPipeline")}
+#: The hub tag of a base kind with no ControlNet (model=lora only).
+LORA_ONLY_TAGS = {"flux2-klein": "flux2"}
 #: SDXL's union ControlNet (model.controlnet.union=true): several control types in one model.
 UNION = ("stable-diffusion-xl", "ControlNetUnionModel", "StableDiffusionXLControlNetUnionPipeline")
 UNET_KINDS = ("sd", "sdxl")  # every other kind's denoiser is a transformer

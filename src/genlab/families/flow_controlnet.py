@@ -52,12 +52,12 @@ CLASSES = {"sd3": ("SD3ControlNetModel", "SD3Transformer2DModel", "StableDiffusi
            "z-image": ("ZImageControlNetModel", "ZImageTransformer2DModel", "ZImageControlNetPipeline"),
            "sana": ("SanaControlNetModel", "SanaTransformer2DModel", "SanaControlNetPipeline")}
 #: The pipelines' default `max_sequence_length` (prompt tokens), used when model.max_sequence_length is null.
-TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512, "sana": 300}
+TEXT_TOKENS = {"sd3": 256, "flux": 512, "qwen-image": 512, "z-image": 512, "sana": 300, "flux2-klein": 512}
 #: Blocks a ControlNet copies when model.controlnet.num_layers is null: Flux 4 (diffusers' train_controlnet_flux.py),
 #: Qwen-Image 5 (InstantX's Qwen-Image ControlNets), Sana 7 (diffusers' SanaControlNetModel default, its ControlNet+).
 COPIED_BLOCKS = {"flux": 4, "qwen-image": 5, "sana": 7}
 #: The kinds whose ControlNet pipeline hands its sampler custom sigmas, which only euler takes.
-EULER_ONLY = ("flux", "qwen-image", "z-image")
+EULER_ONLY = ("flux", "qwen-image", "z-image", "flux2-klein")
 
 
 def text_tokens(kind: str, parts: dict[str, Any]) -> int:

@@ -295,6 +295,12 @@ def save_flux2_klein(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 
     torch.manual_seed(seed)
-    Flux2KleinPipeline(**build_flux2_klein(size), tokenizer=qwen_tokenizer(), is_distilled=True,
+    parts = build_flux2_klein(size)
+    # The VAE's latent statistics (which the pipeline normalises latents by) not 0 and 1, so that a
+    # normalisation skipped or inverted shows in what the stand-in samples.
+    bn = parts["vae"].bn
+    bn.running_mean.copy_(0.3 * torch.randn_like(bn.running_mean))
+    bn.running_var.copy_(torch.empty_like(bn.running_var).uniform_(0.5, 2.0))
+    Flux2KleinPipeline(**parts, tokenizer=qwen_tokenizer(), is_distilled=True,
                        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_KLEIN_SCHEDULER)).save_pretrained(out_dir)
     return Path(out_dir)

@@ -1,13 +1,13 @@
 """Text-to-image LoRA on any base kind: `genlab train model=lora model.base=BASE data=...`.
 
-A frozen base (SD 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image or Z-Image: `families/base_kinds.py`) whose
+A frozen base (SD 1.x/2.x, SDXL, SD3.x, Flux, Qwen-Image, Z-Image or Flux.2 [klein]: `families/base_kinds.py`) whose
 denoiser (U-Net or transformer) gets a peft adapter (`model.lora`, any variant of `lora_variants`); the
 VAE and text encoders stay frozen. Each kind is trained on what its plain diffusers text-to-image
 pipeline feeds the denoiser, with the pieces the ControlNet families use for the same base
 (`flow_controlnet`, `qwen_image_controlnet`, `z_image_controlnet`, `sdxl`): the prompt encoding, the
 latents' normalisation and packing, the objective and shift of the base's scheduler. Sampling is
 that plain pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`,
-`FluxPipeline`, `QwenImagePipeline`, `ZImagePipeline`) over the base's parts and the adapted denoiser,
+`FluxPipeline`, `QwenImagePipeline`, `ZImagePipeline`, `Flux2KleinPipeline`) over the base's parts and the adapted denoiser,
 so an export loaded by the pipeline's `load_lora_weights` samples genlab's images.
 
 Exports `pytorch_lora_weights.safetensors` (diffusers' layout; lora and dora), `lora_kohya.safetensors`
@@ -28,15 +28,15 @@ from torch import nn
 from genlab.data.latent_cache import cached_or_encoded_latents, cached_or_encoded_text
 from genlab.diffusion import Diffusion
 from genlab.errors import ConfigError, GenlabError
-from genlab.families import base_kinds, flow_controlnet, lora_variants, qwen_image_controlnet, sdxl
+from genlab.families import base_kinds, flow_controlnet, flux2_klein_parts, lora_variants, qwen_image_controlnet, sdxl
 from genlab.families import latent_diffusion as ld
 from genlab.families import z_image_controlnet, z_image_parts
 from genlab.families.contract import Card, OnePhase
-from genlab.families.controlnet_card import CONTROLNET_BASES, UNET_KINDS, controlnet_adapter
+from genlab.families.controlnet_card import CONTROLNET_BASES, LORA_ONLY_TAGS, UNET_KINDS, controlnet_adapter
 from genlab.families.sd import latent_diffusion_core
 
 #: The base kinds model=lora trains (Sana's DPM-Solver pipeline is not among them yet).
-KINDS = ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image")
+KINDS = ("sd", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2-klein")
 
 
 class TextToImageLoRA(OnePhase):
@@ -72,7 +72,7 @@ class TextToImageLoRA(OnePhase):
                  **diffusion: Any):
         if not base:
             raise ConfigError("model.base: model=lora needs a base to adapt (SD 1.x/2.x, SDXL, SD3.x, Flux, "
-                              "Qwen-Image or Z-Image): a hub id, a diffusers directory or a genlab run.")
+                              "Qwen-Image, Z-Image or Flux.2 [klein]): a hub id, a diffusers directory or a genlab run.")
         self.kind = base_kinds.require_kind(str(base), KINDS, "model=lora")
         self.lora = ld.plain(lora) or {}
         self.lora_rank = int(self.lora.get("rank", 0))
@@ -102,7 +102,11 @@ class TextToImageLoRA(OnePhase):
             self.text_tokens = None
         else:
             tokens = (image_size // factor // 2) ** 2  # the transformer's sequence length (2x2 latent patches)
-            self.diffusion = Diffusion.build(flow_controlnet.training_scheduler(self.base, tokens), **diffusion)
+            scheduler = flow_controlnet.training_scheduler(self.base, tokens)
+            if self.kind == "flux2-klein":  # its pipeline's shift also depends on the sampling steps
+                scheduler = type(scheduler).from_config(
+                    scheduler.config, shift=flux2_klein_parts.training_shift(tokens, sample_steps))
+            self.diffusion = Diffusion.build(scheduler, **diffusion)
             self.text_tokens = max_sequence_length or flow_controlnet.text_tokens(self.kind, self.pipe.components)
         self.ema_network, self.num_classes, self.caption_dropout = None, None, caption_dropout
         self.sampler_name = self.check_sampler(sampler or self.diffusion.default_sampler())
@@ -164,7 +168,7 @@ class TextToImageLoRA(OnePhase):
         tokens = {} if self.text_tokens is None else {"max_sequence_length": self.text_tokens}
         with ld.eval_mode(getattr(pipe, self.denoiser_name)), ld.sample_autocast(pipe.device, self.weight_dtype), \
                 ld.stacked_loras(pipe, lora or [], own_lora, True, denoiser=self.denoiser_name):
-            out = pipe(prompts, height=self.image_size, width=self.image_size,
+            out = pipe(prompt=prompts, height=self.image_size, width=self.image_size,
                        num_inference_steps=self.diffusion.check_steps(steps or self.sample_steps),
                        **self.call_options(n, self.guidance if guidance is None else guidance), **tokens,
                        generator=ld.generators(n, seed), output_type="pt").images
@@ -193,6 +197,11 @@ class TextToImageLoRA(OnePhase):
                 raise GenlabError("data.cache_latents: the latent cache holds 2D VAEs' posteriors, not Qwen-Image's "
                                   "video VAE's; set data.cache_latents=false.")
             return qwen_image_controlnet.sampled_latents(self.vae, batch["image"], rng)
+        if self.kind == "flux2-klein":
+            if batch.get("latent_cache"):
+                raise GenlabError("data.cache_latents: Flux.2 [klein] latents are normalised by its VAE's batch-norm "
+                                  "statistics after patching, which the cache does not hold; set data.cache_latents=false.")
+            return flux2_klein_parts.sampled_latents(self.vae, batch["image"], rng)
         return flow_controlnet.shifted_latents(self.vae, batch, rng)  # (z - shift) * scale
 
     def encode(self, batch: dict[str, Any], captions: list[str]) -> dict[str, Any]:
@@ -207,6 +216,8 @@ class TextToImageLoRA(OnePhase):
             return qwen_image_controlnet.encode_prompt(pipe, captions, self.text_tokens)
         if self.kind == "z-image":
             return z_image_controlnet.encode_prompt(pipe, captions, self.text_tokens)
+        if self.kind == "flux2-klein":
+            return flux2_klein_parts.encode_prompt(pipe, captions, self.text_tokens)
         return flow_controlnet.encode_prompt(self.kind, pipe, captions, self.text_tokens)
 
     def predict(self, noisy: torch.Tensor, t: torch.Tensor, text: dict,
@@ -224,6 +235,9 @@ class TextToImageLoRA(OnePhase):
         if self.kind == "qwen-image":
             pred = denoiser(**qwen_image_controlnet.transformer_inputs(noisy, t, text), return_dict=False)[0]
             return pred, flow_controlnet.pack(target)
+        if self.kind == "flux2-klein":
+            pred = denoiser(**flux2_klein_parts.transformer_inputs(noisy, t, text), return_dict=False)[0]
+            return pred, flux2_klein_parts.pack(target)
         return z_image_parts.velocity(None, denoiser, noisy, t, text["cap_feats"], None), target
 
     def vae_shape(self) -> tuple[int, int]:
@@ -269,7 +283,8 @@ def lora_card(model: Mapping[str, Any], export: Mapping[str, Any]) -> Card:
             kind = base_kinds.base_kind(str(model.get("base")))
         except (GenlabError, OSError, ValueError):  # a hub id offline
             return TextToImageLoRA.card
-    tag, pipeline = CONTROLNET_BASES[kind][0], base_kinds.PIPELINE_CLASSES[kind]
+    tag = LORA_ONLY_TAGS[kind] if kind in LORA_ONLY_TAGS else CONTROLNET_BASES[kind][0]
+    pipeline = base_kinds.PIPELINE_CLASSES[kind]
     adapter, lines = controlnet_adapter(kind, model.get("lora"), "{where}")
     base = export.get("base") or model.get("base") or "BASE"
     tokens = export.get("max_sequence_length")
