@@ -74,6 +74,13 @@ def _straight_and_resumed(tmp_path, cfg_for, n):
     return straight, resumed
 
 
+def _assert_resume_is_bitwise(tmp_path, cfg_for, n):
+    """n steps, checkpoint, resume to 2n == 2n straight steps: the same logged losses and final state."""
+    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, n)
+    assert _losses(straight) == _losses(resumed)
+    _assert_identical(straight, resumed)
+
+
 # batch 400 of 1617 digits: 4 batches per epoch, so windows of 3 micro-batches straddle epoch ends.
 @pytest.mark.parametrize("grad_accum,n", [(1, 4), (2, 2), (3, 1), (3, 2)])  # (1,4): resume at an epoch boundary
 def test_toy_resume_is_bitwise(tmp_path, grad_accum, n):

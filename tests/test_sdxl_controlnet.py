@@ -17,7 +17,7 @@ from genlab.families import latent_diffusion as ld
 from genlab.families import quantize, stand_ins
 from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TRAIN = ["model=controlnet", "model.lora.rank=4", "data=fill_circles", "data.count=16", "data.val_count=4",
@@ -93,9 +93,7 @@ def test_sdxl_controlnet_resume_is_bitwise(tmp_path, sdxl_base):
         return compose(*TRAIN, f"model.base={sdxl_base}", f"trainer.max_steps={steps}", "trainer.checkpoint_every=1",
                        "model.caption_dropout=0.5")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 1)
 
 
 @pytest.mark.parametrize("options", [dict(lora=dict(rank=0), control_lora=dict(rank=4)),

@@ -33,7 +33,7 @@ from genlab.families.flow_controlnet import from_pretrained, pack
 from genlab.families.t2i_lora import TextToImageLoRA
 from genlab.sample import load_family
 from test_lora_variants import _kohya_delta
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 from tiny_bases import tiny_sd_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -332,9 +332,7 @@ def test_resume_is_bitwise(kind, tmp_path, tmp_path_factory):
                        "trainer.grad_accum=2", "trainer.checkpoint_every=1", "trainer.sample_every=0",
                        "model.caption_dropout=0.5")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 1)
 
 
 def test_a_base_of_another_kind_is_refused_in_one_sentence(tmp_path):
