@@ -49,6 +49,11 @@ def base(request, tmp_path_factory):
     return request.param, KINDS[request.param][0](root / "base", tokenizer_dir=str(root / "tok"))
 
 
+# The default suite checks these properties on Flux; SD3 runs the same code through its own pipeline classes at
+# twice the cost (three text encoders): its half waits for the slow suite, which CI runs too.
+flux_now_sd3_slow = pytest.mark.parametrize("base", ["flux", pytest.param("sd3", marks=pytest.mark.slow)], indirect=True)
+
+
 @pytest.fixture(scope="module")
 def trained(base, tmp_path_factory):
     """3 steps through the real CLI, a validation grid (sketch | image) at step 2; returns (kind, base, run)."""
@@ -88,6 +93,7 @@ def _plain(pipe, sketch, caption, guidance, seed):
                 max_sequence_length=16, generator=ld.generators(1, seed), output_type="pt").images * 2 - 1
 
 
+@flux_now_sd3_slow
 def test_export_samples_the_same_in_plain_diffusers(trained, tmp_path):
     kind, base_dir, run = trained
     export = run / "export"
@@ -125,6 +131,7 @@ def test_the_model_card_names_the_flow_base(trained):
     assert f"{controlnet_cls.__name__}.from_pretrained(" in card.text and "max_sequence_length=16)" in card.text
 
 
+@flux_now_sd3_slow
 def test_sample_stacks_extra_loras_on_the_transformer(trained, tmp_path):
     """`genlab sample RUN --lora PATH[:weight]` on a flow base: extra transformer adapters beside the run's own."""
     _, _, run = trained
@@ -237,7 +244,8 @@ def test_model_controlnet_dispatches_on_the_base_and_refuses_what_flow_bases_lac
             family.sample(1, seed=0, sketch=torch.zeros(3, 32, 32), sampler="heun")
 
 
-# ~10 s a run on 2 busy cores: the default suite resumes plain LoRA on each kind, the full one every variant.
+@flux_now_sd3_slow
+# ~10 s a run on 2 busy cores: the default suite resumes plain LoRA on Flux, the full one every variant on both.
 @pytest.mark.parametrize("variant", ["lora", *(pytest.param(v, marks=pytest.mark.slow) for v in ("dora", "loha", "lokr"))])
 def test_controlnet_resume_is_bitwise(tmp_path, base, variant):
     """Each base kind (and each variant of the transformer's LoRA): 1 step, checkpoint, resume, 1 more step ==
@@ -254,6 +262,7 @@ def test_controlnet_resume_is_bitwise(tmp_path, base, variant):
     _assert_identical(straight, resumed)
 
 
+@flux_now_sd3_slow
 # lora in the default suite; the other variants (a few seconds each) under -m slow, which CI also runs.
 @pytest.mark.parametrize("variant", [v if v == "lora" else pytest.param(v, marks=pytest.mark.slow)
                                      for v in lora_variants.VARIANTS])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from diffusers import SanaControlNetModel, SanaControlNetPipeline
 
+import flow_kind_checks
 from flow_kind_checks import *  # noqa: F403  (the shared tests, run on this file's SPEC)
 from flow_kind_checks import KindSpec
 from genlab.families.sana_controlnet import SanaControlNet
@@ -27,3 +28,10 @@ def test_samples_with_the_base_dpm_solver_by_default_and_with_euler_on_request(t
     assert family.sampler_name == "dpm" and type(family.pipeline("dpm").scheduler).__name__ == "DPMSolverMultistepScheduler"
     dpm, euler = (family.sample(1, seed=3, steps=2, sampler=name) for name in ("dpm", "euler"))
     assert torch.isfinite(euler).all() and (dpm - euler).abs().max() > 1e-4  # another sampler, another image
+
+
+# 13 s on 2 cores (Sana's stand-in at 2 micro-batches a step): Qwen-Image and Z-Image resume through the same
+# code in the default suite, Sana in the slow one.
+@pytest.mark.slow
+def test_controlnet_resume_is_bitwise(request, tmp_path, base):  # noqa: F811
+    flow_kind_checks.test_controlnet_resume_is_bitwise(request, tmp_path, base)
