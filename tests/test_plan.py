@@ -115,3 +115,47 @@ def test_genlab_train_plan_prints_the_table_and_writes_nothing(tmp_path, monkeyp
     no_base = cli("train", "--plan", "model=controlnet", check=False)
     assert no_base.returncode == 2 and "model.base is not set" in no_base.stderr + no_base.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # four bases of 1.6B to 20B parameters built on the meta device: ~40 s
+@pytest.mark.parametrize("kind, transformer_m", [("qwen-image", 20430), ("z-image", 6155), ("sana", 1604),
+                                                 ("flux2-klein", 3876)])
+def test_the_2026_bases_are_counted_at_their_published_sizes_and_trained_three_ways(kind, transformer_m):
+    """stand_ins_llm.py's published sizes; full fine-tuning trains the transformer, a ControlNet (not on klein:
+    diffusers has none) trains only itself, and each way's forward runs through the helpers its family trains
+    with (a ControlNet's activations: its own blocks' beside the frozen base's, more or fewer than full's)."""
+    full = plan_real_size(kind, "full", gpus=8, batch=1, resolution=512)["ddp"]
+    assert abs(full["optimizer"] / 8 / 1e6 - transformer_m) < 1  # two fp32 AdamW states per transformer weight
+    assert full["activations"] > 0
+    if kind == "flux2-klein":
+        return
+    controlnet = plan_real_size(kind, "controlnet", gpus=8, batch=1, resolution=512)["ddp"]
+    assert 0 < controlnet["optimizer"] < full["optimizer"] and controlnet["activations"] > 0
+
+
+@pytest.mark.slow  # the SDXL U-Net at its real size, twice: ~25 s
+def test_a_lora_plan_trains_the_adapter_on_a_frozen_base_in_the_compute_dtype():
+    """model=lora's plan: grads and AdamW states of the adapter alone (rank r: r * (in + out) per targeted
+    Linear, counted here from the U-Net's own layers), the base held in bf16 beside its fp32 adapter."""
+    from torch import nn
+
+    lora = {"rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+    unet = RealSize("sdxl").unet
+    targeted = [m for name, m in unet.named_modules() if isinstance(m, nn.Linear)
+                and any(name == t or name.endswith("." + t) for t in lora["target_modules"])]
+    adapter = sum(8 * (m.in_features + m.out_features) for m in targeted)
+    base = sum(p.numel() for p in unet.parameters())
+    plan = plan_real_size("sdxl", "lora", gpus=1, batch=1, resolution=256, lora=lora)["ddp"]
+    frozen_rest = plan_real_size("sdxl", "controlnet", gpus=1, batch=1, resolution=256)["ddp"]["params"] \
+        - 4 * sum(p.numel() for p in RealSize("sdxl", "controlnet").controlnet.parameters()) - 2 * base
+    assert plan["grads"] == 4 * adapter and plan["optimizer"] == 8 * adapter and plan["ema"] == 0
+    assert plan["params"] == frozen_rest + 2 * base + 4 * adapter  # VAE and text encoders, the U-Net in bf16
+    assert plan["activations"] > 0
+
+
+def test_a_controlnet_plan_on_a_base_without_one_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", "--plan", "--plan-base", "flux2-klein", "model=controlnet", "model.base=x",
+                 "data=fill_circles", check=False)
+    assert result.returncode == 2 and "diffusers has no ControlNet of flux2-klein" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout and list(tmp_path.iterdir()) == []

@@ -157,8 +157,10 @@ def train(ctx: typer.Context,
           plan: bool = typer.Option(False, "--plan", help="print the memory per GPU (parameters, gradients, optimizer "
                                     "states, EMA, activations) under ddp and fsdp, then exit: nothing trains or is written"),
           plan_gpus: int = typer.Option(8, "--plan-gpus", min=1, help="GPUs the --plan table shards over"),
-          plan_base: Optional[str] = typer.Option(None, "--plan-base", help="sd15 | sdxl | sd3 | flux: plan that base at "
-                                                  "its real size (built on the meta device, nothing downloaded)")) -> None:
+          plan_base: Optional[str] = typer.Option(None, "--plan-base", help="sd15 | sdxl | sd3 | flux | qwen-image | "
+                                                  "z-image | sana | flux2-klein: plan that base at its real size, "
+                                                  "trained as the model trains it (full, ControlNet or model=lora), "
+                                                  "built on the meta device, nothing downloaded")) -> None:
     """Train a model. Every Hydra override and flag passes through unchanged.
 
     \b
@@ -172,6 +174,7 @@ def train(ctx: typer.Context,
       genlab train --processes 4 trainer=gpu               # 4 GPUs via accelerate launch
       genlab train --nodes 2 --node-rank 0 --main-address node0:29500 --processes 8 hydra.run.dir=/shared/run
       genlab train --plan --plan-base flux --plan-gpus 8 model=controlnet data.image_size=1024
+      genlab train --plan --plan-base qwen-image --plan-gpus 1 model=lora model.base=x data.image_size=1024
     """
     from genlab.config import hydra_args
     from genlab.train.world import world_from_slurm

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from genlab.errors import ConfigError
+
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a DTensor: this process's shard
@@ -205,7 +207,8 @@ def plan_config(cfg: Any, gpus: int) -> dict[str, dict[str, int]]:
 
 # --- real-size bases on the meta device -------------------------------------------------------
 
-REAL_KINDS = ("sd15", "sdxl", "sd3", "flux")
+REAL_KINDS = ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "sana", "flux2-klein")
+NO_CONTROLNET = ("flux2-klein",)  # diffusers has no ControlNet of it (model=lora trains it)
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # runwayml/stable-diffusion-v1-5's unet config (860M)
 
 
@@ -224,18 +227,34 @@ def _quiet_diffusers():
 
 class RealSize:
     """A base of `kind` at its published size on the meta device, trained as `train` says:
-    "full" (the denoiser, EMA optional) or "controlnet" (genlab's ControlNet of it; the base frozen).
+    "full" (the denoiser, EMA optional), "controlnet" (genlab's ControlNet of it; the base frozen) or "lora"
+    (model=lora's adapter, `lora` its config, on the frozen denoiser).
     It answers what plan_family asks of a family (networks, param_groups, shard_units, ema_network)."""
 
-    def __init__(self, kind: str, train: str = "full", ema: bool = False, mixed_precision: str = "bf16"):
-        if kind not in REAL_KINDS or train not in ("full", "controlnet"):
+    def __init__(self, kind: str, train: str = "full", ema: bool = False, mixed_precision: str = "bf16",
+                 lora: Any = None):
+        if kind not in REAL_KINDS or train not in ("full", "controlnet", "lora") or (
+                train == "controlnet" and kind in NO_CONTROLNET):
             raise ValueError(f"kind {kind!r} / train {train!r}")
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
         with _quiet_diffusers():
             self._build(kind, train, ema, frozen_dtype)
+            if train == "lora":
+                self._add_lora(lora if lora is not None else {"rank": 16})
+
+    def _add_lora(self, lora: Any) -> None:
+        """The adapter t2i_lora adds (the same peft config), in fp32 on the meta device; the base stays frozen."""
+        from genlab.families import lora_variants
+
+        denoiser = getattr(self, self.denoiser)
+        with torch.device("meta"):
+            denoiser.add_adapter(lora_variants.adapter_config(lora))
+        for p in denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.float32)
 
     def _build(self, kind: str, train: str, ema: bool, frozen_dtype: torch.dtype) -> None:
-        from genlab.families import stand_ins
+        from genlab.families import stand_ins, stand_ins_llm
         from genlab.families.contract import diffusers_blocks
 
         with torch.device("meta"):
@@ -248,7 +267,8 @@ class RealSize:
                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
                          "text_encoder": CLIPTextModel(stand_ins.text_config(768, 12, 12, 3072))}
             else:
-                parts = getattr(stand_ins, f"build_{kind}")("real")
+                parts = getattr(stand_ins if kind in ("sdxl", "sd3", "flux") else stand_ins_llm,
+                                f"build_{kind.replace('-', '_')}")("real")
         self.kind, self.train = kind, train
         self.denoiser = "unet" if "unet" in parts else "transformer"
         for name, module in parts.items():
@@ -257,6 +277,8 @@ class RealSize:
         if train == "controlnet":
             self.controlnet = self._controlnet(trained).to(torch.float32).requires_grad_(True)
             trained = self.controlnet
+        elif train == "lora":
+            pass  # _add_lora adds the trained part
         else:
             trained.to(torch.float32).requires_grad_(True)
         self.trained = "controlnet" if train == "controlnet" else self.denoiser
@@ -272,7 +294,12 @@ class RealSize:
         with torch.device("meta"):
             if self.kind in ("sd15", "sdxl"):
                 return ControlNetModel.from_unet(denoiser)
-            return controlnet_for(self.kind, denoiser)
+            controlnet = controlnet_for(self.kind, denoiser)
+        if self.kind == "z-image":  # its embedders are the base's, lent for each call (as the family trains it)
+            from genlab.families import z_image_parts
+
+            z_image_parts.share_on_call(controlnet, denoiser)
+        return controlnet
 
     def networks(self) -> dict[str, nn.Module]:
         return {self.trained: getattr(self, self.trained)}
@@ -289,12 +316,14 @@ class RealSize:
         gradients: nothing of theirs is kept for the backward)."""
         params = [p for m in vars(self).values() if isinstance(m, nn.Module) for p in m.parameters()]
         trained = getattr(self, self.trained)
+        stored = [(p, p.dtype) for p in trained.parameters()]  # fp32, or a LoRA's frozen base in frozen_dtype
         with _quiet_diffusers():
             trained.to(dtype)  # autocast's compute dtype (meta tensors: no copy is made)
             try:
                 return saved_for_backward(lambda: self._forward(batch, resolution // 8, dtype), params)
             finally:
-                trained.to(torch.float32)
+                for p, stored_dtype in stored:
+                    p.data = p.data.to(stored_dtype)
 
     def _forward(self, b: int, side: int, dtype: torch.dtype) -> None:
         meta = {"device": "meta", "dtype": dtype}
@@ -311,6 +340,9 @@ class RealSize:
                                                 return_dict=False, **kwargs)
                     kwargs.update(down_block_additional_residuals=down, mid_block_additional_residual=mid)
                 unet(x, t, **kwargs)
+                return
+            if self.kind in ("qwen-image", "z-image", "sana", "flux2-klein"):
+                self._forward_llm_kind(b, side, meta)
                 return
             tr, tokens = self.transformer, (side // 2) ** 2
             config = tr.config
@@ -334,10 +366,46 @@ class RealSize:
             tr(x, return_dict=False, **kwargs)
 
 
+    def _forward_llm_kind(self, b: int, side: int, meta: dict) -> None:
+        """The step's forward for the kinds with a language model for text encoder, through the helpers their
+        families train with: the same packing, position ids and block samples, on meta tensors. `side` is the
+        image's size / 8; the prompts are the pipelines' default token counts (flow_controlnet.TEXT_TOKENS)."""
+        from genlab.families import flux2_klein_parts, qwen_image_controlnet, z_image_parts
+        from genlab.families.flow_controlnet import TEXT_TOKENS
+
+        tr, config, tokens = self.transformer, self.transformer.config, TEXT_TOKENS[self.kind]
+        controlnet = getattr(self, "controlnet", None)
+        t = torch.empty(b, **meta)
+        if self.kind == "z-image":
+            noisy = torch.empty(b, config.in_channels, side, side, **meta)
+            cap_feats = list(torch.empty(b, tokens, config.cap_feat_dim, **meta).unbind(0))
+            z_image_parts.velocity(controlnet, tr, noisy, t, cap_feats, torch.empty_like(noisy) if controlnet else None)
+        elif self.kind == "sana":  # DC-AE: 32x down
+            noisy = torch.empty(b, config.in_channels, side // 4, side // 4, **meta)
+            text = {"encoder_hidden_states": torch.empty(b, tokens, config.caption_channels, **meta),
+                    "encoder_attention_mask": torch.ones(b, tokens, device="meta", dtype=torch.long)}
+            blocks = None if controlnet is None else tuple(controlnet(
+                noisy, timestep=t, controlnet_cond=torch.empty_like(noisy), return_dict=False, **text)[0])
+            tr(noisy, timestep=t, controlnet_block_samples=blocks, return_dict=False, **text)
+        elif self.kind == "qwen-image":  # 16 latent channels, 2x2 patches
+            noisy = torch.empty(b, config.in_channels // 4, side, side, **meta)
+            text = {"encoder_hidden_states": torch.empty(b, tokens, config.joint_attention_dim, **meta),
+                    "encoder_hidden_states_mask": torch.ones(b, tokens, device="meta", dtype=torch.long)}
+            common = qwen_image_controlnet.transformer_inputs(noisy, t, text)
+            blocks = None if controlnet is None else controlnet(
+                **common, controlnet_cond=qwen_image_controlnet.pack(noisy), return_dict=False)
+            tr(**common, controlnet_block_samples=blocks, return_dict=False)
+        else:  # flux2-klein: latents already 2x2-patched (128 channels at side / 2)
+            noisy = torch.empty(b, config.in_channels, side // 2, side // 2, **meta)
+            text = {"encoder_hidden_states": torch.empty(b, tokens, config.joint_attention_dim, **meta),
+                    "txt_ids": torch.zeros(b, tokens, 4, device="meta", dtype=torch.long)}
+            tr(**flux2_klein_parts.transformer_inputs(noisy, t, text), return_dict=False)
+
+
 def plan_real_size(kind: str, train: str, gpus: int, batch: int, resolution: int, ema: bool = False,
-                   mixed_precision: str = "bf16") -> dict[str, dict[str, int]]:
+                   mixed_precision: str = "bf16", lora: Any = None) -> dict[str, dict[str, int]]:
     """The plan for a real-size `kind` base (see RealSize) on `gpus` GPUs, `batch` images per GPU."""
-    base = RealSize(kind, train, ema, mixed_precision)
+    base = RealSize(kind, train, ema, mixed_precision, lora)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     return plan_family(base, ema, gpus, base.activations(batch, resolution, dtype), mixed_precision)
 
@@ -368,9 +436,15 @@ def describe(cfg: Any, gpus: int, base: str | None = None) -> str:
     kind's real-size base trained the way the composed model trains), and what was estimated."""
     t = cfg.trainer
     if base:
-        train = "controlnet" if "controlnet" in str(cfg.model.get("_target_", "")).lower() else "full"
-        size, ema = int(cfg.data.image_size), bool(t.ema) and train == "full"  # a ControlNet keeps no EMA (the paper's)
-        plans = plan_real_size(base, train, gpus, t.batch_size, size, ema, t.mixed_precision)
+        target = str(cfg.model.get("_target_", "")).lower()
+        train = "lora" if "t2i_lora" in target else "controlnet" if "controlnet" in target else "full"
+        if train == "controlnet" and base in NO_CONTROLNET:
+            raise ConfigError(f"--plan-base {base} with a ControlNet: diffusers has no ControlNet of {base}; plan "
+                              "model=lora on it, or a ControlNet on another base.")
+        # A ControlNet keeps no EMA (the paper's), nor does model=lora (the adapter is the export).
+        size, ema = int(cfg.data.image_size), bool(t.ema) and train == "full"
+        plans = plan_real_size(base, train, gpus, t.batch_size, size, ema, t.mixed_precision,
+                               cfg.model.lora if train == "lora" else None)
         what = f"{base} at its real size ({train}), {t.batch_size} x {size} px per GPU, built on the meta device"
     else:
         plans = plan_config(cfg, gpus)
