@@ -35,7 +35,7 @@ from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
 from test_lora_variants import _trained
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 
 
 @dataclass(frozen=True)
@@ -272,9 +272,7 @@ def test_controlnet_resume_is_bitwise(request, tmp_path, base):
                        f"trainer.max_steps={steps}", "trainer.grad_accum=2", "trainer.checkpoint_every=1",
                        "trainer.sample_every=0", "model.caption_dropout=0.5")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 1)
 
 
 @pytest.mark.slow  # the default suite checks plain LoRA's export through the CLI run above

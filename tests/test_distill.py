@@ -20,7 +20,7 @@ from genlab.errors import GenlabError
 from genlab.families.distill import Distill
 from genlab.run_dir import load_family
 from genlab.step_random import StepRandom
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,9 +125,7 @@ def test_resume_is_bitwise(teacher, tmp_path):
         return compose(*STUDENT, f"model.teacher={teacher}", f"trainer.max_steps={steps}", "trainer.ema=0.9",
                        "trainer.checkpoint_every=2", "trainer.keep_checkpoints=null", "trainer.grad_accum=2")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 def test_a_bad_teacher_is_one_sentence(tmp_path, tiny_ddpm_run):
@@ -185,9 +183,7 @@ def test_lcm_resume_is_bitwise(tiny_ddpm_run, tmp_path, method):
                        f"trainer.max_steps={steps}", "trainer.ema=0.9", "trainer.checkpoint_every=2",
                        "trainer.keep_checkpoints=null", "trainer.grad_accum=2")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 def test_lcm_refuses_a_flow_teacher(teacher):

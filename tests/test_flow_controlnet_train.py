@@ -32,7 +32,7 @@ from genlab.families.controlnet import ControlNet
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
 from test_lora_variants import _kohya_delta, _trained
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = {"sd3": (stand_ins.save_sd3, SD3ControlNetModel, StableDiffusion3ControlNetPipeline),
@@ -257,9 +257,7 @@ def test_controlnet_resume_is_bitwise(tmp_path, base, variant):
                        f"trainer.max_steps={steps}", "trainer.grad_accum=2", "trainer.checkpoint_every=1",
                        "trainer.sample_every=0", "model.caption_dropout=0.5")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 1)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 1)
 
 
 @flux_now_sd3_slow

@@ -89,9 +89,7 @@ def test_toy_resume_is_bitwise(tmp_path, grad_accum, n):
                           "trainer.ema=0.9", f"trainer.checkpoint_every={n}", "trainer.keep_checkpoints=null",
                           noise=True)
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, n)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, n)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -113,9 +111,7 @@ def test_resume_with_workers_and_augmentation_is_bitwise(tmp_path, num_workers):
         cfg.model.channels = 3
         return cfg
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 3)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 3)
 
 
 def test_negative_control_without_data_position_resume_differs(tmp_path, monkeypatch):
@@ -144,9 +140,7 @@ def test_family_resume_is_bitwise(tmp_path, family):
                       "trainer.grad_accum=2", *TINY_FAMILIES[family])
         return cfg
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 def kill_config(steps: int):

@@ -20,7 +20,7 @@ from genlab.resume import apply_overrides
 from genlab.sample import load_family
 from genlab.train.checkpoint import complete_checkpoints
 from genlab.train.job import run_training
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise, _losses, _straight_and_resumed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,9 +107,7 @@ def test_sd_resume_is_bitwise(tmp_path, sd_config):
         return sd_config(steps, "trainer.grad_accum=2", "trainer.checkpoint_every=2", "model.caption_dropout=0.5",
                          "trainer.sample_every=2", "trainer.sample_n=2")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +140,7 @@ def test_controlnet_resume_is_bitwise(tmp_path, sd_run, photo_folder, variant):
     def cfg_for(steps):
         return cn_config(sd_run, steps, "trainer.checkpoint_every=2", "model.caption_dropout=0.5", *extra, data=data)
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 def test_controlnet_draws_do_not_need_the_global_rng(tmp_path, sd_run, monkeypatch):

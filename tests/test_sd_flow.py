@@ -23,7 +23,7 @@ from genlab.families.sd import StableDiffusion
 from genlab.families.sd3 import StableDiffusion3
 from genlab.run_dir import load_family
 from genlab.train.sampling import save_grid
-from test_resume_exact import _assert_identical, _losses, _straight_and_resumed
+from test_resume_exact import _assert_resume_is_bitwise
 from test_resume_sd import CIRCLES, COMMON, TINY_UNET, cn_config, train, vae_run  # noqa: F401 (vae_run: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,9 +156,7 @@ def test_flow_sd_resume_is_bitwise(tmp_path, vae_run):
         return flow_config(vae_run, tok, steps, "model.timesteps=logit_normal", "trainer.grad_accum=2",
                            "trainer.checkpoint_every=2", "model.caption_dropout=0.5")
 
-    straight, resumed = _straight_and_resumed(tmp_path, cfg_for, 2)
-    assert _losses(straight) == _losses(resumed)
-    _assert_identical(straight, resumed)
+    _assert_resume_is_bitwise(tmp_path, cfg_for, 2)
 
 
 def test_sd_on_the_mmdit_backbone_trains_and_samples(tmp_path, vae_run):
