@@ -153,3 +153,8 @@ def toy_config(*overrides: str, noise: bool = False):
                   "trainer.ema=null", "trainer.grad_clip=null", *overrides)
     cfg.model = OmegaConf.create({"_target_": "toy_family.Toy", "image_size": 8, "channels": 1, "noise": noise})
     return cfg
+
+# The Flux/SD3 ControlNet modules check each property on Flux in the default suite; SD3 runs the same code
+# through its own pipeline classes at twice the cost (three text encoders): its half waits for the slow suite,
+# which CI runs too. For tests on a module's parametrised `base` fixture.
+flux_now_sd3_slow = pytest.mark.parametrize("base", ["flux", pytest.param("sd3", marks=pytest.mark.slow)], indirect=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_up_to_rounding, other_cpu_capability
+from conftest import assert_same_up_to_rounding, flux_now_sd3_slow, other_cpu_capability
 from diffusers import FluxControlNetModel, SD3ControlNetModel
 
 from genlab.families import flow_controlnet, stand_ins
@@ -25,11 +25,6 @@ KINDS = {"sd3": (stand_ins.save_sd3, SD3ControlNetModel), "flux": (stand_ins.sav
 def base(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     return request.param, KINDS[request.param][0](root / "base", tokenizer_dir=str(root / "tok"))
-
-
-# The default suite checks each property on Flux; SD3 runs the same code through its own pipeline classes and
-# costs twice as much (three text encoders): its half waits for the slow suite, which CI runs too.
-flux_now_sd3_slow = pytest.mark.parametrize("base", ["flux", pytest.param("sd3", marks=pytest.mark.slow)], indirect=True)
 
 
 def _images(pipe, sketch, scale=1.0):

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import default_collate
 
-from conftest import cli, compose, rng
+from conftest import cli, compose, flux_now_sd3_slow, rng
 from genlab.data.fill_circles import FillCircles
 from genlab.diffusion import flow_shift
 from genlab.errors import ConfigError, GenlabError
@@ -47,11 +47,6 @@ TRAIN = ["model=controlnet", "model.lora.rank=4", "model.max_sequence_length=16"
 def base(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     return request.param, KINDS[request.param][0](root / "base", tokenizer_dir=str(root / "tok"))
-
-
-# The default suite checks these properties on Flux; SD3 runs the same code through its own pipeline classes at
-# twice the cost (three text encoders): its half waits for the slow suite, which CI runs too.
-flux_now_sd3_slow = pytest.mark.parametrize("base", ["flux", pytest.param("sd3", marks=pytest.mark.slow)], indirect=True)
 
 
 @pytest.fixture(scope="module")

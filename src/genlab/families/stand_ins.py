@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from genlab.families.stand_ins_llm import save_flux2_klein, save_qwen_image, save_sana, save_z_image
+from genlab.families.stand_ins_llm import (build_flux2_klein, build_qwen_image, build_sana, build_z_image,
+                                           save_flux2_klein, save_qwen_image, save_sana, save_z_image)
 
 SDXL = {
     # stabilityai/stable-diffusion-xl-base-1.0: unet 2,567M, text_encoder (CLIP ViT-L) 123M,
@@ -208,3 +209,7 @@ def save_flux(out_dir: Path, size: str = "tiny", seed: int = 0, tokenizer_dir: s
 #: `genlab stand-in KIND OUT`: the kinds it writes (those with a language model for text encoder: stand_ins_llm.py).
 SAVERS = {"sdxl": save_sdxl, "sd3": save_sd3, "flux": save_flux, "qwen-image": save_qwen_image,
           "z-image": save_z_image, "sana": save_sana, "flux2-klein": save_flux2_klein}
+#: Their modules at `size` ("real" or "tiny"), random weights, for what needs the networks and no folder
+#: (train/memory_plan.py builds them on the meta device).
+BUILDERS = {"sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux, "qwen-image": build_qwen_image,
+            "z-image": build_z_image, "sana": build_sana, "flux2-klein": build_flux2_klein}

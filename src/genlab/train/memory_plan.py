@@ -238,23 +238,12 @@ class RealSize:
             raise ValueError(f"kind {kind!r} / train {train!r}")
         frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
         with _quiet_diffusers():
-            self._build(kind, train, ema, frozen_dtype)
-            if train == "lora":
-                self._add_lora(lora if lora is not None else {"rank": 16})
+            self._build(kind, train, ema, frozen_dtype, lora if lora is not None else {"rank": 16})
 
-    def _add_lora(self, lora: Any) -> None:
-        """The adapter t2i_lora adds (the same peft config), in fp32 on the meta device; the base stays frozen."""
-        from genlab.families import lora_variants
+    def _build(self, kind: str, train: str, ema: bool, frozen_dtype: torch.dtype, lora: Any) -> None:
+        from diffusers.training_utils import cast_training_params
 
-        denoiser = getattr(self, self.denoiser)
-        with torch.device("meta"):
-            denoiser.add_adapter(lora_variants.adapter_config(lora))
-        for p in denoiser.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.float32)
-
-    def _build(self, kind: str, train: str, ema: bool, frozen_dtype: torch.dtype) -> None:
-        from genlab.families import stand_ins, stand_ins_llm
+        from genlab.families import lora_variants, stand_ins
         from genlab.families.contract import diffusers_blocks
 
         with torch.device("meta"):
@@ -267,8 +256,7 @@ class RealSize:
                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
                          "text_encoder": CLIPTextModel(stand_ins.text_config(768, 12, 12, 3072))}
             else:
-                parts = getattr(stand_ins if kind in ("sdxl", "sd3", "flux") else stand_ins_llm,
-                                f"build_{kind.replace('-', '_')}")("real")
+                parts = stand_ins.BUILDERS[kind]("real")
         self.kind, self.train = kind, train
         self.denoiser = "unet" if "unet" in parts else "transformer"
         for name, module in parts.items():
@@ -277,8 +265,10 @@ class RealSize:
         if train == "controlnet":
             self.controlnet = self._controlnet(trained).to(torch.float32).requires_grad_(True)
             trained = self.controlnet
-        elif train == "lora":
-            pass  # _add_lora adds the trained part
+        elif train == "lora":  # the adapter t2i_lora adds (the same peft config), fp32 as it trains it
+            with torch.device("meta"):
+                trained.add_adapter(lora_variants.adapter_config(lora))
+            cast_training_params(trained, torch.float32)
         else:
             trained.to(torch.float32).requires_grad_(True)
         self.trained = "controlnet" if train == "controlnet" else self.denoiser
@@ -364,7 +354,6 @@ class RealSize:
                 out = self.controlnet(x, controlnet_cond=cond, return_dict=False, **kwargs)
                 kwargs.update({k: v for k, v in zip(names, out)})
             tr(x, return_dict=False, **kwargs)
-
 
     def _forward_llm_kind(self, b: int, side: int, meta: dict) -> None:
         """The step's forward for the kinds with a language model for text encoder, through the helpers their
